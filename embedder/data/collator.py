@@ -1,0 +1,42 @@
+"""Tokenise a batch of groups: B queries and B*G keys, query b's keys contiguous with the positive first."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+class RetrievalCollator:
+    """Pads to the longest sequence in the batch (not to max_length), so no compute goes to padding."""
+
+    def __init__(self, tokenizer, query_max_length: int = 256, key_max_length: int = 256, pad_to_multiple_of: int | None = 8):
+        self.tokenizer = tokenizer
+        self.query_max_length = query_max_length
+        self.key_max_length = key_max_length
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def _tok(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+        return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
+                                   pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt"))
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        tasks = {it["task"] for it in items}
+        if len(tasks) != 1:
+            raise ValueError(f"a batch mixes tasks {sorted(tasks)}; use data.inbatch_same_dataset=epoch "
+                             f"so every batch comes from one dataset")
+        sizes = {len(it["keys"]) for it in items}
+        if len(sizes) != 1:
+            raise ValueError(f"groups of different sizes {sorted(sizes)} in one batch")
+        keys = [k for it in items for k in it["keys"]]  # (B*G,) row-major: query b owns rows b*G..b*G+G-1
+        has = [it["teacher_scores"] is not None for it in items]
+        if any(has) and not all(has):
+            raise ValueError("some records of the batch have teacher_scores and some do not")
+        scores = torch.tensor([it["teacher_scores"] for it in items], dtype=torch.float32) if all(has) else None
+        return {
+            "query": self._tok([it["query"] for it in items], self.query_max_length),
+            "key": self._tok(keys, self.key_max_length),
+            "teacher_scores": scores,  # (B, G) or None
+            "task": items[0]["task"],
+            "dataset": items[0]["dataset"],
+        }

@@ -1,0 +1,131 @@
+"""RetrievalDataModule: reads training files, samples groups per epoch, batches by dataset, tokenises."""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from typing import Any
+
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader
+
+from embedder.data.batching import SameDatasetBatchSampler
+from embedder.data.collator import RetrievalCollator
+from embedder.data.dataset import MultiTaskTrainDataset
+from embedder.data.records import TrainFile, load_train_file, report
+from embedder.data.tasks import TaskSettings
+from embedder.paths import resolve_files
+
+log = logging.getLogger(__name__)
+
+
+class RetrievalDataModule(LightningDataModule):
+    """Training data for the dual encoder.
+
+    Args:
+        train_data: files or globs, with or without the `llm-embedder:` prefix; repeats add weight.
+        data_root: where `llm-embedder:` paths point.
+        tasks: `{task: TaskSettings}` for the records' `task` field.
+        tokenizer: the encoder's tokenizer.
+        batch_size: queries per device.
+        inbatch_same_dataset: `epoch` (every global batch from one file), `epoch-static`, `random`,
+            `epoch-random`, or `shuffle` (plain shuffling; every batch must still be one task).
+        eval_sets: built evaluation sets; validation runs each one once per validation.
+    """
+
+    def __init__(self, train_data: list[str] | str | None, data_root: str | None, tasks: dict[str, TaskSettings],
+                 tokenizer, batch_size: int = 16, query_max_length: int = 256, key_max_length: int = 256,
+                 inbatch_same_dataset: str = "epoch", num_workers: int = 0, seed: int = 42,
+                 eval_sets: list[Any] | None = None, default_task: str | None = None):
+        super().__init__()
+        self.train_data, self.data_root, self.tasks = train_data, data_root, tasks
+        self.tokenizer, self.batch_size, self.mode = tokenizer, int(batch_size), inbatch_same_dataset
+        self.collator = RetrievalCollator(tokenizer, query_max_length, key_max_length)
+        self.num_workers, self.seed, self.default_task = int(num_workers), int(seed), default_task
+        self.eval_sets = list(eval_sets or [])
+        self.files: list[TrainFile] = []
+        self.dataset: MultiTaskTrainDataset | None = None
+        self._sampler: SameDatasetBatchSampler | None = None
+        self._resume: dict[str, int] | None = None
+
+    def load(self) -> None:
+        """Read and validate every training file (idempotent). Fails fast on bad records."""
+        if self.dataset is not None:
+            return
+        paths = resolve_files(self.train_data, self.data_root, what="train_data")
+        names: Counter = Counter()
+        self.files = [load_train_file(p, self.tasks, self.default_task, self.seed, names) for p in paths]
+        self.dataset = MultiTaskTrainDataset(self.files, self.tasks, self.seed)
+        log.info("training files (records dropped by design are counted here):\n%s", report(self.files))
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", None) and self.train_data:
+            self.load()
+
+    def train_dataloader(self) -> DataLoader:
+        self.load()
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
+        self._sampler = _EpochBatchSampler(self.dataset, self.dataset.ranges(), self.batch_size, self.mode,
+                                           self.seed, rank, world)
+        if self._resume:
+            self._sampler.resume_at(self._resume["epoch"], self._resume["batches"])
+            self._resume = None
+        return DataLoader(self.dataset, batch_sampler=self._sampler, collate_fn=self.collator,
+                          num_workers=self.num_workers, persistent_workers=False)
+
+    def val_dataloader(self) -> DataLoader:
+        # One item per evaluation set; the LightningModule evaluates the whole set in one step.
+        return DataLoader(list(range(len(self.eval_sets))), batch_size=1, collate_fn=lambda x: x)
+
+    # position inside the epoch, so `ckpt_path=last` resumes at the next unseen batch
+    def state_dict(self) -> dict[str, Any]:
+        if self.trainer is None:
+            return {}
+        loop = self.trainer.fit_loop
+        return {"epoch": int(loop.epoch_progress.current.completed),
+                "batches": int(loop.epoch_loop.batch_progress.current.processed)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:
+            self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
+            if self._sampler is not None:
+                self._sampler.resume_at(self._resume["epoch"], self._resume["batches"])
+
+
+class _EpochBatchSampler(SameDatasetBatchSampler):
+    """The batch sampler also tells the dataset the epoch, so groups are re-drawn every epoch."""
+
+    def __init__(self, dataset: MultiTaskTrainDataset, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dataset = dataset
+        self._resume_epoch: int | None = None
+        self._resume_batches = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        self.dataset.set_epoch(epoch)
+        if self._resume_epoch == epoch:
+            self.skip, self._resume_epoch = self._resume_batches, None
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        self._resume_epoch, self._resume_batches = epoch, batches
+        self.set_epoch(epoch)
+
+    def __iter__(self):
+        self.dataset.set_epoch(self.epoch)
+        yield from super().__iter__()
+
+
+def collate_for_export(tasks: dict[str, TaskSettings]) -> dict[str, str]:
+    """sentence-transformers prompts from the task instructions: `<task>_query` and `<task>_key`."""
+    prompts: dict[str, str] = {}
+    for name, t in tasks.items():
+        prompts[f"{name}_query"] = t.instruction.query
+        prompts[f"{name}_key"] = t.instruction.key
+    if len(tasks) == 1:
+        only = next(iter(tasks.values()))
+        prompts["query"], prompts["document"] = only.instruction.query, only.instruction.key
+    return prompts
+
+
+__all__ = ["RetrievalDataModule", "collate_for_export"]

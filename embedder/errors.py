@@ -1,0 +1,22 @@
+"""One exception type for bad user input, so every message names file, line and field the same way."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Bad input data. The message says where (file, line, field) and what to do about it."""
+
+    def __init__(self, message: str, path: str | None = None, line: int | None = None, field: str | None = None,
+                 hint: str | None = None):
+        where = []
+        if path is not None:
+            where.append(str(path))
+        if line is not None:
+            where.append(f"line {line}")
+        if field is not None:
+            where.append(f"field '{field}'")
+        text = (": ".join([", ".join(where), message]) if where else message)
+        if hint:
+            text += f"\n  -> {hint}"
+        super().__init__(text)
+        self.path, self.line, self.field, self.hint = path, line, field, hint

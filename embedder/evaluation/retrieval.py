@@ -1,0 +1,314 @@
+"""Model-agnostic retrieval evaluation: encode, index, search (or rerank given candidates), score.
+
+The evaluator only sees an `encode(texts, kind)` callable, so it works with any model; the caller adds the task's
+query/key instructions inside `encode`. It reproduces the reference's `eval_retrieval.py` step (§4.1) and the
+in-training `retrieval` / `rerank` evaluation (§2.10) on one process, with these fixes:
+
+- Labels are matched to predictions by query id, never by position (the reference's `nq` metric used position).
+- Answer recall is reported as `answer_recall@k`, not `recall@k`.
+- Bad records fail before any encoding, with the file and line: an empty query, a `pos_index` outside the corpus,
+  a corpus line missing a `key_template` field, `key`/`key_index` of different lengths, repeated query ids.
+
+Record fields (eval file, one JSON object per line):
+    query (str, required), query_id / qid (optional; default: the 0-based row index, as in the reference),
+    pos_index (relevant corpus rows; needed by mrr/recall/ndcg/map/precision), answers (needed by `nq`),
+    key + key_index (rerank mode: the candidates' texts and, optionally, their corpus rows).
+Corpus: one record per row; a document's id is its 0-based row. Its text is `key_template.format(**record)`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+from embedder.errors import DataError
+from embedder.evaluation.metrics import METRICS as RANKING_METRICS
+from embedder.evaluation.metrics import compute_metrics
+from embedder.evaluation.nq_answer import answer_recall
+from embedder.index.faiss_index import METRICS as DENSE_METRICS
+from embedder.index.faiss_index import FaissIndex
+
+logger = logging.getLogger("embedder.evaluation")
+
+EncodeFn = Callable[[list[str], str], Any]  # (texts, "query" | "key") -> (N, D) array
+
+
+@dataclass
+class _Query:
+    qid: Hashable
+    line: int
+    text: str
+    labels: list[int] | None
+    answers: list[str] | None
+    keys: list[str] | None = None
+    key_index: list[int] | None = None
+
+
+class RetrievalEvaluator:
+    """Evaluate a dense retriever on eval records and a corpus.
+
+    Args:
+        encode: `encode(texts, kind) -> (N, D)` array (numpy or torch), `kind` is `"query"` or `"key"`.
+        queries: eval records (dicts), or `(line, record)` pairs as yielded by `embedder.data.jsonl.iter_jsonl`
+            (then errors name the real file line).
+        corpus: corpus records (dicts, or plain strings used as-is). Required in `mode="retrieve"`.
+        key_template: how a corpus record becomes text, e.g. `"{title} {text}"` or `"{contents}"`.
+        metrics: any of `mrr`, `recall`, `ndcg`, `map`, `precision` (label-based, from `pos_index`) and `nq`
+            (DPR answer recall from `answers`, reported as `answer_recall@k`).
+        cutoffs: the k of every `metric@k`.
+        hits: how many documents to retrieve (or keep after reranking) per query.
+        index_factory: faiss factory string (`"Flat"` is exact).
+        metric: `"cos"`, `"ip"` or `"l2"`.
+        mode: `"retrieve"` searches the corpus; `"rerank"` scores each record's own `key` candidates.
+        corpus_path, queries_path: file names used in error messages only.
+        use_gpu, search_params: passed to `FaissIndex`.
+        chunk_size: texts per `encode` call.
+
+    Example:
+        >>> evaluator = RetrievalEvaluator(encode, list(iter_jsonl("test.json")), corpus, metrics=["ndcg", "nq"],
+        ...                                cutoffs=[1, 10], corpus_path="corpus.json")  # doctest: +SKIP
+        >>> metrics, preds = evaluator.evaluate()  # {"ndcg@1": ..., "answer_recall@10": ...}, {qid: [doc ids]}
+    """
+
+    def __init__(self, encode: EncodeFn, queries: Iterable[dict | tuple[int, dict]],
+                 corpus: Sequence[dict | str] | Iterable[tuple[int, dict]] | None = None, *,
+                 key_template: str = "{title} {text}",
+                 metrics: Sequence[str] = ("mrr", "recall", "ndcg"),
+                 cutoffs: Sequence[int] = (1, 5, 10, 100),
+                 hits: int = 100,
+                 index_factory: str = "Flat",
+                 metric: Literal["cos", "ip", "l2"] = "cos",
+                 mode: Literal["retrieve", "rerank"] = "retrieve",
+                 corpus_path: str | None = None,
+                 queries_path: str | None = None,
+                 use_gpu: bool | str = "auto",
+                 search_params: dict[str, float] | None = None,
+                 chunk_size: int = 65536):
+        if mode not in ("retrieve", "rerank"):
+            raise ValueError(f"mode must be 'retrieve' or 'rerank', got {mode!r}")
+        if hits < 1:
+            raise ValueError(f"hits must be >= 1, got {hits}")
+        metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+        unknown = [m for m in metrics if m != "nq" and m not in RANKING_METRICS]
+        if unknown:
+            raise ValueError(f"unknown metric(s) {unknown}; choose from {', '.join(RANKING_METRICS + ('nq',))}")
+        self.encode = encode
+        self.key_template = key_template
+        self.ranking_metrics = [m for m in metrics if m != "nq"]
+        self.use_nq = "nq" in metrics
+        self.cutoffs = [cutoffs] if isinstance(cutoffs, int) else list(cutoffs)
+        self.hits = int(hits)
+        self.index_factory = index_factory
+        if metric not in DENSE_METRICS:
+            raise ValueError(f"metric must be one of {', '.join(DENSE_METRICS)}, got {metric!r}")
+        self.metric = metric
+        self.mode = mode
+        self.corpus_path = corpus_path
+        self.queries_path = queries_path
+        self.use_gpu = use_gpu
+        self.search_params = search_params
+        self.chunk_size = int(chunk_size)
+
+        self.corpus_texts: list[str] | None = None if corpus is None else self._format_corpus(corpus)
+        if mode == "retrieve" and not self.corpus_texts:
+            raise DataError("retrieval evaluation needs a non-empty corpus", path=corpus_path,
+                            hint="pass corpus=[...] (or use mode='rerank' for records that carry their own 'key')")
+        self.queries = self._parse_queries(queries)
+        self._check_required_fields()
+
+    @classmethod
+    def from_files(cls, encode: EncodeFn, queries_path: str, corpus_path: str | None = None,
+                   data_root: str | None = None, **kwargs: Any) -> RetrievalEvaluator:
+        """Read the eval and corpus JSON-lines files (`llm-embedder:` paths resolve against `data_root`)."""
+        from embedder.data.jsonl import iter_jsonl
+        from embedder.paths import resolve_path
+
+        queries_path = resolve_path(queries_path, data_root)
+        corpus = None
+        if corpus_path is not None:
+            corpus_path = resolve_path(corpus_path, data_root)
+            corpus = list(iter_jsonl(corpus_path))
+        return cls(encode, list(iter_jsonl(queries_path)), corpus, corpus_path=corpus_path,
+                   queries_path=queries_path, **kwargs)
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> tuple[dict[str, float], dict[Hashable, list[int]]]:
+        """Encode, search or rerank, and score.
+
+        Returns:
+            `(metrics, preds)`: `{"ndcg@10": ..., "answer_recall@10": ...}` and `{query id: ranked corpus ids}`
+            (rerank mode without `key_index`: positions in the record's `key` list). Missing results are dropped.
+        """
+        q_emb = self._encode([q.text for q in self.queries], "query")  # (Q, D)
+        if self.mode == "retrieve":
+            preds = self._retrieve(q_emb)
+            nq_preds, nq_texts = preds, self.corpus_texts
+        else:
+            preds, nq_preds, nq_texts = self._rerank(q_emb)
+
+        metrics: dict[str, float] = {}
+        if self.ranking_metrics:
+            labels = {q.qid: q.labels for q in self.queries if q.labels is not None}
+            metrics.update(compute_metrics(preds, labels, self.ranking_metrics, self.cutoffs))
+        if self.use_nq:
+            answers = {q.qid: q.answers for q in self.queries if q.answers is not None}
+            metrics.update(answer_recall(nq_preds, answers, nq_texts, self.cutoffs))
+        return metrics, preds
+
+    def _retrieve(self, q_emb: np.ndarray) -> dict[Hashable, list[int]]:
+        assert self.corpus_texts is not None
+        k_emb = self._encode(self.corpus_texts, "key")  # (N, D)
+        self._check_dims(q_emb, k_emb)
+        index = FaissIndex(self.index_factory, self.metric, use_gpu=self.use_gpu, search_params=self.search_params)
+        index.build(k_emb)
+        _, ids = index.search(q_emb, self.hits)  # (Q, hits), -1 padded
+        return {q.qid: [int(i) for i in row if i >= 0] for q, row in zip(self.queries, ids)}
+
+    def _rerank(self, q_emb: np.ndarray) -> tuple[dict, dict, list[str]]:
+        """Score each query's own candidates; also return preds over the flattened key list for answer recall."""
+        flat_keys = [k for q in self.queries for k in q.keys]
+        k_emb = self._encode(flat_keys, "key") if flat_keys else np.zeros((0, q_emb.shape[1]), np.float32)  # (M, D)
+        self._check_dims(q_emb, k_emb)
+        if self.metric == "cos":
+            q_emb, k_emb = _normalize(q_emb), _normalize(k_emb)
+        preds, flat_preds, start = {}, {}, 0
+        for row, q in enumerate(self.queries):
+            cand = k_emb[start:start + len(q.keys)]  # (n, D)
+            if self.metric == "l2":
+                scores = -((cand - q_emb[row]) ** 2).sum(axis=1)  # (n,): higher is better
+            else:
+                scores = cand @ q_emb[row]  # (n,)
+            order = np.argsort(-scores, kind="stable")[:self.hits]  # ties keep candidate order
+            preds[q.qid] = [q.key_index[j] for j in order] if q.key_index is not None else [int(j) for j in order]
+            flat_preds[q.qid] = [start + int(j) for j in order]
+            start += len(q.keys)
+        return preds, flat_preds, flat_keys
+
+    def _encode(self, texts: list[str], kind: str) -> np.ndarray:
+        chunks = []
+        for i in range(0, len(texts), self.chunk_size):
+            batch = texts[i:i + self.chunk_size]
+            emb = self.encode(batch, kind)
+            if hasattr(emb, "detach"):  # torch tensor
+                emb = emb.detach().float().cpu().numpy()
+            emb = np.asarray(emb, dtype=np.float32)
+            if emb.ndim != 2 or emb.shape[0] != len(batch):
+                raise ValueError(f"encode(texts, {kind!r}) must return an array of shape (len(texts), dim); "
+                                 f"got shape {emb.shape} for {len(batch)} texts")
+            chunks.append(emb)
+        return np.concatenate(chunks, axis=0)  # (N, D)
+
+    @staticmethod
+    def _check_dims(q_emb: np.ndarray, k_emb: np.ndarray) -> None:
+        if len(k_emb) and q_emb.shape[1] != k_emb.shape[1]:
+            raise ValueError(f"query embeddings have dimension {q_emb.shape[1]} but key embeddings "
+                             f"{k_emb.shape[1]}; encode must use the same output size for both kinds")
+
+    # ------------------------------------------------------------------ input checks
+    def _format_corpus(self, corpus: Iterable) -> list[str]:
+        texts = []
+        for line, record in _with_lines(corpus):
+            if isinstance(record, str):
+                texts.append(record)
+                continue
+            if not isinstance(record, dict):
+                raise DataError(f"corpus record must be a JSON object, got {type(record).__name__}",
+                                path=self.corpus_path, line=line)
+            try:
+                texts.append(self.key_template.format(**{k: ("" if v is None else v) for k, v in record.items()}))
+            except KeyError as e:
+                name = e.args[0]
+                raise DataError(f"corpus record has no field '{name}', which key_template {self.key_template!r} "
+                                f"needs (fields present: {sorted(record)})", path=self.corpus_path, line=line,
+                                field=name, hint="set key_template to the corpus's fields, e.g. '{text}'") from None
+            except (IndexError, ValueError) as e:
+                raise ValueError(f"key_template {self.key_template!r} is not a valid format string: {e}") from None
+        return texts
+
+    def _parse_queries(self, queries: Iterable) -> list[_Query]:
+        path, out, seen = self.queries_path, [], {}
+        n_corpus = None if self.corpus_texts is None else len(self.corpus_texts)
+        for row, (line, rec) in enumerate(_with_lines(queries)):
+            if not isinstance(rec, dict):
+                raise DataError(f"eval record must be a JSON object, got {type(rec).__name__}", path=path, line=line)
+            qid = rec.get("query_id", rec.get("qid", row))
+            if isinstance(qid, list):
+                raise DataError("query id must be a string or an int", path=path, line=line, field="query_id")
+            if qid in seen:
+                raise DataError(f"query id {qid!r} repeats the one on line {seen[qid]}", path=path, line=line,
+                                field="query_id", hint="query ids must be unique; predictions are keyed by them")
+            seen[qid] = line
+            text = rec.get("query")
+            if not isinstance(text, str) or not text.strip():
+                problem = "is missing" if text is None else "is empty" if isinstance(text, str) else \
+                    f"must be a string, got {type(text).__name__}"
+                raise DataError(f"query {problem}", path=path, line=line, field="query",
+                                hint="every eval record needs a non-empty 'query' string")
+
+            keys = key_index = None
+            if self.mode == "rerank":
+                keys = rec.get("key")
+                if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+                    raise DataError("rerank mode needs a list of candidate texts", path=path, line=line, field="key")
+                key_index = rec.get("key_index")
+                if key_index is not None:
+                    key_index = _int_list(key_index, path, line, "key_index")
+                    if len(key_index) != len(keys):
+                        raise DataError(f"key_index has {len(key_index)} entries but key has {len(keys)}",
+                                        path=path, line=line, field="key_index")
+
+            labels = None
+            if rec.get("pos_index") is not None:
+                labels = _int_list(rec["pos_index"], path, line, "pos_index")
+                if self.mode == "rerank" and key_index is None:
+                    limit, where = len(keys), f"the record's {len(keys)} 'key' candidates"
+                else:
+                    limit, where = n_corpus, f"the corpus ({n_corpus} documents)"
+                bad = [i for i in labels if i < 0 or (limit is not None and i >= limit)]
+                if bad:
+                    raise DataError(f"pos_index {bad} outside {where}", path=path, line=line, field="pos_index",
+                                    hint="pos_index holds 0-based row numbers of the corpus file; check that the "
+                                         "eval file and corpus belong together")
+
+            answers = rec.get("answers")
+            if answers is not None:
+                answers = [answers] if isinstance(answers, str) else answers
+                if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
+                    raise DataError("answers must be a list of strings", path=path, line=line, field="answers")
+            out.append(_Query(qid, line, text, labels, answers, keys, key_index))
+        if not out:
+            raise DataError("no eval records", path=path)
+        return out
+
+    def _check_required_fields(self) -> None:
+        if self.ranking_metrics and all(q.labels is None for q in self.queries):
+            raise DataError(f"metrics {self.ranking_metrics} need 'pos_index', but no eval record has it",
+                            path=self.queries_path, field="pos_index",
+                            hint="add pos_index (relevant corpus rows), or evaluate with metrics=[nq] and 'answers'")
+        if self.use_nq and all(q.answers is None for q in self.queries):
+            raise DataError("metric 'nq' needs 'answers', but no eval record has it", path=self.queries_path,
+                            field="answers", hint="add answers, or drop 'nq' from metrics")
+
+
+def _with_lines(records: Iterable) -> Iterable[tuple[int, Any]]:
+    """`(line, record)`: pairs pass through; bare records get `position + 1`."""
+    for pos, item in enumerate(records):
+        if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], int):
+            yield item
+        else:
+            yield pos + 1, item
+
+
+def _int_list(value: Any, path: str | None, line: int, field: str) -> list[int]:
+    values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise DataError(f"{field} must be a list of integers, got {value!r}"[:200], path=path, line=line, field=field)
+    return values
+
+
+def _normalize(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)  # (N, D)

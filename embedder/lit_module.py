@@ -1,0 +1,145 @@
+"""RetrieverModule: the LightningModule that wires the DualEncoder, the losses, the optimizer and evaluation."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+from lightning import LightningModule
+
+from embedder.data.tasks import TaskSettings
+from embedder.losses import InfoNCELoss, KLDistillLoss, StableDistillLoss, active_losses, combine_losses
+from embedder.modeling.encoder import DualEncoder
+
+log = logging.getLogger(__name__)
+
+
+class RetrieverModule(LightningModule):
+    """Trains a DualEncoder with per-task InfoNCE and distillation losses.
+
+    Args:
+        encoder: the DualEncoder to train.
+        tasks: `{task: TaskSettings}`; a batch's `task` picks its loss weights and temperatures.
+        temperature: the cos temperature tau (scores are divided by it when embeddings are normalised).
+        cross_device: gather keys across devices (with gradients) as extra negatives.
+        in_batch_negatives: score each query against other queries' keys too (InfoNCE).
+        combine_rule: `reference` (one active loss is used unweighted) or `weighted` (always apply weights).
+        optimizer: a partial optimizer (`torch.optim.AdamW`) called with parameter groups.
+        warmup_ratio: linear warmup share of the total steps, then linear decay to 0 (HF Trainer's default).
+        weight_decay: applied to all weights except biases and LayerNorm, like HF Trainer.
+        eval_sets: evaluation sets run by `validation_step` (see `embedder.evaluation.eval_set`).
+    """
+
+    def __init__(self, encoder: DualEncoder, tasks: dict[str, TaskSettings], temperature: float = 0.01,
+                 cross_device: bool = True, in_batch_negatives: bool = True, combine_rule: str = "reference",
+                 optimizer: Callable[..., torch.optim.Optimizer] | None = None, warmup_ratio: float = 0.1,
+                 weight_decay: float = 0.01, eval_sets: list[Any] | None = None):
+        super().__init__()
+        if combine_rule not in ("reference", "weighted"):
+            raise ValueError(f"loss.combine_rule={combine_rule!r}; valid: reference, weighted")
+        self.encoder = encoder
+        self.tasks = dict(tasks)
+        self.temperature = float(temperature) if encoder.normalize else 1.0  # tau only applies to cos (reference)
+        self.cross_device, self.in_batch_negatives = bool(cross_device), bool(in_batch_negatives)
+        self.combine_rule = combine_rule
+        self.optimizer_factory = optimizer
+        self.warmup_ratio, self.weight_decay = float(warmup_ratio), float(weight_decay)
+        self.eval_sets = list(eval_sets or [])
+        self.last_eval: dict[str, float] = {}
+        self._negatives_logged = False
+
+    # ------------------------------------------------------------------------------------------ training
+    def compute_loss(self, q: torch.Tensor, k: torch.Tensor, teacher_scores: torch.Tensor | None, task: str
+                     ) -> dict[str, torch.Tensor]:
+        """Loss of one batch from its embeddings: q (B, d), k (B*G, d), teacher_scores (B, G) or None."""
+        w = self.tasks[task].loss
+        do_con, do_dis = active_losses(w, teacher_scores is not None)
+        con = dis = None
+        if do_con:
+            con = InfoNCELoss(self.temperature, self.cross_device, self.in_batch_negatives)(q, k)
+        if do_dis:
+            if w.stable_distill:
+                dis = StableDistillLoss(self.temperature, w.teacher_temperature, self.cross_device)(q, k, teacher_scores)
+            else:
+                dis = KLDistillLoss(self.temperature, w.teacher_temperature, w.student_temperature)(q, k, teacher_scores)
+        out = {"loss": combine_losses(con, dis, w, self.combine_rule)}
+        if con is not None:
+            out["loss_contrastive"] = con.detach()
+        if dis is not None:
+            out["loss_distill"] = dis.detach()
+        return out
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        q = self.encoder.encode(batch["query"], "query")  # (B, d)
+        k = self.encoder.encode(batch["key"], "key")  # (B*G, d)
+        if not self._negatives_logged:
+            self._log_negatives(q.shape[0], k.shape[0] // q.shape[0])
+        out = self.compute_loss(q, k, batch["teacher_scores"], batch["task"])
+        bs = q.shape[0]
+        self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
+        for name in ("loss_contrastive", "loss_distill"):
+            if name in out:
+                self.log(f"train/{name}", out[name], batch_size=bs)
+        self.log(f"train/{batch['task']}/loss", out["loss"].detach(), batch_size=bs)
+        return out["loss"]
+
+    def _log_negatives(self, B: int, G: int) -> None:
+        world = self.trainer.world_size
+        in_batch = (B * world - 1) * G if self.in_batch_negatives else 0
+        if not self.cross_device and self.in_batch_negatives:
+            in_batch = (B - 1) * G
+        log.info("each query sees 1 positive, %d hard negatives and %d in-batch/cross-device keys "
+                 "(batch %d per device x %d devices, group %d)", G - 1, in_batch, B, world, G)
+        self._negatives_logged = True
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = self.optimizer_factory(groups) if self.optimizer_factory else torch.optim.AdamW(groups, lr=5e-6)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        warmup = int(np.ceil(self.warmup_ratio * total))
+
+        def linear(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / max(1, warmup)
+            return max(0.0, (total - step) / max(1, total - warmup))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    # ------------------------------------------------------------------------------------------ evaluation
+    def validation_step(self, batch: list[int], batch_idx: int) -> None:
+        """One batch = one evaluation set index; every rank evaluates it whole, so all log the same value."""
+        for i in batch:
+            es = self.eval_sets[int(i)]
+            metrics = es.evaluate(self.encoder)
+            for name, value in metrics.items():
+                key = f"val/{es.name}/{name}"
+                self.last_eval[key] = float(value)
+                self.log(key, float(value), batch_size=1, sync_dist=False, rank_zero_only=False)
+
+    # ------------------------------------------------------------------------------------------ resume
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Lightning restores optimizer, scheduler and loops; we add the RNG streams (dropout) so a resumed
+        # run continues bit-for-bit like an uninterrupted one.
+        checkpoint["rng_states"] = {
+            "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        states = checkpoint.get("rng_states")
+        if states:
+            torch.set_rng_state(states["torch"])
+            np.random.set_state(states["numpy"])
+            random.setstate(states["python"])
+            if states.get("cuda") is not None and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(states["cuda"])

@@ -1,0 +1,105 @@
+"""InfoNCE with hard negatives and in-batch (optionally cross-device) negatives (reference 2.5(3)).
+
+Layout shared by every loss in this package (tevatron's): ``q`` is ``(B, d)``, ``k`` is ``(B*G, d)`` and query b's
+group is rows ``b*G .. b*G+G-1`` of ``k``, positive first, then its ``G-1`` hard negatives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from embedder.distributed import gather_with_grad, rank_offset
+
+
+def _group_size(q: Tensor, k: Tensor) -> int:
+    """Check the ``(B, d)`` / ``(B*G, d)`` layout and return G."""
+    if q.dim() != 2 or k.dim() != 2 or q.size(1) != k.size(1):
+        raise ValueError(f"expected q of shape (B, d) and k of shape (B*G, d), got {tuple(q.shape)} and {tuple(k.shape)}")
+    if q.size(0) == 0 or k.size(0) % q.size(0) != 0 or k.size(0) == 0:
+        raise ValueError(f"k has {k.size(0)} rows, not a positive multiple of the {q.size(0)} queries (B*G rows expected)")
+    return k.size(0) // q.size(0)
+
+
+def _fp32(x: Tensor) -> Tensor:
+    """Upcast half precision (fp16/bf16) to float32 before softmax/exp; float32 and float64 are kept."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
+def _keys_and_offset(k: Tensor, local_batch: int, cross_device: bool) -> tuple[Tensor, int]:
+    """Keys to score against and the index of this rank's first query in them (0 unless gathered)."""
+    if cross_device:
+        return gather_with_grad(k), rank_offset(local_batch)  # (B'*G, d), B' = B * world_size
+    return k, 0  # (B*G, d)
+
+
+def _in_group_scores(q: Tensor, k: Tensor, group_size: int) -> Tensor:
+    """Each query against its own G keys only: ``(B, d) x (B*G, d) -> (B, G)``."""
+    kg = k.view(q.size(0), group_size, q.size(1))  # (B, G, d)
+    return torch.einsum("bd,bgd->bg", q, kg)  # (B, G)
+
+
+class InfoNCELoss(nn.Module):
+    """InfoNCE (softmax cross-entropy) over each query's positive, its hard negatives and in-batch negatives.
+
+    Every local query is scored against the keys of the whole batch (all ranks' keys when ``cross_device`` and a
+    process group is initialised); the target is the query's own positive. This is the reference's contrastive
+    loss (``modeling_dense.py`` ``_compute_loss``, contrastive branch) and sentence-transformers'
+    MultipleNegativesRankingLoss with hard negatives.
+
+    Args:
+        temperature: scores are ``q @ k.T / temperature``. Pass 0.01 (the reference's ``cos_temperature``) for
+            L2-normalised embeddings and 1.0 for raw inner products (``dense_metric=ip``).
+        cross_device: gather the keys of all ranks (autograd-aware) and use them as extra negatives. The local
+            queries' targets are offset by ``rank * B``. Identity outside a process group.
+        in_batch_negatives: when False each query sees only its own G keys (target 0), like FlagEmbedding's
+            ``no_in_batch_neg`` folders; ``cross_device`` is then irrelevant.
+
+    Inputs:
+        +-----------------+---------------+-------------------------------------------------------------+
+        | name            | shape         | meaning                                                     |
+        +=================+===============+=============================================================+
+        | q               | (B, d)        | local query embeddings                                      |
+        | k               | (B*G, d)      | local key embeddings; rows b*G..b*G+G-1 are query b's group, |
+        |                 |               | positive first                                              |
+        | teacher_scores  | (B, G) / None | ignored (accepted so all losses share one signature)        |
+        | return          | ()            | mean cross-entropy over the B local queries                  |
+        +-----------------+---------------+-------------------------------------------------------------+
+
+    Each query sees ``1`` positive, ``G-1`` hard negatives and ``(B*world_size - 1)*G`` in-batch negatives.
+
+    Reference:
+        Zhang et al., "Retrieve Anything To Augment Large Language Models" (LLM-Embedder), 2023;
+        van den Oord et al., "Representation Learning with Contrastive Predictive Coding" (InfoNCE), 2018.
+
+    Example:
+        >>> q = torch.eye(2, 4)  # B=2, d=4
+        >>> k = torch.eye(4)[[0, 2, 1, 3]]  # G=2: query 0 owns rows 0-1, query 1 owns rows 2-3
+        >>> round(InfoNCELoss(temperature=1.0)(q, k).item(), 4)  # -log(e / (e + 3))
+        0.7437
+    """
+
+    def __init__(self, temperature: float = 0.01, cross_device: bool = True, in_batch_negatives: bool = True):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+        self.cross_device = bool(cross_device)
+        self.in_batch_negatives = bool(in_batch_negatives)
+
+    def forward(self, q: Tensor, k: Tensor, teacher_scores: Tensor | None = None) -> Tensor:
+        group_size = _group_size(q, k)
+        batch = q.size(0)
+        if not self.in_batch_negatives:
+            scores = _fp32(_in_group_scores(q, k, group_size)) / self.temperature  # (B, G)
+            target = torch.zeros(batch, dtype=torch.long, device=q.device)  # (B,) positive is column 0
+            return F.cross_entropy(scores, target)
+        keys, offset = _keys_and_offset(k, batch, self.cross_device)  # (B'*G, d)
+        scores = _fp32(q @ keys.T) / self.temperature  # (B, B'*G)
+        target = (offset + torch.arange(batch, device=q.device)) * group_size  # (B,) own positive column
+        return F.cross_entropy(scores, target)
+
+    def extra_repr(self) -> str:
+        return (f"temperature={self.temperature}, cross_device={self.cross_device}, "
+                f"in_batch_negatives={self.in_batch_negatives}")

@@ -1,0 +1,3 @@
+from embedder.modeling.encoder import DualEncoder
+
+__all__ = ["DualEncoder"]

@@ -1,0 +1,155 @@
+"""DualEncoder: any Hugging Face AutoModel, pooled and (optionally) normalised. No loss code here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+POOLING = ("cls", "mean")
+
+
+def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None, **kw):
+    from transformers import AutoModel
+
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
+    kwargs: dict[str, Any] = dict(kw)
+    if torch_dtype is not None:
+        kwargs["dtype"] = torch_dtype
+    if attn_implementation:
+        try:
+            return AutoModel.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
+        except (ValueError, ImportError) as e:  # the architecture has no SDPA kernel: fall back, say so once
+            log.warning("attn_implementation=%s unavailable for %s (%s); using the default", attn_implementation, path, e)
+    return AutoModel.from_pretrained(path, **kwargs)
+
+
+class DualEncoder(nn.Module):
+    """Query and key encoders (tied by default) with cls/mean pooling, an optional dense layer and L2 norm.
+
+    Args:
+        model_name_or_path: HF model folder or hub name, e.g. `BAAI/bge-base-en`.
+        key_model_name_or_path: key encoder when `tie_encoders=False` (defaults to the query model).
+        pooling: `cls` (first token) or `mean` (mask-weighted mean of the last hidden states).
+        dense: add a bias-free `Linear(d, d)` after pooling, loaded from `dense_pooler.bin` when the folder has one.
+        normalize: L2-normalise embeddings (the `cos` metric); False gives raw inner products (`ip`).
+        gradient_checkpointing: recompute activations in backward to save memory.
+        attn_implementation: `sdpa` where the architecture supports it; falls back to the default otherwise.
+        dtype: weight dtype for loading (`fp32` for training; mixed precision comes from the trainer).
+    """
+
+    def __init__(self, model_name_or_path: str, key_model_name_or_path: str | None = None, tie_encoders: bool = True,
+                 pooling: str = "cls", dense: bool = False, normalize: bool = True,
+                 gradient_checkpointing: bool = False, attn_implementation: str | None = "sdpa",
+                 dtype: str | None = None, tokenizer_name_or_path: str | None = None):
+        super().__init__()
+        from transformers import AutoTokenizer
+
+        if pooling not in POOLING:
+            raise ValueError(f"pooling={pooling!r}; valid: {', '.join(POOLING)}")
+        self.model_name_or_path = str(model_name_or_path)
+        self.pooling, self.normalize, self.tie_encoders = pooling, bool(normalize), bool(tie_encoders)
+        self.query_model = _load_backbone(self.model_name_or_path, attn_implementation, dtype)
+        if tie_encoders:
+            self.key_model = self.query_model
+        else:
+            self.key_model = _load_backbone(str(key_model_name_or_path or model_name_or_path), attn_implementation, dtype)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_name_or_path or model_name_or_path))
+        hidden = self.query_model.config.hidden_size
+        self.dense = None
+        if dense:
+            self.dense = nn.Linear(hidden, hidden, bias=False)
+            weights = os.path.join(self.model_name_or_path, "dense_pooler.bin")
+            if os.path.isfile(weights):
+                self.dense.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+            else:
+                log.warning("dense pooling: no %s, the dense layer starts random", weights)
+        self.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes, so dropout would stay off
+        if gradient_checkpointing:
+            for m in {id(self.query_model): self.query_model, id(self.key_model): self.key_model}.values():
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    @property
+    def dim(self) -> int:
+        return self.query_model.config.hidden_size
+
+    def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "mean":
+            m = mask.unsqueeze(-1).to(hidden.dtype)  # (N, L, 1)
+            return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (N, d)
+        return hidden[:, 0]  # (N, d)
+
+    def encode(self, inputs: dict[str, torch.Tensor], kind: str = "query") -> torch.Tensor:
+        """(N, d) embeddings of tokenised inputs; `kind` picks the query or key encoder."""
+        model = self.query_model if kind == "query" else self.key_model
+        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+        hidden = model(**inputs).last_hidden_state  # (N, L, d)
+        emb = self._pool(hidden, inputs["attention_mask"])  # (N, d)
+        if self.dense is not None:
+            emb = self.dense(emb.to(self.dense.weight.dtype))
+        if self.normalize:
+            emb = F.normalize(emb, p=2, dim=-1)
+        return emb
+
+    @torch.no_grad()
+    def encode_texts(self, texts: list[str], kind: str = "query", max_length: int = 256, batch_size: int = 64,
+                     device: torch.device | str | None = None) -> torch.Tensor:
+        """Encode raw texts in length-sorted batches (no compute wasted on padding); returns (N, d) float32 on CPU."""
+        was_training = self.training
+        self.eval()
+        device = device or next(self.parameters()).device
+        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+        out = torch.empty(len(texts), self.dim, dtype=torch.float32)
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            tok = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
+                                 return_tensors="pt").to(device)
+            out[idx] = self.encode(tok, kind).float().cpu()
+        self.train(was_training)
+        return out
+
+    # ----------------------------------------------------------------------------------------- export
+    def save(self, out_dir: str, prompts: dict[str, str] | None = None, max_seq_length: int = 256) -> None:
+        """Write a Hugging Face `save_pretrained` folder that is also a sentence-transformers model.
+
+        Tied encoders: one folder. Untied: `query_encoder/` and `key_encoder/`, each a full model.
+        The task instructions are stored as sentence-transformers `prompts` (e.g. `qa_query`, `qa_key`).
+        """
+        os.makedirs(out_dir, exist_ok=True)
+        if self.tie_encoders:
+            self._save_one(self.query_model, out_dir, prompts, max_seq_length)
+        else:
+            self._save_one(self.query_model, os.path.join(out_dir, "query_encoder"), prompts, max_seq_length)
+            self._save_one(self.key_model, os.path.join(out_dir, "key_encoder"), prompts, max_seq_length)
+        with open(os.path.join(out_dir, "embedder_config.json"), "w") as f:
+            json.dump({"pooling": self.pooling, "normalize": self.normalize, "dense": self.dense is not None,
+                       "tie_encoders": self.tie_encoders, "max_seq_length": max_seq_length,
+                       "prompts": prompts or {}}, f, indent=2)
+
+    def _save_one(self, model, out_dir: str, prompts: dict[str, str] | None, max_seq_length: int) -> None:
+        # sentence-transformers writes its own module files; using its classes keeps the format right
+        # across its versions instead of hand-writing modules.json and friends.
+        from sentence_transformers import SentenceTransformer, models
+
+        model.save_pretrained(out_dir, safe_serialization=True)
+        self.tokenizer.save_pretrained(out_dir)
+        if self.dense is not None:
+            torch.save(self.dense.state_dict(), os.path.join(out_dir, "dense_pooler.bin"))
+        transformer = models.Transformer(out_dir, max_seq_length=max_seq_length)
+        modules = [transformer, models.Pooling(self.dim, pooling_mode=self.pooling)]
+        if self.dense is not None:
+            dense = models.Dense(self.dim, self.dim, bias=False, activation_function=nn.Identity())
+            dense.linear.weight.data.copy_(self.dense.weight.data.float().cpu())
+            modules.append(dense)
+        if self.normalize:
+            modules.append(models.Normalize())
+        st = SentenceTransformer(modules=modules, device="cpu", prompts=prompts or {},
+                                 similarity_fn_name="cosine" if self.normalize else "dot")
+        st.save(out_dir)

@@ -1,0 +1,33 @@
+"""Write a tiny random BERT (config, weights, character WordPiece tokenizer) for tests and smoke runs.
+
+`python -m embedder.modeling.tiny OUT_DIR` makes a folder usable as `model=tiny_bert model.model_name_or_path=OUT_DIR`.
+Nothing is downloaded: the vocabulary is characters plus `##` continuations, so every word tokenises.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+import sys
+
+
+def build_tiny_bert(out_dir: str, hidden_size: int = 32, layers: int = 2, heads: int = 2, seed: int = 0) -> str:
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    os.makedirs(out_dir, exist_ok=True)
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in string.ascii_lowercase + string.digits]
+    with open(os.path.join(out_dir, "vocab.txt"), "w") as f:
+        f.write("\n".join(vocab) + "\n")
+    tok = BertTokenizerFast(vocab_file=os.path.join(out_dir, "vocab.txt"), do_lower_case=True)
+    tok.save_pretrained(out_dir)
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=2 * hidden_size, max_position_embeddings=512)
+    BertModel(config).save_pretrained(out_dir)
+    return out_dir
+
+
+if __name__ == "__main__":
+    print(build_tiny_bert(sys.argv[1] if len(sys.argv) > 1 else "tiny-bert"))

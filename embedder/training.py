@@ -1,0 +1,91 @@
+"""`run_train(cfg)`: everything `train.py` does, callable from tests (lightning-hydra-template style)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from typing import Any
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from embedder.data.datamodule import RetrievalDataModule, collate_for_export
+from embedder.data.tasks import build_task_settings
+from embedder.evaluation.eval_set import build_eval_sets
+from embedder.lit_module import RetrieverModule
+
+log = logging.getLogger(__name__)
+
+
+def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
+    return [hydra.utils.instantiate(c) for c in (cfg or {}).values() if c is not None and "_target_" in c]
+
+
+def run_train(cfg: DictConfig) -> dict[str, float]:
+    """Train (and evaluate before/after), export the encoder, return the final metrics."""
+    L.seed_everything(cfg.seed, workers=True)
+    tasks = build_task_settings(OmegaConf.to_container(cfg.tasks, resolve=True), cfg.data.group_size,
+                                OmegaConf.to_container(cfg.version.table, resolve=True), cfg.version.add_instruction)
+    # Data first: bad records fail here, before any model is loaded.
+    datamodule = RetrievalDataModule(
+        train_data=OmegaConf.to_container(cfg.train_data, resolve=True) if cfg.train_data else None,
+        data_root=cfg.data_root, tasks=tasks, tokenizer=None, batch_size=cfg.data.batch_size,
+        query_max_length=cfg.query_max_length, key_max_length=cfg.key_max_length,
+        inbatch_same_dataset=cfg.data.inbatch_same_dataset, num_workers=cfg.data.num_workers, seed=cfg.seed)
+    if cfg.train_data:
+        datamodule.load()
+    eval_sets = build_eval_sets(OmegaConf.to_container(cfg.eval, resolve=True) if cfg.get("eval") else None,
+                                tasks, cfg.data_root, cfg.query_max_length, cfg.key_max_length)
+    datamodule.eval_sets = eval_sets
+
+    encoder = hydra.utils.instantiate(cfg.model)
+    datamodule.collator.tokenizer = encoder.tokenizer
+    module = RetrieverModule(
+        encoder, tasks, temperature=cfg.loss.temperature, cross_device=cfg.loss.cross_device,
+        in_batch_negatives=cfg.loss.in_batch_negatives, combine_rule=cfg.loss.combine_rule,
+        optimizer=hydra.utils.instantiate(cfg.optimizer), warmup_ratio=cfg.warmup_ratio,
+        weight_decay=cfg.weight_decay, eval_sets=eval_sets)
+    callbacks = _instantiate_dict(cfg.get("callbacks"))
+    loggers = _instantiate_dict(cfg.get("logger"))
+    trainer_kwargs = {}
+    if not eval_sets:
+        trainer_kwargs["limit_val_batches"] = 0
+    trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                                 **trainer_kwargs)
+
+    before: dict[str, float] = {}
+    if eval_sets and cfg.evaluate_before and cfg.ckpt_path is None:
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        before = dict(module.last_eval)
+    if cfg.train_data:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    after: dict[str, float] = {}
+    if eval_sets:
+        module.last_eval = {}
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+        after = dict(module.last_eval)
+
+    if trainer.is_global_zero:
+        os.makedirs(cfg.output_dir, exist_ok=True)
+        if cfg.export:
+            module.encoder.save(cfg.output_dir, prompts=collate_for_export(tasks), max_seq_length=cfg.key_max_length)
+            log.info("exported the encoder (Hugging Face + sentence-transformers) to %s", cfg.output_dir)
+        with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as f:
+            json.dump({"before": before, "after": after}, f, indent=2)
+        OmegaConf.save(cfg, os.path.join(cfg.output_dir, "config.yaml"), resolve=False)
+        if after:
+            print(metrics_table(before, after))
+    return after
+
+
+def metrics_table(before: dict[str, float], after: dict[str, float]) -> str:
+    """A plain before -> after table of evaluation metrics."""
+    lines = [f"{'metric':<34}{'before':>10}{'after':>10}{'change':>10}"]
+    for key in sorted(after):
+        b = before.get(key)
+        a = after[key]
+        lines.append(f"{key:<34}{(f'{b:.4f}' if b is not None else '-'):>10}{a:>10.4f}"
+                     f"{(f'{a - b:+.4f}' if b is not None else ''):>10}")
+    return "\n".join(lines)

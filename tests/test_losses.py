@@ -1,0 +1,224 @@
+"""Single-process checks of the losses: hand-computed values, the reference's looped stable distillation, rules."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from embedder.losses import (
+    InfoNCELoss,
+    KLDistillLoss,
+    LossWeights,
+    StableDistillLoss,
+    active_losses,
+    combine_losses,
+)
+
+
+def _one_hot_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """B=2, G=2, d=4: query 0 = e0 owns keys [e0, e2], query 1 = e1 owns keys [e1, e3]."""
+    q = torch.eye(2, 4)  # (B, d)
+    k = torch.eye(4)[[0, 2, 1, 3]]  # (B*G, d)
+    return q, k
+
+
+def _random_batch(batch: int, group: int, dim: int, seed: int, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    q = F.normalize(torch.randn(batch, dim, generator=g, dtype=dtype), dim=-1).requires_grad_()  # (B, d)
+    k = F.normalize(torch.randn(batch * group, dim, generator=g, dtype=dtype), dim=-1).requires_grad_()  # (B*G, d)
+    t = torch.randn(batch, group, generator=g, dtype=dtype) * 3  # (B, G)
+    return q, k, t
+
+
+def naive_stable_distill(q, k, teacher_scores, temperature, teacher_temperature=1.0):
+    """Reference 2.5(1) as written in modeling_dense.py: a loop over ranks with an accumulating finfo.min mask."""
+    p = F.softmax(teacher_scores / teacher_temperature, dim=-1)  # (B, G)
+    scores = q @ k.T / temperature  # (B, B*G)
+    group = k.size(0) // q.size(0)
+    labels = torch.arange(q.size(0)) * group  # (B,)
+    mask = torch.zeros_like(scores)  # (B, B*G)
+    loss = 0
+    for i in range(group):
+        target = labels + i  # (B,)
+        ce = F.cross_entropy(scores + mask, target, reduction="none")  # (B,)
+        loss = loss + torch.mean(p[:, i] * ce)
+        mask = torch.scatter(mask, dim=-1, index=target.unsqueeze(-1), value=torch.finfo(scores.dtype).min)
+    return loss
+
+
+# --------------------------------------------------------------------------------------------------- InfoNCE
+
+
+def test_infonce_one_hot_hand_value():
+    q, k = _one_hot_batch()
+    # each query: positive score 1/T, the other three keys score 0
+    for temperature in (1.0, 0.5):
+        expected = -math.log(math.exp(1 / temperature) / (math.exp(1 / temperature) + 3))
+        loss = InfoNCELoss(temperature=temperature)(q, k)
+        assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_infonce_without_in_batch_negatives_sees_only_own_group():
+    q, k = _one_hot_batch()
+    expected = -math.log(math.e / (math.e + 1))  # own positive scores 1, own negative 0
+    loss = InfoNCELoss(temperature=1.0, in_batch_negatives=False)(q, k)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    # a key of the other query that matches query 0 perfectly must not matter without in-batch negatives
+    k2 = k.clone()
+    k2[3] = torch.tensor([5.0, 0, 0, 0])
+    assert InfoNCELoss(temperature=1.0, in_batch_negatives=False)(q, k2).item() == pytest.approx(expected, abs=1e-6)
+    assert InfoNCELoss(temperature=1.0)(q, k2).item() > expected + 1.0
+
+
+def test_infonce_matches_cross_entropy_with_group_targets():
+    q, k, _ = _random_batch(5, 3, 8, seed=0)
+    expected = F.cross_entropy(q @ k.T / 0.05, torch.arange(5) * 3)
+    assert torch.allclose(InfoNCELoss(temperature=0.05)(q, k), expected)
+
+
+def test_infonce_rejects_bad_layout():
+    with pytest.raises(ValueError, match="multiple"):
+        InfoNCELoss()(torch.randn(3, 4), torch.randn(7, 4))
+
+
+# -------------------------------------------------------------------------------------------------------- KL
+
+
+def test_kl_is_zero_when_student_equals_teacher():
+    q, k, _ = _random_batch(4, 3, 6, seed=1)
+    student = torch.einsum("bd,bgd->bg", q, k.view(4, 3, 6)) / 0.05  # (B, G)
+    loss = KLDistillLoss(temperature=0.05, teacher_temperature=2.0, student_temperature=2.0)(
+        q, k, teacher_scores=student.detach())
+    assert abs(loss.item()) < 1e-10
+
+
+def test_kl_hand_formula():
+    q, k = _one_hot_batch()  # in-group student scores: [1, 0] for both queries
+    teacher = torch.tensor([[0.0, 1.0], [2.0, 0.0]])
+    t_s, t_t = 0.5, 2.0
+    expected = 0.0
+    for row in teacher.tolist():
+        z_p = math.exp(1 / t_s) + math.exp(0)
+        log_p = [1 / t_s - math.log(z_p), 0 - math.log(z_p)]
+        z_q = sum(math.exp(x / t_t) for x in row)
+        probs = [math.exp(x / t_t) / z_q for x in row]
+        expected += sum(pq * (math.log(pq) - lp) for pq, lp in zip(probs, log_p))
+    expected /= 2  # batchmean
+    loss = KLDistillLoss(temperature=1.0, teacher_temperature=t_t, student_temperature=t_s)(q, k, teacher)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_cls", [KLDistillLoss, StableDistillLoss])
+def test_distill_requires_teacher_scores(loss_cls):
+    q, k = _one_hot_batch()
+    with pytest.raises(ValueError, match="teacher_scores"):
+        loss_cls()(q, k)
+    with pytest.raises(ValueError, match=r"\(B, G\)"):
+        loss_cls()(q, k, teacher_scores=torch.zeros(2, 3))
+
+
+# ------------------------------------------------------------------------------------------- stable distill
+
+
+@pytest.mark.parametrize(
+    "batch,group,dim,temperature,teacher_temperature,seed",
+    [
+        (4, 3, 8, 0.05, 1.0, 0),
+        (3, 5, 16, 0.01, 1.0, 1),  # the recipe's cos temperature: scores up to 100
+        (6, 2, 4, 1.0, 0.1, 2),  # teacher_temperature != 1 (the reference ignores it; we apply it)
+        (5, 4, 8, 0.05, 3.0, 3),
+        (4, 1, 8, 0.05, 1.0, 4),  # G=1: plain InfoNCE weighted by p=1
+        (1, 3, 8, 0.05, 1.0, 5),  # B=1: no other query, only own keys compete
+        (1, 1, 8, 0.05, 1.0, 6),  # a single key: loss 0
+    ],
+)
+def test_stable_distill_matches_naive_loop(batch, group, dim, temperature, teacher_temperature, seed):
+    q, k, t = _random_batch(batch, group, dim, seed)
+    loss = StableDistillLoss(temperature=temperature, teacher_temperature=teacher_temperature, cross_device=False)
+    value = loss(q, k, t)
+    grad_q, grad_k = torch.autograd.grad(value, (q, k))
+    naive = naive_stable_distill(q, k, t, temperature, teacher_temperature)
+    naive_q, naive_k = torch.autograd.grad(naive, (q, k))
+    assert torch.allclose(value, naive, atol=1e-10, rtol=1e-8)
+    assert torch.allclose(grad_q, naive_q, atol=1e-10, rtol=1e-8)
+    assert torch.allclose(grad_k, naive_k, atol=1e-10, rtol=1e-8)
+    if batch == 1 and group == 1:
+        assert value.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_stable_distill_default_reproduces_reference_raw_softmax():
+    """teacher_temperature=1 (default) is the reference's untempered softmax over the raw scores."""
+    q, k, t = _random_batch(4, 3, 8, seed=7)
+    assert torch.allclose(StableDistillLoss(temperature=0.05)(q, k, t), naive_stable_distill(q, k, t, 0.05))
+
+
+def test_stable_distill_group_one_is_infonce():
+    q, k, t = _random_batch(5, 1, 8, seed=8)
+    assert torch.allclose(StableDistillLoss(temperature=0.05)(q, k, t), InfoNCELoss(temperature=0.05)(q, k))
+
+
+def test_stable_distill_float32_gradients_match_naive():
+    q, k, t = _random_batch(8, 4, 32, seed=9, dtype=torch.float32)
+    value = StableDistillLoss(temperature=0.01)(q, k, t)
+    grads = torch.autograd.grad(value, (q, k))
+    naive = naive_stable_distill(q, k, t, 0.01)
+    naive_grads = torch.autograd.grad(naive, (q, k))
+    assert torch.allclose(value, naive, atol=1e-5, rtol=1e-5)
+    for g, n in zip(grads, naive_grads):
+        assert torch.allclose(g, n, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_stable_distill_half_precision_inputs_are_safe(dtype):
+    q, k, t = _random_batch(8, 4, 32, seed=10, dtype=torch.float32)
+    reference = StableDistillLoss(temperature=0.01)(q, k, t)
+    qh, kh = q.detach().to(dtype).requires_grad_(), k.detach().to(dtype).requires_grad_()
+    value = StableDistillLoss(temperature=0.01)(qh, kh, t.to(dtype))
+    assert value.dtype == torch.float32 and torch.isfinite(value)
+    grads = torch.autograd.grad(value, (qh, kh))
+    assert all(torch.isfinite(g).all() for g in grads)
+    assert value.item() == pytest.approx(reference.item(), rel=0.05)
+
+
+# ------------------------------------------------------------------------------------------------- combine
+
+
+def test_active_losses():
+    assert active_losses(LossWeights(), has_teacher_scores=True) == (True, True)
+    assert active_losses(LossWeights(), has_teacher_scores=False) == (True, False)
+    assert active_losses(LossWeights(contrastive_weight=0), has_teacher_scores=True) == (False, True)
+    assert active_losses(LossWeights(distill_weight=0), has_teacher_scores=True) == (True, False)
+
+
+def test_combine_reference_rule():
+    w = LossWeights(contrastive_weight=0.2, distill_weight=0.5)
+    lc, ld = torch.tensor(2.0), torch.tensor(3.0)
+    assert combine_losses(lc, ld, w, "reference").item() == pytest.approx(0.2 * 2 + 0.5 * 3)
+    assert combine_losses(lc, None, w, "reference").item() == pytest.approx(2.0)  # lone loss: unweighted
+    assert combine_losses(None, ld, w, "reference").item() == pytest.approx(3.0)
+
+
+def test_combine_weighted_rule():
+    w = LossWeights(contrastive_weight=0.2, distill_weight=0.5)
+    lc, ld = torch.tensor(2.0), torch.tensor(3.0)
+    assert combine_losses(lc, ld, w, "weighted").item() == pytest.approx(0.2 * 2 + 0.5 * 3)
+    assert combine_losses(lc, None, w, "weighted").item() == pytest.approx(0.4)
+    assert combine_losses(None, ld, w, "weighted").item() == pytest.approx(1.5)
+
+
+@pytest.mark.parametrize("rule", ["reference", "weighted"])
+def test_combine_neither_active_names_task_settings(rule):
+    with pytest.raises(ValueError, match="(?s)'tool'.*contrastive_weight.*distill_weight"):
+        combine_losses(None, None, LossWeights(contrastive_weight=0), rule, task="tool")
+
+
+def test_combine_rejects_unknown_rule_and_bad_weights():
+    with pytest.raises(ValueError, match="rule"):
+        combine_losses(torch.tensor(1.0), None, LossWeights(), "sum")
+    with pytest.raises(ValueError):
+        LossWeights(contrastive_weight=-1)
+    with pytest.raises(ValueError):
+        LossWeights(teacher_temperature=0)

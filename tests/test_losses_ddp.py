@@ -1,0 +1,150 @@
+"""Cross-device losses on a 2-process gloo group (CPU) must equal the single-process loss on the whole batch.
+
+The lesson of sentence-transformers #3453: a gather that puts keys in the wrong order only shows up with hard
+negatives, so the data has G=4 keys per query (positive + 3 negatives), all distinct from each other and from
+other queries' keys. Each rank encodes its half of the queries and their key groups with the same tiny linear
+"encoder", computes the loss with ``cross_device=True``, backpropagates, then averages the loss and the parameter
+gradients over ranks (what DDP does). That must match one process computing the loss on all queries.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from embedder.distributed import gather_no_grad, gather_with_grad, is_distributed, rank_offset
+from embedder.losses import InfoNCELoss, KLDistillLoss, StableDistillLoss
+
+WORLD = 2
+LOCAL_B = 3  # local queries per rank
+G = 4  # positive + 3 hard negatives
+D_IN, D_OUT = 6, 5
+TEMPERATURE = 0.05
+
+
+def _data() -> dict[str, torch.Tensor]:
+    """All queries' features, their key groups (query b: rows b*G..b*G+G-1) and teacher scores."""
+    g = torch.Generator().manual_seed(1234)
+    n = WORLD * LOCAL_B
+    return {
+        "xq": torch.randn(n, D_IN, generator=g),  # (W*B, d_in)
+        "xk": torch.randn(n * G, D_IN, generator=g),  # (W*B*G, d_in)
+        "teacher": torch.randn(n, G, generator=g) * 2,  # (W*B, G)
+    }
+
+
+def _encoder() -> nn.Linear:
+    torch.manual_seed(0)  # same weights on every rank, like DDP's initial broadcast
+    return nn.Linear(D_IN, D_OUT)
+
+
+def _losses(cross_device: bool) -> dict[str, nn.Module]:
+    return {
+        "infonce": InfoNCELoss(temperature=TEMPERATURE, cross_device=cross_device),
+        "stable": StableDistillLoss(temperature=TEMPERATURE, teacher_temperature=0.5, cross_device=cross_device),
+        "kl": KLDistillLoss(temperature=TEMPERATURE, teacher_temperature=0.5),
+    }
+
+
+def _loss_and_grads(loss_fn: nn.Module, xq, xk, teacher) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    encoder = _encoder()
+    q = F.normalize(encoder(xq), dim=-1)  # (B, d)
+    k = F.normalize(encoder(xk), dim=-1)  # (B*G, d)
+    loss = loss_fn(q, k, teacher)
+    loss.backward()
+    return loss.detach(), [p.grad.detach().clone() for p in encoder.parameters()]
+
+
+def _worker(rank: int, port: int, out_path: str) -> None:
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        data = _data()
+        rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)  # this rank's queries
+        key_rows = slice(rank * LOCAL_B * G, (rank + 1) * LOCAL_B * G)  # and their key groups
+        xq, xk, teacher = data["xq"][rows], data["xk"][key_rows], data["teacher"][rows]
+
+        results: dict[str, object] = {"offset": rank_offset(LOCAL_B), "is_distributed": is_distributed()}
+        # helpers: rank order of the concatenation and gradient routing back to the owner
+        x = torch.full((2, 3), float(rank), requires_grad=True)
+        gathered = gather_with_grad(x)  # (W*2, 3)
+        (gathered * torch.arange(1.0, WORLD * 2 + 1)[:, None]).sum().backward()
+        results["gathered"] = gathered.detach()
+        results["gather_grad"] = x.grad.clone()  # summed over ranks: WORLD * (row weights of this rank's rows)
+        results["gathered_no_grad"] = gather_no_grad(torch.tensor([rank]))
+
+        for cross_device in (True, False):
+            for name, loss_fn in _losses(cross_device).items():
+                loss, grads = _loss_and_grads(loss_fn, xq, xk, teacher)
+                for t in [loss, *grads]:  # DDP averages gradients; we average the logged loss the same way
+                    dist.all_reduce(t)
+                    t /= WORLD
+                results[f"{name}/{cross_device}"] = (loss, grads)
+        if rank == 0:
+            torch.save(results, out_path)
+        else:
+            results_rank1 = {"offset": results["offset"], "gather_grad": results["gather_grad"]}
+            torch.save(results_rank1, out_path + ".rank1")
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    out = str(tmp_path_factory.mktemp("ddp") / "results.pt")
+    mp.spawn(_worker, args=(_free_port(), out), nprocs=WORLD, join=True)
+    return torch.load(out, weights_only=False), torch.load(out + ".rank1", weights_only=False)
+
+
+def test_gather_helpers(ddp_results):
+    rank0, rank1 = ddp_results
+    assert rank0["is_distributed"] and rank0["offset"] == 0 and rank1["offset"] == LOCAL_B
+    expected = torch.tensor([0.0, 0.0, 1.0, 1.0])[:, None].expand(4, 3)  # rank 0's rows first, then rank 1's
+    assert torch.equal(rank0["gathered"], expected)
+    # d(sum over ranks of sum(w * gathered))/dx_r = WORLD * w[rows of rank r]
+    assert torch.equal(rank0["gather_grad"], WORLD * torch.tensor([1.0, 2.0])[:, None].expand(2, 3))
+    assert torch.equal(rank1["gather_grad"], WORLD * torch.tensor([3.0, 4.0])[:, None].expand(2, 3))
+    assert torch.equal(rank0["gathered_no_grad"], torch.tensor([0, 1]))
+
+
+def test_helpers_are_identity_outside_a_process_group():
+    x = torch.randn(3, 2)
+    assert not is_distributed()
+    assert gather_with_grad(x) is x and torch.equal(gather_no_grad(x), x) and rank_offset(7) == 0
+
+
+@pytest.mark.parametrize("name", ["infonce", "stable", "kl"])
+def test_cross_device_loss_equals_single_process(ddp_results, name):
+    data = _data()
+    single_loss, single_grads = _loss_and_grads(_losses(cross_device=True)[name], data["xq"], data["xk"],
+                                                data["teacher"])
+    ddp_loss, ddp_grads = ddp_results[0][f"{name}/True"]
+    assert torch.allclose(ddp_loss, single_loss, atol=1e-5)
+    for ddp_grad, single_grad in zip(ddp_grads, single_grads):
+        assert torch.allclose(ddp_grad, single_grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["infonce", "stable"])
+def test_without_cross_device_the_losses_differ(ddp_results, name):
+    """Sanity check that the comparison has power: local-only negatives give a different objective."""
+    data = _data()
+    single_loss, _ = _loss_and_grads(_losses(cross_device=True)[name], data["xq"], data["xk"], data["teacher"])
+    local_loss, _ = ddp_results[0][f"{name}/False"]
+    assert not torch.allclose(local_loss, single_loss, atol=1e-4)
