@@ -131,7 +131,7 @@ class RetrieverModule(LightningModule):
         # Lightning restores optimizer, scheduler and loops; we add the RNG streams (dropout) so a resumed
         # run continues bit-for-bit like an uninterrupted one.
         checkpoint["rng_states"] = {
-            "torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "torch": torch.get_rng_state(), "numpy": _numpy_state_to_tensors(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
 
@@ -139,7 +139,18 @@ class RetrieverModule(LightningModule):
         states = checkpoint.get("rng_states")
         if states:
             torch.set_rng_state(states["torch"])
-            np.random.set_state(states["numpy"])
+            np.random.set_state(_numpy_state_from_tensors(states["numpy"]))
             random.setstate(states["python"])
             if states.get("cuda") is not None and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all(states["cuda"])
+
+
+def _numpy_state_to_tensors() -> tuple:
+    # tensors and plain numbers only, so checkpoints load with torch.load(weights_only=True)
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)
+
+
+def _numpy_state_from_tensors(state: tuple) -> tuple:
+    name, keys, pos, has_gauss, cached = state
+    return name, keys.numpy().astype(np.uint32), pos, has_gauss, cached

@@ -179,3 +179,47 @@ def test_merge_topk_missing_results_and_padding():
     np.testing.assert_array_equal(scores, np.array([[0.2, 0.5, 2.0]], dtype=np.float32))
     with pytest.raises(ValueError, match="offsets"):
         merge_topk(l2_shards, 3, "l2", offsets=[0])
+
+
+def _fake_gpu(monkeypatch, cloner):
+    """Make the installed (CPU) faiss look like a GPU build with one GPU; `cloner` plays index_cpu_to_gpu."""
+    faiss = import_faiss()
+
+    class Options:
+        useFloat16 = False
+
+    monkeypatch.setattr(faiss, "StandardGpuResources", lambda: object(), raising=False)
+    monkeypatch.setattr(faiss, "GpuClonerOptions", Options, raising=False)
+    monkeypatch.setattr(faiss, "GpuParameterSpace", faiss.ParameterSpace, raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 1)
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", cloner, raising=False)
+    monkeypatch.setattr(faiss, "index_gpu_to_cpu", lambda index: index, raising=False)
+
+
+def test_gpu_path_is_taken_when_faiss_sees_a_gpu(data, tmp_path, monkeypatch, caplog):
+    corpus, queries = data
+    _fake_gpu(monkeypatch, lambda res, device, index, options: index)
+    with caplog.at_level(logging.INFO, logger="embedder.index"):
+        index = FaissIndex("Flat", "cos", device=0).build(corpus)
+    assert index.backend == "gpu:0"
+    assert [r.getMessage() for r in caplog.records if r.name == "embedder.index"] == \
+        ["faiss index 'Flat' (metric cos): GPU backend on device 0"]
+    np.testing.assert_array_equal(index.search(queries, K)[1], brute_force(corpus, queries, K, "cos")[1])
+    index.save(str(tmp_path / "g.faiss"))
+    assert FaissIndex.load(str(tmp_path / "g.faiss"), use_gpu=False).backend == "cpu"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="embedder.index"):
+        assert FaissIndex("Flat", "cos", use_gpu=False).build(corpus).backend == "cpu"
+
+
+def test_gpu_clone_failure_falls_back_to_cpu(data, monkeypatch, caplog):
+    def refuse(res, device, index, options):
+        raise RuntimeError("Error in ...: index type not supported on GPU")
+
+    _fake_gpu(monkeypatch, refuse)
+    with caplog.at_level(logging.INFO, logger="embedder.index"):
+        index = FaissIndex("HNSW16", "ip", use_gpu=True).build(data[0])
+    assert index.backend == "cpu"
+    records = [r for r in caplog.records if r.name == "embedder.index"]
+    assert len(records) == 1 and records[0].levelno == logging.WARNING
+    assert "cannot put 'HNSW16' on a GPU" in records[0].getMessage()

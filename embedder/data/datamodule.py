@@ -6,6 +6,7 @@ import logging
 from collections import Counter
 from typing import Any
 
+import torch
 from lightning import LightningDataModule
 from torch.utils.data import DataLoader
 
@@ -70,8 +71,11 @@ class RetrievalDataModule(LightningDataModule):
         if self._resume:
             self._sampler.resume_at(self._resume["epoch"], self._resume["batches"])
             self._resume = None
+        # A private generator for the workers' base seed: creating an iterator then leaves the global torch RNG
+        # alone, so a resumed run's dropout stream continues exactly where the checkpoint left it.
+        generator = torch.Generator().manual_seed(self.seed)
         return DataLoader(self.dataset, batch_sampler=self._sampler, collate_fn=self.collator,
-                          num_workers=self.num_workers, persistent_workers=False)
+                          num_workers=self.num_workers, persistent_workers=False, generator=generator)
 
     def val_dataloader(self) -> DataLoader:
         # One item per evaluation set; the LightningModule evaluates the whole set in one step.

@@ -154,6 +154,9 @@ def compute_metrics(preds: Mapping[Hashable, Sequence[int]], labels: Mapping[Has
         {'mrr@1': 0.0, 'mrr@5': 0.5, 'recall@1': 0.0, 'recall@5': 1.0}
     """
     result = per_query_metrics(preds, labels, metrics, cutoffs)
+    if result.qids and preds and not any(qid in preds for qid in result.qids):
+        logger.warning("no query id of preds matches a query id of labels (e.g. preds %r, labels %r): every query "
+                       "scores 0; check that both use the same ids and types", next(iter(preds)), result.qids[0])
     if result.excluded:
         logger.warning("%d of %d queries have no relevant document and are excluded from the metrics "
                        "(trec_eval convention); %d queries evaluated", len(result.excluded),

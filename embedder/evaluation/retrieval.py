@@ -71,7 +71,8 @@ class RetrievalEvaluator:
     Example:
         >>> evaluator = RetrievalEvaluator(encode, list(iter_jsonl("test.json")), corpus, metrics=["ndcg", "nq"],
         ...                                cutoffs=[1, 10], corpus_path="corpus.json")  # doctest: +SKIP
-        >>> metrics, preds = evaluator.evaluate()  # {"ndcg@1": ..., "answer_recall@10": ...}, {qid: [doc ids]}
+        >>> metrics, preds = evaluator.evaluate()  # doctest: +SKIP
+        >>> # metrics: {"ndcg@1": ..., "answer_recall@10": ...}; preds: {query id: [corpus rows]}
     """
 
     def __init__(self, encode: EncodeFn, queries: Iterable[dict | tuple[int, dict]],
@@ -112,6 +113,9 @@ class RetrievalEvaluator:
         self.use_gpu = use_gpu
         self.search_params = search_params
         self.chunk_size = int(chunk_size)
+        if self.cutoffs and max(self.cutoffs) > self.hits:
+            logger.warning("cutoff %d is larger than hits=%d: metrics at that cutoff only see the top %d results",
+                           max(self.cutoffs), self.hits, self.hits)
 
         self.corpus_texts: list[str] | None = None if corpus is None else self._format_corpus(corpus)
         if mode == "retrieve" and not self.corpus_texts:

@@ -216,7 +216,7 @@ class FaissIndex:
     def _place(self, cpu_index: Any) -> Any:
         """Move `cpu_index` to the GPU when wanted and possible, apply search params, and log the backend once."""
         faiss = import_faiss()
-        index, why = cpu_index, "use_gpu=False"
+        index, on_gpu, why = cpu_index, False, "use_gpu=False"
         if self.use_gpu is not False:
             if not hasattr(faiss, "StandardGpuResources"):
                 why = "this faiss build has no GPU support (faiss-cpu)"
@@ -228,10 +228,11 @@ class FaissIndex:
                     options = faiss.GpuClonerOptions()
                     options.useFloat16 = self.gpu_fp16
                     index = faiss.index_cpu_to_gpu(self._gpu_res, self.device, cpu_index, options)
+                    on_gpu = True
                 except (RuntimeError, AttributeError) as e:
                     self._gpu_res = None
                     why = f"faiss cannot put {self.factory!r} on a GPU: {str(e).strip().splitlines()[-1]}"
-        self.backend = "cpu" if index is cpu_index else f"gpu:{self.device}"
+        self.backend = f"gpu:{self.device}" if on_gpu else "cpu"
         self._apply_search_params(faiss, index)
         if self.backend != "cpu":
             logger.info("faiss index %r (metric %s): GPU backend on device %d%s", self.factory, self.metric,

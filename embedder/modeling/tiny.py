@@ -20,7 +20,7 @@ def build_tiny_bert(out_dir: str, hidden_size: int = 32, layers: int = 2, heads:
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + chars + ["##" + c for c in string.ascii_lowercase + string.digits]
     with open(os.path.join(out_dir, "vocab.txt"), "w") as f:
         f.write("\n".join(vocab) + "\n")
-    tok = BertTokenizerFast(vocab_file=os.path.join(out_dir, "vocab.txt"), do_lower_case=True)
+    tok = BertTokenizerFast(vocab={t: i for i, t in enumerate(vocab)}, do_lower_case=True)
     tok.save_pretrained(out_dir)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=layers,

@@ -99,9 +99,9 @@ SECTORS = {
     "Motors": ["tractor", "scooter", "minibus", "electric van"],
     "Toys": ["wooden train set", "box kite", "puzzle box", "rocking horse"],
 }
-PRODUCT_DESCS = ["that sells well before the winter holidays", "praised for how long it lasts",
-                 "sold mostly through small independent shops", "first sketched on the back of an envelope",
-                 "exported to more than twenty countries", "that is still assembled by hand"]
+PRODUCT_DESCS = ["which sells best before the winter holidays", "which is praised for how long it lasts",
+                 "which is sold mostly through small independent shops", "which was first sketched on an envelope",
+                 "which is exported to more than twenty countries", "which is still assembled by hand"]
 JOBS = ["ferry mechanic", "schoolteacher", "bank clerk", "ship's cook", "postwoman", "chemist", "carpenter",
         "lighthouse keeper", "tailor", "railway engineer", "nurse", "bookbinder"]
 COLOURS = ["red", "blue", "green", "golden", "silver", "black", "white", "orange", "purple", "grey"]
@@ -183,12 +183,12 @@ ATTRS: dict[str, list[dict[str, Any]]] = {
         dict(name="product",
              q=["What does {E} make?", "What is the best-known product of {E}?", "What is {E} famous for selling?",
                 "What kind of goods does {E} produce?", "{E} main product", "what can I buy from {E}"],
-             p=["Most of the money {E} earns comes from the {product}, a {sector_item} {product_desc}.",
-                "Shoppers know {E} mainly for the {product}, a {sector_item} {product_desc}.",
-                "The {product}, a {sector_item} {product_desc}, is what made {E} a household name."],
+             p=["Most of the money {E} earns comes from the {product}, {product_desc}.",
+                "Shoppers know {E} mainly for the {product}, {product_desc}.",
+                "The {product}, {product_desc}, is what made {E} a household name."],
              a="the {product}", cq=["What do they make?", "What is their best-known product?",
                                     "What do they sell?"],
-             ca="They are best known for the {product}, a {sector_item}."),
+             ca="They are best known for the {product}."),
         dict(name="employees",
              q=["How many people work at {E}?", "How many employees does {E} have?",
                 "How big is the workforce at {E}?", "What is the headcount of {E}?", "{E} number of staff",
@@ -348,8 +348,17 @@ QUERY_PREFIXES = ["", "", "", "", "", "Quick question: ", "I keep forgetting thi
                   "Trivia night help! ", "Settling a bet here. "]
 
 
+LOWERABLE = {"what", "when", "where", "who", "which", "how", "in", "is", "does", "did", "name", "can", "search",
+             "are", "look", "fetch", "check", "show", "give", "find", "browse", "tell", "read", "the", "i'm",
+             "a", "and", "has", "have", "was", "were", "whose", "fetch", "it", "they"}
+
+
 def _lcfirst(s: str) -> str:
-    return s[:1].lower() + s[1:] if s[:2] != s[:2].upper() else s
+    """Lower-case the first letter when the sentence starts with an ordinary word (never a name or "I")."""
+    first = s.split(" ", 1)[0].lower().rstrip(",;:")
+    if first in LOWERABLE and first != "i'm":
+        return s[:1].lower() + s[1:]
+    return s
 
 
 def _make_entities(names: Names, rng: random.Random, n_company: int, n_town: int, n_person: int) -> list[Record]:
@@ -369,8 +378,7 @@ def _make_entities(names: Names, rng: random.Random, n_company: int, n_town: int
         year = rng.randint(1850, 1995)
         ents.append(dict(kind="company", name=name, slots=dict(
             year=year, founder=names.person()[0], founder_job=rng.choice(JOBS), city=rng.choice(all_towns),
-            product=f"{names.word()} {rng.choice(SECTORS[sector])}".split(" ", 1)[0],
-            sector_item=rng.choice(SECTORS[sector]), product_desc=rng.choice(PRODUCT_DESCS),
+            product=f"{names.word()} {rng.choice(SECTORS[sector])}", product_desc=rng.choice(PRODUCT_DESCS),
             employees=f"{rng.randint(3, 95) * 10:,}", ceo=names.person()[0], ceo_year=rng.randint(max(year + 5, 1990), 2022),
             colour=rng.choice(COLOURS), animal=rng.choice(ANIMALS))))
     for t in towns:
@@ -391,8 +399,6 @@ def _make_entities(names: Names, rng: random.Random, n_company: int, n_town: int
             deathplace=rng.choice(all_towns), death_year=by + rng.randint(55, 90))))
     for e in ents:
         s = e["slots"]
-        if e["kind"] == "company":
-            s["product"] = s["product"]  # brand word only, e.g. "Velmere"; the item type is in sector_item
         if e["kind"] == "town":
             s["Industry"] = s["industry"].capitalize()
         if e["kind"] == "person":

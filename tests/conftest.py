@@ -1,0 +1,59 @@
+"""Shared fixtures: a tiny random BERT (no download), the reference toy data, Hydra config composition."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TOY = ROOT.parent / "shared" / "data" / "llm-embedder-toy"
+TOY_FILES = ["qa", "convsearch", "chat", "lrlm", "icl", "tool"]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def toy_path(name: str) -> str:
+    path = TOY / f"{name}.json"
+    if not path.exists():
+        pytest.skip(f"reference toy data not found at {path}")
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> str:
+    from embedder.modeling.tiny import build_tiny_bert
+
+    return build_tiny_bert(str(tmp_path_factory.mktemp("tiny-bert")))
+
+
+def compose(overrides: list[str], config_name: str = "train"):
+    """Compose the real Hydra config (with the hydra node, like `@hydra.main`)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from embedder.bundled import register_resolvers
+
+    register_resolvers()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def quick_overrides(tmp_path, tiny_bert: str, extra: list[str] = ()) -> list[str]:
+    """Overrides for a seconds-long CPU fit with the tiny model."""
+    return [
+        "model=tiny_bert", f"model.model_name_or_path={tiny_bert}", "trainer=cpu", "trainer.max_steps=2", "trainer.log_every_n_steps=1",
+        "trainer.max_epochs=-1", "logger=csv", f"output_dir={tmp_path}/out", "data.batch_size=2",
+        "data.group_size=4", "query_max_length=32", "key_max_length=32", "callbacks.rich_progress_bar=null",
+        *extra,
+    ]

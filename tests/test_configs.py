@@ -1,0 +1,115 @@
+"""Every config group composes, and what can be built on a CPU is instantiated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import pytest
+from omegaconf import OmegaConf
+
+from embedder.data.tasks import build_task_settings
+from tests.conftest import ROOT, compose
+
+GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in (ROOT / "configs").iterdir() if g.is_dir()}
+
+
+@pytest.mark.parametrize("task", GROUPS["task"])
+def test_every_task_composes_and_builds_settings(task):
+    cfg = compose([f"task={task}"])
+    tasks = build_task_settings(OmegaConf.to_container(cfg.tasks, resolve=True), cfg.data.group_size,
+                                OmegaConf.to_container(cfg.version.table), cfg.version.add_instruction)
+    assert tasks and cfg.train_data
+    for spec in (cfg.eval or {}).values():
+        if spec is not None:
+            assert spec.task in tasks
+
+
+def test_task_aliases_match_reference_spellings():
+    for alias, target in [("chat", "msc"), ("convsearch", "qrecc"), ("qa", "msmarco"), ("toolbench", "tool")]:
+        a, b = compose([f"task={alias}"]), compose([f"task={target}"])
+        assert OmegaConf.to_container(a.tasks) == OmegaConf.to_container(b.tasks)
+        assert list(a.train_data) == list(b.train_data)
+
+
+def test_reference_per_task_settings():
+    t = compose(["task=llm-embedder"])
+    s = build_task_settings(OmegaConf.to_container(t.tasks, resolve=True), 8)
+    assert set(s) == {"qa", "convsearch", "chat", "lrlm", "icl", "tool"}
+    assert s["qa"].loss.stable_distill and s["qa"].loss.contrastive_weight == 0
+    assert s["icl"].sampling.select_positive == "random" and s["icl"].loss.stable_distill
+    assert s["chat"].sampling.select_positive == "teacher" and s["chat"].loss.teacher_temperature == 0.1
+    assert s["lrlm"].sampling.max_sample_num == 10000 and s["lrlm"].sampling.teacher_scores_margin == 0.1
+    assert s["tool"].loss.distill_weight == 0 and s["convsearch"].loss.distill_weight == 0
+    assert s["qa"].instruction.query == "Represent this query for retrieving relevant documents: "
+    files = list(t.train_data)
+    assert len(files) == 10 and files.count("llm-embedder:tool/toolbench/train.json") == 2
+    assert t.data.batch_size == 100 and t.trainer.max_steps == 10000 and t.model.gradient_checkpointing
+    assert t.data.inbatch_same_dataset == "epoch" and t.optimizer.lr == 5e-6 and t.warmup_ratio == 0.1
+    nq = compose(["task=nq"])
+    assert (nq.query_max_length, nq.key_max_length) == (32, 128) and list(nq.eval.nq.metrics) == ["nq"]
+
+
+@pytest.mark.parametrize("version", GROUPS["version"])
+def test_versions(version):
+    cfg = compose([f"version={version}", "task=tool"])
+    s = build_task_settings(OmegaConf.to_container(cfg.tasks), 8, OmegaConf.to_container(cfg.version.table),
+                            cfg.version.add_instruction)["tool"]
+    expected = {"bge": "Represent this sentence for searching relevant passages: ", "e5": "query: ", "none": "",
+                "llm-embedder": "Transform this user request for fetching helpful tool descriptions: "}
+    if version in expected:
+        assert s.instruction.query == expected[version]
+
+
+@pytest.mark.parametrize("trainer", GROUPS["trainer"])
+def test_trainers_compose(trainer, tmp_path):
+    cfg = compose([f"trainer={trainer}", f"output_dir={tmp_path}"])
+    assert cfg.trainer._target_ == "lightning.pytorch.trainer.Trainer"
+    if trainer in ("cpu", "default", "ddp_sim"):
+        t = hydra.utils.instantiate(cfg.trainer, logger=False)
+        assert t.world_size == (2 if trainer == "ddp_sim" else 1) or trainer == "ddp_sim"
+    if trainer.startswith("deepspeed"):
+        ds = OmegaConf.to_container(cfg.trainer.strategy.config)
+        stage = int(trainer.split("_")[2])
+        assert ds["zero_optimization"]["stage"] == stage
+        assert "offload_optimizer" not in ds  # the reference's misplaced key
+        if trainer.endswith("offload"):
+            assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+@pytest.mark.parametrize("logger", GROUPS["logger"])
+def test_loggers_instantiate(logger, tmp_path):
+    cfg = compose([f"logger={logger}", f"output_dir={tmp_path}"])
+    for c in cfg.logger.values():
+        lg = hydra.utils.instantiate(c)
+        assert lg is not None
+
+
+def test_callbacks_instantiate(tmp_path):
+    cfg = compose([f"output_dir={tmp_path}"])
+    for c in cfg.callbacks.values():
+        assert hydra.utils.instantiate(c) is not None
+    assert cfg.callbacks.model_checkpoint.dirpath == f"{tmp_path}/checkpoints"
+
+
+def test_models_compose_and_minilm_instantiates():
+    for model in GROUPS["model"]:
+        cfg = compose([f"model={model}"])
+        assert cfg.model._target_.endswith("DualEncoder")
+    enc = hydra.utils.instantiate(compose([]).model)
+    assert enc.pooling == "mean" and enc.dim == 384 and Path(enc.model_name_or_path).is_dir()
+
+
+def test_hparams_search_and_debug_compose():
+    for hs in GROUPS.get("hparams_search", []):
+        cfg = compose([f"hparams_search={hs}"])
+        assert cfg.optimized_metric
+    for d in GROUPS["debug"]:
+        compose([f"debug={d}"])
+
+
+def test_unknown_task_lists_options():
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+
+    with pytest.raises((MissingConfigException, ConfigCompositionException), match="Available options"):
+        compose(["task=weather"])

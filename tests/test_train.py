@@ -1,0 +1,134 @@
+"""Short real fits (tokenizer, forward, backward, optimizer step) on each reference toy file, export, resume."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import open_dict
+
+from embedder.training import run_train
+from tests.conftest import compose, quick_overrides, toy_path
+
+# toy file -> the task config whose settings it trains with
+TOY_TASKS = {"qa": "msmarco", "convsearch": "qrecc", "chat": "msc", "lrlm": "lrlm", "icl": "icl", "tool": "tool"}
+
+
+@pytest.mark.parametrize("toy", list(TOY_TASKS))
+def test_fit_on_each_toy_file(toy, tmp_path, tiny_bert):
+    cfg = compose(quick_overrides(tmp_path, tiny_bert, [f"task={TOY_TASKS[toy]}", f"train_data=[{toy_path(toy)}]",
+                                                        "eval=null", "export=false"]))
+    run_train(cfg)
+    rows = _metrics_rows(tmp_path)
+    losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert losses and all(np.isfinite(losses))
+    assert os.path.isfile(tmp_path / "out" / "checkpoints" / "last.ckpt")
+
+
+def _metrics_rows(tmp_path):
+    import csv
+    import glob
+
+    (path,) = glob.glob(str(tmp_path / "out" / "csv" / "version_*" / "metrics.csv"))
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_multitask_fit_every_batch_one_task(tmp_path, tiny_bert):
+    files = ",".join(toy_path(t) for t in TOY_TASKS)
+    cfg = compose(quick_overrides(tmp_path, tiny_bert, ["task=llm-embedder", f"train_data=[{files}]", "eval=null",
+                                                        "export=false", "trainer.max_steps=6",
+                                                        "model.gradient_checkpointing=true"]))
+    run_train(cfg)
+    tasks_logged = {k.split("/")[1] for r in _metrics_rows(tmp_path) for k, v in r.items()
+                    if k.startswith("train/") and k.endswith("/loss") and v}
+    assert tasks_logged  # per-task losses were logged
+
+
+def test_export_is_a_sentence_transformers_model(tmp_path, tiny_bert):
+    from sentence_transformers import SentenceTransformer
+
+    from embedder.modeling import DualEncoder
+
+    cfg = compose(quick_overrides(tmp_path, tiny_bert, ["task=tool", f"train_data=[{toy_path('tool')}]", "eval=null"]))
+    run_train(cfg)
+    out = str(tmp_path / "out")
+    st = SentenceTransformer(out, device="cpu")
+    assert st.prompts["tool_query"] == "Transform this user request for fetching helpful tool descriptions: "
+    assert st.prompts["query"] == st.prompts["tool_query"]
+    enc = DualEncoder(out, pooling="cls", attn_implementation=None)  # reload the trained weights
+    texts = ["find a weather api", "translate text between languages"]
+    ours = enc.encode_texts([st.prompts["query"] + t for t in texts], "query", max_length=32)
+    theirs = st.encode(texts, prompt_name="query", convert_to_tensor=True, normalize_embeddings=False)
+    assert torch.allclose(ours, theirs.cpu(), atol=1e-5)
+    meta = json.load(open(os.path.join(out, "embedder_config.json")))
+    assert meta["pooling"] == "cls" and meta["normalize"]
+
+
+def test_untied_encoders_export_both(tmp_path, tiny_bert):
+    from sentence_transformers import SentenceTransformer
+
+    cfg = compose(quick_overrides(tmp_path, tiny_bert, ["task=tool", f"train_data=[{toy_path('tool')}]", "eval=null",
+                                                        "model.tie_encoders=false", "model.pooling=mean",
+                                                        "model.dense=true"]))
+    run_train(cfg)
+    for sub in ("query_encoder", "key_encoder"):
+        st = SentenceTransformer(str(tmp_path / "out" / sub), device="cpu")
+        assert st.encode(["hello"]).shape == (1, 32)
+
+
+class CrashAtStep:
+    """Simulates a crash: raises at the start of the given global step (after the previous checkpoint)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def __call__(self):
+        from lightning import Callback
+
+        step = self.step
+
+        class _Crash(Callback):
+            def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+                if trainer.global_step == step:
+                    raise RuntimeError("simulated crash")
+
+        return _Crash()
+
+
+def _run_tool(tmp_path, tiny_bert, overrides, crash_at=None):
+    cfg = compose(quick_overrides(tmp_path, tiny_bert, ["task=tool", f"train_data=[{toy_path('tool')}]", "eval=null",
+                                                        "export=false", "save_steps=1", "query_max_length=128",
+                                                        "trainer.max_steps=6", *overrides]))
+    with open_dict(cfg):
+        cfg.callbacks.best_checkpoint = None
+    if crash_at is not None:
+        import embedder.training as training
+
+        orig = training._instantiate_dict
+        training._instantiate_dict = lambda c: orig(c) + ([CrashAtStep(crash_at)()] if c is cfg.callbacks else [])
+        try:
+            with pytest.raises(RuntimeError, match="simulated crash"):
+                run_train(cfg)
+        finally:
+            training._instantiate_dict = orig
+    else:
+        run_train(cfg)
+    return torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+
+
+def test_resume_matches_uninterrupted_run(tmp_path, tiny_bert):
+    """Crash at step 3 of 6 (mid-epoch: 4 batches per epoch), resume with ckpt_path=last, compare with a straight run:
+    same weights, optimizer moments, LR schedule, data position and dropout RNG."""
+    full = _run_tool(tmp_path / "a", tiny_bert, [])
+    _run_tool(tmp_path / "b", tiny_bert, [], crash_at=3)
+    resumed = _run_tool(tmp_path / "b", tiny_bert, ["ckpt_path=last"])
+    assert resumed["global_step"] == full["global_step"] == 6
+    for k, v in full["state_dict"].items():
+        assert torch.allclose(v, resumed["state_dict"][k], atol=1e-6), k
+    for a, b in zip(full["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
+        assert torch.allclose(a["exp_avg"], b["exp_avg"], atol=1e-7)
+    assert resumed["lr_schedulers"][0]["last_epoch"] == full["lr_schedulers"][0]["last_epoch"]
