@@ -132,3 +132,13 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_bert):
     for a, b in zip(full["optimizer_states"][0]["state"].values(), resumed["optimizer_states"][0]["state"].values()):
         assert torch.allclose(a["exp_avg"], b["exp_avg"], atol=1e-7)
     assert resumed["lr_schedulers"][0]["last_epoch"] == full["lr_schedulers"][0]["last_epoch"]
+
+
+@pytest.mark.slow
+def test_ddp_sim_two_cpu_processes(tmp_path, tiny_bert):
+    """trainer=ddp_sim: 2 gloo processes, cross-device negatives, each rank its own slice of every global batch."""
+    cfg = compose(quick_overrides(tmp_path, tiny_bert, ["task=msmarco", f"train_data=[{toy_path('qa')}]", "eval=null",
+                                                        "trainer=ddp_sim", "data.batch_size=2", "export=false"]))
+    run_train(cfg)
+    ckpt = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 2

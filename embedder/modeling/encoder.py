@@ -71,6 +71,11 @@ class DualEncoder(nn.Module):
                 self.dense.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
             else:
                 log.warning("dense pooling: no %s, the dense layer starts random", weights)
+        for m in (self.query_model, self.key_model):
+            # The backbone's own pooler (BERT's tanh head) is never used: freeze it so DDP does not wait for its
+            # gradients (the reference deletes it instead, which also drops it from saved weights).
+            if getattr(m, "pooler", None) is not None:
+                m.pooler.requires_grad_(False)
         self.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes, so dropout would stay off
         if gradient_checkpointing:
             for m in {id(self.query_model): self.query_model, id(self.key_model): self.key_model}.values():

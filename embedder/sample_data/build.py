@@ -521,13 +521,28 @@ def build_qa() -> dict[str, list[Record]]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 CONV_OPENERS = ["What can you tell me about {E}?", "Have you heard of {E}?", "Tell me about {E}.",
-                "I came across the name {E} today. What is it?", "Who or what is {E}?"]
+                "I came across the name {E} today. Any idea?", "Who or what is {E}?"]
+CONV_INTROS = {
+    "company": ["It is {desc}.", "It's {desc} that few people outside the trade know.",
+                "As far as I know, it is {desc}."],
+    "town": ["It is a small town.", "It's a town that most travellers pass through.", "It is a quiet little town."],
+    "person": ["{He} is a historical figure who is not very well known.",
+               "{He} is someone historians have only recently begun to study.",
+               "Not many people remember {him} today."],
+}
+SECTOR_DESC = {"Optics": "an optics maker", "Foods": "a food producer", "Textiles": "a textile firm",
+               "Robotics": "a robotics company", "Ceramics": "a pottery firm", "Instruments": "an instrument maker",
+               "Cycles": "a bicycle maker", "Brewing": "a brewery", "Motors": "a vehicle manufacturer",
+               "Toys": "a toy maker"}
 
 
 def build_convsearch() -> dict[str, list[Record]]:
     rng = _rng("convsearch")
     names = Names(rng)
     ents = _make_entities(names, rng, n_company=40, n_town=35, n_person=35)
+    for e in ents:
+        if e["kind"] == "company":
+            e["slots"]["desc"] = SECTOR_DESC[e["name"].rsplit(" ", 1)[1]]
     rows = _make_passages(ents, rng)
     idx = _index(rows)
     train_ents, test_ents = _split_entities(ents, rng, test_frac=0.25)
@@ -538,10 +553,10 @@ def build_convsearch() -> dict[str, list[Record]]:
         rng.shuffle(specs)
         turns: list[str] = []
         mentioned: list[int] = []
-        if rng.random() < 0.8:
-            turns += [_fmt(rng.choice(CONV_OPENERS), ent), rows[idx[(ent["name"], "overview")]]["text"]]
-            mentioned.append(idx[(ent["name"], "overview")])
-        n_prev = rng.choice([1, 1, 2])
+        opener = rng.random() < 0.7
+        if opener:
+            turns += [_fmt(rng.choice(CONV_OPENERS), ent), _fmt(rng.choice(CONV_INTROS[ent["kind"]]), ent)]
+        n_prev = rng.choice([0, 1, 1, 2]) if opener else rng.choice([1, 1, 2])
         for j, spec in enumerate(specs[:n_prev]):
             first = not turns and j == 0
             q = _fmt(rng.choice(spec["q"]), ent) if first or rng.random() < 0.3 else _fmt(rng.choice(spec["cq"]), ent)
@@ -551,7 +566,11 @@ def build_convsearch() -> dict[str, list[Record]]:
             turns += [q, _fmt(spec["ca"], ent)]
             mentioned.append(idx[(ent["name"], spec["name"])])
         final = specs[n_prev]
-        turns.append(_fmt(rng.choice(final["cq"]), ent))
+        if rng.random() < 0.2:  # sometimes the user names the entity again
+            q = _fmt(rng.choice([q for q in final["q"] if q[0].isupper()]), ent)
+        else:
+            q = _fmt(rng.choice(final["cq"]), ent)
+        turns.append(q)
         return " ".join(turns), final, mentioned
 
     def record(ent: Record, qid: int, with_negs: bool) -> Record:
@@ -586,56 +605,56 @@ def build_convsearch() -> dict[str, list[Record]]:
 
 # (category, tool name, singular, plural, slug, ways users refer to them, item-name pattern, topics, categories)
 RESOURCES = [
-    ("Entertainment", "Reelhouse", "movie", "movies", "movies", ["movies", "films", "something to watch at the cinema"],
+    ("Entertainment", "Reelhouse", "movie", "movies", "movies", ["movies", "films", "cinema releases"],
      "the film '{T}'", ["time travel", "a heist", "a haunted lighthouse", "space pirates", "a chess prodigy"],
      ["comedy", "horror", "documentary", "animated"]),
-    ("Entertainment", "Bingewise", "TV series", "TV series", "series", ["TV shows", "series to binge", "box sets"],
+    ("Entertainment", "Bingewise", "TV series", "TV series", "series", ["TV shows", "TV series", "box sets"],
      "the series '{T}'", ["a small-town detective", "a cooking competition", "dragons", "a hospital", "lawyers"],
      ["crime drama", "sitcom", "reality", "fantasy"]),
-    ("Books", "Pagewell", "book", "books", "books", ["books", "novels", "something to read"],
+    ("Books", "Pagewell", "book", "books", "books", ["books", "novels", "paperbacks"],
      "the novel '{T}'", ["sailing", "the history of tea", "a lost city", "beekeeping", "a family secret"],
      ["mystery", "science fiction", "poetry", "biography"]),
-    ("Books", "Earshelf", "audiobook", "audiobooks", "audiobooks", ["audiobooks", "something to listen to on my commute",
-     "narrated books"], "the audiobook '{T}'", ["sailing", "the history of tea", "a lost city", "beekeeping",
+    ("Books", "Earshelf", "audiobook", "audiobooks", "audiobooks", ["audiobooks", "narrated books",
+     "spoken-word books"], "the audiobook '{T}'", ["sailing", "the history of tea", "a lost city", "beekeeping",
      "stoic philosophy"], ["mystery", "self-help", "history", "children's stories"]),
-    ("Travel", "Stayfinder", "hotel", "hotels", "hotels", ["hotels", "a hotel room", "places to stay with room service"],
+    ("Travel", "Stayfinder", "hotel", "hotels", "hotels", ["hotels", "hotel rooms", "hotels with room service"],
      "Hotel {T}", ["a sea view", "a rooftop pool", "free parking", "a spa", "a quiet location"],
      ["luxury", "budget", "boutique", "family-friendly"]),
     ("Travel", "Nestaway", "vacation rental", "vacation rentals", "rentals",
-     ["holiday homes", "cabins or cottages to rent", "vacation rentals"], "the {T} Cottage",
+     ["holiday homes", "cottages to rent", "vacation rentals"], "the {T} Cottage",
      ["a hot tub", "a garden", "a fireplace", "space for eight people", "a lake view"],
      ["cabin", "beach house", "farmhouse", "apartment"]),
-    ("Food", "Panwise", "recipe", "recipes", "recipes", ["recipes", "something to cook tonight", "dishes I can make"],
+    ("Food", "Panwise", "recipe", "recipes", "recipes", ["recipes", "dishes to cook", "home cooking ideas"],
      "the {T} stew recipe", ["lentils", "leftover rice", "smoked paprika", "pumpkin", "chickpeas"],
      ["vegan", "dessert", "breakfast", "gluten-free"]),
     ("Food", "Tablehop", "restaurant", "restaurants", "restaurants",
-     ["restaurants", "places to eat out", "somewhere for dinner"], "{T} Bistro",
+     ["restaurants", "places to eat out", "dinner spots"], "{T} Bistro",
      ["outdoor seating", "live jazz", "a tasting menu", "late opening hours", "dumplings"],
      ["Italian", "Ethiopian", "seafood", "vegetarian"]),
     ("Music", "Tunegrid", "song", "songs", "songs", ["songs", "tracks", "music"], "the song '{T}'",
      ["rainy days", "road trips", "heartbreak", "summer nights", "running"], ["jazz", "folk", "hip hop", "classical"]),
-    ("Music", "Podlane", "podcast", "podcasts", "podcasts", ["podcasts", "shows to listen to", "talk shows"],
+    ("Music", "Podlane", "podcast", "podcasts", "podcasts", ["podcasts", "audio shows", "podcast episodes"],
      "the podcast '{T}'", ["true crime", "gardening", "startups", "ancient Rome", "chess"],
      ["comedy", "news", "science", "interview"]),
-    ("Gaming", "Playvault", "video game", "video games", "games", ["video games", "games for my console", "PC games"],
+    ("Gaming", "Playvault", "video game", "video games", "games", ["video games", "console games", "PC games"],
      "the video game '{T}'", ["farming", "underwater exploration", "city building", "racing", "puzzles"],
      ["strategy", "platformer", "role-playing", "co-op"]),
     ("Gaming", "Dicebox", "board game", "board games", "boardgames",
-     ["board games", "tabletop games", "games for game night"], "the board game '{T}'",
+     ["board games", "tabletop games", "family games"], "the board game '{T}'",
      ["trains", "trading spices", "dungeons", "bird watching", "space colonies"],
      ["party", "cooperative", "two-player", "deck-building"]),
-    ("Vehicles", "Autolot", "used car", "used cars", "cars", ["used cars", "second-hand cars", "a car to buy"],
+    ("Vehicles", "Autolot", "used car", "used cars", "cars", ["used cars", "second-hand cars", "pre-owned cars"],
      "the {T} hatchback", ["low mileage", "seven seats", "an electric engine", "a tow bar", "automatic gears"],
      ["SUV", "estate", "convertible", "compact"]),
-    ("Vehicles", "Pedalmart", "bicycle", "bicycles", "bikes", ["bikes", "bicycles", "something to cycle to work on"],
+    ("Vehicles", "Pedalmart", "bicycle", "bicycles", "bikes", ["bikes", "bicycles", "commuter bikes"],
      "the {T} bike", ["a child seat", "disc brakes", "a carbon frame", "a front basket", "electric assist"],
      ["road", "gravel", "cargo", "kids"]),
     ("Real Estate", "Rentnest", "rental apartment", "rental apartments", "apartments",
-     ["flats to rent", "apartments for rent", "a place to rent"], "the {T} Street flat",
+     ["flats to rent", "apartments for rent", "rental flats"], "the {T} Street flat",
      ["a balcony", "pets allowed", "a short commute", "a dishwasher", "furnished rooms"],
      ["studio", "two-bedroom", "shared", "penthouse"]),
     ("Real Estate", "Homescout", "house for sale", "houses for sale", "homes",
-     ["houses for sale", "homes to buy", "property on the market"], "the house at {T} Lane",
+     ["houses for sale", "homes for sale", "properties for sale"], "the house at {T} Lane",
      ["a large garden", "a garage", "solar panels", "a cellar", "a good school nearby"],
      ["detached", "terraced", "bungalow", "new build"]),
     ("Leisure", "Gallerygo", "museum", "museums", "museums", ["museums", "galleries", "exhibitions to visit"],
@@ -644,10 +663,10 @@ RESOURCES = [
     ("Leisure", "Trailhead", "hiking trail", "hiking trails", "trails", ["hikes", "walking routes", "hiking trails"],
      "the {T} Ridge trail", ["waterfalls", "wild ponies", "a summit view", "old mines", "shade in summer"],
      ["easy", "dog-friendly", "multi-day", "loop"]),
-    ("Drinks", "Cellarnote", "wine", "wines", "wines", ["wines", "a bottle of wine", "something to drink with dinner"],
+    ("Drinks", "Cellarnote", "wine", "wines", "wines", ["wines", "bottles of wine", "dinner wines"],
      "the {T} Riesling", ["oak", "citrus notes", "low sulphites", "a long finish", "pairing with cheese"],
      ["red", "white", "sparkling", "rosé"]),
-    ("Drinks", "Hopfinder", "craft beer", "craft beers", "beers", ["craft beers", "local beer", "something hoppy"],
+    ("Drinks", "Hopfinder", "craft beer", "craft beers", "beers", ["craft beers", "local beers", "hoppy beers"],
      "the {T} Pale Ale", ["grapefruit", "smoked malt", "low alcohol", "coffee notes", "wild yeast"],
      ["IPA", "stout", "lager", "sour"]),
     ("Events", "Gigtix", "concert", "concerts", "concerts", ["concerts", "gigs", "live music nights"],
@@ -657,14 +676,14 @@ RESOURCES = [
      "the play '{T}'", ["Shakespeare", "a murder mystery", "puppets", "a family drama", "tap dancing"],
      ["musical", "comedy", "drama", "opera"]),
     ("Education", "Learnloop", "online course", "online courses", "courses",
-     ["online courses", "classes I can take from home", "e-learning"], "the course '{T} Fundamentals'",
+     ["online courses", "e-learning classes", "remote classes"], "the course '{T} Fundamentals'",
      ["Python", "watercolour painting", "negotiation", "Spanish", "statistics"],
      ["programming", "languages", "business", "art"]),
     ("Education", "Skillbench", "workshop", "workshops", "workshops",
      ["in-person workshops", "hands-on classes", "weekend workshops"], "the {T} pottery workshop",
      ["woodturning", "bread baking", "bike repair", "screen printing", "knife skills"],
      ["crafts", "cooking", "repair", "photography"]),
-    ("Technology", "Appdeck", "mobile app", "mobile apps", "apps", ["apps", "phone apps", "something for my phone"],
+    ("Technology", "Appdeck", "mobile app", "mobile apps", "apps", ["apps", "phone apps", "smartphone apps"],
      "the app '{T}'", ["budgeting", "meditation", "habit tracking", "bird song identification", "language flashcards"],
      ["productivity", "health", "finance", "education"]),
     ("Technology", "Plugshelf", "browser extension", "browser extensions", "extensions",
@@ -674,7 +693,7 @@ RESOURCES = [
     ("Fashion", "Solestack", "sneaker", "sneakers", "sneakers", ["sneakers", "trainers", "running shoes"],
      "the {T} Runner sneaker", ["wide feet", "recycled materials", "trail grip", "bright colours", "cushioning"],
      ["running", "skate", "basketball", "casual"]),
-    ("Fashion", "Coatrack", "jacket", "jackets", "jackets", ["jackets", "coats", "something warm to wear"],
+    ("Fashion", "Coatrack", "jacket", "jackets", "jackets", ["jackets", "coats", "outdoor jackets"],
      "the {T} Parka", ["waterproofing", "a detachable hood", "down filling", "reflective strips", "many pockets"],
      ["rain", "winter", "denim", "leather"]),
 ]
@@ -796,9 +815,9 @@ def build_tool() -> dict[str, list[Record]]:
         sib = {r ^ 1 for r in res_of_pos}  # resources come in sibling pairs: 0/1, 2/3, ...
         hard = [i for i, t in enumerate(tools) if i not in pos and (t["_res"] in res_of_pos or
                 (t["_res"] in sib and t["_op"] in {tools[p]["_op"] for p in pos}))]
-        hard = rng.sample(hard, min(len(hard), 8))
+        hard = rng.sample(hard, min(len(hard), 7))
         others = [i for i in range(len(tools)) if i not in pos and i not in hard]
-        neg = hard + rng.sample(others, rng.randint(4, 8))
+        neg = hard + rng.sample(others, rng.randint(4, 6))
         rng.shuffle(neg)
         train.append({"query": query, "qid": str(30000 + k), "pos": [tools[i]["text"] for i in pos],
                       "neg": [tools[i]["text"] for i in neg], "task": "tool"})

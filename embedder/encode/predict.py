@@ -1,0 +1,261 @@
+"""Encode texts into `EmbeddingStore`s with Lightning's predict loop: any device, any number of them, resumable.
+
+How the work is cut:
+
+- Every job (a corpus, a query set) is cut into fixed row-range shards (`EmbeddingStore`). The shards still missing
+  on disk are dealt round-robin to the ranks: unit `u` goes to rank `u % world_size`. No rank pads or duplicates
+  rows (Lightning's `DistributedSampler` would), and a rerun after a crash only encodes the missing shards.
+- Inside a shard, texts are tokenised once, sorted by token length (longest first) and cut into batches, so a
+  batch pads to its own longest text and almost no compute goes to padding. Batches depend only on the shard's
+  texts, never on the rank or the world size, so 1 or 8 devices produce bit-identical embeddings.
+- The model runs in its dtype: `dtype="auto"` is bf16 on a GPU that supports it and fp32 on CPU.
+- Lightning shows its progress bar ("Predicting DataLoader 0: n/N" batches on each rank).
+
+One `trainer.predict` call encodes all jobs (queries and corpus together), so a `ddp_spawn` run starts its worker
+processes once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from embedder.encode.store import EmbeddingStore
+
+log = logging.getLogger("embedder.encode")
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class EncodeJob:
+    """One list of texts to encode into one store.
+
+    Attributes:
+        name: shown in logs ("corpus", "queries", ...).
+        texts: the exact model inputs (instruction already prepended).
+        store_path: the store folder; finished shards found there are kept.
+        kind: "query" or "key": which encoder of an untied DualEncoder.
+        max_length: token limit (longer texts are truncated).
+        shard_size: rows per shard: the unit of resume and of work across devices.
+        identity: what else determines the embeddings (model path, pooling, ...); part of the fingerprint.
+    """
+
+    name: str
+    texts: Sequence[str]
+    store_path: str
+    kind: str = "key"
+    max_length: int = 256
+    shard_size: int = 100_000
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    def fingerprint(self) -> str:
+        """A hash of every text, the kind, the length limit and `identity`."""
+        h = hashlib.blake2b(digest_size=16)
+        h.update(json.dumps({"kind": self.kind, "max_length": self.max_length, **self.identity}, sort_keys=True,
+                            default=str).encode())
+        for t in self.texts:
+            h.update(t.encode("utf-8", "surrogatepass"))
+            h.update(b"\x00")
+        return h.hexdigest()
+
+
+def encoder_identity(encoder: Any) -> dict[str, Any]:
+    """What determines a DualEncoder's embeddings besides its inputs (used in store fingerprints)."""
+    ident = {"model": getattr(encoder, "model_name_or_path", type(encoder).__name__),
+             "pooling": getattr(encoder, "pooling", None), "normalize": getattr(encoder, "normalize", None),
+             "dense": getattr(encoder, "dense", None) is not None}
+    # weights fingerprint: cheap (a few tensors' sums), catches an encoder fine-tuned in memory
+    with torch.no_grad():
+        params = [p for p in encoder.parameters()][:: max(1, len(list(encoder.parameters())) // 8)]
+        ident["weights"] = [round(float(p.detach().float().sum()), 4) for p in params]
+    return ident
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
+    """`auto`: bf16 on a CUDA device with bf16 support, else fp32. None means: keep the weights' dtype."""
+    if name in (None, "model"):
+        return None
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    if name not in DTYPES:
+        raise ValueError(f"encode dtype {name!r}; valid: auto, model, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+class _BatchStream(IterableDataset):
+    """Yields padded, length-sorted batches, shard by shard, for this rank's (job, shard) units."""
+
+    def __init__(self, units: list[tuple[int, int]], jobs: list[EncodeJob], shard_rows: list[list[range]],
+                 tokenizer: Any, batch_size: int):
+        self.units, self.jobs, self.shard_rows = units, jobs, shard_rows
+        self.tokenizer, self.batch_size = tokenizer, batch_size
+
+    def __len__(self) -> int:
+        return sum(math.ceil(len(self.shard_rows[j][s]) / self.batch_size) for j, s in self.units)
+
+    def __iter__(self):
+        info = get_worker_info()
+        units = self.units if info is None else self.units[info.id::info.num_workers]
+        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        for j, s in units:
+            job, rows = self.jobs[j], self.shard_rows[j][s]
+            tok = self.tokenizer([job.texts[r] for r in rows], truncation=True, max_length=job.max_length,
+                                 padding=False, return_attention_mask=False)
+            ids = tok["input_ids"]
+            types = tok.get("token_type_ids")
+            lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+            order = np.argsort(-lengths, kind="stable")  # longest first; ties keep row order
+            for b in range(0, len(order), self.batch_size):
+                pos = order[b:b + self.batch_size]
+                width = int(lengths[pos[0]])
+                input_ids = np.full((len(pos), width), pad_id, dtype=np.int64)  # (n, L)
+                mask = np.zeros((len(pos), width), dtype=np.int64)  # (n, L)
+                tt = np.zeros((len(pos), width), dtype=np.int64) if types is not None else None
+                for i, p in enumerate(pos):
+                    n = int(lengths[p])
+                    cols = slice(width - n, width) if left else slice(0, n)
+                    input_ids[i, cols] = ids[p]
+                    mask[i, cols] = 1
+                    if tt is not None:
+                        tt[i, cols] = types[p]
+                batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
+                         "positions": torch.from_numpy(pos.copy()), "job": j, "shard": s, "rows": len(rows)}
+                if tt is not None:
+                    batch["token_type_ids"] = torch.from_numpy(tt)
+                yield batch
+
+
+class EncodeDataModule(L.LightningDataModule):
+    """Deals the missing shards of all jobs to the ranks, when Lightning asks each rank for its dataloader."""
+
+    def __init__(self, jobs: list[EncodeJob], tokenizer: Any, batch_size: int = 128, num_workers: int = 0):
+        super().__init__()
+        self.jobs, self.tokenizer = jobs, tokenizer
+        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+
+    def pending_units(self) -> list[tuple[int, int]]:
+        return [(j, s) for j, job in enumerate(self.jobs) for s in EmbeddingStore(job.store_path).missing_shards()]
+
+    def predict_dataloader(self) -> DataLoader:
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        world = self.trainer.world_size if self.trainer is not None else 1
+        units = self.pending_units()[rank::world]
+        shard_rows = []
+        for job in self.jobs:
+            store = EmbeddingStore(job.store_path)
+            shard_rows.append([store.shard_rows(s) for s in range(store.num_shards)])
+        stream = _BatchStream(units, self.jobs, shard_rows, self.tokenizer, self.batch_size)
+        log.info("rank %d/%d encodes %d shard(s) in %d batches", rank, world, len(units), len(stream))
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+
+
+class EncodeModule(L.LightningModule):
+    """Runs the encoder on each batch and writes a shard as soon as all of its rows are encoded."""
+
+    def __init__(self, encoder: torch.nn.Module, jobs: list[EncodeJob], dtype: str = "auto"):
+        super().__init__()
+        self.encoder = encoder
+        self.store_paths = [job.store_path for job in jobs]
+        self.kinds = [job.kind for job in jobs]
+        self.dtype_name = dtype
+        self._buffers: dict[tuple[int, int], list] = {}
+        self._orig_dtype: torch.dtype | None = None
+
+    def on_predict_start(self) -> None:
+        self._stores = [EmbeddingStore(p) for p in self.store_paths]
+        self._buffers = {}
+        self._orig_dtype = next(self.encoder.parameters()).dtype
+        dtype = resolve_dtype(self.dtype_name, self.device)
+        if dtype is not None and dtype != self._orig_dtype:
+            self.encoder.to(dtype)
+        self.encoder.eval()
+        log.info("encoding on %s in %s", self.device, next(self.encoder.parameters()).dtype)
+
+    def on_predict_end(self) -> None:
+        if self._orig_dtype is not None and next(self.encoder.parameters()).dtype != self._orig_dtype:
+            self.encoder.to(self._orig_dtype)  # leave the caller's encoder as it was
+        if self._buffers:  # every unit is complete when the loop ends normally
+            raise RuntimeError(f"encoding ended with incomplete shards {sorted(self._buffers)}")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        j, s, n = int(batch["job"]), int(batch["shard"]), int(batch["rows"])
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+        emb = self.encoder.encode(inputs, self.kinds[j]).float().cpu().numpy()  # (b, D)
+        key = (j, s)
+        if key not in self._buffers:
+            self._buffers[key] = [np.empty((n, emb.shape[1]), dtype=np.float32), 0]
+        buf = self._buffers[key]
+        buf[0][batch["positions"].cpu().numpy()] = emb
+        buf[1] += emb.shape[0]
+        if buf[1] == n:  # the shard is complete: write it (atomically) and free the buffer
+            self._stores[j].write_shard(s, buf[0])
+            del self._buffers[key]
+        return None
+
+
+def make_predict_trainer(trainer_cfg: Any = None, **overrides: Any) -> L.Trainer:
+    """A Trainer for encoding from a `trainer:` config (the same group as training: cpu, gpu, ddp, ddp_sim, ...).
+
+    Logging, checkpointing and the model summary are switched off; the progress bar stays on.
+    """
+    kwargs: dict[str, Any] = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
+                              "callbacks": []}
+    kwargs.update(overrides)
+    if trainer_cfg is None:
+        return L.Trainer(accelerator="auto", devices=1, **kwargs)
+    import hydra
+
+    return hydra.utils.instantiate(trainer_cfg, **kwargs)
+
+
+def encode_to_stores(encoder: torch.nn.Module, jobs: list[EncodeJob], trainer: L.Trainer | None = None,
+                     batch_size: int = 128, dtype: str = "auto", num_workers: int = 0) -> list[EmbeddingStore] | None:
+    """Encode every job into its store (resuming finished shards); returns the stores on global rank 0.
+
+    Other ranks of a `ddp` (non-spawn) run get None once all shards are written: they have nothing left to do.
+
+    Example:
+        >>> jobs = [EncodeJob("corpus", texts, "enc/corpus", kind="key", max_length=256)]      # doctest: +SKIP
+        >>> (store,) = encode_to_stores(encoder, jobs, make_predict_trainer(cfg.trainer))     # doctest: +SKIP
+        >>> emb = store.load()   # (N, D) float32                                             # doctest: +SKIP
+    """
+    trainer = trainer or make_predict_trainer()
+    for job in jobs:
+        if len(job.texts) == 0:
+            raise ValueError(f"encode job {job.name!r} has no texts")
+        # every rank opens (or creates) the store: meta.json is written atomically and is identical on all ranks,
+        # and all ranks see the same missing shards, so they agree on whether there is anything to encode
+        store = EmbeddingStore.create(job.store_path, len(job.texts), job.shard_size, job.fingerprint(),
+                                      info={"name": job.name, "kind": job.kind, "max_length": job.max_length})
+        done = len(store.done_shards())
+        if done and trainer.is_global_zero:
+            log.info("%s: %d of %d shard(s) already encoded in %s; encoding the rest", job.name, done,
+                     store.num_shards, job.store_path)
+    datamodule = EncodeDataModule(jobs, encoder.tokenizer, batch_size=batch_size, num_workers=num_workers)
+    if not datamodule.pending_units():
+        log.info("every shard is already encoded; nothing to do")
+    else:
+        module = EncodeModule(encoder, jobs, dtype=dtype)
+        trainer.predict(module, datamodule=datamodule, return_predictions=False)
+        trainer.strategy.barrier()  # every rank's shards are on disk before rank 0 reads them
+    if not trainer.is_global_zero:
+        return None
+    stores = [EmbeddingStore(job.store_path) for job in jobs]
+    for store in stores:
+        if not store.is_complete():
+            raise RuntimeError(f"encoding finished but {store.path!r} still misses shards {store.missing_shards()[:5]}")
+    return stores
