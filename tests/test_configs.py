@@ -113,3 +113,15 @@ def test_unknown_task_lists_options():
 
     with pytest.raises((MissingConfigException, ConfigCompositionException), match="Available options"):
         compose(["task=weather"])
+
+
+def test_misspelt_key_lists_valid_keys():
+    from embedder.config_check import check_overrides
+
+    msg = check_overrides(str(ROOT / "configs"), "train", ["task=tool", "data.batchsize=3"])
+    assert "Unknown config key 'data.batchsize'" in msg and "Did you mean 'data.batch_size'" in msg
+    assert "batch_size, group_size" in msg
+    msg = check_overrides(str(ROOT / "configs"), "train", ["task=tool", "tasks.tool.loss.distil_weight=0"])
+    assert "distill_weight" in msg
+    assert check_overrides(str(ROOT / "configs"), "train", ["task=tool", "data.batch_size=3",
+                                                            "tasks.tool.loss.distill_weight=0.5"]) is None

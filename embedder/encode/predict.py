@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from embedder.encode.store import EmbeddingStore
+from embedder.encode.store import META, EmbeddingStore, _atomic_json
 
 log = logging.getLogger("embedder.encode")
 
@@ -191,7 +192,7 @@ class EncodeModule(L.LightningModule):
         if self._buffers:  # every unit is complete when the loop ends normally
             raise RuntimeError(f"encoding ended with incomplete shards {sorted(self._buffers)}")
 
-    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+    def predict_step(self, batch: dict[str, Any], batch_idx: int) -> int:
         j, s, n = int(batch["job"]), int(batch["shard"]), int(batch["rows"])
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         emb = self.encoder.encode(inputs, self.kinds[j]).float().cpu().numpy()  # (b, D)
@@ -204,7 +205,7 @@ class EncodeModule(L.LightningModule):
         if buf[1] == n:  # the shard is complete: write it (atomically) and free the buffer
             self._stores[j].write_shard(s, buf[0])
             del self._buffers[key]
-        return None
+        return emb.shape[0]  # not collected (return_predictions=False); None would make Lightning warn
 
 
 def make_predict_trainer(trainer_cfg: Any = None, **overrides: Any) -> L.Trainer:
@@ -216,7 +217,7 @@ def make_predict_trainer(trainer_cfg: Any = None, **overrides: Any) -> L.Trainer
                               "callbacks": []}
     kwargs.update(overrides)
     if trainer_cfg is None:
-        return L.Trainer(accelerator="auto", devices=1, **kwargs)
+        return L.Trainer(**{"accelerator": "auto", "devices": 1, **kwargs})
     import hydra
 
     return hydra.utils.instantiate(trainer_cfg, **kwargs)
@@ -258,4 +259,7 @@ def encode_to_stores(encoder: torch.nn.Module, jobs: list[EncodeJob], trainer: L
     for store in stores:
         if not store.is_complete():
             raise RuntimeError(f"encoding finished but {store.path!r} still misses shards {store.missing_shards()[:5]}")
+        if store.meta.get("dim") is None:  # record the dimension once, now that a shard exists
+            store.meta["dim"] = int(store.read_shard(0, mmap=True).shape[1])
+            _atomic_json(os.path.join(store.path, META), store.meta)
     return stores

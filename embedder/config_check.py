@@ -1,0 +1,64 @@
+"""Fail early on misspelt config keys, listing the valid ones (Hydra only says "not in struct").
+
+Hand-written because Hydra's error for an unknown key names the key but not the alternatives; users coming from
+the reference's long flag lists mistype keys often, so we show the valid keys at that level and the closest match.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+from omegaconf import DictConfig, OmegaConf
+
+
+def unknown_key_message(cfg: DictConfig, key: str) -> str | None:
+    """None if `key` (dotted) exists in cfg, else a message listing the valid keys at the first missing level."""
+    node = cfg
+    parts = key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, DictConfig):
+            return None  # inside a list or a value: leave it to Hydra
+        if part not in node:
+            parent = ".".join(parts[:i]) or "<root>"
+            valid = sorted(str(k) for k in node.keys())
+            close = difflib.get_close_matches(part, valid, n=1)
+            hint = f" Did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close else ""
+            return (f"Unknown config key '{key}'.{hint}\n  valid keys under {parent}: {', '.join(valid)}\n"
+                    f"  (to add a new key on purpose, write +{key}=...)")
+        node = node[part] if not OmegaConf.is_missing(node, part) else None
+    return None
+
+
+def check_overrides(config_dir: str, config_name: str, overrides: list[str]) -> str | None:
+    """Compose with the group choices only, then check every plain `key=value` override's key."""
+    import os
+
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:
+        return None  # malformed overrides: Hydra reports them itself
+    groups, plain = [], []
+    for raw, o in zip(overrides, parsed):
+        key = o.key_or_group
+        is_group = os.path.isdir(os.path.join(config_dir, *key.split("/")))
+        if o.is_add() or o.is_delete() or o.is_force_add() or key.startswith("hydra") or is_group:
+            groups.append(raw)
+        else:
+            plain.append(key)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=config_dir, version_base="1.3"):
+            cfg = compose(config_name=config_name, overrides=groups)
+    except Exception:
+        return None  # an unknown group option etc.: Hydra's own message lists the available options
+    finally:
+        GlobalHydra.instance().clear()
+    for key in plain:
+        msg = unknown_key_message(cfg, key)
+        if msg:
+            return msg
+    return None

@@ -1,0 +1,306 @@
+"""`LMScorer`: log p(answer | key, query) under a causal LM, the teacher signal of the LLM-Embedder recipe.
+
+What is scored (reference §5.1, with its approximations made exact):
+- The template is rendered as text and tokenised once, with the tokenizer's special tokens (Llama: BOS); a trailing
+  EOS some tokenizers append is removed. The scored tokens are the answer's: every token that overlaps the answer's
+  characters (from the offset mapping), so a token such as " The" that carries the separator space counts, as the
+  reference's `len(tok("Answer: " + a)) - len(tok("Answer:"))` trick intends.
+- A key is first cut to `key_max_length` tokens, as the reference does: `decode(encode(key)[:key_max_length])`.
+- A prompt longer than the model context is shortened from the knowledge side (the key loses tokens from its end);
+  if it is still too long with an empty key, the text is cut from the left. Both are counted in `stats`.
+- The score is the mean per-token log-likelihood of the answer (`normalize=mean`, the reference's `-nll`), or the sum.
+
+How it runs: all inputs of a batch of records are sorted by length (longest first) and packed under `batch_size`
+and `max_tokens_per_batch`, right-padded (padding after the last real token cannot change a causal LM's outputs),
+and only the logits of the answer positions are computed (`logits_to_keep`). Scores do not depend on batch size or
+order beyond float rounding; tests check this.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from embedder.scoring.templates import Template
+
+log = logging.getLogger(__name__)
+
+NORMALIZE = ("mean", "sum")
+TINY_RANDOM = "tiny-random"  # model_name_or_path that builds (once, cached) the tiny random LM of embedder.scoring.tiny_lm
+
+
+@dataclass
+class Encoded:
+    """One LM input: token ids (prompt then answer) and how many trailing tokens are the scored answer."""
+
+    input_ids: list[int]
+    n_answer: int
+
+
+@dataclass(frozen=True)
+class Job:
+    """One thing to score: a template filled with a record's fields, a key and an answer."""
+
+    template: Template
+    record: dict[str, Any]
+    key: str
+    answer: str
+
+
+class LMScorer:
+    """Scores (key, answer) pairs with a causal LM. Heavy libraries are imported on construction, not at import."""
+
+    def __init__(self, model_name_or_path: str, *, name: str | None = None, gguf_file: str | None = None,
+                 revision: str | None = None, dtype: str = "auto", device: str = "auto", device_map: Any = None,
+                 attn_implementation: str | None = "sdpa", trust_remote_code: bool = False,
+                 max_length: int | None = None, key_max_length: int | None = 512, normalize: str = "mean",
+                 batch_size: int = 8, max_tokens_per_batch: int | None = 16384, load_model: bool = True,
+                 tiny_dir: str | None = None):
+        if normalize not in NORMALIZE:
+            raise ValueError(f"normalize={normalize!r}; valid: {', '.join(NORMALIZE)}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if str(model_name_or_path) == TINY_RANDOM:
+            from embedder.scoring.tiny_lm import cached_tiny_lm
+
+            model_name_or_path = cached_tiny_lm(tiny_dir)
+        self.model_name_or_path = str(model_name_or_path)
+        self.name = name or os.path.basename(self.model_name_or_path.rstrip("/"))
+        self.gguf_file, self.revision = gguf_file, revision
+        self.key_max_length, self.normalize = key_max_length, normalize
+        self.batch_size, self.max_tokens_per_batch = batch_size, max_tokens_per_batch
+        self.stats: Counter = Counter()
+        self.tokenizer = self._load_tokenizer(trust_remote_code)
+        self.model = None
+        self.device = None
+        self._max_length = max_length
+        if load_model:
+            self._load_model(dtype, device, device_map, attn_implementation, trust_remote_code)
+
+    # ------------------------------------------------------------------------------------------------ loading
+    def _hub_kwargs(self, trust_remote_code: bool) -> dict[str, Any]:
+        kw: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+        if self.revision:
+            kw["revision"] = self.revision
+        if self.gguf_file:
+            kw["gguf_file"] = self.gguf_file
+        return kw
+
+    def _load_tokenizer(self, trust_remote_code: bool):
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(self.model_name_or_path, **self._hub_kwargs(trust_remote_code))
+        if not getattr(tok, "is_fast", False):
+            raise ValueError(f"{self.model_name_or_path}: LM scoring needs a fast (Rust) tokenizer for character "
+                             f"offsets, got {type(tok).__name__}")
+        return tok
+
+    def _load_model(self, dtype: str, device: str, device_map: Any, attn_implementation: str | None,
+                    trust_remote_code: bool) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        if device == "auto":
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+        if dtype == "auto":
+            use_bf16 = str(device).startswith("cuda") and torch.cuda.is_bf16_supported()
+            dtype = "bfloat16" if use_bf16 else "float32"
+        torch_dtype = getattr(torch, dtype)
+        kw = self._hub_kwargs(trust_remote_code)
+        kw["dtype"] = torch_dtype
+        if device_map is not None:
+            kw["device_map"] = device_map
+        if self.gguf_file:
+            import importlib.util
+
+            if importlib.util.find_spec("accelerate") is None or importlib.util.find_spec("gguf") is None:
+                raise ModuleNotFoundError("loading a GGUF model needs `pip install accelerate gguf`")
+        t0 = time.perf_counter()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, attn_implementation=attn_implementation,
+                                                         **kw)
+        except (ValueError, ImportError) as e:
+            if attn_implementation is None or "attn" not in str(e).lower() and "attention" not in str(e).lower():
+                raise
+            log.warning("attn_implementation=%s is not available for %s (%s); using the model's default",
+                        attn_implementation, self.model_name_or_path, e)
+            model = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, **kw)
+        if device_map is None:
+            model.to(device)
+        model.eval()
+        self.model = model
+        self.device = next(model.parameters()).device
+        import inspect
+
+        params = inspect.signature(model.forward).parameters
+        self._keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
+        log.info("loaded %s (%s, %s, %s) in %.1f s", self.model_name_or_path, dtype, self.device,
+                 getattr(model.config, "_attn_implementation", "?"), time.perf_counter() - t0)
+
+    @property
+    def max_length(self) -> int | None:
+        """The context the prompt must fit in: the `max_length` setting, else the model's position limit."""
+        if self._max_length:
+            return int(self._max_length)
+        if self.model is not None:
+            n = getattr(self.model.config, "max_position_embeddings", None)
+            if n:
+                return int(n)
+        n = getattr(self.tokenizer, "model_max_length", None)
+        return int(n) if n and n < 1_000_000 else None
+
+    @property
+    def pad_id(self) -> int:
+        for tid in (self.tokenizer.pad_token_id, self.tokenizer.eos_token_id):
+            if tid is not None:
+                return int(tid)
+        return 0
+
+    # ------------------------------------------------------------------------------------------------ encoding
+    def _cut_keys(self, keys: Sequence[str]) -> dict[str, str]:
+        """Map each distinct key to itself, or to its first `key_max_length` tokens decoded (reference behaviour)."""
+        uniq = list(dict.fromkeys(keys))
+        if not self.key_max_length or not uniq:
+            return {k: k for k in uniq}
+        ids = self.tokenizer(uniq, add_special_tokens=False, truncation=True,
+                             max_length=self.key_max_length + 1)["input_ids"]
+        out = {}
+        for key, kid in zip(uniq, ids):
+            out[key] = self.tokenizer.decode(kid[: self.key_max_length]) if len(kid) > self.key_max_length else key
+        return out
+
+    def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        enc = self.tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+        ids, offsets = enc["input_ids"], enc["offset_mapping"]
+        eos = self.tokenizer.eos_token_id
+        for i in range(len(ids)):
+            if eos is not None and len(ids[i]) > 1 and ids[i][-1] == eos and tuple(offsets[i][-1]) == (0, 0):
+                ids[i], offsets[i] = ids[i][:-1], offsets[i][:-1]
+        return ids, offsets
+
+    @staticmethod
+    def _answer_tokens(offsets: list[tuple[int, int]], answer_start: int) -> int:
+        """How many trailing tokens overlap the answer (which ends the text). Never the very first token."""
+        i = len(offsets) - 1
+        while i >= 1 and offsets[i][1] > answer_start:
+            i -= 1
+        return len(offsets) - 1 - i
+
+    def encode(self, jobs: Sequence[Job]) -> list[Encoded]:
+        """Tokenise jobs (batched), cutting keys to `key_max_length` and prompts to the model context."""
+        cut = self._cut_keys([j.key for j in jobs])
+        keys = [cut[j.key] for j in jobs]
+        self.stats["keys_truncated"] += sum(k != j.key for k, j in zip(keys, jobs))
+        rendered = [j.template.render(j.record, k, j.answer) for j, k in zip(jobs, keys)]
+        ids, offsets = self._tokenize([r.text for r in rendered])
+        limit = self.max_length
+        out = []
+        for i, job in enumerate(jobs):
+            n = self._answer_tokens(offsets[i], rendered[i].answer_start)
+            if limit is not None and len(ids[i]) > limit:
+                ids[i], n = self._fit_context(job, keys[i], limit)
+            if n < 1:
+                raise ValueError(f"no answer tokens to score for task {job.template.task!r}; answer={job.answer!r}")
+            out.append(Encoded(list(ids[i]), n))
+        self.stats["pairs"] += len(out)
+        self.stats["tokens"] += sum(len(e.input_ids) for e in out)
+        self.stats["answer_tokens"] += sum(e.n_answer for e in out)
+        return out
+
+    def _fit_context(self, job: Job, key: str, limit: int) -> tuple[list[int], int]:
+        """Shorten the key until the prompt fits `limit` tokens; failing that, cut the text from the left."""
+        self.stats["context_truncated"] += 1
+        for _ in range(8):
+            rendered = job.template.render(job.record, key, job.answer)
+            ids, offsets = self._tokenize([rendered.text])
+            ids, offsets = ids[0], offsets[0]
+            n = self._answer_tokens(offsets, rendered.answer_start)
+            over = len(ids) - limit
+            if over <= 0:
+                return ids, n
+            key_ids = self.tokenizer(key, add_special_tokens=False)["input_ids"]
+            if not key_ids:
+                break
+            key = self.tokenizer.decode(key_ids[: max(0, len(key_ids) - over - 1)])
+        # Even an empty key leaves the query + answer too long: keep the last `limit` tokens (BOS kept).
+        self.stats["context_cut_left"] += 1
+        bos = self.tokenizer.bos_token_id
+        head = ids[:1] if bos is not None and ids and ids[0] == bos else []
+        ids = head + ids[len(ids) - (limit - len(head)):]
+        if n > len(ids) - 1:
+            self.stats["answers_truncated"] += 1
+            n = len(ids) - 1
+        return ids, n
+
+    # ------------------------------------------------------------------------------------------------ scoring
+    def batches(self, encoded: Sequence[Encoded]) -> list[list[int]]:
+        """Index batches, longest first, under `batch_size` sequences and `max_tokens_per_batch` padded tokens."""
+        order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].input_ids), i))
+        out: list[list[int]] = []
+        cur: list[int] = []
+        width = 0
+        for i in order:
+            n = len(encoded[i].input_ids)
+            if cur and (len(cur) >= self.batch_size or
+                        (self.max_tokens_per_batch and max(width, n) * (len(cur) + 1) > self.max_tokens_per_batch)):
+                out.append(cur)
+                cur, width = [], 0
+            cur.append(i)
+            width = max(width, n)
+        if cur:
+            out.append(cur)
+        return out
+
+    def score_encoded(self, encoded: Sequence[Encoded]) -> np.ndarray:
+        """Answer log-likelihood (mean per token, or sum) for each input, in input order."""
+        import torch
+
+        if self.model is None:
+            raise RuntimeError("this LMScorer was built with load_model=False")
+        scores = np.zeros(len(encoded), dtype=np.float64)
+        pad = self.pad_id
+        with torch.inference_mode():
+            for batch in self.batches(encoded):
+                rows = [encoded[i] for i in batch]
+                lengths = [len(r.input_ids) for r in rows]
+                width = max(lengths)
+                ids = torch.full((len(rows), width), pad, dtype=torch.long)
+                mask = torch.zeros((len(rows), width), dtype=torch.long)
+                for r, row in enumerate(rows):
+                    ids[r, : lengths[r]] = torch.tensor(row.input_ids)
+                    mask[r, : lengths[r]] = 1
+                # logits needed from the position before each row's first answer token to the row's last-but-one
+                first = min(n - row.n_answer - 1 for n, row in zip(lengths, rows))
+                keep = width - first
+                kw = {self._keep_arg: keep} if self._keep_arg else {}
+                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                                    use_cache=False, **kw).logits
+                offset = width - logits.shape[1]  # position of logits[:, 0]
+                for r, row in enumerate(rows):
+                    n, k = lengths[r], row.n_answer
+                    lg = logits[r, n - k - 1 - offset: n - 1 - offset].float()
+                    target = ids[r, n - k: n].to(lg.device)
+                    lp = torch.log_softmax(lg, dim=-1).gather(-1, target[:, None]).squeeze(-1)
+                    total = float(lp.sum())
+                    scores[batch[r]] = total / k if self.normalize == "mean" else total
+        return scores
+
+    def score(self, jobs: Sequence[Job]) -> np.ndarray:
+        return self.score_encoded(self.encode(jobs))
+
+    def describe(self) -> dict[str, Any]:
+        """What the meta sidecar records about the scorer."""
+        cfg = getattr(self.model, "config", None)
+        return {"name": self.name, "model_name_or_path": self.model_name_or_path, "gguf_file": self.gguf_file,
+                "revision": self.revision, "commit_hash": getattr(cfg, "_commit_hash", None),
+                "dtype": str(getattr(self.model, "dtype", None)).replace("torch.", ""),
+                "architecture": (cfg.architectures or [None])[0] if cfg is not None and cfg.architectures else None,
+                "max_length": self.max_length, "key_max_length": self.key_max_length, "normalize": self.normalize}
