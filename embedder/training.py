@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -67,17 +68,30 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         trainer.validate(module, datamodule=datamodule, verbose=False)
         after = dict(module.last_eval)
 
+    if cfg.export:
+        # Under ZeRO-3 every rank holds a shard: gather the full weights on all ranks, write from rank 0.
+        with _gathered_parameters(trainer, module):
+            if trainer.is_global_zero:
+                module.encoder.save(cfg.output_dir, prompts=collate_for_export(tasks),
+                                    max_seq_length=cfg.key_max_length)
+                log.info("exported the encoder (Hugging Face + sentence-transformers) to %s", cfg.output_dir)
     if trainer.is_global_zero:
         os.makedirs(cfg.output_dir, exist_ok=True)
-        if cfg.export:
-            module.encoder.save(cfg.output_dir, prompts=collate_for_export(tasks), max_seq_length=cfg.key_max_length)
-            log.info("exported the encoder (Hugging Face + sentence-transformers) to %s", cfg.output_dir)
         with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as f:
             json.dump({"before": before, "after": after}, f, indent=2)
         OmegaConf.save(cfg, os.path.join(cfg.output_dir, "config.yaml"), resolve=False)
         if after:
             print(metrics_table(before, after))
     return after
+
+
+def _gathered_parameters(trainer: L.Trainer, module: RetrieverModule):
+    """A context in which every parameter is whole (DeepSpeed ZeRO-3 shards them); a no-op otherwise."""
+    if getattr(trainer.strategy, "zero_stage_3", False):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
+    return contextlib.nullcontext()
 
 
 def metrics_table(before: dict[str, float], after: dict[str, float]) -> str:
