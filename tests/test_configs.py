@@ -125,3 +125,11 @@ def test_misspelt_key_lists_valid_keys():
     assert "distill_weight" in msg
     assert check_overrides(str(ROOT / "configs"), "train", ["task=tool", "data.batch_size=3",
                                                             "tasks.tool.loss.distill_weight=0.5"]) is None
+
+
+@pytest.mark.parametrize("experiment", GROUPS["experiment"])
+def test_experiments_compose(experiment):
+    cfg = compose([f"experiment={experiment}"])
+    assert len(cfg.train_data) == 10 and cfg.model.model_name_or_path == "BAAI/bge-base-en"
+    if "slurm" in experiment:
+        assert cfg.hydra.launcher.tasks_per_node == cfg.trainer.devices
