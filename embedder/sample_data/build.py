@@ -553,10 +553,10 @@ def build_convsearch() -> dict[str, list[Record]]:
         rng.shuffle(specs)
         turns: list[str] = []
         mentioned: list[int] = []
-        opener = rng.random() < 0.7
+        opener = rng.random() < 0.6
         if opener:
             turns += [_fmt(rng.choice(CONV_OPENERS), ent), _fmt(rng.choice(CONV_INTROS[ent["kind"]]), ent)]
-        n_prev = rng.choice([0, 1, 1, 2]) if opener else rng.choice([1, 1, 2])
+        n_prev = rng.choice([0, 0, 1, 1, 2]) if opener else rng.choice([1, 1, 1, 2])
         for j, spec in enumerate(specs[:n_prev]):
             first = not turns and j == 0
             q = _fmt(rng.choice(spec["q"]), ent) if first or rng.random() < 0.3 else _fmt(rng.choice(spec["cq"]), ent)
@@ -566,15 +566,21 @@ def build_convsearch() -> dict[str, list[Record]]:
             turns += [q, _fmt(spec["ca"], ent)]
             mentioned.append(idx[(ent["name"], spec["name"])])
         final = specs[n_prev]
-        if rng.random() < 0.2:  # sometimes the user names the entity again
+        if rng.random() < 0.35:  # sometimes the user names the entity again
             q = _fmt(rng.choice([q for q in final["q"] if q[0].isupper()]), ent)
         else:
             q = _fmt(rng.choice(final["cq"]), ent)
         turns.append(q)
         return " ".join(turns), final, mentioned
 
+    seen: set[str] = set()
+
     def record(ent: Record, qid: int, with_negs: bool) -> Record:
-        query, spec, mentioned = conversation(ent)
+        while True:
+            query, spec, mentioned = conversation(ent)
+            if query not in seen:
+                seen.add(query)
+                break
         pos_i = idx[(ent["name"], spec["name"])]
         out: Record = {"query": query, "answers": [_fmt(spec["ca"], ent)], "pos_index": [pos_i], "query_id": qid,
                        "task": "convsearch"}
@@ -834,7 +840,7 @@ def build_tool() -> dict[str, list[Record]]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 REVIEW_ITEMS = {"food": ["the pasta", "the soup", "the breakfast buffet", "the dessert menu"],
-                "tech": ["this phone", "the laptop battery", "these headphones", "the smart speaker"],
+                "tech": ["this phone", "the laptop battery", "this pair of headphones", "the smart speaker"],
                 "travel": ["the hotel room", "the hiking tour", "the ferry crossing", "the museum visit"],
                 "service": ["the delivery", "the customer service", "the repair shop", "the booking process"]}
 REVIEW_POS = ["was absolutely wonderful", "exceeded every expectation", "made my whole week", "was worth every penny",
@@ -973,12 +979,12 @@ CHAT_TOPICS = [
          q=["Was it busy at the {workplace} this week?", "How are things going at your job?",
             "Are you still working those long hours?"],
          a="It was hectic, we were short of staff at the {workplace} again.",
-         slots=dict(job=["nurse", "baker", "mechanic", "librarian", "lab technician"],
-                    workplace=["hospital", "bakery", "garage", "library", "research lab"])),
+         slots={"job+workplace": ["nurse+hospital", "baker+bakery", "mechanic+garage", "librarian+library",
+                                  "lab technician+research lab"]}),
     dict(s1="What do you like to do on weekends?", s2="I spend most weekends {hobby}. It clears my head.",
          q=["Did you get any {hobby} done last weekend?", "How is your weekend hobby going?",
             "Is {hobby} still your favourite way to relax?"],
-         a="Yes, I managed a few hours of {hobby} on Sunday morning.",
+         a="Pretty well, I managed a few hours of {hobby} on Sunday morning.",
          slots=dict(hobby=["rock climbing", "birdwatching", "sea kayaking", "pottery", "restoring old radios"])),
     dict(s1="Any travel plans this year?", s2="I'm saving up for a trip to {country}. I want to see the {sight}.",
          q=["Have you booked your trip to {country} yet?", "Did you manage to save enough for your holiday?",
@@ -989,7 +995,7 @@ CHAT_TOPICS = [
     dict(s1="What's your favourite food?", s2="I love {dish}. I cook it every Sunday for my family.",
          q=["Did you make {dish} again this Sunday?", "What did you cook for the family this week?",
             "Have you changed your Sunday recipe at all?"],
-         a="Of course, I made a big pot of {dish} and there was nothing left.",
+         a="I made a big pot of {dish} again and there was nothing left.",
          slots=dict(dish=["lentil curry", "mushroom risotto", "fish stew", "dumplings", "lasagne"])),
     dict(s1="Do you play any music?", s2="I play the {instrument} in a small band. We do pub gigs sometimes.",
          q=["How did your band's last gig go?", "Are you still practising the {instrument}?",
@@ -1005,7 +1011,7 @@ CHAT_TOPICS = [
     dict(s1="Do you do any sport?", s2="I run with a club every {day} morning, rain or shine.",
          q=["Are you still running on {day}s?", "How is the running club going?",
             "Did you go out with the club even in this weather?"],
-         a="Yes, we did eight kilometres on {day} even though it poured.",
+         a="Still going, we did eight kilometres on {day} even though it poured.",
          slots=dict(day=["Tuesday", "Thursday", "Saturday", "Sunday", "Monday"])),
     dict(s1="Are you into gardening?", s2="A little. I'm growing {veg} on my balcony this year.",
          q=["How are the {veg} coming along?", "Has your balcony garden produced anything yet?",
@@ -1034,7 +1040,9 @@ def build_chat() -> dict[str, list[Record]]:
         topics = rng.sample(CHAT_TOPICS, n_turns - n_small)
         filled = []
         for t in topics:
-            slots = {key: rng.choice(vals) for key, vals in t["slots"].items()}
+            slots = {}
+            for key, vals in t["slots"].items():  # "a+b" keys pick matching values together
+                slots.update(zip(key.split("+"), rng.choice(vals).split("+")))
             he = rng.random() < 0.5
             slots.update(pron="he" if he else "she", Pron="He" if he else "She")
             filled.append((t, slots))
