@@ -2,8 +2,8 @@
 
 Cross-device negatives follow one rule everywhere: every rank keeps its LOCAL queries and scores them against the
 keys of ALL ranks, concatenated in rank order, so rank r's query b owns the key group that starts at row
-``(rank_offset(B) + b) * G`` of the gathered keys. The gather is autograd-aware
-(``torch.distributed.nn.functional.all_gather``): in backward each rank receives the sum over ranks of the gradients
+``(rank_offset(B) + b) * G`` of the gathered keys. The gather is autograd-aware (the semantics of
+``torch.distributed.nn.functional.all_gather``): in backward each rank receives the sum over ranks of the gradients
 that flowed into its shard. DDP then averages the parameter gradients over ranks, which gives exactly the gradient
 of the mean loss over all ``B * world_size`` queries. So the loss is never multiplied by ``world_size``.
 
@@ -12,8 +12,6 @@ data module guarantees this (equal per-rank batches, padded or dropped last batc
 """
 
 from __future__ import annotations
-
-import warnings
 
 import torch
 import torch.distributed as dist
@@ -35,22 +33,44 @@ def rank() -> int:
     return dist.get_rank() if is_distributed() else 0
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather + cat in forward; in backward each rank gets the sum over ranks of the gradient of its own rows.
+
+    Equivalent to ``torch.distributed.nn.functional.all_gather`` (whose backward is a reduce-scatter), written with
+    public collectives only because (a) torch 2.13 deprecates that function in favour of the private
+    ``_functional_collectives`` module, and (b) merely importing ``torch.distributed.nn`` (it pulls in the RPC
+    package) made gloo processes abort at interpreter exit ("terminate called without an active exception") in
+    about 1 run in 10 on torch 2.13 CPU (Lightning imports it anyway, so this only keeps the loss code and its
+    spawn tests free of it). The backward all-reduces the whole ``(W*N, ...)`` gradient instead of
+    reduce-scattering it: W times the bytes of one shard, negligible for a batch of key embeddings, and it works
+    on every backend (gloo has no reduce_scatter).
+    """
+
+    @staticmethod
+    def forward(ctx, t: Tensor) -> Tensor:
+        ctx.rank, ctx.rows = dist.get_rank(), t.size(0)
+        t = t.contiguous()
+        parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, t)
+        return torch.cat(parts, dim=0)  # (W*N, ...)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()  # (W*N, ...); cloned: never modify autograd's buffer in place
+        dist.all_reduce(grad)  # sum over ranks of d(loss_r)/d(gathered)
+        return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]  # (N, ...) this rank's shard
+
+
 def gather_with_grad(t: Tensor) -> Tensor:
     """Concatenate ``t`` from all ranks along dim 0, keeping the autograd graph (identity when not distributed).
 
     Input ``(N, ...)`` on every rank, output ``(world_size * N, ...)`` with rank r's rows at ``r*N .. r*N+N-1``.
-    Gradients reaching the output rows of other ranks are sent back to those ranks in backward.
+    Gradients reaching the output rows of other ranks are sent back to those ranks in backward, so every rank
+    must run backward through it (as under DDP).
     """
     if not is_distributed() or dist.get_world_size() == 1:
         return t
-    from torch.distributed.nn.functional import all_gather  # imported lazily: absent in CPU-only minimal builds
-
-    with warnings.catch_warnings():
-        # Recent torch (2.13 here) flags it deprecated in favour of the private `_functional_collectives`, whose names still
-        # change between releases; the public function keeps working, so silence the once-per-step warning.
-        warnings.filterwarnings("ignore", message=r".*nn\.functional\.all_gather is deprecated", category=FutureWarning)
-        gathered = all_gather(t.contiguous())  # W tensors of shape (N, ...)
-    return torch.cat(gathered, dim=0)  # (W*N, ...)
+    return _GatherWithGrad.apply(t)  # (W*N, ...)
 
 
 @torch.no_grad()

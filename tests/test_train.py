@@ -142,3 +142,14 @@ def test_ddp_sim_two_cpu_processes(tmp_path, tiny_bert):
     run_train(cfg)
     ckpt = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 2
+
+
+@pytest.mark.slow
+def test_sample_data_with_real_minilm_improves(tmp_path):
+    """The demo, shortened: the bundled MiniLM on the bundled sample data gets better on held-out queries."""
+    cfg = compose(["trainer=cpu", "trainer.max_steps=15", f"output_dir={tmp_path}/out", "eval.convsearch=null",
+                   "eval.tool=null", "callbacks.rich_progress_bar=null"])
+    after = run_train(cfg)
+    before = json.load(open(tmp_path / "out" / "metrics.json"))["before"]
+    assert after["val/qa/ndcg@10"] > before["val/qa/ndcg@10"]
+    assert after["val/qa/mrr@10"] > before["val/qa/mrr@10"]

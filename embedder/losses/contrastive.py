@@ -16,9 +16,11 @@ from embedder.distributed import gather_with_grad, rank_offset
 def _group_size(q: Tensor, k: Tensor) -> int:
     """Check the ``(B, d)`` / ``(B*G, d)`` layout and return G."""
     if q.dim() != 2 or k.dim() != 2 or q.size(1) != k.size(1):
-        raise ValueError(f"expected q of shape (B, d) and k of shape (B*G, d), got {tuple(q.shape)} and {tuple(k.shape)}")
+        raise ValueError(f"expected q of shape (B, d) and k of shape (B*G, d), "
+                         f"got {tuple(q.shape)} and {tuple(k.shape)}")
     if q.size(0) == 0 or k.size(0) % q.size(0) != 0 or k.size(0) == 0:
-        raise ValueError(f"k has {k.size(0)} rows, not a positive multiple of the {q.size(0)} queries (B*G rows expected)")
+        raise ValueError(f"k has {k.size(0)} rows, not a positive multiple of the {q.size(0)} queries "
+                         "(B*G rows expected)")
     return k.size(0) // q.size(0)
 
 
