@@ -20,7 +20,7 @@ torch.manual_seed(0)
 BertModel(BertConfig()).save_pretrained("/tmp/bert-base")  # bert-base shape, random weights: throughput only
 tok.save_pretrained("/tmp/bert-base")
 PY
-timeout 330 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
-timeout 200 python3 bench/train_throughput.py --model /tmp/bert-base --device cuda --precision bf16 --batch 100 \
-    --group 8 --qlen 256 --klen 256 --grad-ckpt --steps 5 --warmup 2 --json "$OUT/train_bench_gpu.json" 2>&1 \
+timeout 120 python3 -m pytest -q -p no:cacheprovider -o addopts="" tests/test_gpu.py 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+timeout 100 python3 bench/train_throughput.py --model /tmp/bert-base --device cuda --precision bf16 --batch 100 \
+    --group 8 --qlen 256 --klen 256 --grad-ckpt --steps 3 --warmup 1 --json "$OUT/train_bench_gpu.json" 2>&1 \
     | grep -v Warning | tee "$OUT/train_bench_gpu.log" | tail -6
