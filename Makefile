@@ -39,10 +39,19 @@ test-fast: setup ## skip the tests marked slow
 sample-data: setup ## regenerate embedder/sample_data from its generator
 	$(PY) -m embedder.sample_data.build
 
+mine: setup ## mine hard negatives (no ARGS: bundled sample + MiniLM): make mine ARGS="retriever=bm25 save_name=bm25"
+	$(PY) mine.py $(ARGS)
+
+eval: setup ## evaluate an encoder: make eval ARGS="task=tool data_root=/data/llm-embedder model_path=outputs/train/tool"
+	$(PY) -m embedder.evaluate $(ARGS)
+
+bench-retrieval: setup ## encoding / faiss / BM25 benchmark (numbers in docs/benchmarks.md)
+	$(PY) bench/encode_search.py $(ARGS)
+
 bench: setup ## training throughput benchmark (see docs/benchmarks.md)
 	$(PY) bench/train_throughput.py $(ARGS)
 
 clean: ## remove outputs and logs (keeps .venv)
 	rm -rf outputs logs multirun lightning_logs .pytest_cache
 
-.PHONY: help setup demo train test test-fast sample-data bench clean
+.PHONY: help setup demo train test test-fast sample-data bench clean mine eval bench-retrieval score
