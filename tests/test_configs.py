@@ -133,3 +133,14 @@ def test_experiments_compose(experiment):
     assert len(cfg.train_data) == 10 and cfg.model.model_name_or_path == "BAAI/bge-base-en"
     if "slurm" in experiment:
         assert cfg.hydra.launcher.tasks_per_node == cfg.trainer.devices
+
+
+@pytest.mark.parametrize("trainer", [t for t in GROUPS["trainer"] if t.startswith("deepspeed")])
+def test_deepspeed_strategies_instantiate(trainer):
+    """As far as a CPU allows: the strategy builds from config with a plain-dict DeepSpeed config."""
+    pytest.importorskip("deepspeed")
+    strategy = hydra.utils.instantiate(compose([f"trainer={trainer}"]).trainer.strategy)
+    assert isinstance(strategy.config, dict)
+    assert strategy.config["zero_optimization"]["stage"] == int(trainer.split("_")[2])
+    assert strategy.zero_stage_3 == trainer.endswith("stage_3")
+    assert strategy.config["zero_allow_untested_optimizer"] is True
