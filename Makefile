@@ -51,10 +51,16 @@ eval: setup ## evaluate an encoder: make eval ARGS="task=tool data_root=/data/ll
 bench-retrieval: setup ## encoding / faiss / BM25 benchmark (numbers in docs/benchmarks.md)
 	$(PY) bench/encode_search.py $(ARGS)
 
+score: setup ## LM teacher scores: make score MODEL=llama2-7b-chat DATA=llm-embedder:qa/msmarco/train.json ARGS="data_root=/data/llm-embedder"
+	$(PY) score.py $(if $(MODEL),lm=$(MODEL)) $(if $(DATA),eval_data=$(DATA)) $(if $(SAVE_NAME),save_name=$(SAVE_NAME)) $(ARGS)
+
+bench-score: setup ## LM-scoring throughput vs the reference's approach (numbers in docs/benchmarks.md)
+	$(PY) bench/score_throughput.py $(ARGS)
+
 bench: setup ## training throughput benchmark (see docs/benchmarks.md)
 	$(PY) bench/train_throughput.py $(ARGS)
 
 clean: ## remove outputs and logs (keeps .venv)
 	rm -rf outputs logs multirun lightning_logs .pytest_cache
 
-.PHONY: help setup demo train test test-fast sample-data bench clean mine eval bench-retrieval score
+.PHONY: help setup demo train test test-fast sample-data bench clean mine eval bench-retrieval score bench-score

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 
 def unknown_key_message(cfg: DictConfig, key: str) -> str | None:
@@ -25,7 +25,10 @@ def unknown_key_message(cfg: DictConfig, key: str) -> str | None:
             hint = f" Did you mean '{'.'.join(parts[:i] + [close[0]])}'?" if close else ""
             return (f"Unknown config key '{key}'.{hint}\n  valid keys under {parent}: {', '.join(valid)}\n"
                     f"  (to add a new key on purpose, write +{key}=...)")
-        node = node[part] if not OmegaConf.is_missing(node, part) else None
+        child = node._get_node(part)  # the node itself: never resolves interpolations such as ${bundled:...}
+        if not isinstance(child, DictConfig):
+            return None  # reached a leaf (or an interpolation): the key exists
+        node = child
     return None
 
 

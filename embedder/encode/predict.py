@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from embedder.encode.store import META, EmbeddingStore, _atomic_json
 
 log = logging.getLogger("embedder.encode")
+# our IterableDataset deals whole shards to DataLoader workers itself, so its __len__ is exact
+warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -173,12 +176,12 @@ class EncodeModule(L.LightningModule):
         self.store_paths = [job.store_path for job in jobs]
         self.kinds = [job.kind for job in jobs]
         self.dtype_name = dtype
-        self._buffers: dict[tuple[int, int], list] = {}
+        self._pending: dict[tuple[int, int], list] = {}
         self._orig_dtype: torch.dtype | None = None
 
     def on_predict_start(self) -> None:
         self._stores = [EmbeddingStore(p) for p in self.store_paths]
-        self._buffers = {}
+        self._pending = {}
         self._orig_dtype = next(self.encoder.parameters()).dtype
         dtype = resolve_dtype(self.dtype_name, self.device)
         if dtype is not None and dtype != self._orig_dtype:
@@ -189,22 +192,22 @@ class EncodeModule(L.LightningModule):
     def on_predict_end(self) -> None:
         if self._orig_dtype is not None and next(self.encoder.parameters()).dtype != self._orig_dtype:
             self.encoder.to(self._orig_dtype)  # leave the caller's encoder as it was
-        if self._buffers:  # every unit is complete when the loop ends normally
-            raise RuntimeError(f"encoding ended with incomplete shards {sorted(self._buffers)}")
+        if self._pending:  # every unit is complete when the loop ends normally
+            raise RuntimeError(f"encoding ended with incomplete shards {sorted(self._pending)}")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> int:
         j, s, n = int(batch["job"]), int(batch["shard"]), int(batch["rows"])
         inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
         emb = self.encoder.encode(inputs, self.kinds[j]).float().cpu().numpy()  # (b, D)
         key = (j, s)
-        if key not in self._buffers:
-            self._buffers[key] = [np.empty((n, emb.shape[1]), dtype=np.float32), 0]
-        buf = self._buffers[key]
+        if key not in self._pending:
+            self._pending[key] = [np.empty((n, emb.shape[1]), dtype=np.float32), 0]
+        buf = self._pending[key]
         buf[0][batch["positions"].cpu().numpy()] = emb
         buf[1] += emb.shape[0]
         if buf[1] == n:  # the shard is complete: write it (atomically) and free the buffer
             self._stores[j].write_shard(s, buf[0])
-            del self._buffers[key]
+            del self._pending[key]
         return emb.shape[0]  # not collected (return_predictions=False); None would make Lightning warn
 
 
@@ -251,8 +254,11 @@ def encode_to_stores(encoder: torch.nn.Module, jobs: list[EncodeJob], trainer: L
         log.info("every shard is already encoded; nothing to do")
     else:
         module = EncodeModule(encoder, jobs, dtype=dtype)
+        device = next(encoder.parameters()).device
         trainer.predict(module, datamodule=datamodule, return_predictions=False)
         trainer.strategy.barrier()  # every rank's shards are on disk before rank 0 reads them
+        if next(encoder.parameters()).device != device:  # Lightning's teardown moves the model to the CPU
+            encoder.to(device)
     if not trainer.is_global_zero:
         return None
     stores = [EmbeddingStore(job.store_path) for job in jobs]

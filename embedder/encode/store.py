@@ -64,7 +64,8 @@ class EmbeddingStore:
         with open(meta_path, encoding="utf-8") as f:
             self.meta: dict[str, Any] = json.load(f)
         if self.meta.get("format") != FORMAT:
-            raise StoreMismatch(f"{meta_path}: unsupported store format {self.meta.get('format')!r} (expected {FORMAT})")
+            raise StoreMismatch(f"{meta_path}: unsupported store format {self.meta.get('format')!r} "
+                                f"(expected {FORMAT})")
 
     # ------------------------------------------------------------------ creation
     @classmethod

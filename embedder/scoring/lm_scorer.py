@@ -135,15 +135,19 @@ class LMScorer:
             model = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, **kw)
         if device_map is None:
             model.to(device)
+        self.attach_model(model)
+        log.info("loaded %s (%s, %s, %s) in %.1f s", self.model_name_or_path, dtype, self.device,
+                 getattr(model.config, "_attn_implementation", "?"), time.perf_counter() - t0)
+
+    def attach_model(self, model) -> None:
+        """Use an already loaded causal LM (it must match the tokenizer); scoring runs on its device."""
+        import inspect
+
         model.eval()
         self.model = model
         self.device = next(model.parameters()).device
-        import inspect
-
         params = inspect.signature(model.forward).parameters
         self._keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
-        log.info("loaded %s (%s, %s, %s) in %.1f s", self.model_name_or_path, dtype, self.device,
-                 getattr(model.config, "_attn_implementation", "?"), time.perf_counter() - t0)
 
     @property
     def max_length(self) -> int | None:
@@ -302,5 +306,5 @@ class LMScorer:
         return {"name": self.name, "model_name_or_path": self.model_name_or_path, "gguf_file": self.gguf_file,
                 "revision": self.revision, "commit_hash": getattr(cfg, "_commit_hash", None),
                 "dtype": str(getattr(self.model, "dtype", None)).replace("torch.", ""),
-                "architecture": (cfg.architectures or [None])[0] if cfg is not None and cfg.architectures else None,
+                "architecture": type(self.model).__name__ if self.model is not None else None,
                 "max_length": self.max_length, "key_max_length": self.key_max_length, "normalize": self.normalize}

@@ -93,7 +93,7 @@ def record_task(record: dict[str, Any], default_task: str | None, path: str, lin
     task = record.get("task", default_task)
     if task is None:
         raise DataError("record has no 'task', and no default is set", path=path, line=line, field="task",
-                        hint="add \"task\" to the records, or pass task=<qa|convsearch|icl|chat|lrlm> to score.py")
+                        hint="add \"task\" to the records, or pass default_task=<qa|convsearch|icl|chat|lrlm> to score.py")
     if not isinstance(task, str):
         raise DataError(f"'task' must be a string, got {type(task).__name__}", path=path, line=line, field="task")
     return task

@@ -1,0 +1,124 @@
+"""Dense retrieval: encode corpus and queries (sharded, resumable), index with faiss, search.
+
+Folders under `work_dir` (reused by any later run with the same model and texts):
+
+    encode/corpus-<hash>/    EmbeddingStore of the corpus (with the key instruction)
+    encode/queries-<hash>/   EmbeddingStore of the queries (with the query instruction)
+    index/<factory>-<metric>-<hash>.faiss (+ .json sidecar)   the faiss index of that corpus store
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from embedder.encode import EncodeJob, encode_to_stores, encoder_identity
+from embedder.index.faiss_index import FaissIndex
+from embedder.mining.base import Retriever
+
+log = logging.getLogger("embedder.mining")
+
+
+class DenseRetriever(Retriever):
+    """Encoder + faiss index.
+
+    Args:
+        encoder: a `DualEncoder` (anything with `encode(inputs, kind)`, `tokenizer`, `normalize`).
+        work_dir: where embeddings and the index are saved and looked up.
+        trainer: a Lightning Trainer for encoding (`embedder.encode.make_predict_trainer`); None = one device.
+        query_instruction, key_instruction: prepended to queries and corpus texts before encoding.
+        query_max_length, key_max_length: token limits.
+        batch_size: texts per forward pass.
+        shard_size: rows per embedding shard (the unit of resume and of work across devices).
+        index_factory: faiss factory string (Flat, IVF4096,Flat, HNSW32, IVF1024,PQ64, ...).
+        metric: `auto` (cos for a normalising encoder, else ip), `cos`, `ip` or `l2`.
+        use_gpu, search_params, train_sample: passed to `FaissIndex`.
+        save_index: write the built index under `work_dir/index` and reload it next time.
+        dtype: encoding dtype (`auto`: bf16 on GPU, fp32 on CPU).
+        search_batch: queries per faiss search call.
+        num_workers: DataLoader workers that tokenise shards while the model runs (0 = in the main process).
+    """
+
+    name = "dense"
+
+    def __init__(self, encoder: Any, work_dir: str, trainer: Any = None, query_instruction: str = "",
+                 key_instruction: str = "", query_max_length: int = 256, key_max_length: int = 256,
+                 batch_size: int = 128, shard_size: int = 100_000, index_factory: str = "Flat",
+                 metric: str = "auto", use_gpu: bool | str = "auto", search_params: dict | None = None,
+                 train_sample: int = 100_000, save_index: bool = True, dtype: str = "auto",
+                 search_batch: int = 4096, num_workers: int = 0):
+        self.encoder, self.work_dir, self.trainer = encoder, work_dir, trainer
+        self.query_instruction, self.key_instruction = query_instruction or "", key_instruction or ""
+        self.query_max_length, self.key_max_length = int(query_max_length), int(key_max_length)
+        self.batch_size, self.shard_size = int(batch_size), int(shard_size)
+        self.index_factory = index_factory
+        if metric == "auto":
+            metric = "cos" if getattr(encoder, "normalize", True) else "ip"
+        self.metric = metric
+        self.use_gpu, self.search_params = use_gpu, dict(search_params or {})
+        self.train_sample, self.save_index, self.dtype = int(train_sample), bool(save_index), dtype
+        self.search_batch, self.num_workers = int(search_batch), int(num_workers)
+        self.index: FaissIndex | None = None
+        self.q_emb: np.ndarray | None = None
+        self.corpus_store_path: str | None = None
+        self.query_store_path: str | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"retriever": self.name, "model": getattr(self.encoder, "model_name_or_path", None),
+                "index_factory": self.index_factory, "metric": self.metric, "search_params": self.search_params,
+                "query_instruction": self.query_instruction, "key_instruction": self.key_instruction,
+                "query_max_length": self.query_max_length, "key_max_length": self.key_max_length,
+                # the store folders are named by a hash of texts + encoder weights: a retrained model with the
+                # same path gets new search shards, never stale ones
+                "corpus_store": self.corpus_store_path and os.path.basename(self.corpus_store_path),
+                "query_store": self.query_store_path and os.path.basename(self.query_store_path)}
+
+    def prepare(self, corpus_texts: Sequence[str], queries: Sequence[str]) -> bool:
+        identity = encoder_identity(self.encoder)
+        corpus_job = EncodeJob("corpus", [self.key_instruction + t for t in corpus_texts], "", kind="key",
+                               max_length=self.key_max_length, shard_size=self.shard_size, identity=identity)
+        query_job = EncodeJob("queries", [self.query_instruction + q for q in queries], "", kind="query",
+                              max_length=self.query_max_length, shard_size=self.shard_size, identity=identity)
+        corpus_fp = corpus_job.fingerprint()
+        corpus_job.store_path = os.path.join(self.work_dir, "encode", f"corpus-{corpus_fp[:16]}")
+        query_job.store_path = os.path.join(self.work_dir, "encode", f"queries-{query_job.fingerprint()[:16]}")
+        self.corpus_store_path, self.query_store_path = corpus_job.store_path, query_job.store_path
+        stores = encode_to_stores(self.encoder, [corpus_job, query_job], self.trainer, batch_size=self.batch_size,
+                                  dtype=self.dtype, num_workers=self.num_workers)
+        if stores is None:  # a non-zero rank of a ddp run: its shards are written, rank 0 does the rest
+            return False
+        corpus_store, query_store = stores
+        self.q_emb = query_store.load()  # (Q, D)
+        safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.index_factory)
+        index_path = os.path.join(self.work_dir, "index", f"{safe}-{self.metric}-{corpus_fp[:16]}.faiss")
+        if self.save_index and os.path.isfile(index_path) and os.path.isfile(index_path + ".json"):
+            self.index = FaissIndex.load(index_path, use_gpu=self.use_gpu, search_params=self.search_params)
+            log.info("reusing the faiss index %s (%d vectors)", index_path, self.index.ntotal)
+        else:
+            self.index = FaissIndex(self.index_factory, self.metric, use_gpu=self.use_gpu,
+                                    search_params=self.search_params)
+            self.index.build(corpus_store.load(mmap=True), train_sample=self.train_sample)  # (N, D)
+            if self.save_index:
+                self.index.save(index_path)
+                log.info("saved the faiss index to %s", index_path)
+        if self.index.ntotal != len(corpus_texts):
+            raise RuntimeError(f"the index holds {self.index.ntotal} vectors for a corpus of {len(corpus_texts)}")
+        return True
+
+    def search(self, rows: range, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.index is None or self.q_emb is None:
+            raise RuntimeError("call prepare(corpus_texts, queries) before search")
+        scores, ids = [], []
+        for start in range(rows.start, rows.stop, self.search_batch):
+            stop = min(start + self.search_batch, rows.stop)
+            s, i = self.index.search(self.q_emb[start:stop], k)  # (b, k), (b, k)
+            scores.append(s)
+            ids.append(i)
+        if not ids:
+            return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
+        return np.concatenate(scores), np.concatenate(ids)

@@ -1,0 +1,120 @@
+"""Turn one query's retrieval ranking into hard negatives (the reference's `collate_neg`, with its filter fixed).
+
+The reference's positive filter is `pred = [i for i in pred if i != pos_index]`, which compares an int with a list
+and so never removes anything; only the text comparison with `pos` caught positives. Here a candidate is dropped
+when any of these holds, and every drop is counted by reason:
+
+- its ranking position is outside `rank_range` (`[lo, hi)`, 0-based positions in the retrieved list; `lo > 0`
+  skips the top hits, which are often unlabelled positives, i.e. false negatives);
+- its corpus row is in `pos_index`;
+- its text equals a `pos` text (after collapsing whitespace and case);
+- its text repeats an earlier negative's (duplicated corpus passages);
+- `filter_answers` is on and it contains an answer: case-insensitive substring, as in the reference, or
+  `answer_match="token"` for DPR's token-sequence match (`has_answer`), which does not fire on "1" inside "1984".
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from embedder.evaluation.nq_answer import has_answer
+
+
+def normalize_text(text: str) -> str:
+    """Whitespace-collapsed, case-folded text: the key for 'same text' comparisons."""
+    return " ".join(text.split()).casefold()
+
+
+@dataclass(frozen=True)
+class NegativeRule:
+    """How negatives are picked from a ranking.
+
+    Attributes:
+        rank_range: `(lo, hi)`: only ranking positions `lo <= i < hi` (0-based) are candidates; `hi=None` = all.
+        max_neg_num: keep at most this many negatives (the reference default is 100).
+        filter_answers: drop candidates that contain an answer.
+        answer_match: `substring` (the reference) or `token` (DPR `has_answer`).
+    """
+
+    rank_range: tuple[int, int | None] = (0, None)
+    max_neg_num: int = 100
+    filter_answers: bool = False
+    answer_match: str = "substring"
+
+    def __post_init__(self) -> None:
+        lo, hi = self.rank_range
+        if lo < 0 or (hi is not None and hi <= lo):
+            raise ValueError(f"rank_range must be [lo, hi) with 0 <= lo < hi, got {list(self.rank_range)}")
+        if self.max_neg_num < 1:
+            raise ValueError(f"max_neg_num must be >= 1, got {self.max_neg_num}")
+        if self.answer_match not in ("substring", "token"):
+            raise ValueError(f"answer_match must be 'substring' or 'token', got {self.answer_match!r}")
+
+
+def _contains_answer(text: str, answers: Sequence[str], match: str) -> bool:
+    if match == "substring":
+        low = text.lower()
+        return any(a.lower() in low for a in answers if a)
+    return has_answer(text, answers)
+
+
+def select_negatives(ranked: Sequence[int], corpus_texts: Sequence[str], rule: NegativeRule,
+                     pos_index: Sequence[int] = (), pos: Sequence[str] = (),
+                     answers: Sequence[str] = ()) -> tuple[list[int], list[str], Counter]:
+    """Pick negatives from one ranking.
+
+    Args:
+        ranked: corpus rows, best first (`-1` = no result, skipped).
+        corpus_texts: row -> text (without instruction), the texts written to `neg`.
+        rule: rank range, cap and answer filter.
+        pos_index, pos, answers: the record's positives (rows and texts) and answers.
+
+    Returns:
+        `(neg_index, neg, dropped)`: the kept rows, their texts, and a Counter of drop reasons.
+    """
+    lo, hi = rule.rank_range
+    pos_rows = set(pos_index)
+    pos_norm = {normalize_text(p) for p in pos}
+    seen: set[str] = set()
+    neg_index: list[int] = []
+    neg: list[str] = []
+    dropped: Counter = Counter()
+    for position, doc in enumerate(ranked):
+        if hi is not None and position >= hi:
+            break
+        doc = int(doc)
+        if doc < 0:
+            continue
+        if position < lo:
+            dropped["above rank range"] += 1
+            continue
+        if doc in pos_rows:
+            dropped["positive (pos_index)"] += 1
+            continue
+        text = corpus_texts[doc]
+        norm = normalize_text(text)
+        if norm in pos_norm:
+            dropped["positive (same text as pos)"] += 1
+            continue
+        if norm in seen:
+            dropped["duplicate text"] += 1
+            continue
+        if rule.filter_answers and answers and _contains_answer(text, answers, rule.answer_match):
+            dropped["contains an answer"] += 1
+            continue
+        seen.add(norm)
+        neg_index.append(doc)
+        neg.append(text)
+        if len(neg) == rule.max_neg_num:
+            break
+    return neg_index, neg, dropped
+
+
+def mined_record(record: dict, neg_index: list[int], neg: list[str]) -> dict:
+    """The original record with `neg`/`neg_index` replaced and the stale `teacher_scores` removed."""
+    out = {k: v for k, v in record.items() if k != "teacher_scores"}
+    out["neg"] = neg
+    out["neg_index"] = neg_index
+    return out

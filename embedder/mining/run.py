@@ -1,0 +1,199 @@
+"""`run_mine(cfg)`: everything `mine.py` does (retrieve for a training file, write hard negatives), callable from tests.
+
+Flow (reference §6.3, with the fixes listed in `negatives.py`):
+
+1. Read and check the corpus and the training file (bad records stop the run with file and line, or are skipped
+   and counted with `skip_bad_records=true`). Nothing is loaded onto a device before this passes.
+2. Retrieve `hits` documents per query with the chosen retriever (`retriever=dense|bm25`), in query shards that are
+   saved as they finish, so a crashed run resumes.
+3. For every record keep up to `max_neg_num` negatives from the `rank_range` positions, without positives (by
+   `pos_index` and by text), duplicates, or (with `filter_answers`) passages containing an answer.
+4. Write `<stem>.neg[.<save_name>].json` next to the input (or under `output_dir`), atomically: each record as it
+   was, `neg`/`neg_index` replaced, `teacher_scores` removed. Also `<output_dir>/<stem>.result[.<save_name>].json`
+   (the ranking: `query_id`, `pred`, `scores`) and `<output_dir>/<output name>.meta.json` (what ran, counts).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+import os
+import time
+from collections import Counter
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from embedder.data.jsonl import write_jsonl_atomic
+from embedder.mining.base import Retriever, fingerprint, launched_rank, search_in_shards
+from embedder.mining.inputs import load_corpus, load_queries
+from embedder.mining.negatives import NegativeRule, mined_record, select_negatives
+from embedder.paths import resolve_files
+
+log = logging.getLogger("embedder.mining")
+
+SAMPLE_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_data")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# shared with embedder.evaluate
+# ---------------------------------------------------------------------------------------------------------------------
+
+def resolve_instruction(cfg: DictConfig, task: str | None) -> tuple[str, str]:
+    """`(query instruction, key instruction)` for `task`.
+
+    Order: an explicit `instruction.query/key` in the config; the `version` table's entry for the task, then its
+    `default`; the task config's `tasks.<task>.instruction` (llm-embedder version); else none, with a warning.
+    `version.add_instruction=false` (version=none) means none.
+    """
+    explicit = cfg.get("instruction") or {}
+    if explicit.get("query") is not None or explicit.get("key") is not None:
+        return explicit.get("query") or "", explicit.get("key") or ""
+    version = cfg.get("version") or {}
+    if not version.get("add_instruction", False):
+        return "", ""
+    table = version.get("table") or {}
+    inst = table.get(task) if task else None
+    inst = inst or table.get("default")
+    if inst is None and task and (cfg.get("tasks") or {}).get(task) is not None:
+        inst = cfg.tasks[task].get("instruction")
+    if inst is None:
+        log.warning("version=%s has no instruction for task %r and no tasks.%s config is loaded: encoding without "
+                    "instructions (set instruction.query/key, or add task=<config> for the llm-embedder ones)",
+                    version.get("name"), task, task)
+        return "", ""
+    return inst.get("query") or "", inst.get("key") or ""
+
+
+def build_retriever(cfg: DictConfig, work_dir: str, query_instruction: str = "", key_instruction: str = "",
+                    encoder: Any = None, trainer: Any = None) -> Retriever:
+    """The retriever chosen by `cfg.retriever.name` (`dense` loads the encoder now, `bm25` picks a backend)."""
+    rcfg = cfg.retriever
+    if rcfg.name == "bm25":
+        from embedder.mining.bm25 import make_bm25
+
+        return make_bm25(work_dir, backend=rcfg.backend, k1=rcfg.k1, b=rcfg.b, threads=rcfg.threads,
+                         java_home=rcfg.get("java_home"), language=rcfg.get("language", "en"),
+                         save_index=bool(rcfg.get("save_index", True)))
+    if rcfg.name != "dense":
+        raise ValueError(f"retriever={rcfg.name!r}; valid: dense, bm25")
+    from embedder.encode import make_predict_trainer
+    from embedder.encode.model import load_encoder
+    from embedder.mining.dense import DenseRetriever
+
+    encoder = encoder if encoder is not None else load_encoder(cfg.model, cfg.get("model_path"))
+    icfg = cfg.index
+    return DenseRetriever(
+        encoder, work_dir, trainer=trainer or make_predict_trainer(cfg.get("trainer")),
+        query_instruction=query_instruction, key_instruction=key_instruction,
+        query_max_length=cfg.query_max_length, key_max_length=cfg.key_max_length,
+        batch_size=rcfg.batch_size, shard_size=rcfg.shard_size, index_factory=icfg.factory, metric=icfg.metric,
+        use_gpu=icfg.use_gpu, search_params=OmegaConf.to_container(icfg.search_params) if icfg.search_params else None,
+        train_sample=icfg.train_sample, save_index=icfg.save, dtype=rcfg.dtype, search_batch=rcfg.search_batch,
+        num_workers=rcfg.get("num_workers", 0))
+
+
+def hash_all(texts: list[str]) -> str:
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=8)
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# mining
+# ---------------------------------------------------------------------------------------------------------------------
+
+def output_paths(eval_path: str, cfg: DictConfig) -> tuple[str, str]:
+    """`(mined file, result file)` following the reference's names."""
+    stem = os.path.splitext(os.path.basename(eval_path))[0]
+    suffix = f".{cfg.save_name}" if cfg.get("save_name") else ""
+    name = f"{stem}.neg{suffix}.json"
+    folder = os.path.dirname(os.path.abspath(eval_path))
+    if cfg.get("save_to_output"):
+        folder = cfg.output_dir
+    elif os.path.abspath(eval_path).startswith(SAMPLE_DATA + os.sep):
+        log.info("the input is the bundled sample data (inside the installed package): writing under output_dir=%s "
+                 "instead of next to it", cfg.output_dir)
+        folder = cfg.output_dir
+    return os.path.join(folder, name), os.path.join(cfg.output_dir, f"{stem}.result{suffix}.json")
+
+
+def run_mine(cfg: DictConfig) -> dict[str, Any]:
+    """Mine hard negatives as `cfg` says; returns counts and the output path (empty on non-zero ranks)."""
+    start = time.time()
+    (eval_path,) = resolve_files(cfg.eval_data, cfg.data_root, what="eval_data")
+    (corpus_path,) = resolve_files(cfg.corpus, cfg.data_root, what="corpus")
+    hits = int(cfg.hits)
+    lo, hi = (list(cfg.rank_range) + [None])[:2] if cfg.rank_range is not None else (0, None)
+    hi = hits if hi is None else int(hi)
+    if hi > hits:
+        raise ValueError(f"rank_range end {hi} is beyond hits={hits}: retrieve at least that many (hits={hi})")
+    rule = NegativeRule(rank_range=(int(lo or 0), hi), max_neg_num=int(cfg.max_neg_num),
+                        filter_answers=bool(cfg.filter_answers), answer_match=cfg.answer_match)
+
+    # 1. inputs, checked before any model work
+    corpus = load_corpus(corpus_path, cfg.key_template)
+    queries = load_queries(eval_path, len(corpus), skip_bad=bool(cfg.skip_bad_records))
+    out_path, result_path = output_paths(eval_path, cfg)
+    if os.path.abspath(out_path) == os.path.abspath(eval_path):
+        raise ValueError(f"the output {out_path} would overwrite the input; set save_name")
+    task = cfg.get("task") or queries.records[0].record.get("task")
+    q_inst, k_inst = resolve_instruction(cfg, task) if cfg.retriever.name == "dense" else ("", "")
+    log.info("mining %s: %d queries against %s (%d documents), retriever=%s, hits=%d, rank_range=[%d, %d), "
+             "max_neg_num=%d", eval_path, len(queries.records), corpus_path, len(corpus), cfg.retriever.name, hits,
+             rule.rank_range[0], hi, rule.max_neg_num)
+
+    # 2. retrieve (resumable)
+    if cfg.retriever.name != "dense" and launched_rank() > 0:
+        log.info("rank %d: BM25 runs on rank 0 only", launched_rank())
+        return {}
+    retriever = build_retriever(cfg, cfg.output_dir, q_inst, k_inst)
+    query_texts = [r.query for r in queries.records]
+    if not retriever.prepare(corpus.texts, query_texts):
+        return {}
+    key = fingerprint(retriever.describe(), corpus.fingerprint(), hash_all(query_texts), hits)
+    scores, ids = search_in_shards(retriever, len(query_texts), hits, os.path.join(cfg.output_dir, "search", key),
+                                   shard_size=int(cfg.query_shard_size))
+
+    # 3. negatives
+    mined, dropped, no_negatives = [], Counter(), 0
+    for rec, ranked in zip(queries.records, ids):
+        neg_index, neg, why = select_negatives(ranked, corpus.texts, rule, rec.pos_index, rec.pos, rec.answers)
+        dropped.update(why)
+        if not neg:
+            no_negatives += 1
+            continue
+        mined.append(mined_record(rec.record, neg_index, neg))
+
+    # 4. outputs, each written atomically
+    written = write_jsonl_atomic(out_path, mined)
+    write_jsonl_atomic(result_path, (
+        {"query_id": rec.query_id, "pred": [int(i) for i in row_ids if i >= 0],
+         "scores": [round(float(s), 6) for s, i in zip(row_scores, row_ids) if i >= 0]}
+        for rec, row_ids, row_scores in zip(queries.records, ids, scores)))
+    stats = {
+        "output": out_path, "result": result_path, "records": queries.total, "written": written,
+        "skipped_bad_records": dict(queries.skipped), "skipped_no_negatives": no_negatives,
+        "dropped_candidates": dict(dropped), "seconds": round(time.time() - start, 1),
+    }
+    meta = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "eval_data": eval_path,
+            "corpus": corpus_path, "key_template": cfg.key_template, "task": task, "query_instruction": q_inst,
+            "key_instruction": k_inst, "hits": hits, "rank_range": [rule.rank_range[0], hi],
+            "max_neg_num": rule.max_neg_num, "filter_answers": rule.filter_answers, "answer_match": rule.answer_match,
+            **retriever.describe(), **stats}
+    meta_path = os.path.join(cfg.output_dir, os.path.basename(out_path)[:-len(".json")] + ".meta.json")
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    tmp = meta_path + f".tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(meta, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, meta_path)
+    skipped = sum(queries.skipped.values())
+    log.info("wrote %d of %d records to %s (%d skipped as bad input, %d with no negatives left); dropped "
+             "candidates: %s; %.1fs", written, queries.total, out_path, skipped, no_negatives,
+             dict(dropped) or "none", stats["seconds"])
+    return stats

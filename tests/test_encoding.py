@@ -1,0 +1,166 @@
+"""Corpus encoding: the saved layout, agreement with the in-process encoder, resume after a crash, dtype choice.
+
+All with the tiny random BERT (a real tokenizer and forward pass) and a one-device CPU Lightning Trainer; the
+2-process run is in test_evaluate_ddp.py.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from embedder.encode import (
+    EmbeddingStore,
+    EncodeJob,
+    StoreMismatch,
+    encode_to_stores,
+    load_encode,
+    make_predict_trainer,
+    resolve_dtype,
+)
+from embedder.encode.model import encoder_overrides
+from embedder.modeling.encoder import DualEncoder
+
+TEXTS = [("lorem ipsum " * (i % 9 + 1)) + f"doc {i}" for i in range(37)]  # varied lengths, 37 = 4 shards of 10
+
+
+@pytest.fixture(scope="module")
+def encoder(tiny_bert):
+    return DualEncoder(tiny_bert, pooling="mean")
+
+
+def _trainer():
+    return make_predict_trainer(None, accelerator="cpu", devices=1, enable_progress_bar=False)
+
+
+def _job(path, texts=TEXTS, **kw):
+    return EncodeJob("corpus", texts, str(path), kind="key", max_length=24, shard_size=10, **kw)
+
+
+def test_layout_and_agreement_with_encode_texts(encoder, tmp_path):
+    (store,) = encode_to_stores(encoder, [_job(tmp_path / "s")], _trainer(), batch_size=4)
+    files = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "s" / "*")))
+    assert files == ["meta.json", "shard-00000.npy", "shard-00001.npy", "shard-00002.npy", "shard-00003.npy"]
+    assert [len(store.shard_rows(s)) for s in range(4)] == [10, 10, 10, 7]
+    assert store.meta["dim"] == encoder.dim and store.meta["num_rows"] == len(TEXTS)
+    emb = load_encode(str(tmp_path / "s"))
+    assert emb.shape == (len(TEXTS), encoder.dim) and emb.dtype == np.float32
+    # same rows as the plain in-process encoder (length-sorted batches of its own): only float noise differs
+    ref = encoder.encode_texts(TEXTS, kind="key", max_length=24, batch_size=4).numpy()
+    np.testing.assert_allclose(emb, ref, atol=1e-5)
+    assert np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)  # normalize=True
+
+
+def test_resume_after_an_interrupted_shard(encoder, tmp_path, monkeypatch):
+    full = tmp_path / "full"
+    encode_to_stores(encoder, [_job(full)], _trainer(), batch_size=4)
+
+    real_write = EmbeddingStore.write_shard
+    written: list[int] = []
+
+    def crash_after_two(self, s, emb):
+        if len(written) == 2:
+            raise RuntimeError("simulated crash while encoding")
+        real_write(self, s, emb)
+        written.append(s)
+
+    monkeypatch.setattr(EmbeddingStore, "write_shard", crash_after_two)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        encode_to_stores(encoder, [_job(tmp_path / "r")], _trainer(), batch_size=4)
+    store = EmbeddingStore(str(tmp_path / "r"))
+    assert store.done_shards() == written and len(written) == 2
+    assert not [p for p in os.listdir(tmp_path / "r") if "tmp" in p]  # no half-written file left behind
+    with pytest.raises(FileNotFoundError, match="incomplete"):
+        load_encode(str(tmp_path / "r"))
+
+    resumed: list[int] = []
+
+    def count(self, s, emb):
+        resumed.append(s)
+        real_write(self, s, emb)
+
+    monkeypatch.setattr(EmbeddingStore, "write_shard", count)
+    encode_to_stores(encoder, [_job(tmp_path / "r")], _trainer(), batch_size=4)
+    assert sorted(resumed) == sorted(set(range(4)) - set(written))  # finished shards were not redone
+    np.testing.assert_array_equal(load_encode(str(tmp_path / "r")), load_encode(str(full)))
+
+    resumed.clear()  # a third run finds everything done and runs no model at all
+    encode_to_stores(encoder, [_job(tmp_path / "r")], _trainer(), batch_size=4)
+    assert resumed == []
+
+
+def test_dataloader_workers_give_the_same_embeddings(encoder, tmp_path):
+    encode_to_stores(encoder, [_job(tmp_path / "w0")], _trainer(), batch_size=4)
+    encode_to_stores(encoder, [_job(tmp_path / "w2")], _trainer(), batch_size=4, num_workers=2)  # shards split
+    np.testing.assert_array_equal(load_encode(str(tmp_path / "w2")), load_encode(str(tmp_path / "w0")))
+
+
+def test_store_refuses_other_texts_or_shard_size(encoder, tmp_path):
+    encode_to_stores(encoder, [_job(tmp_path / "s")], _trainer(), batch_size=8)
+    with pytest.raises(StoreMismatch, match="fingerprint"):
+        encode_to_stores(encoder, [_job(tmp_path / "s", texts=TEXTS[:-1] + ["changed"])], _trainer())
+    with pytest.raises(StoreMismatch, match="shard_size"):
+        EmbeddingStore.create(str(tmp_path / "s"), len(TEXTS), 5, _job(tmp_path / "s").fingerprint())
+
+
+def test_queries_and_corpus_in_one_call_use_their_encoders(tiny_bert, tmp_path):
+    untied = DualEncoder(tiny_bert, key_model_name_or_path=tiny_bert, tie_encoders=False, pooling="cls")
+    with torch.no_grad():
+        for p in untied.key_model.parameters():
+            p.add_(0.05)  # make the key encoder differ
+    texts = TEXTS[:12]
+    jobs = [EncodeJob("q", texts, str(tmp_path / "q"), kind="query", max_length=24, shard_size=5),
+            EncodeJob("k", texts, str(tmp_path / "k"), kind="key", max_length=24, shard_size=5)]
+    q_store, k_store = encode_to_stores(untied, jobs, _trainer(), batch_size=3)
+    q_ref = untied.encode_texts(texts, kind="query", max_length=24).numpy()
+    k_ref = untied.encode_texts(texts, kind="key", max_length=24).numpy()
+    np.testing.assert_allclose(q_store.load(), q_ref, atol=1e-5)
+    np.testing.assert_allclose(k_store.load(), k_ref, atol=1e-5)
+    assert not np.allclose(q_ref, k_ref, atol=1e-3)
+
+
+def test_dtype_resolution():
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("model", torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="valid"):
+        resolve_dtype("int8", torch.device("cpu"))
+
+
+def test_bf16_encoding_restores_the_encoder(encoder, tmp_path):
+    encode_to_stores(encoder, [_job(tmp_path / "b", texts=TEXTS[:6])], _trainer(), dtype="bf16")
+    assert next(encoder.parameters()).dtype == torch.float32  # the caller's encoder is left as it was
+    emb, ref = load_encode(str(tmp_path / "b")), encoder.encode_texts(TEXTS[:6], kind="key", max_length=24).numpy()
+    assert np.abs(emb - ref).max() < 0.05  # bf16 is close, not exact
+
+
+def test_encoder_overrides_read_saved_models(tiny_bert, tmp_path):
+    enc = DualEncoder(tiny_bert, pooling="mean", normalize=False)
+    enc.save(str(tmp_path / "trained"))
+    ours = encoder_overrides(str(tmp_path / "trained"))
+    assert ours["pooling"] == "mean" and ours["normalize"] is False and ours["tie_encoders"] is True
+    os.remove(tmp_path / "trained" / "embedder_config.json")  # now only the sentence-transformers metadata is left
+    st = encoder_overrides(str(tmp_path / "trained"))
+    assert st["pooling"] == "mean" and st["normalize"] is False
+    assert encoder_overrides("BAAI/bge-base-en") == {"model_name_or_path": "BAAI/bge-base-en",
+                                                     "key_model_name_or_path": None, "tokenizer_name_or_path": None}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_encoding_runs_in_bf16_and_matches_cpu(encoder, tmp_path):
+    """dtype=auto on a GPU is bf16: close to the fp32 CPU embeddings, and the same store layout."""
+    texts = TEXTS[:20]
+    cpu_trainer = _trainer()
+    gpu_trainer = make_predict_trainer(None, accelerator="gpu", devices=1, enable_progress_bar=False)
+    (cpu,) = encode_to_stores(encoder, [_job(tmp_path / "cpu", texts=texts)], cpu_trainer)
+    (gpu,) = encode_to_stores(encoder, [_job(tmp_path / "gpu", texts=texts)], gpu_trainer)
+    a, b = cpu.load(), gpu.load()
+    assert a.shape == b.shape and sorted(os.listdir(tmp_path / "cpu")) == sorted(os.listdir(tmp_path / "gpu"))
+    cos = (a * b).sum(axis=1)  # both are unit vectors
+    assert cos.min() > 0.99
+    assert next(encoder.parameters()).dtype == torch.float32  # restored after the bf16 run

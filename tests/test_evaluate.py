@@ -1,0 +1,118 @@
+"""`python -m embedder.evaluate`: standalone evaluation equals the in-training evaluation, writes its files, reuses
+cached embeddings, evaluates saved models, task eval sets, rerank mode and BM25."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+
+import pytest
+
+from embedder.data.tasks import Instruction
+from embedder.evaluate import run_evaluate
+from embedder.evaluation.eval_set import EvalSet
+from embedder.modeling.encoder import DualEncoder
+from tests.conftest import compose
+from tests.test_mining import write_toy
+
+TOOL_QUERY = "Transform this user request for fetching helpful tool descriptions: "
+TOOL_KEY = "Transform this tool description for retrieval: "
+
+
+def eval_cfg(tmp_path, tiny_bert, extra=()):
+    data = tmp_path / "data"
+    write_toy(data / "toy")
+    return compose([f"data_root={data}", "eval_data=llm-embedder:toy/train.json", "corpus=llm-embedder:toy/corpus.json",
+                    "eval_name=toy", f"output_dir={tmp_path}/out", "model=tiny_bert",
+                    f"model.model_name_or_path={tiny_bert}", "trainer=cpu", "+trainer.enable_progress_bar=false",
+                    "query_max_length=32", "key_max_length=32", "metrics=[mrr,recall,ndcg,map,nq]", "cutoffs=[1,5,10]",
+                    "hits=10", "eval_task=tool", "task=tool", "retriever.batch_size=8", *extra], "eval")
+
+
+def test_standalone_equals_in_training_evaluation(tmp_path, tiny_bert):
+    cfg = eval_cfg(tmp_path, tiny_bert)
+    metrics = run_evaluate(cfg)
+
+    encoder = DualEncoder(tiny_bert, pooling="cls")
+    in_training = EvalSet("toy", f"{cfg.data_root}/toy/train.json", f"{cfg.data_root}/toy/corpus.json",
+                          Instruction(TOOL_QUERY, TOOL_KEY), data_root=None,
+                          metrics=["mrr", "recall", "ndcg", "map", "nq"], cutoffs=[1, 5, 10], hits=10,
+                          query_max_length=32, key_max_length=32, batch_size=8)
+    expected = in_training.evaluate(encoder)
+    assert set(metrics) == {f"toy/{k}" for k in expected}
+    for k, v in expected.items():
+        assert metrics[f"toy/{k}"] == pytest.approx(v, abs=1e-9), k
+    assert {k: v for k, v in in_training.preds.items()} == \
+        {r["query_id"]: r["pred"] for r in map(json.loads, open(f"{tmp_path}/out/toy.result.json"))}
+
+    saved = json.load(open(f"{tmp_path}/out/metrics.json"))
+    assert saved["toy"] == pytest.approx({k[len("toy/"):]: v for k, v in metrics.items()})
+    assert saved["_run"]["model"] == tiny_bert and saved["_run"]["version"] == "llm-embedder"
+    rows = [json.loads(x) for x in open(f"{tmp_path}/out/toy.result.json")]
+    assert len(rows) == 10 and all(len(r["pred"]) == len(r["scores"]) == 10 for r in rows)
+    assert all(r["scores"] == sorted(r["scores"], reverse=True) for r in rows)
+
+
+def test_second_run_reuses_corpus_embeddings_and_index(tmp_path, tiny_bert, caplog):
+    cfg = eval_cfg(tmp_path, tiny_bert)
+    first = run_evaluate(cfg)
+    with caplog.at_level(logging.INFO):
+        second = run_evaluate(eval_cfg(tmp_path, tiny_bert, ["cutoffs=[1,3]"]))
+    assert "every shard is already encoded" in caplog.text and "reusing the faiss index" in caplog.text
+    assert second["toy/mrr@1"] == first["toy/mrr@1"]
+
+
+def test_a_saved_training_output_evaluates_like_the_in_memory_model(tmp_path, tiny_bert):
+    encoder = DualEncoder(tiny_bert, pooling="mean", normalize=False)  # differs from the model config on purpose
+    encoder.save(str(tmp_path / "trained"))
+    from_folder = run_evaluate(eval_cfg(tmp_path, tiny_bert, [f"model_path={tmp_path}/trained",
+                                                              f"output_dir={tmp_path}/o1", "metrics=[ndcg]"]))
+    in_training = EvalSet("toy", f"{tmp_path}/data/toy/train.json", f"{tmp_path}/data/toy/corpus.json",
+                          Instruction(TOOL_QUERY, TOOL_KEY), data_root=None, metrics=["ndcg"], cutoffs=[1, 5, 10],
+                          hits=10, query_max_length=32, key_max_length=32, batch_size=8)
+    expected = in_training.evaluate(encoder)  # ip metric, since normalize=False
+    assert from_folder == pytest.approx({f"toy/{k}": v for k, v in expected.items()}, abs=1e-9)
+
+
+def test_task_eval_sets_with_their_instructions(tmp_path, tiny_bert):
+    data = tmp_path / "data"
+    corpus, train = write_toy(data / "tool" / "toolbench")
+    os.rename(train, data / "tool" / "toolbench" / "test.json")
+    cfg = compose([f"data_root={data}", "task=tool", f"output_dir={tmp_path}/out", "model=tiny_bert",
+                   f"model.model_name_or_path={tiny_bert}", "trainer=cpu", "+trainer.enable_progress_bar=false",
+                   "query_max_length=32", "key_max_length=32"], "eval")
+    metrics = run_evaluate(cfg)
+    assert set(metrics) == {f"tool/{m}@{k}" for m in ("mrr", "recall", "ndcg") for k in (1, 3, 5)}  # task=tool's set
+    # the instructions came from tasks.tool (version=llm-embedder): the cached query store holds them
+    encode_dir = f"{tmp_path}/out/encode"
+    metas = [json.load(open(f"{encode_dir}/{d}/meta.json")) for d in os.listdir(encode_dir)]
+    assert {m["info"]["kind"] for m in metas} == {"query", "key"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bm25s") is None, reason="needs bm25s (pip install bm25s)")
+def test_rerank_mode_and_bm25(tmp_path, tiny_bert):
+    data = tmp_path / "data"
+    corpus, train = write_toy(data / "toy")
+    rows = [json.loads(x) for x in open(train)]
+    corpus_rows = [json.loads(x) for x in open(corpus)]
+    with open(data / "toy" / "rerank.json", "w") as f:
+        for r in rows:  # candidates: the positive and two other rows, positive last
+            cand = [(r["pos_index"][0] + 3) % 30, (r["pos_index"][0] + 6) % 30, r["pos_index"][0]]
+            f.write(json.dumps({**r, "key": [f"{corpus_rows[c]['title']} {corpus_rows[c]['text']}" for c in cand],
+                                "key_index": cand}) + "\n")
+    reranked = run_evaluate(eval_cfg(tmp_path, tiny_bert, [
+        "eval_data=llm-embedder:toy/rerank.json", "corpus=null", "mode=rerank", "metrics=[mrr,recall]", "cutoffs=[3]",
+        "eval_name=rerank"]))
+    assert reranked["rerank/recall@3"] == 1.0  # all three candidates are returned
+
+    bm25 = run_evaluate(compose([f"data_root={data}", "eval_data=llm-embedder:toy/train.json",
+                                 "corpus=llm-embedder:toy/corpus.json", f"output_dir={tmp_path}/bm25", "retriever=bm25",
+                                 "retriever.backend=bm25s", "metrics=[mrr,ndcg]", "cutoffs=[1,10]"], "eval"))
+    assert bm25["train/mrr@10"] > 0.5  # lexical overlap finds the right topic
+
+
+def test_nothing_to_evaluate_is_explained(tmp_path):
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        run_evaluate(compose(["task=msmarco", f"output_dir={tmp_path}"], "eval"))

@@ -1,0 +1,294 @@
+"""Hard-negative mining: the negative rules by hand, then mine.py end to end (dense and bm25s) on a small corpus.
+
+The corpus has 10 topics x 3 passages plus one passage that repeats a positive's text under another row, so the
+by-text positive filter has something to catch. Dense runs use the tiny random BERT (real tokenizer and forward
+pass); the Lucene backend is in test_mining_bm25.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections import Counter
+
+import pytest
+
+from embedder.errors import DataError
+from embedder.mining import NegativeRule, load_corpus, load_queries, select_negatives
+from tests.conftest import compose
+
+TOPICS = {
+    "paris": ["Paris is the capital of France", "Paris hosts the Louvre museum", "Paris sits on the Seine river"],
+    "berlin": ["Berlin is the capital of Germany", "Berlin has a famous wall", "Berlin lies on the Spree river"],
+    "tokyo": ["Tokyo is the capital of Japan", "Tokyo has busy train stations", "Tokyo hosted the olympics"],
+    "banana": ["Banana is a yellow fruit", "Banana plants grow in the tropics", "Banana bread is sweet"],
+    "apple": ["Apple is a red or green fruit", "Apple trees blossom in spring", "Apple pie is a dessert"],
+    "guitar": ["Guitar has six strings", "Guitar music fills the hall", "Guitar players use picks"],
+    "piano": ["Piano has eighty eight keys", "Piano lessons start early", "Piano concertos are long"],
+    "soccer": ["Soccer is played with a ball", "Soccer teams have eleven players", "Soccer World Cup is popular"],
+    "tennis": ["Tennis uses a racket", "Tennis courts can be grass", "Tennis matches have sets"],
+    "python": ["Python is a programming language", "Python code uses indentation", "Python has many libraries"],
+}
+DUPLICATE_ROW = 30  # same text as row 0 (paris, first passage)
+needs_bm25s = pytest.mark.skipif(importlib.util.find_spec("bm25s") is None, reason="needs bm25s (pip install bm25s)")
+
+
+def toy_corpus() -> list[dict]:
+    rows = [{"title": topic.capitalize(), "text": text} for topic, texts in TOPICS.items() for text in texts]
+    rows.append(dict(rows[0]))  # row 30 duplicates row 0
+    return rows
+
+
+def toy_queries() -> list[dict]:
+    out = []
+    for t, (topic, texts) in enumerate(TOPICS.items()):
+        out.append({"query": f"what about {topic} {texts[0].split()[-1]}", "query_id": f"q{t}", "task": "qa",
+                    "pos": [f"{topic.capitalize()} {texts[0]}"], "pos_index": [3 * t],
+                    "neg": ["stale negative"], "neg_index": [99], "answers": [texts[1].split()[-1]],
+                    "teacher_scores": [1.0, 0.0]})
+    return out
+
+
+def write_toy(folder) -> tuple[str, str]:
+    """Write `corpus.json` and `train.json` (JSON lines) under `folder`; returns their paths."""
+    os.makedirs(folder, exist_ok=True)
+    corpus, train = os.path.join(folder, "corpus.json"), os.path.join(folder, "train.json")
+    for path, rows in ((corpus, toy_corpus()), (train, toy_queries())):
+        with open(path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    return corpus, train
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def mine_cfg(tmp_path, extra=(), tiny_bert=None):
+    data = tmp_path / "data"
+    write_toy(data / "qa" / "toy")
+    overrides = [f"data_root={data}", "eval_data=llm-embedder:qa/toy/train.json",
+                 "corpus=llm-embedder:qa/toy/corpus.json", f"output_dir={tmp_path}/out", "trainer=cpu",
+                 "+trainer.enable_progress_bar=false", "query_max_length=32",
+                 "key_max_length=32", "hits=20", "max_neg_num=5"]
+    if tiny_bert:
+        overrides += ["model=tiny_bert", f"model.model_name_or_path={tiny_bert}", "retriever.batch_size=8"]
+    return compose(overrides + list(extra), config_name="mine")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the rules, by hand
+# ---------------------------------------------------------------------------------------------------------------------
+
+TEXTS = ["pos text", "a", "b", "Pos   TEXT", "c", "a", "the answer is 1984", "d"]
+
+
+def test_positives_excluded_by_index_and_by_text():
+    # the reference's filter `i != pos_index` (int vs list) never removed row 0; here it goes, and so does row 3,
+    # whose text equals the positive after whitespace and case folding
+    neg_index, neg, dropped = select_negatives([0, 1, 2, 3, 4], TEXTS, NegativeRule(), pos_index=[0], pos=["pos text"])
+    assert neg_index == [1, 2, 4] and neg == ["a", "b", "c"]
+    assert dropped == Counter({"positive (pos_index)": 1, "positive (same text as pos)": 1})
+
+
+def test_rank_range_cap_duplicates_and_missing_results():
+    rule = NegativeRule(rank_range=(2, 7), max_neg_num=3)
+    neg_index, _, dropped = select_negatives([1, 2, -1, 4, 5, 7, 6, 0], TEXTS, rule)
+    # positions 0-1 skipped, -1 ignored, row 5 repeats row 1's text... but row 1 was skipped, so 5 is kept
+    assert neg_index == [4, 5, 7] and dropped["above rank range"] == 2
+    neg_index, _, dropped = select_negatives([1, 5, 2], TEXTS, NegativeRule())
+    assert neg_index == [1, 2] and dropped["duplicate text"] == 1
+
+
+def test_answer_filter_substring_and_token():
+    ranked = [6, 1]
+    assert select_negatives(ranked, TEXTS, NegativeRule(filter_answers=True), answers=["198"])[0] == [1]
+    assert select_negatives(ranked, TEXTS, NegativeRule(filter_answers=True, answer_match="token"),
+                            answers=["198"])[0] == [6, 1]  # "198" is not a whole token of "1984"
+    assert select_negatives(ranked, TEXTS, NegativeRule(filter_answers=False), answers=["1984"])[0] == [6, 1]
+
+
+def test_rule_validation():
+    with pytest.raises(ValueError, match="rank_range"):
+        NegativeRule(rank_range=(5, 5))
+    with pytest.raises(ValueError, match="max_neg_num"):
+        NegativeRule(max_neg_num=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# bad input: file, line, field
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _write(path, rows):
+    with open(path, "w") as f:
+        f.writelines((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows)
+    return str(path)
+
+
+def test_bad_corpus_lines(tmp_path):
+    dup = _write(tmp_path / "dup.json", [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "z"}])
+    with pytest.raises(DataError, match=r"dup.json, line 3, field 'id'.*duplicate document id 'a' \(first on line 1\)"):
+        load_corpus(dup, "{text}")
+    missing = _write(tmp_path / "missing.json", [{"title": "t", "text": "x"}, {"text": "no title"}])
+    with pytest.raises(DataError, match=r"missing.json, line 2, field 'title'.*key_template"):
+        load_corpus(missing, "{title} {text}")
+
+
+def test_bad_query_lines_error_or_are_skipped_and_counted(tmp_path, caplog):
+    path = _write(tmp_path / "train.json", [
+        {"query": "fine", "pos_index": [1]},
+        {"query": "   ", "pos_index": [0]},
+        {"query": "outside", "pos_index": [0, 7]},
+        {"query": "fine too"},
+    ])
+    with pytest.raises(DataError, match=r"train.json, line 2, field 'query': query is empty"):
+        load_queries(path, corpus_size=5)
+    with pytest.raises(DataError, match=r"t2.json, line 1, field 'pos_index'.*\[7\] outside the corpus \(5 documents"):
+        load_queries(_write(tmp_path / "t2.json", [{"query": "x", "pos_index": [0, 7]}]), corpus_size=5)
+    qf = load_queries(path, corpus_size=5, skip_bad=True)
+    assert [r.line for r in qf.records] == [1, 4] and qf.total == 4
+    assert qf.skipped == Counter({"empty query": 1, "pos_index outside the corpus": 1})
+    assert "2 skipped (1 empty query, 1 pos_index outside the corpus)" in qf.report()
+
+
+def test_mine_reports_bad_input_before_loading_a_model(tmp_path):
+    cfg = mine_cfg(tmp_path, ["model.model_name_or_path=/nonexistent/model"])
+    rows = read_jsonl(cfg.data_root + "/qa/toy/train.json")
+    rows[4]["pos_index"] = [31]  # the corpus has rows 0..30
+    _write(cfg.data_root + "/qa/toy/train.json", rows)
+    from embedder.mining.run import run_mine
+
+    with pytest.raises(DataError, match=r"train.json, line 5, field 'pos_index'"):
+        run_mine(cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# mine.py end to end
+# ---------------------------------------------------------------------------------------------------------------------
+
+def _check_mined(cfg, out, lo, hi, max_neg):
+    """The checks every mined file must pass, against the saved ranking."""
+    originals = {r["query_id"]: r for r in toy_queries()}
+    ranking = {r["query_id"]: r["pred"] for r in read_jsonl(out["result"])}
+    corpus = load_corpus(cfg.data_root + "/qa/toy/corpus.json", cfg.key_template)
+    mined = read_jsonl(out["output"])
+    assert len(mined) == out["written"] > 0
+    for rec in mined:
+        orig = originals[rec["query_id"]]
+        assert "teacher_scores" not in rec  # stale: they scored the old negatives
+        assert {k: v for k, v in rec.items() if k not in ("neg", "neg_index")} == \
+            {k: v for k, v in orig.items() if k not in ("neg", "neg_index", "teacher_scores")}
+        assert 0 < len(rec["neg"]) <= max_neg and len(rec["neg"]) == len(rec["neg_index"])
+        assert rec["neg"] == [corpus.texts[i] for i in rec["neg_index"]]
+        assert not set(rec["neg_index"]) & set(rec["pos_index"])  # positives by index
+        assert not {" ".join(t.split()).lower() for t in rec["neg"]} & {p.lower() for p in rec["pos"]}  # by text
+        positions = [ranking[rec["query_id"]].index(i) for i in rec["neg_index"]]
+        assert all(lo <= p < hi for p in positions) and positions == sorted(positions)  # rank range, in order
+
+
+def test_dense_mining_end_to_end(tmp_path, tiny_bert):
+    from embedder.mining.run import run_mine
+
+    cfg = mine_cfg(tmp_path, ["save_name=tiny", "rank_range=[2,15]"], tiny_bert=tiny_bert)
+    out = run_mine(cfg)
+    assert out["output"] == cfg.data_root + "/qa/toy/train.neg.tiny.json"  # next to the input, reference name
+    assert out["result"] == f"{tmp_path}/out/train.result.tiny.json"
+    _check_mined(cfg, out, lo=2, hi=15, max_neg=5)
+    meta = json.load(open(f"{tmp_path}/out/train.neg.tiny.meta.json"))
+    assert meta["retriever"] == "dense" and meta["rank_range"] == [2, 15] and meta["written"] == out["written"]
+    assert os.path.isdir(f"{tmp_path}/out/encode")
+    assert any(p.endswith(".faiss") for p in os.listdir(f"{tmp_path}/out/index"))
+
+
+@needs_bm25s
+def test_bm25s_mining_catches_the_duplicate_positive(tmp_path):
+    from embedder.mining.run import run_mine
+
+    cfg = mine_cfg(tmp_path, ["retriever=bm25", "retriever.backend=bm25s", "save_to_output=true",
+                              "save_name=bm25"])
+    out = run_mine(cfg)
+    assert out["output"] == f"{tmp_path}/out/train.neg.bm25.json"  # save_to_output
+    _check_mined(cfg, out, lo=0, hi=20, max_neg=5)
+    # query 0 retrieves row 0 and its twin (row 30) at the top; the twin is dropped by text, not kept as a negative
+    ranking = read_jsonl(out["result"])[0]["pred"]
+    assert {0, DUPLICATE_ROW} <= set(ranking[:3])
+    assert out["dropped_candidates"]["positive (same text as pos)"] >= 1
+    assert out["dropped_candidates"]["positive (pos_index)"] == 10
+
+
+@needs_bm25s
+def test_mining_resumes_finished_search_shards(tmp_path, monkeypatch):
+    from embedder.mining import bm25
+    from embedder.mining.run import run_mine
+
+    cfg = mine_cfg(tmp_path, ["retriever=bm25", "retriever.backend=bm25s", "query_shard_size=3", "save_name=r"])
+    calls: list[range] = []
+    real = bm25.BM25sBM25.search
+
+    def crash_on_third(self, rows, k):
+        calls.append(rows)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash while searching")
+        return real(self, rows, k)
+
+    monkeypatch.setattr(bm25.BM25sBM25, "search", crash_on_third)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_mine(cfg)
+    assert not os.path.exists(cfg.data_root + "/qa/toy/train.neg.r.json")  # no partial output
+    calls.clear()
+    monkeypatch.setattr(bm25.BM25sBM25, "search", lambda self, rows, k: calls.append(rows) or real(self, rows, k))
+    out = run_mine(cfg)
+    assert calls == [range(6, 9), range(9, 10)]  # shards 0 and 1 were loaded from disk, not searched again
+    _check_mined(cfg, out, lo=0, hi=20, max_neg=5)
+
+
+@needs_bm25s
+def test_records_without_negatives_are_skipped_and_counted(tmp_path):
+    from embedder.mining.run import run_mine
+
+    cfg = mine_cfg(tmp_path, ["retriever=bm25", "retriever.backend=bm25s", "rank_range=[19,20]", "save_name=x"])
+    out = run_mine(cfg)  # position 19 is a miss (score 0) for most queries: nothing left for them
+    assert out["written"] + out["skipped_no_negatives"] == 10 and out["skipped_no_negatives"] > 0
+
+
+def test_rank_range_beyond_hits_is_an_error(tmp_path):
+    from embedder.mining.run import run_mine
+
+    with pytest.raises(ValueError, match="beyond hits=20"):
+        run_mine(mine_cfg(tmp_path, ["rank_range=[0,50]", "retriever=bm25"]))
+
+
+@pytest.mark.slow
+def test_mine_py_defaults_use_the_bundled_sample_and_minilm(tmp_path):
+    """`python mine.py` with no arguments: bundled sample data, bundled MiniLM, written under output_dir."""
+    from embedder.mining.run import SAMPLE_DATA, run_mine
+
+    if not os.path.isfile(os.path.join(SAMPLE_DATA, "qa", "train.json")):
+        pytest.skip("the bundled sample data has not been generated yet")
+    cfg = compose([f"output_dir={tmp_path}/out", "trainer=cpu"], config_name="mine")
+    assert cfg.model.model_name_or_path.endswith("model") and cfg.retriever.name == "dense"
+    out = run_mine(cfg)
+    assert out["output"] == f"{tmp_path}/out/train.neg.json"  # never written inside the installed package
+    mined = read_jsonl(out["output"])
+    assert len(mined) == out["written"] > 0 and all("teacher_scores" not in r for r in mined)
+    assert all(not set(r["neg_index"]) & set(r.get("pos_index", [])) for r in mined)
+
+
+@pytest.mark.parametrize("config_name", ["mine", "eval"])
+@pytest.mark.parametrize("retriever", ["dense", "bm25"])
+def test_mine_and_eval_configs_compose(config_name, retriever):
+    cfg = compose([f"retriever={retriever}"], config_name=config_name)
+    assert cfg.retriever.name == retriever and cfg.output_dir
+    if retriever == "bm25":
+        assert (cfg.retriever.k1, cfg.retriever.b) == (0.82, 0.68)  # the reference's BM25 parameters
+
+
+@pytest.mark.parametrize("index", ["flat", "hnsw", "ivf", "ivfpq"])
+def test_index_configs_are_valid_faiss_factories(index):
+    faiss = pytest.importorskip("faiss")
+    cfg = compose([f"index={index}"], config_name="mine")
+    built = faiss.index_factory(384, cfg.index.factory, faiss.METRIC_INNER_PRODUCT)  # MiniLM's dimension
+    assert built.d == 384 and cfg.index.metric == "auto"
+    for name, value in cfg.index.search_params.items():
+        faiss.ParameterSpace().set_index_parameter(built, name, value)
