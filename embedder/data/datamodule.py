@@ -47,7 +47,6 @@ class RetrievalDataModule(LightningDataModule):
         self.files: list[TrainFile] = []
         self.dataset: MultiTaskTrainDataset | None = None
         self._sampler: SameDatasetBatchSampler | None = None
-        self._resume: dict[str, int] | None = None
 
     def load(self) -> None:
         """Read and validate every training file (idempotent). Fails fast on bad records."""
@@ -68,32 +67,41 @@ class RetrievalDataModule(LightningDataModule):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         self._sampler = _EpochBatchSampler(self.dataset, self.dataset.ranges(), self.batch_size, self.mode,
                                            self.seed, rank, world)
-        if self._resume:
-            self._sampler.resume_at(self._resume["epoch"], self._resume["batches"])
-            self._resume = None
         # A private generator for the workers' base seed: creating an iterator then leaves the global torch RNG
         # alone, so a resumed run's dropout stream continues exactly where the checkpoint left it.
         generator = torch.Generator().manual_seed(self.seed)
-        return DataLoader(self.dataset, batch_sampler=self._sampler, collate_fn=self.collator,
-                          num_workers=self.num_workers, persistent_workers=False, generator=generator)
+        return _ResumableDataLoader(self.dataset, batch_sampler=self._sampler, collate_fn=self.collator,
+                                    num_workers=self.num_workers, persistent_workers=False, generator=generator,
+                                    position_fn=self._position)
 
     def val_dataloader(self) -> DataLoader:
         # One item per evaluation set; the LightningModule evaluates the whole set in one step.
         return DataLoader(list(range(len(self.eval_sets))), batch_size=1, collate_fn=lambda x: x)
 
-    # position inside the epoch, so `ckpt_path=last` resumes at the next unseen batch
-    def state_dict(self) -> dict[str, Any]:
+    def _position(self) -> dict[str, int]:
+        """Where training is inside the epoch: read from Lightning's loop progress, which (unlike counting
+        yielded batches) is not fooled by the prefetched batch."""
         if self.trainer is None:
             return {}
         loop = self.trainer.fit_loop
         return {"epoch": int(loop.epoch_progress.current.completed),
                 "batches": int(loop.epoch_loop.batch_progress.current.processed)}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+
+class _ResumableDataLoader(DataLoader):
+    """A DataLoader Lightning treats as stateful: its position is saved in every checkpoint and, on
+    `ckpt_path=...`, restored before iteration, so a resumed run continues at the next unseen batch."""
+
+    def __init__(self, *args, position_fn, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._position_fn = position_fn
+
+    def state_dict(self) -> dict[str, int]:
+        return self._position_fn()
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
         if state:
-            self._resume = {"epoch": int(state["epoch"]), "batches": int(state["batches"])}
-            if self._sampler is not None:
-                self._sampler.resume_at(self._resume["epoch"], self._resume["batches"])
+            self.batch_sampler.resume_at(int(state["epoch"]), int(state["batches"]))
 
 
 class _EpochBatchSampler(SameDatasetBatchSampler):
