@@ -153,3 +153,19 @@ def test_sample_data_with_real_minilm_improves(tmp_path):
     before = json.load(open(tmp_path / "out" / "metrics.json"))["before"]
     assert after["val/qa/ndcg@10"] > before["val/qa/ndcg@10"]
     assert after["val/qa/mrr@10"] > before["val/qa/mrr@10"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("logger", ["wandb", "many"])
+def test_fit_with_other_loggers_offline(logger, tmp_path, tiny_bert, monkeypatch):
+    """W&B writes an offline run (no network, no login); `many` writes CSV and TensorBoard together."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    cfg = compose(quick_overrides(tmp_path, tiny_bert, ["task=tool", f"train_data=[{toy_path('tool')}]", "eval=null",
+                                                        "export=false", f"logger={logger}"]))
+    run_train(cfg)
+    if logger == "wandb":
+        assert list((tmp_path / "out").rglob("*.wandb")) or list(tmp_path.rglob("offline-run-*"))
+    else:
+        assert list((tmp_path / "out" / "tensorboard").rglob("events.out.tfevents.*"))
+        assert list((tmp_path / "out" / "csv").rglob("metrics.csv"))
