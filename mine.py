@@ -5,14 +5,11 @@ corpus=llm-embedder:qa/nq/corpus.json save_name=bge`.
 Composes the config and hands it to `embedder.mining.run.run_mine`; see configs/mine.yaml for every option.
 """
 
-import os
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 from embedder.bundled import register_resolvers
-from embedder.config_check import check_overrides
+from embedder.config_check import exit_on_unknown_keys
 from embedder.mining.run import run_mine
 
 register_resolvers()
@@ -24,8 +21,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-    problem = check_overrides(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"), "mine", overrides)
-    if problem:
-        sys.exit(problem)
+    exit_on_unknown_keys("mine")
     main()

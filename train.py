@@ -3,14 +3,11 @@
 Composes the config and hands it to `embedder.training.run_train`; see configs/train.yaml for every option.
 """
 
-import os
-import sys
-
 import hydra
 from omegaconf import DictConfig
 
 from embedder.bundled import register_resolvers
-from embedder.config_check import check_overrides
+from embedder.config_check import exit_on_unknown_keys
 from embedder.training import run_train
 
 register_resolvers()
@@ -24,8 +21,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
-    overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-    problem = check_overrides(os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs"), "train", overrides)
-    if problem:
-        sys.exit(problem)
+    exit_on_unknown_keys("train")
     main()

@@ -61,7 +61,22 @@ def check_overrides(config_dir: str, config_name: str, overrides: list[str]) -> 
     finally:
         GlobalHydra.instance().clear()
     for key in plain:
-        msg = unknown_key_message(cfg, key)
+        try:
+            msg = unknown_key_message(cfg, key)
+        except Exception:  # advice only: never block a run on a config the check cannot walk
+            msg = None
         if msg:
             return msg
     return None
+
+
+def exit_on_unknown_keys(config_name: str) -> None:
+    """For entry points: check `sys.argv`'s overrides against configs/<config_name>.yaml; exit with the message."""
+    import os
+    import sys
+
+    config_dir = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+    overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
+    problem = check_overrides(config_dir, config_name, overrides)
+    if problem:
+        sys.exit(problem)

@@ -37,7 +37,8 @@ from embedder.evaluation.nq_answer import answer_recall
 from embedder.evaluation.retrieval import RetrievalEvaluator
 from embedder.mining.base import fingerprint, launched_rank, search_in_shards
 from embedder.mining.inputs import format_key, load_corpus
-from embedder.mining.run import build_retriever, hash_all, resolve_instruction
+from embedder.mining.base import texts_fingerprint
+from embedder.mining.run import build_retriever, resolve_instruction
 from embedder.paths import resolve_files, resolve_path
 
 log = logging.getLogger("embedder.evaluation")
@@ -166,7 +167,7 @@ def _retrieve(spec: dict[str, Any], evaluator: RetrievalEvaluator, corpus_ids: l
     query_texts = [q.text for q in evaluator.queries]
     if not retriever.prepare(evaluator.corpus_texts, query_texts):
         return None
-    key = fingerprint(retriever.describe(), hash_all(evaluator.corpus_texts), hash_all(query_texts), k)
+    key = fingerprint(retriever.describe(), texts_fingerprint(evaluator.corpus_texts), texts_fingerprint(query_texts), k)
     scores, ids = search_in_shards(retriever, len(query_texts), k, os.path.join(cfg.output_dir, "search", key),
                                    shard_size=int(cfg.query_shard_size))
     preds: dict[Hashable, list[int]] = {}

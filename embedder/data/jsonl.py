@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import IO, Any
 
 from embedder.errors import DataError
 
@@ -32,23 +33,21 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return [record for _, record in iter_jsonl(path)]
 
 
-def write_jsonl_atomic(path: str, records: Iterable[dict[str, Any]]) -> int:
-    """Write records to `path` through a temp file in the same folder and an atomic rename.
+@contextlib.contextmanager
+def atomic_open(path: str, suffix: str = ".tmp") -> Iterator[IO[str]]:
+    """Open a temp file beside `path` for writing; on success fsync it and rename it over `path`.
 
     A crash leaves either the old file or the complete new one, never a half-written file.
     """
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".jsonl", dir=folder)
-    n = 0
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
     try:
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the final file normal permissions
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-                n += 1
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -56,4 +55,13 @@ def write_jsonl_atomic(path: str, records: Iterable[dict[str, Any]]) -> int:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def write_jsonl_atomic(path: str, records: Iterable[dict[str, Any]]) -> int:
+    """Write records as JSON lines to `path` atomically; returns how many were written."""
+    n = 0
+    with atomic_open(path, suffix=".jsonl") as f:
+        for record in records:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            n += 1
     return n

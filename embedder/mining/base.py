@@ -52,6 +52,15 @@ def launched_rank() -> int:
     return 0
 
 
+def texts_fingerprint(texts: Sequence[str]) -> str:
+    """A short hash of a list of texts (order and boundaries included), to key caches on their content."""
+    h = hashlib.blake2b(digest_size=8)
+    for t in texts:
+        h.update(t.encode("utf-8", "surrogatepass"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
 def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts."""
     h = hashlib.blake2b(digest_size=8)

@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from embedder.mining.base import Retriever, fingerprint, pad_results
+from embedder.mining.base import Retriever, fingerprint, pad_results, texts_fingerprint
 
 log = logging.getLogger("embedder.mining")
 
@@ -185,7 +185,7 @@ class PyseriniBM25(Retriever):
         log.info("BM25 backend: pyserini/Lucene (%s, Java %d from %s, k1=%g b=%g)", os.path.basename(self.jar),
                  self.java_version, self.java_source, self.k1, self.b)
         self.queries = queries
-        corpus_fp = _texts_fingerprint(corpus_texts)
+        corpus_fp = texts_fingerprint(corpus_texts)
         self.index_dir = os.path.join(self.work_dir, "index", f"lucene-{self.language}-{corpus_fp}")
         done = os.path.join(self.index_dir, "embedder-index.json")
         if os.path.isfile(done):
@@ -280,7 +280,7 @@ class BM25sBM25(Retriever):
         log.info("BM25 backend: bm25s %s (k1=%g b=%g, stemming %s)", getattr(bm25s, "__version__", ""), self.k1,
                  self.b, "porter (PyStemmer)" if self.stemmer else "off (pip install PyStemmer to match Lucene)")
         self.queries, self.num_docs = queries, len(corpus_texts)
-        key = fingerprint(_texts_fingerprint(corpus_texts), self.describe())
+        key = fingerprint(texts_fingerprint(corpus_texts), self.describe())
         index_dir = os.path.join(self.work_dir, "index", f"bm25s-{key}")
         if self.save_index and os.path.isfile(os.path.join(index_dir, "embedder-index.json")):
             self.model = bm25s.BM25.load(index_dir)
@@ -317,16 +317,6 @@ class BM25sBM25(Retriever):
         # like Lucene, a document that matches no query term is not a result
         keep = scores > 0
         return pad_results([s[m].tolist() for s, m in zip(scores, keep)], [i[m].tolist() for i, m in zip(ids, keep)], k)
-
-
-def _texts_fingerprint(texts: Sequence[str]) -> str:
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=8)
-    for t in texts:
-        h.update(t.encode("utf-8", "surrogatepass"))
-        h.update(b"\x00")
-    return h.hexdigest()
 
 
 def make_bm25(work_dir: str, backend: str = "auto", k1: float = K1, b: float = B, threads: int = 8,

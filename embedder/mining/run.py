@@ -26,7 +26,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from embedder.data.jsonl import write_jsonl_atomic
-from embedder.mining.base import Retriever, fingerprint, launched_rank, search_in_shards
+from embedder.mining.base import Retriever, fingerprint, launched_rank, search_in_shards, texts_fingerprint
 from embedder.mining.inputs import load_corpus, load_queries
 from embedder.mining.negatives import NegativeRule, mined_record, select_negatives
 from embedder.paths import resolve_files
@@ -94,20 +94,6 @@ def build_retriever(cfg: DictConfig, work_dir: str, query_instruction: str = "",
         num_workers=rcfg.get("num_workers", 0))
 
 
-def hash_all(texts: list[str]) -> str:
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=8)
-    for t in texts:
-        h.update(t.encode("utf-8", "surrogatepass"))
-        h.update(b"\x00")
-    return h.hexdigest()
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# mining
-# ---------------------------------------------------------------------------------------------------------------------
-
 def output_paths(eval_path: str, cfg: DictConfig) -> tuple[str, str]:
     """`(mined file, result file)` following the reference's names."""
     stem = os.path.splitext(os.path.basename(eval_path))[0]
@@ -156,7 +142,7 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
     query_texts = [r.query for r in queries.records]
     if not retriever.prepare(corpus.texts, query_texts):
         return {}
-    key = fingerprint(retriever.describe(), corpus.fingerprint(), hash_all(query_texts), hits)
+    key = fingerprint(retriever.describe(), corpus.fingerprint(), texts_fingerprint(query_texts), hits)
     scores, ids = search_in_shards(retriever, len(query_texts), hits, os.path.join(cfg.output_dir, "search", key),
                                    shard_size=int(cfg.query_shard_size))
 

@@ -18,7 +18,6 @@ import logging
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -27,7 +26,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from embedder.data.jsonl import write_jsonl_atomic
+from embedder.data.jsonl import atomic_open, write_jsonl_atomic
 from embedder.errors import DataError
 from embedder.paths import resolve_files
 from embedder.scoring.records import FilePlan, candidates, choose_answers, plan_file, trim_record
@@ -171,19 +170,8 @@ def _read_json(path: str) -> Any:
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=folder)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, ensure_ascii=False, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, suffix=".json") as f:
+        json.dump(obj, f, ensure_ascii=False, indent=1)
 
 
 def _part_path(job: FileJob, part: int) -> str:
