@@ -169,3 +169,16 @@ def test_fit_with_other_loggers_offline(logger, tmp_path, tiny_bert, monkeypatch
     else:
         assert list((tmp_path / "out" / "tensorboard").rglob("events.out.tfevents.*"))
         assert list((tmp_path / "out" / "csv").rglob("metrics.csv"))
+
+
+def test_validation_during_training_and_best_checkpoint(tmp_path, tiny_bert):
+    """val/<set>/<metric>@k is logged every val_check_interval steps and best.ckpt follows the task metric."""
+    cfg = compose(quick_overrides(tmp_path, tiny_bert, [
+        "task=sample", "train_data=[llm-embedder:tool/train.json]", "eval.qa=null", "eval.convsearch=null",
+        "task_metric=val/tool/ndcg@5", "trainer.max_steps=4", "trainer.val_check_interval=2",
+        "evaluate_before=false", "export=false"]))
+    after = run_train(cfg)
+    assert set(after) >= {"val/tool/ndcg@5", "val/tool/mrr@1", "val/tool/recall@3"}
+    logged_steps = {int(r["step"]) for r in _metrics_rows(tmp_path) if r.get("val/tool/ndcg@5")}
+    assert {1, 3} <= logged_steps  # Lightning logs validation at the last completed step index (0-based)
+    assert (tmp_path / "out" / "checkpoints" / "best.ckpt").exists()
