@@ -144,3 +144,18 @@ def test_deepspeed_strategies_instantiate(trainer):
     assert strategy.config["zero_optimization"]["stage"] == int(trainer.split("_")[2])
     assert strategy.zero_stage_3 == trainer.endswith("stage_3")
     assert strategy.config["zero_allow_untested_optimizer"] is True
+
+    def strings(node):
+        if isinstance(node, dict):
+            return [x for v in node.values() for x in strings(v)]
+        return [node] if isinstance(node, str) else []
+
+    assert "auto" not in strings(strategy.config)  # HF-Trainer placeholders mean nothing to DeepSpeed itself
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    # what Lightning adds before handing the config over: precision block and gradient clipping
+    parsed = DeepSpeedConfig({**strategy.config, "bf16": {"enabled": True}, "gradient_clipping": 1.0})
+    assert parsed.zero_optimization_stage == int(trainer.split("_")[2])
+    assert parsed.train_micro_batch_size_per_gpu == 16
+    if trainer.endswith("offload"):
+        assert parsed.zero_config.offload_optimizer.device == "cpu"

@@ -43,6 +43,11 @@ class SameDatasetBatchSampler(Sampler[list[int]]):
                              f"lower data.batch_size")
         self._static = None
 
+    @property
+    def batch_size(self) -> int:
+        """Per-rank batch size (Lightning and DeepSpeed read `batch_sampler.batch_size`)."""
+        return self.bs
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
