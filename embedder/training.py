@@ -12,8 +12,8 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from embedder.data.datamodule import RetrievalDataModule, collate_for_export
-from embedder.data.tasks import build_task_settings
+from embedder.data.datamodule import RetrievalDataModule
+from embedder.data.tasks import build_task_settings, export_prompts
 from embedder.evaluation.eval_set import build_eval_sets
 from embedder.lit_module import RetrieverModule
 
@@ -72,7 +72,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         # Under ZeRO-3 every rank holds a shard: gather the full weights on all ranks, write from rank 0.
         with _gathered_parameters(trainer, module):
             if trainer.is_global_zero:
-                module.encoder.save(cfg.output_dir, prompts=collate_for_export(tasks),
+                module.encoder.save(cfg.output_dir, prompts=export_prompts(tasks),
                                     max_seq_length=cfg.key_max_length)
                 log.info("exported the encoder (Hugging Face + sentence-transformers) to %s", cfg.output_dir)
     if trainer.is_global_zero:

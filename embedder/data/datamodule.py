@@ -46,7 +46,6 @@ class RetrievalDataModule(LightningDataModule):
         self.eval_sets = list(eval_sets or [])
         self.files: list[TrainFile] = []
         self.dataset: MultiTaskTrainDataset | None = None
-        self._sampler: SameDatasetBatchSampler | None = None
 
     def load(self) -> None:
         """Read and validate every training file (idempotent). Fails fast on bad records."""
@@ -65,12 +64,12 @@ class RetrievalDataModule(LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         self.load()
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
-        self._sampler = _EpochBatchSampler(self.dataset, self.dataset.ranges(), self.batch_size, self.mode,
-                                           self.seed, rank, world)
+        sampler = _EpochBatchSampler(self.dataset, self.dataset.ranges(), self.batch_size, self.mode, self.seed,
+                                     rank, world)
         # A private generator for the workers' base seed: creating an iterator then leaves the global torch RNG
         # alone, so a resumed run's dropout stream continues exactly where the checkpoint left it.
         generator = torch.Generator().manual_seed(self.seed)
-        return _ResumableDataLoader(self.dataset, batch_sampler=self._sampler, collate_fn=self.collator,
+        return _ResumableDataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collator,
                                     num_workers=self.num_workers, persistent_workers=False, generator=generator,
                                     position_fn=self._position)
 
@@ -128,16 +127,4 @@ class _EpochBatchSampler(SameDatasetBatchSampler):
         yield from super().__iter__()
 
 
-def collate_for_export(tasks: dict[str, TaskSettings]) -> dict[str, str]:
-    """sentence-transformers prompts from the task instructions: `<task>_query` and `<task>_key`."""
-    prompts: dict[str, str] = {}
-    for name, t in tasks.items():
-        prompts[f"{name}_query"] = t.instruction.query
-        prompts[f"{name}_key"] = t.instruction.key
-    if len(tasks) == 1:
-        only = next(iter(tasks.values()))
-        prompts["query"], prompts["document"] = only.instruction.query, only.instruction.key
-    return prompts
-
-
-__all__ = ["RetrievalDataModule", "collate_for_export"]
+__all__ = ["RetrievalDataModule"]

@@ -68,3 +68,16 @@ def build_task_settings(tasks: Mapping[str, Any], group_size: int, version: Mapp
             raise ValueError(f"tasks.{name}: unknown keys {sorted(unknown)}; valid: instruction, sampling, loss")
         out[name] = TaskSettings(name=name, instruction=instruction, sampling=sampling, loss=loss)
     return out
+
+
+def export_prompts(tasks: dict[str, TaskSettings]) -> dict[str, str]:
+    """sentence-transformers prompts from the task instructions: `<task>_query` and `<task>_key`, plus
+    `query`/`document` when there is a single task."""
+    prompts: dict[str, str] = {}
+    for name, t in tasks.items():
+        prompts[f"{name}_query"] = t.instruction.query
+        prompts[f"{name}_key"] = t.instruction.key
+    if len(tasks) == 1:
+        only = next(iter(tasks.values()))
+        prompts["query"], prompts["document"] = only.instruction.query, only.instruction.key
+    return prompts
