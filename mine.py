@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from embedder.bundled import register_resolvers
 from embedder.config_check import exit_on_unknown_keys
+from embedder.errors import reported_input_errors
 from embedder.mining.run import run_mine
 
 register_resolvers()
@@ -17,7 +18,8 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="mine")
 def main(cfg: DictConfig) -> None:
-    run_mine(cfg)
+    with reported_input_errors():
+        run_mine(cfg)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from embedder.bundled import register_resolvers
 from embedder.config_check import exit_on_unknown_keys
+from embedder.errors import reported_input_errors
 from embedder.scoring.run import run_score
 
 register_resolvers()
@@ -17,7 +18,8 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="score")
 def main(cfg: DictConfig) -> None:
-    run_score(cfg)
+    with reported_input_errors():
+        run_score(cfg)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ from omegaconf import DictConfig
 
 from embedder.bundled import register_resolvers
 from embedder.config_check import exit_on_unknown_keys
+from embedder.errors import reported_input_errors
 from embedder.training import run_train
 
 register_resolvers()
@@ -15,7 +16,8 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run_train(cfg)
+    with reported_input_errors():
+        metrics = run_train(cfg)
     # a sweeper (hydra-optuna-sweeper) optimises the returned value
     return metrics.get(cfg.optimized_metric) if cfg.optimized_metric else None
 

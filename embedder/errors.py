@@ -20,3 +20,19 @@ class DataError(ValueError):
             text += f"\n  -> {hint}"
         super().__init__(text)
         self.path, self.line, self.field, self.hint = path, line, field, hint
+
+
+class reported_input_errors:
+    """Entry points: show bad-input errors (DataError, a missing file) as one clean message and exit 1, instead of
+    a traceback through Hydra and Lightning. Programming errors keep their traceback."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None and issubclass(exc_type, (DataError, FileNotFoundError)):
+            import sys
+
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(1) from None
+        return False

@@ -116,3 +116,17 @@ def test_resolve_prefix_glob_and_missing(tmp_path):
     assert got == [str(tmp_path / "qa/nq/dev.json"), str(tmp_path / "qa/nq/train.json"), str(tmp_path / "qa/nq/train.json")]
     with pytest.raises(FileNotFoundError, match=r"resolved it to '.*qa/msmarco/train.json' with data_root="):
         resolve_files("llm-embedder:qa/msmarco/train.json", str(tmp_path), what="train_data")
+
+
+def test_train_py_reports_bad_input_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    bad = write(tmp_path, [{"query": "q", "pos": ["p"], "neg": ["a"], "task": "qa"}])
+    proc = subprocess.run([sys.executable, str(ROOT / "train.py"), "task=msmarco", f"train_data=[{bad}]",
+                           f"hydra.run.dir={tmp_path}/run"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "error: " in proc.stderr and "line 1, field 'teacher_scores'" in proc.stderr and "score.py" in proc.stderr
+    assert "Traceback" not in proc.stderr
