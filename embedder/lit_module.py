@@ -49,7 +49,6 @@ class RetrieverModule(LightningModule):
         self.optimizer_factory = optimizer
         self.warmup_ratio, self.weight_decay = float(warmup_ratio), float(weight_decay)
         self.eval_sets = list(eval_sets or [])
-        self.last_eval: dict[str, float] = {}
         self._negatives_logged = False
 
     # ------------------------------------------------------------------------------------------ training
@@ -117,14 +116,13 @@ class RetrieverModule(LightningModule):
 
     # ------------------------------------------------------------------------------------------ evaluation
     def validation_step(self, batch: list[int], batch_idx: int) -> None:
-        """One batch = one evaluation set index; every rank evaluates it whole, so all log the same value."""
+        """One batch = one evaluation set index. Under DDP every rank takes part (encoding is sharded across ranks
+        and all-gathered, see EvalSet) and ends with the same metrics."""
         for i in batch:
             es = self.eval_sets[int(i)]
             metrics = es.evaluate(self.encoder)
             for name, value in metrics.items():
-                key = f"val/{es.name}/{name}"
-                self.last_eval[key] = float(value)
-                self.log(key, float(value), batch_size=1, sync_dist=False, rank_zero_only=False)
+                self.log(f"val/{es.name}/{name}", float(value), batch_size=1, sync_dist=False)
 
     # ------------------------------------------------------------------------------------------ resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -58,15 +58,12 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
 
     before: dict[str, float] = {}
     if eval_sets and cfg.evaluate_before and cfg.ckpt_path is None:
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-        before = dict(module.last_eval)
+        before = _validate(trainer, module, datamodule)
     if cfg.train_data:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     after: dict[str, float] = {}
     if eval_sets:
-        module.last_eval = {}
-        trainer.validate(module, datamodule=datamodule, verbose=False)
-        after = dict(module.last_eval)
+        after = _validate(trainer, module, datamodule)
 
     if cfg.export:
         # Under ZeRO-3 every rank holds a shard: gather the full weights on all ranks, write from rank 0.
@@ -83,6 +80,12 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         if after:
             print(metrics_table(before, after))
     return after
+
+
+def _validate(trainer: L.Trainer, module: RetrieverModule, datamodule: RetrievalDataModule) -> dict[str, float]:
+    """Run every eval set once; the metrics come back from the workers under ddp_spawn too."""
+    results = trainer.validate(module, datamodule=datamodule, verbose=False)
+    return {k: float(v) for d in results for k, v in d.items() if k.startswith("val/")}
 
 
 def _gathered_parameters(trainer: L.Trainer, module: RetrieverModule):

@@ -182,3 +182,20 @@ def test_validation_during_training_and_best_checkpoint(tmp_path, tiny_bert):
     logged_steps = {int(r["step"]) for r in _metrics_rows(tmp_path) if r.get("val/tool/ndcg@5")}
     assert {1, 3} <= logged_steps  # Lightning logs validation at the last completed step index (0-based)
     assert (tmp_path / "out" / "checkpoints" / "best.ckpt").exists()
+
+
+@pytest.mark.slow
+def test_ddp_evaluation_equals_single_process(tmp_path, tiny_bert):
+    """Sharded, all-gathered evaluation on 2 gloo ranks gives the single-process metrics (same untrained weights)."""
+    def before(sub, extra):
+        cfg = compose(quick_overrides(tmp_path / sub, tiny_bert, [
+            "task=sample", "train_data=[llm-embedder:tool/train.json]", "eval.qa=null", "eval.convsearch=null",
+            "task_metric=val/tool/ndcg@5", "export=false", "data.batch_size=2", *extra]))
+        after = run_train(cfg)
+        assert after  # metrics come back from the spawned workers too
+        return json.load(open(tmp_path / sub / "out" / "metrics.json"))["before"]
+
+    single, ddp = before("single", []), before("ddp", ["trainer=ddp_sim"])
+    assert single.keys() == ddp.keys() and single
+    for k in single:
+        assert ddp[k] == pytest.approx(single[k], abs=1e-6), k

@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import torch
+
 from embedder.data.jsonl import iter_jsonl
 from embedder.data.tasks import Instruction, TaskSettings
+from embedder.distributed import rank, world_size
 from embedder.evaluation.retrieval import RetrievalEvaluator
 from embedder.paths import resolve_files
 
@@ -36,10 +39,28 @@ class EvalSet:
         self.preds: dict | None = None
 
     def _encode(self, texts: list[str], kind: str):
+        """(N, d) embeddings. Under DDP each rank encodes a contiguous 1/world of the texts and the shards are
+        all-gathered, so every rank ends with the same full matrix at 1/world of the encoding cost."""
         prefix = self.instruction.query if kind == "query" else self.instruction.key
         max_len = self.query_max_length if kind == "query" else self.key_max_length
-        return self._encoder.encode_texts([prefix + t for t in texts], kind=kind, max_length=max_len,
-                                          batch_size=self.batch_size).numpy()
+        texts = [prefix + t for t in texts]
+        world = world_size()
+        if world == 1 or len(texts) < world:
+            return self._encode_local(texts, kind, max_len).numpy()
+        bounds = [len(texts) * i // world for i in range(world + 1)]  # contiguous shards, sizes differ by <= 1
+        sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
+        shard = texts[bounds[rank()]:bounds[rank() + 1]]
+        # Pad every shard to the same length: each rank then runs the same number of forward passes, which
+        # DeepSpeed ZeRO-3 needs (its parameter all-gathers happen inside every forward).
+        shard = shard + [shard[-1]] * (max(sizes) - len(shard))
+        device = next(self._encoder.parameters()).device
+        local = self._encode_local(shard, kind, max_len).to(device)  # (max_size, d)
+        gathered = [torch.empty_like(local) for _ in range(world)]
+        torch.distributed.all_gather(gathered, local)
+        return torch.cat([g[:n] for g, n in zip(gathered, sizes)]).cpu().numpy()  # (N, d)
+
+    def _encode_local(self, texts: list[str], kind: str, max_len: int) -> torch.Tensor:
+        return self._encoder.encode_texts(texts, kind=kind, max_length=max_len, batch_size=self.batch_size)
 
     def evaluate(self, encoder) -> dict[str, float]:
         self._encoder = encoder
