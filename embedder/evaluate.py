@@ -24,7 +24,7 @@ import datetime
 import json
 import logging
 import os
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 import hydra
@@ -35,9 +35,9 @@ from embedder.evaluation.beir import graded_ndcg, graded_qrels, is_beir_folder, 
 from embedder.evaluation.metrics import compute_metrics
 from embedder.evaluation.nq_answer import answer_recall
 from embedder.evaluation.retrieval import RetrievalEvaluator
+from embedder.data.corpus import open_corpus, texts_fingerprint
+from embedder.data.records import format_key
 from embedder.mining.base import fingerprint, launched_rank, search_in_shards
-from embedder.mining.inputs import format_key, load_corpus
-from embedder.mining.base import texts_fingerprint
 from embedder.mining.run import build_retriever, resolve_instruction
 from embedder.paths import resolve_files, resolve_path
 
@@ -67,8 +67,10 @@ def eval_specs(cfg: DictConfig) -> list[dict[str, Any]]:
 
 
 def _load_inputs(spec: dict[str, Any], cfg: DictConfig
-                 ) -> tuple[list, list[str] | None, list[str] | None, str, str | None]:
-    """`(queries as (line, record), corpus texts, corpus ids, queries path, corpus path)` for one eval set."""
+                 ) -> tuple[list, Sequence[str] | None, Sequence[str] | None, str, str | None]:
+    """`(queries as (line, record), corpus texts, corpus ids, queries path, corpus path)` for one eval set.
+
+    The corpus (JSON lines, a parquet file or a folder of parquet shards) is read on access, not loaded."""
     fmt = cfg.get("format", "auto")
     raw = resolve_path(spec["eval_data"], cfg.data_root)
     if fmt == "beir" or (fmt == "auto" and is_beir_folder(raw)):
@@ -82,7 +84,7 @@ def _load_inputs(spec: dict[str, Any], cfg: DictConfig
     if not spec.get("corpus"):
         return queries, None, None, queries_path, None
     (corpus_path,) = resolve_files(spec["corpus"], cfg.data_root, what=f"eval {spec['name']}: corpus")
-    corpus = load_corpus(corpus_path, spec["key_template"])
+    corpus = open_corpus(corpus_path, spec["key_template"])
     return queries, corpus.texts, corpus.ids, queries_path, corpus_path
 
 
@@ -189,7 +191,7 @@ def _score(evaluator: RetrievalEvaluator, preds: dict, graded: dict | None) -> d
             metrics.update(graded_ndcg(preds, graded, evaluator.cutoffs))
     if evaluator.use_nq:
         answers = {q.qid: q.answers for q in evaluator.queries if q.answers is not None}
-        metrics.update(answer_recall(preds, answers, evaluator.corpus_texts, evaluator.cutoffs))
+        metrics.update(answer_recall(preds, answers, evaluator.corpus_text_lookup(preds), evaluator.cutoffs))
     return metrics
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# index caches (embedder.data.index_cache) go to a fresh folder per test session, never the user's ~/.cache
+os.environ["EMBEDDER_CACHE"] = tempfile.mkdtemp(prefix="embedder-test-cache-")
 
 
 def toy_path(name: str) -> str:

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from embedder.data.records import load_train_file
+from embedder.data.train_files import load_train_file
 from embedder.data.tasks import build_task_settings
 from embedder.errors import DataError
 from embedder.paths import resolve_files, resolve_path

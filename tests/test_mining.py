@@ -15,7 +15,7 @@ from collections import Counter
 import pytest
 
 from embedder.errors import DataError
-from embedder.mining import NegativeRule, load_corpus, load_queries, select_negatives
+from embedder.mining import NegativeRule, load_queries, open_corpus, select_negatives
 from tests.conftest import compose
 
 TOPICS = {
@@ -129,10 +129,10 @@ def _write(path, rows):
 def test_bad_corpus_lines(tmp_path):
     dup = _write(tmp_path / "dup.json", [{"id": "a", "text": "x"}, {"id": "b", "text": "y"}, {"id": "a", "text": "z"}])
     with pytest.raises(DataError, match=r"dup.json, line 3, field 'id'.*duplicate document id 'a' \(first on line 1\)"):
-        load_corpus(dup, "{text}")
+        open_corpus(dup, "{text}")
     missing = _write(tmp_path / "missing.json", [{"title": "t", "text": "x"}, {"text": "no title"}])
     with pytest.raises(DataError, match=r"missing.json, line 2, field 'title'.*key_template"):
-        load_corpus(missing, "{title} {text}")
+        open_corpus(missing, "{title} {text}")
 
 
 def test_bad_query_lines_error_or_are_skipped_and_counted(tmp_path, caplog):
@@ -171,7 +171,7 @@ def _check_mined(cfg, out, lo, hi, max_neg):
     """The checks every mined file must pass, against the saved ranking."""
     originals = {r["query_id"]: r for r in toy_queries()}
     ranking = {r["query_id"]: r["pred"] for r in read_jsonl(out["result"])}
-    corpus = load_corpus(cfg.data_root + "/qa/toy/corpus.json", cfg.key_template)
+    corpus = open_corpus(cfg.data_root + "/qa/toy/corpus.json", cfg.key_template)
     mined = read_jsonl(out["output"])
     assert len(mined) == out["written"] > 0
     for rec in mined:

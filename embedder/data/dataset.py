@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from embedder.data.records import TrainFile
+from embedder.data.train_files import TrainFile
 from embedder.data.sampling import sample_group
 from embedder.data.tasks import TaskSettings
 

@@ -1,4 +1,4 @@
-"""Read and write JSON-lines files with errors that name the file and line, and atomic writes."""
+"""Read and write JSON-lines files: errors that name the file and line, lazy record access, atomic writes."""
 
 from __future__ import annotations
 
@@ -6,31 +6,94 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import IO, Any
 
+import numpy as np
+
 from embedder.errors import DataError
+from embedder.progress import Progress
+
+
+def _parse(raw: bytes, path: str, lineno: int) -> dict[str, Any]:
+    try:
+        record = json.loads(raw)
+    except UnicodeDecodeError as e:
+        raise DataError(f"not UTF-8 text ({e.reason} at byte {e.start})", path=path, line=lineno,
+                        hint="save the file as UTF-8 JSON-lines") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", path=path, line=lineno,
+                        hint="each line must be one JSON object (JSON-lines); fix or delete this line") from None
+    if not isinstance(record, dict):
+        raise DataError(f"expected a JSON object, got {type(record).__name__}", path=path, line=lineno,
+                        hint="each line must be one JSON object such as {\"query\": ..., \"pos\": [...]}")
+    return record
+
+
+def iter_jsonl_offsets(path: str, progress: str | None = None) -> Iterator[tuple[int, int, dict[str, Any]]]:
+    """Yield `(line_number, byte_offset, record)` for every non-blank line (1-based lines), streaming.
+
+    `progress`: a label; when set, a line with the rate and ETA is logged every 30 s (large files).
+    """
+    bar = Progress(progress, os.path.getsize(path)) if progress else None
+    offset = 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            start, offset = offset, offset + len(raw)
+            if bar is not None:
+                bar.update(len(raw))
+            if not raw.strip():
+                continue
+            yield lineno, start, _parse(raw, path, lineno)
+    if bar is not None:
+        bar.finish()
 
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield `(line_number, record)` for every non-blank line; line numbers are 1-based."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", path=path, line=lineno,
-                                hint="each line must be one JSON object (JSON-lines); fix or delete this line") from None
-            if not isinstance(record, dict):
-                raise DataError(f"expected a JSON object, got {type(record).__name__}", path=path, line=lineno,
-                                hint="each line must be one JSON object such as {\"query\": ..., \"pos\": [...]}")
-            yield lineno, record
+    for lineno, _, record in iter_jsonl_offsets(path):
+        yield lineno, record
 
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
+    """Every record of a (small) file in a list. Large files: `JsonlRecords`."""
     return [record for _, record in iter_jsonl(path)]
+
+
+class JsonlRecords(Sequence):
+    """The records of a JSON-lines file at the given byte offsets, parsed on access (nothing else is held).
+
+    Memory is the offsets (8 bytes per record, memory-mapped when they come from the index cache); the text stays
+    in the OS page cache, which the ranks and DataLoader workers of a node share. Picklable: each process opens
+    its own file handle.
+    """
+
+    def __init__(self, path: str, offsets: np.ndarray):
+        self.path = path
+        self.offsets = offsets  # (N,) int64: where record i's line starts
+        self._fh: IO[bytes] | None = None
+        self._pid: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def _file(self) -> IO[bytes]:
+        if self._fh is None or self._pid != os.getpid():  # a forked worker gets its own handle
+            self._fh, self._pid = open(self.path, "rb"), os.getpid()
+        return self._fh
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        f = self._file()
+        f.seek(int(self.offsets[i]))
+        return _parse(f.readline(), self.path, -1)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "offsets": self.offsets}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["path"], state["offsets"])
 
 
 @contextlib.contextmanager

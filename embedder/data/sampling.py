@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from embedder.data.records import candidates
+
 SELECT_POSITIVE = ("first", "random", "teacher", "teacher-pos")
 SELECT_NEGATIVE = ("random", "first", "teacher-", "teacher+")
 
@@ -59,13 +61,6 @@ def keep_record(record: dict[str, Any], cfg: SamplingConfig) -> str | None:
     if not pos and not (cfg.select_positive == "teacher" and scores):
         return "no positive"
     return None
-
-
-def candidates(record: dict[str, Any]) -> tuple[list[str], list[str]]:
-    """(pos, neg) of a record; chat records keep their candidates in `history` (all treated as negatives)."""
-    if record.get("history") is not None:
-        return [], list(record["history"])
-    return list(record.get("pos") or []), list(record.get("neg") or [])
 
 
 def sample_group(record: dict[str, Any], cfg: SamplingConfig, rng: np.random.Generator) -> dict[str, Any]:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from embedder.data.corpus import texts_fingerprint
 from embedder.encode.store import META, EmbeddingStore, _atomic_json
 
 log = logging.getLogger("embedder.encode")
@@ -64,13 +65,12 @@ class EncodeJob:
     identity: dict[str, Any] = field(default_factory=dict)
 
     def fingerprint(self) -> str:
-        """A hash of every text, the kind, the length limit and `identity`."""
+        """A hash of the texts (a corpus answers from its cached fingerprint), the kind, the length limit and
+        `identity`."""
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps({"kind": self.kind, "max_length": self.max_length, **self.identity}, sort_keys=True,
                             default=str).encode())
-        for t in self.texts:
-            h.update(t.encode("utf-8", "surrogatepass"))
-            h.update(b"\x00")
+        h.update(texts_fingerprint(self.texts).encode())
         return h.hexdigest()
 
 
@@ -117,7 +117,8 @@ class _BatchStream(IterableDataset):
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
         for j, s in units:
             job, rows = self.jobs[j], self.shard_rows[j][s]
-            tok = self.tokenizer([job.texts[r] for r in rows], truncation=True, max_length=job.max_length,
+            texts = job.texts[rows.start:rows.stop] if rows.step == 1 else [job.texts[r] for r in rows]
+            tok = self.tokenizer(list(texts), truncation=True, max_length=job.max_length,
                                  padding=False, return_attention_mask=False)
             ids = tok["input_ids"]
             types = tok.get("token_type_ids")

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from embedder.data.corpus import open_corpus
 from embedder.data.jsonl import iter_jsonl
 from embedder.data.tasks import Instruction, TaskSettings
 from embedder.distributed import rank, world_size
@@ -30,7 +31,7 @@ class EvalSet:
         self.query_max_length, self.key_max_length, self.batch_size = query_max_length, key_max_length, batch_size
         (queries_path,) = resolve_files(eval_data, data_root, what=f"eval.{name}.eval_data")
         corpus_path = resolve_files(corpus, data_root, what=f"eval.{name}.corpus")[0] if corpus else None
-        corpus_rows = list(iter_jsonl(corpus_path)) if corpus_path else None
+        corpus_rows = open_corpus(corpus_path, key_template) if corpus_path else None  # read on access
         self._encoder = None
         self.evaluator = RetrievalEvaluator(
             self._encode, list(iter_jsonl(queries_path)), corpus_rows, key_template=key_template,

@@ -19,12 +19,14 @@ Corpus: one record per row; a document's id is its 0-based row. Its text is `key
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 
+from embedder.data.corpus import Corpus
+from embedder.data.records import check_query_record, format_key
 from embedder.errors import DataError
 from embedder.evaluation.metrics import METRICS as RANKING_METRICS
 from embedder.evaluation.metrics import compute_metrics
@@ -55,7 +57,8 @@ class RetrievalEvaluator:
         encode: `encode(texts, kind) -> (N, D)` array (numpy or torch), `kind` is `"query"` or `"key"`.
         queries: eval records (dicts), or `(line, record)` pairs as yielded by `embedder.data.jsonl.iter_jsonl`
             (then errors name the real file line).
-        corpus: corpus records (dicts, or plain strings used as-is). Required in `mode="retrieve"`.
+        corpus: a `Corpus` (`embedder.data.corpus.open_corpus`: JSON lines or parquet, read on access), or corpus
+            records (dicts, or plain strings used as-is). Required in `mode="retrieve"`.
         key_template: how a corpus record becomes text, e.g. `"{title} {text}"` or `"{contents}"`.
         metrics: any of `mrr`, `recall`, `ndcg`, `map`, `precision` (label-based, from `pos_index`) and `nq`
             (DPR answer recall from `answers`, reported as `answer_recall@k`).
@@ -128,6 +131,7 @@ class RetrievalEvaluator:
     def from_files(cls, encode: EncodeFn, queries_path: str, corpus_path: str | None = None,
                    data_root: str | None = None, **kwargs: Any) -> RetrievalEvaluator:
         """Read the eval and corpus JSON-lines files (`llm-embedder:` paths resolve against `data_root`)."""
+        from embedder.data.corpus import open_corpus
         from embedder.data.jsonl import iter_jsonl
         from embedder.paths import resolve_path
 
@@ -135,7 +139,7 @@ class RetrievalEvaluator:
         corpus = None
         if corpus_path is not None:
             corpus_path = resolve_path(corpus_path, data_root)
-            corpus = list(iter_jsonl(corpus_path))
+            corpus = open_corpus(corpus_path, kwargs.get("key_template", "{title} {text}"))
         return cls(encode, list(iter_jsonl(queries_path)), corpus, corpus_path=corpus_path,
                    queries_path=queries_path, **kwargs)
 
@@ -160,7 +164,8 @@ class RetrievalEvaluator:
             metrics.update(compute_metrics(preds, labels, self.ranking_metrics, self.cutoffs))
         if self.use_nq:
             answers = {q.qid: q.answers for q in self.queries if q.answers is not None}
-            metrics.update(answer_recall(nq_preds, answers, nq_texts, self.cutoffs))
+            texts = self.corpus_text_lookup(nq_preds) if self.mode == "retrieve" else nq_texts
+            metrics.update(answer_recall(nq_preds, answers, texts, self.cutoffs))
         return metrics, preds
 
     def _retrieve(self, q_emb: np.ndarray) -> dict[Hashable, list[int]]:
@@ -213,77 +218,37 @@ class RetrievalEvaluator:
                              f"{k_emb.shape[1]}; encode must use the same output size for both kinds")
 
     # ------------------------------------------------------------------ input checks
-    def _format_corpus(self, corpus: Iterable) -> list[str]:
+    def _format_corpus(self, corpus: Iterable) -> Sequence[str]:
+        """Corpus texts: a `Corpus` (JSON lines or parquet, read on access) is used as it is; records are
+        formatted with `key_template` (the data contract's `format_key`); plain strings are used as they are."""
+        if isinstance(corpus, Corpus):
+            return corpus
         texts = []
         for line, record in _with_lines(corpus):
-            if isinstance(record, str):
-                texts.append(record)
-                continue
-            if not isinstance(record, dict):
-                raise DataError(f"corpus record must be a JSON object, got {type(record).__name__}",
-                                path=self.corpus_path, line=line)
-            try:
-                texts.append(self.key_template.format(**{k: ("" if v is None else v) for k, v in record.items()}))
-            except KeyError as e:
-                name = e.args[0]
-                raise DataError(f"corpus record has no field '{name}', which key_template {self.key_template!r} "
-                                f"needs (fields present: {sorted(record)})", path=self.corpus_path, line=line,
-                                field=name, hint="set key_template to the corpus's fields, e.g. '{text}'") from None
-            except (IndexError, ValueError) as e:
-                raise ValueError(f"key_template {self.key_template!r} is not a valid format string: {e}") from None
+            texts.append(record if isinstance(record, str) else
+                         format_key(record, self.key_template, self.corpus_path, line))
         return texts
 
+    def corpus_text_lookup(self, preds: dict[Hashable, list[int]]) -> Mapping[int, str] | Sequence[str]:
+        """Texts of the predicted documents (answer recall reads them): a lazily read corpus fetches them in one
+        pass (each parquet row group once) instead of one read per query and rank."""
+        if isinstance(self.corpus_texts, Corpus):
+            return self.corpus_texts.take({i for ids in preds.values() for i in ids[:max(self.cutoffs)]})
+        return self.corpus_texts
+
     def _parse_queries(self, queries: Iterable) -> list[_Query]:
+        """Check every record with the data contract (`check_query_record`); query ids must be unique."""
         path, out, seen = self.queries_path, [], {}
         n_corpus = None if self.corpus_texts is None else len(self.corpus_texts)
         for row, (line, rec) in enumerate(_with_lines(queries)):
-            if not isinstance(rec, dict):
-                raise DataError(f"eval record must be a JSON object, got {type(rec).__name__}", path=path, line=line)
-            qid = rec.get("query_id", rec.get("qid", row))
-            if isinstance(qid, list):
-                raise DataError("query id must be a string or an int", path=path, line=line, field="query_id")
+            q = check_query_record(rec, path, line, row, n_corpus, rerank=self.mode == "rerank")
+            qid = q.query_id
             if qid in seen:
                 raise DataError(f"query id {qid!r} repeats the one on line {seen[qid]}", path=path, line=line,
                                 field="query_id", hint="query ids must be unique; predictions are keyed by them")
             seen[qid] = line
-            text = rec.get("query")
-            if not isinstance(text, str) or not text.strip():
-                problem = "is missing" if text is None else "is empty" if isinstance(text, str) else \
-                    f"must be a string, got {type(text).__name__}"
-                raise DataError(f"query {problem}", path=path, line=line, field="query",
-                                hint="every eval record needs a non-empty 'query' string")
-
-            keys = key_index = None
-            if self.mode == "rerank":
-                keys = rec.get("key")
-                if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-                    raise DataError("rerank mode needs a list of candidate texts", path=path, line=line, field="key")
-                key_index = rec.get("key_index")
-                if key_index is not None:
-                    key_index = _int_list(key_index, path, line, "key_index")
-                    if len(key_index) != len(keys):
-                        raise DataError(f"key_index has {len(key_index)} entries but key has {len(keys)}",
-                                        path=path, line=line, field="key_index")
-
-            labels = None
-            if rec.get("pos_index") is not None:
-                labels = _int_list(rec["pos_index"], path, line, "pos_index")
-                if self.mode == "rerank" and key_index is None:
-                    limit, where = len(keys), f"the record's {len(keys)} 'key' candidates"
-                else:
-                    limit, where = n_corpus, f"the corpus ({n_corpus} documents)"
-                bad = [i for i in labels if i < 0 or (limit is not None and i >= limit)]
-                if bad:
-                    raise DataError(f"pos_index {bad} outside {where}", path=path, line=line, field="pos_index",
-                                    hint="pos_index holds 0-based row numbers of the corpus file; check that the "
-                                         "eval file and corpus belong together")
-
-            answers = rec.get("answers")
-            if answers is not None:
-                answers = [answers] if isinstance(answers, str) else answers
-                if not isinstance(answers, list) or not all(isinstance(a, str) for a in answers):
-                    raise DataError("answers must be a list of strings", path=path, line=line, field="answers")
-            out.append(_Query(qid, line, text, labels, answers, keys, key_index))
+            out.append(_Query(qid, line, q.query, q.pos_index if q.has_labels else None,
+                              q.answers if q.has_answers else None, q.keys, q.key_index))
         if not out:
             raise DataError("no eval records", path=path)
         return out
@@ -305,13 +270,6 @@ def _with_lines(records: Iterable) -> Iterable[tuple[int, Any]]:
             yield item
         else:
             yield pos + 1, item
-
-
-def _int_list(value: Any, path: str | None, line: int, field: str) -> list[int]:
-    values = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise DataError(f"{field} must be a list of integers, got {value!r}"[:200], path=path, line=line, field=field)
-    return values
 
 
 def _normalize(x: np.ndarray) -> np.ndarray:

@@ -2,16 +2,18 @@
 
 `run_mine(cfg)` is what `mine.py` runs. The pieces are usable alone: `select_negatives` (one ranking -> negatives),
 `DenseRetriever` / `make_bm25` (the `Retriever` interface), `search_in_shards` (resumable search),
-`load_corpus` / `load_queries` (checked inputs).
+and the checked, lazily read inputs `open_corpus` (`embedder.data.corpus`) and `load_queries`
+(`embedder.data.queries`).
 """
 
 from __future__ import annotations
 
 from embedder.mining.base import Retriever, search_in_shards
-from embedder.mining.inputs import Corpus, QueryFile, load_corpus, load_queries
+from embedder.data.corpus import Corpus, open_corpus
+from embedder.data.queries import QueryFile, load_queries
 from embedder.mining.negatives import NegativeRule, mined_record, select_negatives
 
-__all__ = ["Corpus", "NegativeRule", "QueryFile", "Retriever", "load_corpus", "load_queries", "mined_record",
+__all__ = ["Corpus", "NegativeRule", "QueryFile", "Retriever", "load_queries", "open_corpus", "mined_record",
            "run_mine", "search_in_shards", "select_negatives"]
 
 

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from embedder.data.corpus import texts_fingerprint  # noqa: F401  (re-exported: the one text fingerprint)
+
 log = logging.getLogger("embedder.mining")
 
 
@@ -50,15 +52,6 @@ def launched_rank() -> int:
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return 0
-
-
-def texts_fingerprint(texts: Sequence[str]) -> str:
-    """A short hash of a list of texts (order and boundaries included), to key caches on their content."""
-    h = hashlib.blake2b(digest_size=8)
-    for t in texts:
-        h.update(t.encode("utf-8", "surrogatepass"))
-        h.update(b"\x00")
-    return h.hexdigest()
 
 
 def fingerprint(*parts: Any) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from embedder.data.corpus import prefixed
 from embedder.encode import EncodeJob, encode_to_stores, encoder_identity
 from embedder.index.faiss_index import FaissIndex
 from embedder.mining.base import Retriever
@@ -80,9 +81,9 @@ class DenseRetriever(Retriever):
 
     def prepare(self, corpus_texts: Sequence[str], queries: Sequence[str]) -> bool:
         identity = encoder_identity(self.encoder)
-        corpus_job = EncodeJob("corpus", [self.key_instruction + t for t in corpus_texts], "", kind="key",
+        corpus_job = EncodeJob("corpus", prefixed(corpus_texts, self.key_instruction), "", kind="key",
                                max_length=self.key_max_length, shard_size=self.shard_size, identity=identity)
-        query_job = EncodeJob("queries", [self.query_instruction + q for q in queries], "", kind="query",
+        query_job = EncodeJob("queries", prefixed(queries, self.query_instruction), "", kind="query",
                               max_length=self.query_max_length, shard_size=self.shard_size, identity=identity)
         corpus_fp = corpus_job.fingerprint()
         corpus_job.store_path = os.path.join(self.work_dir, "encode", f"corpus-{corpus_fp[:16]}")

@@ -16,6 +16,7 @@ Flow (reference §6.3, with the fixes listed in `negatives.py`):
 from __future__ import annotations
 
 import datetime
+import itertools
 import json
 import logging
 import os
@@ -23,11 +24,13 @@ import time
 from collections import Counter
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from embedder.data.corpus import open_corpus, texts_fingerprint
 from embedder.data.jsonl import write_jsonl_atomic
-from embedder.mining.base import Retriever, fingerprint, launched_rank, search_in_shards, texts_fingerprint
-from embedder.mining.inputs import load_corpus, load_queries
+from embedder.data.queries import load_queries
+from embedder.mining.base import Retriever, fingerprint, launched_rank, search_in_shards
 from embedder.mining.negatives import NegativeRule, mined_record, select_negatives
 from embedder.paths import resolve_files
 
@@ -123,15 +126,15 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
                         filter_answers=bool(cfg.filter_answers), answer_match=cfg.answer_match)
 
     # 1. inputs, checked before any model work
-    corpus = load_corpus(corpus_path, cfg.key_template)
-    queries = load_queries(eval_path, len(corpus), skip_bad=bool(cfg.skip_bad_records))
+    corpus = open_corpus(corpus_path, cfg.key_template)  # JSON lines or parquet, read on access
+    queries = load_queries(eval_path, len(corpus), skip_bad=bool(cfg.skip_bad_records))  # checked, read on access
     out_path, result_path = output_paths(eval_path, cfg)
     if os.path.abspath(out_path) == os.path.abspath(eval_path):
         raise ValueError(f"the output {out_path} would overwrite the input; set save_name")
-    task = cfg.get("task") or queries.records[0].record.get("task")
+    task = cfg.get("task") or queries[0].record.get("task")
     q_inst, k_inst = resolve_instruction(cfg, task) if cfg.retriever.name == "dense" else ("", "")
     log.info("mining %s: %d queries against %s (%d documents), retriever=%s, hits=%d, rank_range=[%d, %d), "
-             "max_neg_num=%d", eval_path, len(queries.records), corpus_path, len(corpus), cfg.retriever.name, hits,
+             "max_neg_num=%d", eval_path, len(queries), corpus_path, len(corpus), cfg.retriever.name, hits,
              rule.rank_range[0], hi, rule.max_neg_num)
 
     # 2. retrieve (resumable)
@@ -139,29 +142,37 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
         log.info("rank %d: BM25 runs on rank 0 only", launched_rank())
         return {}
     retriever = build_retriever(cfg, cfg.output_dir, q_inst, k_inst)
-    query_texts = [r.query for r in queries.records]
-    if not retriever.prepare(corpus.texts, query_texts):
+    query_texts = queries.queries
+    if not retriever.prepare(corpus, query_texts):
         return {}
     key = fingerprint(retriever.describe(), corpus.fingerprint(), texts_fingerprint(query_texts), hits)
     scores, ids = search_in_shards(retriever, len(query_texts), hits, os.path.join(cfg.output_dir, "search", key),
                                    shard_size=int(cfg.query_shard_size))
 
-    # 3. negatives
-    mined, dropped, no_negatives = [], Counter(), 0
-    for rec, ranked in zip(queries.records, ids):
-        neg_index, neg, why = select_negatives(ranked, corpus.texts, rule, rec.pos_index, rec.pos, rec.answers)
-        dropped.update(why)
-        if not neg:
-            no_negatives += 1
-            continue
-        mined.append(mined_record(rec.record, neg_index, neg))
+    # 3. negatives, streamed: records are read back one at a time, and the candidate texts of a block of queries
+    # are fetched together (a parquet corpus then reads each row group once per block)
+    dropped, counts = Counter(), Counter()
+
+    def mined_records():
+        block, records = 1024, iter(queries)
+        for start in range(0, len(queries), block):
+            rows = ids[start:start + block, :hi]
+            texts = corpus.take(int(i) for i in np.unique(rows) if i >= 0)
+            for rec, ranked in zip(itertools.islice(records, block), rows):
+                neg_index, neg, why = select_negatives(ranked, texts, rule, rec.pos_index, rec.pos, rec.answers)
+                dropped.update(why)
+                if not neg:
+                    counts["no negatives"] += 1
+                    continue
+                yield mined_record(rec.record, neg_index, neg)
 
     # 4. outputs, each written atomically
-    written = write_jsonl_atomic(out_path, mined)
+    written = write_jsonl_atomic(out_path, mined_records())
+    no_negatives = counts["no negatives"]
     write_jsonl_atomic(result_path, (
         {"query_id": rec.query_id, "pred": [int(i) for i in row_ids if i >= 0],
          "scores": [round(float(s), 6) for s, i in zip(row_scores, row_ids) if i >= 0]}
-        for rec, row_ids, row_scores in zip(queries.records, ids, scores)))
+        for rec, row_ids, row_scores in zip(queries, ids, scores)))
     stats = {
         "output": out_path, "result": result_path, "records": queries.total, "written": written,
         "skipped_bad_records": dict(queries.skipped), "skipped_no_negatives": no_negatives,

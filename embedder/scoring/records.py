@@ -1,8 +1,8 @@
-"""What a record must hold to be scored, checked for a whole file before any model loads.
+"""Plan a scoring run: check every record of a file before any model loads, and count the work.
 
-A scored record needs `query` (string), `answers` (non-empty list of strings), candidates (`history` for chat,
-otherwise `pos + neg`, at least one) and a `task` with a template (from the record or the `task` setting).
-`query_id` is optional: the output is aligned by line, so the line index stands in for it.
+What a scored record must hold (`query`, non-empty `answers`, candidates in `history` or `pos + neg`, a `task` with a
+template) is the data contract's `embedder.data.records.check_scoring_record`. `query_id` is optional: the output is
+aligned by line, so the line index stands in for it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from embedder.data.jsonl import iter_jsonl
+from embedder.data.records import candidate_list
+from embedder.data.records import check_scoring_record
 from embedder.errors import DataError
 from embedder.scoring.templates import Template
 
@@ -39,24 +41,13 @@ class FilePlan:
     sha256: str = ""
 
 
-def candidate_field(record: dict[str, Any]) -> str:
-    return "history" if record.get("history") is not None else "pos + neg"
-
-
-def candidates(record: dict[str, Any]) -> list[str]:
-    """The keys to score, in the order `teacher_scores` follows: `history`, or `pos + neg`."""
-    if record.get("history") is not None:
-        return list(record["history"])
-    return list(record.get("pos") or []) + list(record.get("neg") or [])
-
-
 def trim_record(record: dict[str, Any], max_candidates: int | None) -> tuple[dict[str, Any], bool]:
     """Cut the candidate list to `max_candidates` (a copy; the input record is left alone).
 
     pos + neg: positives are kept first, then the first negatives (with `neg_index` etc. trimmed alongside).
     history: the most recent turns are kept. Returns (record, whether anything was cut).
     """
-    if max_candidates is None or len(candidates(record)) <= max_candidates:
+    if max_candidates is None or len(candidate_list(record)) <= max_candidates:
         return record, False
     out = dict(record)
     if record.get("history") is not None:
@@ -89,57 +80,6 @@ def choose_answers(answers: list[str], mode: str, seed: int, index: int) -> list
     raise ValueError(f"answer_choice={mode!r}; valid: {', '.join(ANSWER_CHOICES)}")
 
 
-def record_task(record: dict[str, Any], default_task: str | None, path: str, line: int) -> str:
-    task = record.get("task", default_task)
-    if task is None:
-        raise DataError("record has no 'task', and no default is set", path=path, line=line, field="task",
-                        hint="add \"task\" to the records, or pass default_task=<qa|convsearch|icl|chat|lrlm> to score.py")
-    if not isinstance(task, str):
-        raise DataError(f"'task' must be a string, got {type(task).__name__}", path=path, line=line, field="task")
-    return task
-
-
-def validate_record(record: dict[str, Any], path: str, line: int, templates: dict[str, Template],
-                    default_task: str | None) -> str:
-    """Raise DataError (file, line, field) for a record that cannot be scored; return its task."""
-    task = record_task(record, default_task, path, line)
-    template = templates.get(task)
-    if template is None:
-        raise DataError(f"task {task!r} has no LM-scoring template", path=path, line=line, field="task",
-                        hint=f"templates exist for: {', '.join(sorted(templates)) or 'none'}. Add one in config, e.g. "
-                             f"'+templates.{task}.text=\"{{key}}\\n{{query}}\\n{{answer}}\"' or a file under "
-                             f"configs/templates/, or leave this task out of the files you score")
-    query = record.get("query")
-    if not isinstance(query, str):
-        raise DataError("missing 'query'" if query is None else f"'query' must be a string, got {type(query).__name__}",
-                        path=path, line=line, field="query", hint="every scored record needs a query string")
-    answers = record.get("answers")
-    if answers is None:
-        raise DataError("missing 'answers' (the output whose likelihood the LM scores)", path=path, line=line,
-                        field="answers", hint="add \"answers\": [\"...\"]; LM scoring computes log p(answer | key, query)")
-    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-        raise DataError("'answers' must be a non-empty list of strings", path=path, line=line, field="answers")
-    if not all(a.strip() for a in answers):
-        raise DataError("'answers' holds an empty answer", path=path, line=line, field="answers",
-                        hint="an empty output has no tokens to score; drop it or the record")
-    names = ("history",) if record.get("history") is not None else ("pos", "neg")
-    for name in names:
-        val = record.get(name)
-        if val is not None and not (isinstance(val, list) and all(isinstance(x, str) for x in val)):
-            raise DataError(f"'{name}' must be a list of strings", path=path, line=line, field=name)
-    if not candidates(record):
-        what = candidate_field(record)
-        raise DataError(f"no candidates to score: '{what}' is empty", path=path, line=line,
-                        field="history" if what == "history" else "pos",
-                        hint="give at least one key to score (pos/neg, or history for chat), or delete the record")
-    missing = template.missing_fields(record)
-    if missing:
-        raise DataError(f"the {task!r} template reads {{{missing[0]}}} but the record has no such string field",
-                        path=path, line=line, field=missing[0],
-                        hint=f"add the field, or give it a default: templates.{task}.defaults.{missing[0]}=''")
-    return task
-
-
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -160,9 +100,9 @@ def plan_file(path: str, templates: dict[str, Template], default_task: str | Non
         plan.total_records += 1
         if max_records is not None and index >= max_records:
             continue
-        task = validate_record(record, path, line, templates, default_task)
+        task = check_scoring_record(record, path, line, templates, default_task)
         record, cut = trim_record(record, max_candidates)
-        n = len(candidates(record))
+        n = len(candidate_list(record))
         plan.records += 1
         plan.tasks[task] += 1
         plan.candidates += n

@@ -29,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 from embedder.data.jsonl import atomic_open, write_jsonl_atomic
 from embedder.errors import DataError
 from embedder.paths import resolve_files
-from embedder.scoring.records import FilePlan, candidates, choose_answers, plan_file, trim_record
+from embedder.data.records import candidate_list
+from embedder.scoring.records import FilePlan, choose_answers, plan_file, trim_record
 from embedder.scoring.templates import build_templates
 
 log = logging.getLogger(__name__)
@@ -329,7 +330,7 @@ def _score_parts(s: ScoreSettings, jobs: list[FileJob], tasks: list[PartTask]) -
                 record, _ = trim_record(record, s.max_candidates)
                 template = templates[record.get("task", s.task)]
                 answers = choose_answers(record["answers"], s.answer_choice, s.seed, task.start + offset)
-                keys = candidates(record)
+                keys = candidate_list(record)
                 shape.append((len(keys), len(answers)))
                 lm_jobs.extend(Job(template, record, key, ans) for key in keys for ans in answers)
             flat = scorer.score(lm_jobs)
@@ -410,8 +411,8 @@ def _merge(job: FileJob, s: ScoreSettings) -> None:
                 raise DataError(f"cached part is out of step with the input (part says line {part_line})",
                                 path=job.plan.path, line=line, hint=f"delete {job.parts_dir} and rerun")
             record, _ = trim_record(json.loads(raw), s.max_candidates)
-            if len(scores) != len(candidates(record)):
-                raise DataError(f"{len(scores)} scores for {len(candidates(record))} candidates in the cache",
+            if len(scores) != len(candidate_list(record)):
+                raise DataError(f"{len(scores)} scores for {len(candidate_list(record))} candidates in the cache",
                                 path=job.plan.path, line=line, hint=f"delete {job.parts_dir} and rerun")
             record["teacher_scores"] = scores
             yield record
@@ -486,7 +487,7 @@ def _dry_run(s: ScoreSettings, jobs: list[FileJob], templates) -> dict[str, Any]
             record, _ = trim_record(json.loads(raw), s.max_candidates)
             answers = choose_answers(record["answers"], s.answer_choice, s.seed, index)
             lm_jobs.extend(Job(templates[record.get("task", s.task)], record, k, a)
-                           for k in candidates(record) for a in answers)
+                           for k in candidate_list(record) for a in answers)
         enc = scorer.encode(lm_jobs)
         per_input = sum(len(e.input_ids) for e in enc) / max(1, len(enc))
         est = int(per_input * job.plan.pairs)

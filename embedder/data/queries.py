@@ -1,0 +1,111 @@
+"""Query files for mining and evaluation: checked in one streamed pass, then read lazily by byte offset.
+
+Each record is checked by the data contract (`records.check_query_record`). A bad record stops the run with file,
+line and field, or, with `skip_bad=True`, is skipped and counted by reason. Only the kept records' byte offsets
+stay in memory, so mining a 500k-record training file does not hold its records (tens of GB of JSON) in memory.
+"""
+
+from __future__ import annotations
+
+import logging
+from array import array
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from embedder.data.jsonl import _parse, iter_jsonl_offsets
+from embedder.data.records import QueryRecord, SkipCounter, check_query_record
+from embedder.errors import DataError
+
+log = logging.getLogger("embedder.data")
+
+
+@dataclass
+class QueryFile:
+    """The kept records of a query file: `len`, iteration and `[i]` give checked `QueryRecord`s, read on access."""
+
+    path: str
+    offsets: np.ndarray  # (N,) int64 byte offset of each kept record
+    lines: np.ndarray  # (N,) int64 its line number
+    rows: np.ndarray  # (N,) int64 its 0-based position among all records (the default query id)
+    total: int
+    skipped: Counter
+    corpus_size: int | None = None
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> QueryRecord:
+        with open(self.path, "rb") as f:
+            return self._read(f, i)
+
+    def _read(self, f, i: int) -> QueryRecord:
+        f.seek(int(self.offsets[i]))
+        rec = _parse(f.readline(), self.path, int(self.lines[i]))
+        return check_query_record(rec, self.path, int(self.lines[i]), int(self.rows[i]), self.corpus_size)
+
+    def __iter__(self) -> Iterator[QueryRecord]:
+        with open(self.path, "rb") as f:
+            for i in range(len(self)):
+                yield self._read(f, i)
+
+    @property
+    def records(self) -> QueryFile:
+        """The file itself: it is the sequence of records."""
+        return self
+
+    @property
+    def queries(self) -> Sequence[str]:
+        """The query texts, in record order (read on access)."""
+        return _QueryTexts(self)
+
+    def report(self) -> str:
+        if not self.skipped:
+            return f"{self.path}: {self.total} records, none skipped"
+        reasons = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common())
+        return f"{self.path}: {self.total} records, {sum(self.skipped.values())} skipped ({reasons})"
+
+
+class _QueryTexts(Sequence):
+    def __init__(self, qf: QueryFile):
+        self.qf = qf
+
+    def __len__(self) -> int:
+        return len(self.qf)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            with open(self.qf.path, "rb") as f:
+                return [self.qf._read(f, j).query for j in range(*i.indices(len(self)))]
+        return self.qf[i].query
+
+    def __iter__(self):
+        return (r.query for r in self.qf)
+
+
+def load_queries(path: str, corpus_size: int | None = None, skip_bad: bool = False) -> QueryFile:
+    """Check every record of a query file (streamed) against the contract and the corpus size."""
+    offsets, lines, rows = array("q"), array("q"), array("q")
+    skips = SkipCounter(path)
+    total = 0
+    for row, (line, offset, rec) in enumerate(iter_jsonl_offsets(path, progress=f"checking {path}")):
+        total += 1
+        try:
+            check_query_record(rec, path, line, row, corpus_size)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            skips.skip(e)
+            continue
+        offsets.append(offset)
+        lines.append(line)
+        rows.append(row)
+    as_np = (lambda a: np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64))
+    result = QueryFile(path, as_np(offsets), as_np(lines), as_np(rows), total, skips.skipped, corpus_size)
+    if skips.total:
+        log.warning("%s", result.report())
+    if not len(result):
+        raise DataError("no usable records" + (f" ({result.report()})" if skips.total else ""), path=path)
+    return result
