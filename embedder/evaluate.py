@@ -83,7 +83,8 @@ def _load_inputs(spec: dict[str, Any], cfg: DictConfig
     queries = list(iter_jsonl(queries_path))
     if not spec.get("corpus"):
         return queries, None, None, queries_path, None
-    (corpus_path,) = resolve_files(spec["corpus"], cfg.data_root, what=f"eval {spec['name']}: corpus")
+    (corpus_path,) = resolve_files(spec["corpus"], cfg.data_root, what=f"eval {spec['name']}: corpus",
+                                   allow_dirs=True)
     corpus = open_corpus(corpus_path, spec["key_template"])
     return queries, corpus.texts, corpus.ids, queries_path, corpus_path
 

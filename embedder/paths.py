@@ -24,11 +24,13 @@ def resolve_path(path: str, data_root: str | None) -> str:
     return os.path.expanduser(path)
 
 
-def resolve_files(paths: str | Iterable[str] | None, data_root: str | None, what: str = "file") -> list[str]:
+def resolve_files(paths: str | Iterable[str] | None, data_root: str | None, what: str = "file",
+                  allow_dirs: bool = False) -> list[str]:
     """Resolve a list of paths or globs to existing files, keeping order and repeats.
 
     Repeats are kept on purpose: the reference lists `tool/toolbench/train.json` twice to double its weight.
-    A missing file raises FileNotFoundError that shows what the prefix resolved to.
+    A missing file raises FileNotFoundError that shows what the prefix resolved to. `allow_dirs`: a folder counts
+    too (a corpus given as a folder of parquet shards).
     """
     if paths is None:
         return []
@@ -42,7 +44,7 @@ def resolve_files(paths: str | Iterable[str] | None, data_root: str | None, what
             if not matches:
                 raise FileNotFoundError(_missing_message(raw, resolved, data_root, what, glob_pattern=True))
             out.extend(matches)
-        elif os.path.isfile(resolved):
+        elif os.path.isfile(resolved) or (allow_dirs and os.path.isdir(resolved)):
             out.append(resolved)
         else:
             raise FileNotFoundError(_missing_message(raw, resolved, data_root, what))

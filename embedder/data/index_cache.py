@@ -51,10 +51,9 @@ def cached_index(kind: str, key: dict[str, Any], build: Callable[[], tuple[dict[
         try:
             with open(meta_path, encoding="utf-8") as f:
                 meta = json.load(f)
-            arrays = {name: np.load(os.path.join(folder, f"{digest}.{name}.npy"), mmap_mode="r")
-                      for name in meta["_arrays"]}
+            arrays = {name: _load(os.path.join(folder, f"{digest}.{name}.npy")) for name in meta["_arrays"]}
             return arrays, meta
-        except (OSError, ValueError, KeyError):
+        except (OSError, ValueError, KeyError, EOFError):
             log.warning("ignoring a damaged index cache entry %s; rebuilding it", meta_path)
     arrays, meta = build()
     meta = {**meta, "_arrays": sorted(arrays), "_key": key}
@@ -73,3 +72,10 @@ def cached_index(kind: str, key: dict[str, Any], build: Callable[[], tuple[dict[
             log.warning("could not cache the index of %s under %s (%s); continuing without the cache",
                         key.get("file", {}).get("path", kind), folder, e)
     return arrays, meta
+
+
+def _load(path: str) -> np.ndarray:
+    arr = np.load(path, mmap_mode="r")
+    if arr.ndim != 1:
+        raise ValueError(f"{path}: expected a 1-D array")
+    return arr

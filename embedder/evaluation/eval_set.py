@@ -30,7 +30,7 @@ class EvalSet:
         self.name, self.instruction = name, instruction
         self.query_max_length, self.key_max_length, self.batch_size = query_max_length, key_max_length, batch_size
         (queries_path,) = resolve_files(eval_data, data_root, what=f"eval.{name}.eval_data")
-        corpus_path = resolve_files(corpus, data_root, what=f"eval.{name}.corpus")[0] if corpus else None
+        corpus_path = resolve_files(corpus, data_root, what=f"eval.{name}.corpus", allow_dirs=True)[0] if corpus else None
         corpus_rows = open_corpus(corpus_path, key_template) if corpus_path else None  # read on access
         self._encoder = None
         self.evaluator = RetrievalEvaluator(

@@ -116,7 +116,7 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
     """Mine hard negatives as `cfg` says; returns counts and the output path (empty on non-zero ranks)."""
     start = time.time()
     (eval_path,) = resolve_files(cfg.eval_data, cfg.data_root, what="eval_data")
-    (corpus_path,) = resolve_files(cfg.corpus, cfg.data_root, what="corpus")
+    (corpus_path,) = resolve_files(cfg.corpus, cfg.data_root, what="corpus", allow_dirs=True)
     hits = int(cfg.hits)
     lo, hi = (list(cfg.rank_range) + [None])[:2] if cfg.rank_range is not None else (0, None)
     hi = hits if hi is None else int(hi)
