@@ -60,7 +60,12 @@ bench-score: setup ## LM-scoring throughput vs the reference's approach (numbers
 bench: setup ## training throughput benchmark (see docs/benchmarks.md)
 	$(PY) bench/train_throughput.py $(ARGS)
 
+data: NAME ?= llm-embedder
+data: TO ?= $(or $(EMBEDDER_DATA),data/llm-embedder)
+data: setup ## download data: make data NAME=llm-embedder TO=/data/llm-embedder (also qrecc-corpus, beir:scifact)
+	$(PY) -m embedder.data.download $(NAME) --to $(TO) $(ARGS)
+
 clean: ## remove outputs and logs (keeps .venv)
 	rm -rf outputs logs multirun lightning_logs .pytest_cache
 
-.PHONY: help setup demo train test test-fast sample-data bench clean mine eval bench-retrieval score bench-score
+.PHONY: help setup demo train test test-fast sample-data bench clean mine eval bench-retrieval score bench-score data

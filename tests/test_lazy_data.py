@@ -9,6 +9,8 @@ import pickle
 import tracemalloc
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from embedder.data import index_cache
@@ -21,8 +23,6 @@ from embedder.errors import DataError
 from tests.conftest import compose
 from tests.test_mining import toy_corpus, write_toy
 
-pq = pytest.importorskip("pyarrow.parquet")
-import pyarrow as pa  # noqa: E402
 
 TASKS = build_task_settings({"qa": {"loss": {"contrastive_weight": 1.0, "distill_weight": 0.0}}}, group_size=4)
 

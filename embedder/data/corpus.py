@@ -360,7 +360,7 @@ def _scan_parquet(path: str, files: list[str], key_template: str) -> tuple[dict[
     if id_field is not None:
         # one column at a time, one row group at a time: 8 bytes per document, transient
         hashes = np.empty(starts[-1], dtype=np.uint64)
-        bar = Progress(f"checking corpus ids of {os.path.basename(path)}", starts[-1], unit="rows")
+        bar = Progress(f"checking corpus ids of {os.path.basename(path)}", starts[-1], unit="rows", logger=log)
         for g, (f, gi) in enumerate(zip(group_file, group_index)):
             col = pq.ParquetFile(files[f]).read_row_group(gi, columns=[id_field]).column(id_field).to_pylist()
             hashes[starts[g]:starts[g + 1]] = [_id_hash(str(x)) for x in col]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -13,6 +14,8 @@ import numpy as np
 
 from embedder.errors import DataError
 from embedder.progress import Progress
+
+log = logging.getLogger("embedder.data")
 
 
 def _parse(raw: bytes, path: str, lineno: int) -> dict[str, Any]:
@@ -35,7 +38,7 @@ def iter_jsonl_offsets(path: str, progress: str | None = None) -> Iterator[tuple
 
     `progress`: a label; when set, a line with the rate and ETA is logged every 30 s (large files).
     """
-    bar = Progress(progress, os.path.getsize(path)) if progress else None
+    bar = Progress(progress, os.path.getsize(path), logger=log) if progress else None
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
