@@ -36,7 +36,6 @@ from embedder.evaluation.metrics import compute_metrics
 from embedder.evaluation.nq_answer import answer_recall
 from embedder.evaluation.retrieval import RetrievalEvaluator
 from embedder.data.corpus import open_corpus, texts_fingerprint
-from embedder.data.records import format_key
 from embedder.mining.base import fingerprint, launched_rank, search_in_shards
 from embedder.mining.run import build_retriever, resolve_instruction
 from embedder.paths import resolve_files, resolve_path
@@ -74,10 +73,8 @@ def _load_inputs(spec: dict[str, Any], cfg: DictConfig
     fmt = cfg.get("format", "auto")
     raw = resolve_path(spec["eval_data"], cfg.data_root)
     if fmt == "beir" or (fmt == "auto" and is_beir_folder(raw)):
-        data = load_beir(raw, cfg.get("split", "test"))
-        texts = [format_key(d, spec["key_template"], os.path.join(raw, "corpus.jsonl"), i + 1).strip()
-                 for i, d in enumerate(data.corpus)]
-        return list(enumerate(data.queries, start=1)), texts, data.doc_ids, os.path.join(raw, "queries.jsonl"), \
+        data = load_beir(raw, cfg.get("split", "test"), spec["key_template"])
+        return list(enumerate(data.queries, start=1)), data.corpus, data.doc_ids, os.path.join(raw, "queries.jsonl"), \
             os.path.join(raw, "corpus.jsonl")
     (queries_path,) = resolve_files(spec["eval_data"], cfg.data_root, what=f"eval {spec['name']}: eval_data")
     queries = list(iter_jsonl(queries_path))

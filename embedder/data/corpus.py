@@ -64,6 +64,16 @@ class Corpus(Sequence):
     path: str
     key_template: str
     id_field: str | None = None
+    strip: bool = False  # strip the formatted text (BEIR: "{title} {text}" with an empty title)
+    defaults: dict[str, str] | None = None  # fields a record may leave out (BEIR: title)
+
+    def _text(self, record: dict[str, Any]) -> str:
+        text = format_key(record, self.key_template, self.path, defaults=self.defaults)
+        return text.strip() if self.strip else text
+
+    def _fingerprint(self, digest: str) -> str:
+        parts = [digest, self.key_template] + (["strip"] if self.strip else [])
+        return hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).hexdigest()
 
     @property
     def texts(self) -> Corpus:
@@ -178,10 +188,10 @@ class JsonlCorpus(Corpus):
         i = int(i)
         if not -len(self) <= i < len(self):
             raise IndexError(f"corpus row {i} out of range ({len(self)} documents)")
-        return format_key(self._record(i % len(self)), self.key_template, self.path)
+        return self._text(self._record(i % len(self)))
 
     def fingerprint(self) -> str:
-        return hashlib.blake2b(json.dumps([self._digest, self.key_template]).encode(), digest_size=8).hexdigest()
+        return self._fingerprint(self._digest)
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_fh", "_pid")}
@@ -191,12 +201,13 @@ class JsonlCorpus(Corpus):
         self._fh = self._pid = None
 
 
-def _scan_jsonl(path: str, key_template: str) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def _scan_jsonl(path: str, key_template: str,
+                defaults: dict[str, str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     offsets, hashes = array("q"), array("Q")
     digest = hashlib.blake2b(digest_size=16)
     id_field: str | None = None
     for line, offset, record in iter_jsonl_offsets(path, progress=f"indexing corpus {os.path.basename(path)}"):
-        format_key(record, key_template, path, line)
+        format_key(record, key_template, path, line, defaults)
         if not offsets:
             id_field = next((f for f in ID_FIELDS if f in record), None)
         if id_field is not None:
@@ -293,7 +304,7 @@ class ParquetCorpus(Corpus):
 
     def take(self, rows: Iterable[int]) -> dict[int, str]:
         recs = self.records(rows)
-        return {r: format_key(rec, self.key_template, self.path) for r, rec in recs.items()}
+        return {r: self._text(rec) for r, rec in recs.items()}
 
     def __getitem__(self, i):
         if isinstance(i, slice):
@@ -308,7 +319,7 @@ class ParquetCorpus(Corpus):
         return self.take([i])[i]
 
     def fingerprint(self) -> str:
-        return hashlib.blake2b(json.dumps([self._digest, self.key_template]).encode(), digest_size=8).hexdigest()
+        return self._fingerprint(self._digest)
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in ("_handles", "_cached", "_pid")}
@@ -382,8 +393,12 @@ def is_parquet(path: str) -> bool:
     return path.endswith(PARQUET_SUFFIXES) or os.path.isdir(path)
 
 
-def open_corpus(path: str, key_template: str = "{title} {text}", use_cache: bool = True) -> Corpus:
+def open_corpus(path: str, key_template: str = "{title} {text}", use_cache: bool = True, strip: bool = False,
+                defaults: dict[str, str] | None = None) -> Corpus:
     """Open a corpus (JSON lines, parquet file or folder of parquet shards), checked and indexed once, cached.
+
+    `strip=True` strips every formatted text (`"{title} {text}"` with an empty title); `defaults` fills fields
+    a record may leave out (`{"title": ""}` for BEIR).
 
     Errors (a malformed line, a missing template field, a duplicate id) name the file, the line (the row, for
     parquet) and the field.
@@ -399,9 +414,10 @@ def open_corpus(path: str, key_template: str = "{title} {text}", use_cache: bool
         corpus: Corpus = ParquetCorpus(path, key_template, files, arrays["group_file"], arrays["group_index"],
                                        arrays["group_starts"], meta["id_field"], meta["digest"])
     else:
-        key = {"file": file_identity(path), "key_template": key_template}
-        arrays, meta = cached_index("corpus-jsonl", key, lambda: _scan_jsonl(path, key_template),
+        key = {"file": file_identity(path), "key_template": key_template, "defaults": defaults}
+        arrays, meta = cached_index("corpus-jsonl", key, lambda: _scan_jsonl(path, key_template, defaults),
                                     use_cache=use_cache)
         corpus = JsonlCorpus(path, key_template, arrays["offsets"], meta["id_field"], meta["digest"])
+    corpus.strip, corpus.defaults = strip, defaults
     log.info("corpus %s: %d documents (%s)", path, len(corpus), type(corpus).__name__)
     return corpus

@@ -78,14 +78,14 @@ def key_fields(key_template: str) -> list[str]:
 
 
 def format_key(record: Mapping[str, Any], key_template: str, path: str | None = None,
-               line: int | None = None) -> str:
+               line: int | None = None, defaults: Mapping[str, str] | None = None) -> str:
     """A corpus record's text: `key_template.format(**record)` (null fields read as ""), with a DataError naming
-    the missing field."""
+    the missing field. `defaults` fills fields a record may leave out (BEIR's optional `title`)."""
     if not isinstance(record, Mapping):
         raise DataError(f"corpus record must be a JSON object, got {type(record).__name__}", path=path, line=line,
                         hint="one JSON object per line, e.g. {\"title\": ..., \"text\": ...}")
     try:
-        return key_template.format(**{k: ("" if v is None else v) for k, v in record.items()})
+        return key_template.format(**{**(defaults or {}), **{k: ("" if v is None else v) for k, v in record.items()}})
     except KeyError as e:
         name = e.args[0]
         raise DataError(f"corpus record has no field '{name}', which key_template {key_template!r} needs "

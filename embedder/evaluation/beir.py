@@ -6,7 +6,8 @@ A BEIR folder (as downloaded from the BEIR site or the `mteb/<name>` Hub dataset
     queries.jsonl     {"_id": "1", "text": "..."}                           one query per line
     qrels/test.tsv    query-id <TAB> corpus-id <TAB> score, with a header line (also dev.tsv, train.tsv)
 
-`load_beir(folder, split)` returns the corpus in row order (row i = document i, its BEIR id kept in `id`) and the
+`load_beir(folder, split)` returns the corpus in row order (row i = document i, read on access; its BEIR ids in
+`corpus.ids`) and the
 queries of that split as eval records: `query_id`, `query`, `pos_index` (rows with score > 0) and `pos_relevance`
 (their graded scores). Queries that have no qrels in the split are left out, as BEIR and MTEB do.
 `convert_beir(folder, out_dir, split)` writes the same as `corpus.json` and `<split>.json`, so every entry point
@@ -32,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from embedder.data.corpus import Corpus, open_corpus
 from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
 from embedder.errors import DataError
 
@@ -40,17 +42,17 @@ log = logging.getLogger("embedder.evaluation")
 
 @dataclass
 class BeirData:
-    """A BEIR split in this project's terms."""
+    """A BEIR split in this project's terms. The corpus is read on access (`embedder.data.corpus`), not loaded."""
 
     folder: str
     split: str
-    corpus: list[dict[str, Any]]  # {"id", "title", "text"}, row i = document i
+    corpus: Corpus  # formatted texts (key_template, stripped), row i = document i; `corpus.ids` = BEIR `_id`s
     queries: list[dict[str, Any]]  # {"query_id", "query", "pos_index", "pos_relevance"}
     skipped: Counter = field(default_factory=Counter)
 
     @property
-    def doc_ids(self) -> list[str]:
-        return [d["id"] for d in self.corpus]
+    def doc_ids(self) -> Sequence[str]:
+        return self.corpus.ids
 
 
 def is_beir_folder(path: str) -> bool:
@@ -91,8 +93,11 @@ def read_qrels(path: str) -> dict[str, dict[str, int]]:
     return qrels
 
 
-def load_beir(folder: str, split: str = "test") -> BeirData:
-    """Read a BEIR folder's corpus, queries and `qrels/<split>.tsv` (see the module docstring)."""
+def load_beir(folder: str, split: str = "test", key_template: str = "{title} {text}") -> BeirData:
+    """Read a BEIR folder's corpus, queries and `qrels/<split>.tsv` (see the module docstring).
+
+    The corpus texts are `key_template` over the corpus fields, stripped (an empty title leaves no leading space).
+    """
     corpus_path, queries_path = os.path.join(folder, "corpus.jsonl"), os.path.join(folder, "queries.jsonl")
     qrels_path = os.path.join(folder, "qrels", f"{split}.tsv")
     for p in (corpus_path, queries_path, qrels_path):
@@ -101,19 +106,19 @@ def load_beir(folder: str, split: str = "test") -> BeirData:
             have = sorted(os.listdir(qrels_dir)) if os.path.isdir(qrels_dir) else []
             raise FileNotFoundError(f"BEIR folder {folder!r}: {p!r} not found" +
                                     (f" (qrels splits present: {have})" if p == qrels_path else ""))
-    corpus: list[dict[str, Any]] = []
+    # The corpus is checked (every line, unique `_id`s) and indexed by open_corpus; only the ids the qrels name are
+    # mapped to rows, so memory follows the qrels, not the corpus (MS MARCO: 8.8M documents).
+    corpus = open_corpus(corpus_path, key_template, strip=True, defaults={"title": "", "text": ""})
+    if corpus.id_field != "_id":
+        raise DataError("BEIR corpus records need an '_id'", path=corpus_path, line=1, field="_id",
+                        hint="a BEIR corpus line looks like {\"_id\": \"4983\", \"title\": ..., \"text\": ...}")
+    qrels = read_qrels(qrels_path)
+    wanted = {did for docs in qrels.values() for did in docs}
     row_of: dict[str, int] = {}
-    line_of: dict[str, int] = {}
-    for line, rec in iter_jsonl(corpus_path):
+    for row, (line, rec) in enumerate(iter_jsonl(corpus_path)):
         did = _str_field(rec, "_id", corpus_path, line)
-        if did in row_of:
-            raise DataError(f"duplicate document id {did!r} (first on line {line_of[did]})", path=corpus_path,
-                            line=line, field="_id", hint="BEIR document ids must be unique")
-        row_of[did], line_of[did] = len(corpus), line
-        corpus.append({"id": did, "title": _str_field(rec, "title", corpus_path, line, required=False),
-                       "text": _str_field(rec, "text", corpus_path, line, required=False)})
-    if not corpus:
-        raise DataError("the corpus is empty", path=corpus_path)
+        if did in wanted:
+            row_of[did] = row
     query_text: dict[str, tuple[int, str]] = {}
     for line, rec in iter_jsonl(queries_path):
         qid = _str_field(rec, "_id", queries_path, line)
@@ -122,7 +127,6 @@ def load_beir(folder: str, split: str = "test") -> BeirData:
                             line=line, field="_id")
         query_text[qid] = (line, _str_field(rec, "text", queries_path, line, required=False))
 
-    qrels = read_qrels(qrels_path)
     skipped: Counter = Counter()
     queries = []
     for qid, docs in qrels.items():  # qrels order, like BEIR
@@ -155,9 +159,17 @@ def convert_beir(folder: str, out_dir: str, split: str = "test") -> dict[str, st
     """Write `corpus.json` and `<split>.json` (this project's formats) under `out_dir`; returns their paths."""
     data = load_beir(folder, split)
     corpus_out, eval_out = os.path.join(out_dir, "corpus.json"), os.path.join(out_dir, f"{split}.json")
-    write_jsonl_atomic(corpus_out, data.corpus)
+    corpus_path = os.path.join(folder, "corpus.jsonl")
+
+    def documents():  # streamed: row i of the output is row i of the BEIR corpus
+        for line, rec in iter_jsonl(corpus_path):
+            yield {"id": _str_field(rec, "_id", corpus_path, line),
+                   "title": _str_field(rec, "title", corpus_path, line, required=False),
+                   "text": _str_field(rec, "text", corpus_path, line, required=False)}
+
+    n_docs = write_jsonl_atomic(corpus_out, documents())
     write_jsonl_atomic(eval_out, data.queries)
-    log.info("converted %s: %d documents -> %s, %d %s queries -> %s", folder, len(data.corpus), corpus_out,
+    log.info("converted %s: %d documents -> %s, %d %s queries -> %s", folder, n_docs, corpus_out,
              len(data.queries), split, eval_out)
     return {"corpus": corpus_out, "eval_data": eval_out}
 
