@@ -106,6 +106,33 @@ print(n)
 """
 
 
+THROUGHPUT_HEADER = "| records | groups/s (1 process, warm page cache) |\n|---|---|"
+THROUGHPUT_CHILD = """
+import sys, time
+import numpy as np
+from embedder.data.dataset import MultiTaskTrainDataset
+from embedder.data.tasks import build_task_settings
+from embedder.data.train_files import load_train_file
+path, mode = sys.argv[1], sys.argv[2]
+tasks = build_task_settings({"qa": {"loss": {"contrastive_weight": 0.0, "distill_weight": 1.0,
+                                             "stable_distill": True}}}, group_size=8)
+f = load_train_file(path, tasks, use_cache=False)
+if mode == "eager":
+    f.records = list(f.records)  # 0.1: records held as Python objects
+ds = MultiTaskTrainDataset([f], tasks)
+order = np.random.default_rng(0).permutation(len(ds))  # shuffled, as training reads them
+for i in order[:200]:  # warm-up
+    ds[int(i)]
+start = time.perf_counter()
+n = 0
+while time.perf_counter() - start < 10:
+    ds[int(order[n % len(order)])]
+    n += 1
+label = "eager list (0.1)" if mode == "eager" else "lazy offsets"
+print(f"| {label} | {n / (time.perf_counter() - start):,.0f} |")
+"""
+
+
 def train_cmd(path: str, model: str, out: str) -> list[str]:
     return ["task=msmarco", f"train_data=[{path}]", "model=tiny_bert", f"model.model_name_or_path={model}",
             "trainer=cpu", "trainer.max_steps=1", "trainer.max_epochs=-1", "logger=csv", f"output_dir={out}",
@@ -149,6 +176,14 @@ def main() -> None:
         d_lazy = rows[hi]["lazy"][0] - rows[lo]["lazy"][0]
         print(f"\n{hi:,} vs {lo:,} records: eager +{d_eager:,.0f} MB, lazy {d_lazy:+,.0f} MB "
               f"(offsets: {8 * (hi - lo) / 1e6:.2f} MB); eager/lazy increase {d_eager / max(d_lazy, 1):.0f}x")
+
+    print(f"\n## groups drawn per second (MultiTaskTrainDataset.__getitem__, {max(args.records):,}-record file)")
+    print(THROUGHPUT_HEADER)
+    big = os.path.join(work, f"qa-{max(args.records)}", "train.json")
+    for mode in ("eager", "lazy"):
+        out = subprocess.run([sys.executable, "-c", THROUGHPUT_CHILD, big, mode], cwd=ROOT, env=env,
+                             capture_output=True, text=True, check=True)
+        print(out.stdout.strip().splitlines()[-1])
 
     print(f"\n## corpus of {args.corpus_rows:,} passages: open and read every text once (batches of 100k)")
     import pyarrow as pa

@@ -219,3 +219,17 @@ def test_evaluating_on_a_parquet_corpus_equals_jsonl(tmp_path, tiny_bert):
                        "eval_task=tool", "task=tool", "retriever.batch_size=8"], "eval")
         results[kind] = (run_evaluate(cfg), read_jsonl(f"{tmp_path}/{kind}/toy.result.json"))
     assert results["jsonl"][0] and results["jsonl"] == results["parquet"]
+
+
+def test_progress_logs_plain_lines_with_an_eta_outside_a_terminal(caplog):
+    import logging
+
+    from embedder.progress import Progress
+
+    caplog.set_level(logging.INFO, logger="embedder")
+    with Progress("validating train.json", 4_000_000, quiet_below=0) as bar:  # pytest's stderr is not a terminal
+        for _ in range(4):
+            bar.update(1_000_000)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0].startswith("validating train.json:  25% (1.0 MB / 4.0 MB)") and "ETA" in lines[0]
+    assert lines[-1].startswith("validating train.json: 100%") and "\r" not in "".join(lines)

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from embedder.data.index_cache import cached_index, file_identity
-from embedder.data.jsonl import _parse, iter_jsonl_offsets
+from embedder.data.jsonl import JsonlRecords, iter_jsonl_offsets
 from embedder.data.records import ID_FIELDS, format_key, key_fields
 from embedder.errors import DataError
 from embedder.progress import Progress
@@ -160,45 +160,28 @@ def _check_unique(hashes: np.ndarray, find_lines, path: str, id_field: str) -> N
 
 
 class JsonlCorpus(Corpus):
+    """A JSON-lines corpus: its records read by byte offset (`JsonlRecords`), formatted on access."""
+
     def __init__(self, path: str, key_template: str, offsets: np.ndarray, id_field: str | None, digest: str):
-        self.path, self.key_template, self.offsets = path, key_template, offsets  # offsets: (N,) int64
+        self.path, self.key_template, self.rows = path, key_template, JsonlRecords(path, offsets)
         self.id_field, self._digest = id_field, digest
-        self._fh = None
-        self._pid = None
 
     def __len__(self) -> int:
-        return len(self.offsets)
-
-    def _file(self):
-        if self._fh is None or self._pid != os.getpid():
-            self._fh, self._pid = open(self.path, "rb"), os.getpid()
-        return self._fh
-
-    def _record(self, i: int) -> dict[str, Any]:
-        f = self._file()
-        f.seek(int(self.offsets[i]))
-        return _parse(f.readline(), self.path, -1)
+        return len(self.rows)
 
     def records(self, rows: Iterable[int]) -> dict[int, dict[str, Any]]:
-        return {int(r): self._record(int(r)) for r in rows}
+        return {int(r): self.rows[int(r)] for r in rows}
 
     def __getitem__(self, i):
         if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
+            return [self._text(r) for r in self.rows[i]]
         i = int(i)
         if not -len(self) <= i < len(self):
             raise IndexError(f"corpus row {i} out of range ({len(self)} documents)")
-        return self._text(self._record(i % len(self)))
+        return self._text(self.rows[i])
 
     def fingerprint(self) -> str:
         return self._fingerprint(self._digest)
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_fh", "_pid")}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self._fh = self._pid = None
 
 
 def _scan_jsonl(path: str, key_template: str,

@@ -18,7 +18,7 @@ from embedder.progress import Progress
 log = logging.getLogger("embedder.data")
 
 
-def _parse(raw: bytes, path: str, lineno: int) -> dict[str, Any]:
+def _parse(raw: bytes, path: str, lineno: int | None) -> dict[str, Any]:
     try:
         record = json.loads(raw)
     except UnicodeDecodeError as e:
@@ -90,7 +90,7 @@ class JsonlRecords(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         f = self._file()
         f.seek(int(self.offsets[i]))
-        return _parse(f.readline(), self.path, -1)
+        return _parse(f.readline(), self.path, None)
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "offsets": self.offsets}
