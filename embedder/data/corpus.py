@@ -187,9 +187,10 @@ class JsonlCorpus(Corpus):
 def _scan_jsonl(path: str, key_template: str,
                 defaults: dict[str, str] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     offsets, hashes = array("q"), array("Q")
-    digest = hashlib.blake2b(digest_size=16)
+    digest = hashlib.blake2b(digest_size=16)  # of the bytes: the corpus's fingerprint, whatever the file is called
     id_field: str | None = None
-    for line, offset, record in iter_jsonl_offsets(path, progress=f"indexing corpus {os.path.basename(path)}"):
+    for line, offset, record in iter_jsonl_offsets(path, progress=f"indexing corpus {os.path.basename(path)}",
+                                                   digest=digest):
         format_key(record, key_template, path, line, defaults)
         if not offsets:
             id_field = next((f for f in ID_FIELDS if f in record), None)
@@ -202,9 +203,6 @@ def _scan_jsonl(path: str, key_template: str,
     if not offsets:
         raise DataError("the corpus is empty", path=path,
                         hint="one JSON object per line, e.g. {\"title\": .., \"text\": ..}")
-    with open(path, "rb") as f:  # content digest: the fingerprint of the corpus, whatever the file is called
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
 
     def find_lines(h: int):
         first = None

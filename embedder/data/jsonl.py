@@ -33,16 +33,20 @@ def _parse(raw: bytes, path: str, lineno: int | None) -> dict[str, Any]:
     return record
 
 
-def iter_jsonl_offsets(path: str, progress: str | None = None) -> Iterator[tuple[int, int, dict[str, Any]]]:
+def iter_jsonl_offsets(path: str, progress: str | None = None,
+                       digest: Any = None) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """Yield `(line_number, byte_offset, record)` for every non-blank line (1-based lines), streaming.
 
-    `progress`: a label; when set, a line with the rate and ETA is logged every 30 s (large files).
+    `progress`: a label; when set, progress with an ETA is shown for large files. `digest`: a hashlib object that
+    is fed every byte of the file on the way (a content fingerprint without a second pass).
     """
     bar = Progress(progress, os.path.getsize(path), logger=log) if progress else None
     offset = 0
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             start, offset = offset, offset + len(raw)
+            if digest is not None:
+                digest.update(raw)
             if bar is not None:
                 bar.update(len(raw))
             if not raw.strip():
