@@ -32,8 +32,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
 from embedder.evaluation.beir import graded_ndcg, graded_qrels, is_beir_folder, load_beir
-from embedder.evaluation.metrics import compute_metrics
-from embedder.evaluation.nq_answer import answer_recall
 from embedder.evaluation.retrieval import RetrievalEvaluator
 from embedder.data.corpus import open_corpus, texts_fingerprint
 from embedder.mining.base import fingerprint, launched_rank, search_in_shards
@@ -181,15 +179,9 @@ def _retrieve(spec: dict[str, Any], evaluator: RetrievalEvaluator, corpus_ids: l
 
 
 def _score(evaluator: RetrievalEvaluator, preds: dict, graded: dict | None) -> dict[str, float]:
-    metrics: dict[str, float] = {}
-    if evaluator.ranking_metrics:
-        labels = {q.qid: q.labels for q in evaluator.queries if q.labels is not None}
-        metrics.update(compute_metrics(preds, labels, evaluator.ranking_metrics, evaluator.cutoffs))
-        if graded is not None and "ndcg" in evaluator.ranking_metrics:  # BEIR graded qrels: trec_eval's graded nDCG
-            metrics.update(graded_ndcg(preds, graded, evaluator.cutoffs))
-    if evaluator.use_nq:
-        answers = {q.qid: q.answers for q in evaluator.queries if q.answers is not None}
-        metrics.update(answer_recall(preds, answers, evaluator.corpus_text_lookup(preds), evaluator.cutoffs))
+    metrics = evaluator.score(preds)
+    if graded is not None and "ndcg" in evaluator.ranking_metrics:  # BEIR graded qrels: trec_eval's graded nDCG
+        metrics.update(graded_ndcg(preds, graded, evaluator.cutoffs))
     return metrics
 
 

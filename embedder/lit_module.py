@@ -116,11 +116,11 @@ class RetrieverModule(LightningModule):
 
     # ------------------------------------------------------------------------------------------ evaluation
     def validation_step(self, batch: list[int], batch_idx: int) -> None:
-        """One batch = one evaluation set index. Under DDP every rank takes part (encoding is sharded across ranks
-        and all-gathered, see EvalSet) and ends with the same metrics."""
+        """One batch = one evaluation set index. Under DDP every rank takes part (each encodes and searches its
+        share of the corpus, see EvalSet) and ends with the same metrics."""
         for i in batch:
             es = self.eval_sets[int(i)]
-            metrics = es.evaluate(self.encoder)
+            metrics = es.evaluate(self.encoder, step=self.global_step)
             for name, value in metrics.items():
                 self.log(f"val/{es.name}/{name}", float(value), batch_size=1, sync_dist=False)
 

@@ -14,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from embedder.data.datamodule import RetrievalDataModule
 from embedder.data.tasks import build_task_settings, export_prompts
+from embedder.encode.predict import encoder_identity
 from embedder.evaluation.eval_set import build_eval_sets
 from embedder.lit_module import RetrieverModule
 
@@ -38,10 +39,14 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     if cfg.train_data:
         datamodule.load()
     eval_sets = build_eval_sets(OmegaConf.to_container(cfg.eval, resolve=True) if cfg.get("eval") else None,
-                                tasks, cfg.data_root, cfg.query_max_length, cfg.key_max_length)
+                                tasks, cfg.data_root, cfg.query_max_length, cfg.key_max_length, work_dir=cfg.output_dir)
     datamodule.eval_sets = eval_sets
 
     encoder = hydra.utils.instantiate(cfg.model)
+    if cfg.ckpt_path is None:  # the untrained weights: their eval-set embeddings are cached across runs
+        identity = encoder_identity(encoder)
+        for es in eval_sets:
+            es.initial_identity = identity
     datamodule.collator.tokenizer = encoder.tokenizer
     module = RetrieverModule(
         encoder, tasks, temperature=cfg.loss.temperature, cross_device=cfg.loss.cross_device,

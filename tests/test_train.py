@@ -195,7 +195,33 @@ def test_ddp_evaluation_equals_single_process(tmp_path, tiny_bert):
         assert after  # metrics come back from the spawned workers too
         return json.load(open(tmp_path / sub / "out" / "metrics.json"))["before"]
 
-    single, ddp = before("single", []), before("ddp", ["trainer=ddp_sim"])
+    # 2 ranks, the 196-row corpus cut into 8 store shards: each rank encodes, indexes and searches 4 of them
+    single, ddp = before("single", []), before("ddp", ["trainer=ddp_sim", "+eval.tool.shard_size=25"])
     assert single.keys() == ddp.keys() and single
     for k in single:
         assert ddp[k] == pytest.approx(single[k], abs=1e-6), k
+
+
+def test_untrained_eval_embeddings_are_cached_and_step_stores_removed(tmp_path, tiny_bert, caplog):
+    """evaluate_before encodes the corpus once per model: a second run reuses the stores; the stores of trained
+    steps are deleted once scored."""
+    import logging
+
+    from embedder.data.index_cache import cache_root
+
+    caplog.set_level(logging.INFO, logger="embedder.evaluation")
+    overrides = ["task=sample", "train_data=[llm-embedder:tool/train.json]", "eval.qa=null", "eval.convsearch=null",
+                 "task_metric=val/tool/ndcg@5", "export=false", "+eval.tool.shard_size=50"]
+    first = run_train(compose(quick_overrides(tmp_path / "a", tiny_bert, overrides)))
+    shards = sorted((os.path.join(d, f), os.path.getmtime(os.path.join(d, f)))
+                    for d, _, files in os.walk(os.path.join(cache_root(), "eval-encode")) for f in files
+                    if f.startswith("shard-"))
+    assert len(shards) >= 5  # 4 corpus shards + the queries
+    caplog.clear()
+    second = run_train(compose(quick_overrides(tmp_path / "b", tiny_bert, overrides)))
+    assert "eval tool: encoding 0 shard(s) on 1 rank(s) (5 reused" in caplog.text  # before: nothing encoded
+    assert "eval tool: encoding 5 shard(s)" in caplog.text  # after training: new weights, encoded again
+    assert shards == sorted((p, os.path.getmtime(p)) for p, _ in shards)  # the cached shards were not rewritten
+    assert first == second  # same seed, same data: the same run
+    for run in ("a", "b"):
+        assert not os.listdir(tmp_path / run / "out" / "eval-encode")  # step stores are gone

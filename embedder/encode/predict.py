@@ -168,6 +168,36 @@ class EncodeDataModule(L.LightningDataModule):
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
 
 
+class ShardWriter:
+    """Collects a shard's embeddings batch by batch (batches come length-sorted) and writes the shard, atomically,
+    as soon as all of its rows are in. The one place where encoded batches become store shards."""
+
+    def __init__(self, store_paths: list[str]):
+        self.stores = [EmbeddingStore(p) for p in store_paths]
+        self.pending: dict[tuple[int, int], list] = {}
+
+    def add(self, batch: dict[str, Any], emb: np.ndarray) -> None:
+        j, s, n = int(batch["job"]), int(batch["shard"]), int(batch["rows"])
+        key = (j, s)
+        if key not in self.pending:
+            self.pending[key] = [np.empty((n, emb.shape[1]), dtype=np.float32), 0]
+        buf = self.pending[key]
+        buf[0][batch["positions"].cpu().numpy()] = emb
+        buf[1] += emb.shape[0]
+        if buf[1] == n:  # the shard is complete: write it (atomically) and free the buffer
+            self.stores[j].write_shard(s, buf[0])
+            del self.pending[key]
+
+    def check_done(self) -> None:
+        if self.pending:  # every unit is complete when the loop ends normally
+            raise RuntimeError(f"encoding ended with incomplete shards {sorted(self.pending)}")
+
+
+def model_inputs(batch: dict[str, Any], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+    return inputs if device is None else {k: v.to(device) for k, v in inputs.items()}
+
+
 class EncodeModule(L.LightningModule):
     """Runs the encoder on each batch and writes a shard as soon as all of its rows are encoded."""
 
@@ -177,12 +207,11 @@ class EncodeModule(L.LightningModule):
         self.store_paths = [job.store_path for job in jobs]
         self.kinds = [job.kind for job in jobs]
         self.dtype_name = dtype
-        self._pending: dict[tuple[int, int], list] = {}
+        self._writer: ShardWriter | None = None
         self._orig_dtype: torch.dtype | None = None
 
     def on_predict_start(self) -> None:
-        self._stores = [EmbeddingStore(p) for p in self.store_paths]
-        self._pending = {}
+        self._writer = ShardWriter(self.store_paths)
         self._orig_dtype = next(self.encoder.parameters()).dtype
         dtype = resolve_dtype(self.dtype_name, self.device)
         if dtype is not None and dtype != self._orig_dtype:
@@ -193,23 +222,54 @@ class EncodeModule(L.LightningModule):
     def on_predict_end(self) -> None:
         if self._orig_dtype is not None and next(self.encoder.parameters()).dtype != self._orig_dtype:
             self.encoder.to(self._orig_dtype)  # leave the caller's encoder as it was
-        if self._pending:  # every unit is complete when the loop ends normally
-            raise RuntimeError(f"encoding ended with incomplete shards {sorted(self._pending)}")
+        self._writer.check_done()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> int:
-        j, s, n = int(batch["job"]), int(batch["shard"]), int(batch["rows"])
-        inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-        emb = self.encoder.encode(inputs, self.kinds[j]).float().cpu().numpy()  # (b, D)
-        key = (j, s)
-        if key not in self._pending:
-            self._pending[key] = [np.empty((n, emb.shape[1]), dtype=np.float32), 0]
-        buf = self._pending[key]
-        buf[0][batch["positions"].cpu().numpy()] = emb
-        buf[1] += emb.shape[0]
-        if buf[1] == n:  # the shard is complete: write it (atomically) and free the buffer
-            self._stores[j].write_shard(s, buf[0])
-            del self._pending[key]
+        emb = self.encoder.encode(model_inputs(batch), self.kinds[int(batch["job"])]).float().cpu().numpy()  # (b, D)
+        self._writer.add(batch, emb)
         return emb.shape[0]  # not collected (return_predictions=False); None would make Lightning warn
+
+
+def batches_for(jobs: list[EncodeJob], units: list[tuple[int, int]], batch_size: int) -> int:
+    """How many batches `_BatchStream` yields for `units` (known without tokenising: rows per shard)."""
+    total = 0
+    for j, s in units:
+        store = EmbeddingStore(jobs[j].store_path)
+        total += math.ceil(len(store.shard_rows(s)) / batch_size)
+    return total
+
+
+@torch.no_grad()
+def encode_in_lockstep(encoder: torch.nn.Module, jobs: list[EncodeJob], units_per_rank: list[list[tuple[int, int]]],
+                       rank: int, batch_size: int = 128) -> None:
+    """Encode this rank's `(job, shard)` units in this process, with the batching of `encode_to_stores`.
+
+    For a loop that is already running on every rank (a fit's validation), where Lightning's predict loop cannot
+    start. Every rank runs the same number of forward passes per job, padding with a one-text batch when it has
+    fewer (DeepSpeed ZeRO-3 gathers parameters inside each forward, so the ranks must stay in step), and jobs run
+    one after the other (an untied encoder's query and key models are gathered separately).
+    """
+    device = next(encoder.parameters()).device
+    writer = ShardWriter([job.store_path for job in jobs])
+    was_training = encoder.training
+    encoder.eval()
+    for j, job in enumerate(jobs):
+        mine = [u for u in units_per_rank[rank] if u[0] == j]
+        target = max(batches_for(jobs, [u for u in units if u[0] == j], batch_size) for units in units_per_rank)
+        store = EmbeddingStore(job.store_path)
+        shard_rows = [[store.shard_rows(s) for s in range(store.num_shards)] if i == j else []
+                      for i in range(len(jobs))]
+        done = 0
+        for batch in _BatchStream(mine, jobs, shard_rows, encoder.tokenizer, batch_size):
+            emb = encoder.encode(model_inputs(batch, device), job.kind).float().cpu().numpy()  # (b, D)
+            writer.add(batch, emb)
+            done += 1
+        if done < target:  # keep in step with the ranks that have more batches
+            pad = {k: v.to(device) for k, v in encoder.tokenizer([""], return_tensors="pt").items()}
+            for _ in range(target - done):
+                encoder.encode(pad, job.kind)
+    writer.check_done()
+    encoder.train(was_training)
 
 
 def make_predict_trainer(trainer_cfg: Any = None, **overrides: Any) -> L.Trainer:

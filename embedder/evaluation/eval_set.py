@@ -1,80 +1,194 @@
-"""An evaluation set from config: eval file + corpus + the task whose instructions encode them."""
+"""An evaluation set from config (eval file + corpus + the task whose instructions encode them), evaluated during
+training through the same encoding stores, faiss index and scoring as standalone evaluation and mining.
+
+How a retrieval eval set is evaluated on W ranks (W = 1 outside a process group):
+
+1. The corpus and the queries become `EncodeJob`s over `EmbeddingStore`s (fixed row-range shards on disk). Shard s
+   belongs to rank `s % W`: each rank encodes only its missing shards, with `encode_to_stores`' batching (so 1 or 8
+   ranks give bit-identical embeddings), and every rank runs the same number of forward passes (ZeRO-3).
+2. Each rank builds one faiss index (`index_factory`) over its own corpus shards, memory-mapped from disk, and
+   searches every query: no rank holds more than its 1/W of the corpus embeddings. The per-rank top-k lists are
+   gathered and merged (`merge_topk`; equal scores rank by id, so any W gives the one-index ranking).
+3. The rankings are scored by the `RetrievalEvaluator` (label metrics, answer recall).
+
+The stores of the untrained encoder are cached under `$EMBEDDER_CACHE/eval-encode`, keyed by its weights, the texts,
+the instruction and the length limit: `evaluate_before` costs one corpus encode per model, not one per run. Stores of
+later steps go to `work_dir/eval-encode/step-<n>` and are deleted once scored. A rerank set (`mode: rerank`) scores
+each record's own candidates and needs no corpus.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
-from embedder.data.corpus import open_corpus
+from embedder.data.corpus import open_corpus, prefixed
+from embedder.data.index_cache import cache_root
 from embedder.data.jsonl import iter_jsonl
 from embedder.data.tasks import Instruction, TaskSettings
-from embedder.distributed import rank, world_size
+from embedder.distributed import is_distributed, rank, world_size
+from embedder.encode.predict import EncodeJob, encode_in_lockstep
+from embedder.encode.store import EmbeddingStore
 from embedder.evaluation.retrieval import RetrievalEvaluator
+from embedder.index.faiss_index import FaissIndex, merge_topk
 from embedder.paths import resolve_files
+
+log = logging.getLogger("embedder.evaluation")
 
 MODES = {"retrieval": "retrieve", "retrieve": "retrieve", "rerank": "rerank"}
 
 
+def _barrier() -> None:
+    if is_distributed():
+        torch.distributed.barrier()
+
+
+def _all_gather(obj: Any) -> list[Any]:
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
 class EvalSet:
-    """Reads the files once; `evaluate(encoder)` encodes with the encoder's current weights and scores."""
+    """Reads and checks the files once; `evaluate(encoder)` encodes with the encoder's current weights and scores.
+
+    Args:
+        name: logs as `val/<name>/<metric>@k`.
+        eval_data, corpus: files (`llm-embedder:` paths resolve against `data_root`); the corpus may be JSON lines,
+            a parquet file or a folder of parquet shards, and is read on access.
+        instruction: the task's query/key instructions.
+        index_factory, search_params, use_gpu, train_sample: the faiss index each rank builds over its shards.
+        shard_size: corpus rows per store shard (the unit of work across ranks).
+        work_dir: where the stores of trained steps go (`output_dir`); None: a folder under `$EMBEDDER_CACHE`.
+    """
 
     def __init__(self, name: str, eval_data: str, corpus: str | None, instruction: Instruction,
                  data_root: str | None, key_template: str = "{title} {text}",
                  metrics: list[str] = ("mrr", "recall", "ndcg"), cutoffs: list[int] = (1, 5, 10, 100),
                  hits: int = 100, mode: str = "retrieval", query_max_length: int = 256, key_max_length: int = 256,
-                 batch_size: int = 128, index_factory: str = "Flat"):
+                 batch_size: int = 128, index_factory: str = "Flat", search_params: Mapping[str, float] | None = None,
+                 use_gpu: bool | str = "auto", train_sample: int = 100_000, shard_size: int = 100_000,
+                 work_dir: str | None = None):
         if mode not in MODES:
             raise ValueError(f"eval.{name}.mode={mode!r}; valid: retrieval, rerank")
         self.name, self.instruction = name, instruction
         self.query_max_length, self.key_max_length, self.batch_size = query_max_length, key_max_length, batch_size
+        self.index_factory, self.search_params, self.use_gpu = index_factory, dict(search_params or {}), use_gpu
+        self.train_sample, self.shard_size, self.work_dir = int(train_sample), int(shard_size), work_dir
         (queries_path,) = resolve_files(eval_data, data_root, what=f"eval.{name}.eval_data")
         corpus_path = resolve_files(corpus, data_root, what=f"eval.{name}.corpus", allow_dirs=True)[0] if corpus else None
-        corpus_rows = open_corpus(corpus_path, key_template) if corpus_path else None  # read on access
+        self.corpus = open_corpus(corpus_path, key_template) if corpus_path else None  # read on access
         self._encoder = None
         self.evaluator = RetrievalEvaluator(
-            self._encode, list(iter_jsonl(queries_path)), corpus_rows, key_template=key_template,
+            self._encode_rerank, list(iter_jsonl(queries_path)), self.corpus, key_template=key_template,
             metrics=list(metrics), cutoffs=list(cutoffs), hits=int(hits), index_factory=index_factory,
             metric="cos", mode=MODES[mode], corpus_path=corpus_path, queries_path=queries_path)
         self.preds: dict | None = None
+        self.initial_identity: dict[str, Any] | None = None  # set by run_train: the untrained weights' identity
 
-    def _encode(self, texts: list[str], kind: str):
-        """(N, d) embeddings. Under DDP each rank encodes a contiguous 1/world of the texts and the shards are
-        all-gathered, so every rank ends with the same full matrix at 1/world of the encoding cost."""
+    # ------------------------------------------------------------------------------------------------ evaluate
+    def evaluate(self, encoder, step: int | None = None) -> dict[str, float]:
+        """Metrics of `encoder` on this set (same on every rank). `step`: the training step (0 = untrained, whose
+        corpus stores are cached across runs when `initial_identity` is set)."""
+        metric = "cos" if encoder.normalize else "ip"
+        self.evaluator.metric = metric
+        if self.evaluator.mode == "rerank":
+            self._encoder = encoder
+            try:
+                metrics, self.preds = self.evaluator.evaluate()
+            finally:
+                self._encoder = None
+            return metrics
+        self.preds = self._retrieve(encoder, metric, step)
+        return self.evaluator.score(self.preds)
+
+    def _stores(self, step: int | None, encoder) -> tuple[str, dict[str, Any], bool]:
+        """(folder, identity of the weights, whether the folder is a reusable cache)."""
+        if (step or 0) == 0 and self.initial_identity is not None:
+            return os.path.join(cache_root(), "eval-encode"), {"weights": self.initial_identity}, True
+        if step is None:  # outside training (tests, notebooks): the weights as they are now
+            from embedder.encode.predict import encoder_identity
+
+            return os.path.join(cache_root(), "eval-encode"), {"weights": encoder_identity(encoder)}, True
+        base = self.work_dir or os.path.join(cache_root(), "eval-encode")
+        return os.path.join(base, "eval-encode", f"step-{step}"), {"step": int(step), "run": os.path.abspath(base)}, False
+
+    def _retrieve(self, encoder, metric: str, step: int | None) -> dict:
+        W, r = world_size(), rank()
+        folder, identity, cached = self._stores(step, encoder)
+        inst = self.instruction
+        queries = [inst.query + q.text for q in self.evaluator.queries]
+        jobs = [EncodeJob(f"{self.name} corpus", prefixed(self.corpus, inst.key), "", kind="key",
+                          max_length=self.key_max_length, shard_size=self.shard_size, identity=identity),
+                EncodeJob(f"{self.name} queries", queries, "", kind="query", max_length=self.query_max_length,
+                          shard_size=self.shard_size, identity=identity)]
+        for job, what in zip(jobs, ("corpus", "queries")):
+            job.store_path = os.path.join(folder, f"{what}-{job.fingerprint()[:16]}-{job.shard_size}")
+            EmbeddingStore.create(job.store_path, len(job.texts), job.shard_size, job.fingerprint(),
+                                  info={"name": job.name, "kind": job.kind, "max_length": job.max_length})
+        pending = [(j, s) for j, job in enumerate(jobs) for s in EmbeddingStore(job.store_path).missing_shards()]
+        _barrier()  # every rank has listed the missing shards before any rank writes one
+        units_per_rank = [[u for u in pending if u[1] % W == rr] for rr in range(W)]
+        if r == 0:
+            done = sum(EmbeddingStore(j.store_path).num_shards for j in jobs) - len(pending)
+            log.info("eval %s: encoding %d shard(s) on %d rank(s)%s", self.name, len(pending), W,
+                     f" ({done} reused from {folder})" if done else "")
+        encode_in_lockstep(encoder, jobs, units_per_rank, r, batch_size=self.batch_size)
+        _barrier()  # every shard is on disk
+
+        corpus_store, query_store = (EmbeddingStore(j.store_path) for j in jobs)
+        q_emb = query_store.load()  # (Q, D): the queries are few
+        hits = self.evaluator.hits
+        mine = [s for s in range(corpus_store.num_shards) if s % W == r]
+        if mine:
+            index = FaissIndex(self.index_factory, metric, use_gpu=self.use_gpu, search_params=self.search_params)
+            index.build(np.concatenate([corpus_store.read_shard(s, mmap=True) for s in mine]),
+                        train_sample=self.train_sample)  # (rows of this rank's shards, D)
+            rows = np.concatenate([np.arange(corpus_store.shard_rows(s).start, corpus_store.shard_rows(s).stop)
+                                   for s in mine])
+            scores, local = index.search(q_emb, hits)  # (Q, hits)
+            ids = np.where(local < 0, -1, rows[np.maximum(local, 0)])
+            del index
+        else:  # more ranks than shards
+            scores = np.full((len(q_emb), hits), np.inf if metric == "l2" else -np.inf, np.float32)
+            ids = np.full((len(q_emb), hits), -1, np.int64)
+        scores, ids = merge_topk(_all_gather((scores, ids)), hits, metric)  # (Q, hits)
+        _barrier()  # every rank has searched before the step stores go
+        if not cached and r == 0:
+            shutil.rmtree(folder, ignore_errors=True)
+        return {q.qid: [int(i) for i in row if i >= 0] for q, row in zip(self.evaluator.queries, ids)}
+
+    # ------------------------------------------------------------------------------------------------ rerank
+    def _encode_rerank(self, texts: list[str], kind: str):
+        """(N, d) embeddings of a rerank set's few candidates. Under DDP each rank encodes a contiguous 1/world of
+        the texts and the shards are all-gathered; every rank runs the same number of forward passes (ZeRO-3)."""
         prefix = self.instruction.query if kind == "query" else self.instruction.key
         max_len = self.query_max_length if kind == "query" else self.key_max_length
         texts = [prefix + t for t in texts]
         world = world_size()
         if world == 1 or len(texts) < world:
-            return self._encode_local(texts, kind, max_len).numpy()
+            return self._encoder.encode_texts(texts, kind=kind, max_length=max_len, batch_size=self.batch_size).numpy()
         bounds = [len(texts) * i // world for i in range(world + 1)]  # contiguous shards, sizes differ by <= 1
         sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
         shard = texts[bounds[rank()]:bounds[rank() + 1]]
-        # Pad every shard to the same length: each rank then runs the same number of forward passes, which
-        # DeepSpeed ZeRO-3 needs (its parameter all-gathers happen inside every forward).
         shard = shard + [shard[-1]] * (max(sizes) - len(shard))
         device = next(self._encoder.parameters()).device
-        local = self._encode_local(shard, kind, max_len).to(device)  # (max_size, d)
+        local = self._encoder.encode_texts(shard, kind=kind, max_length=max_len, batch_size=self.batch_size).to(device)
         gathered = [torch.empty_like(local) for _ in range(world)]
         torch.distributed.all_gather(gathered, local)
         return torch.cat([g[:n] for g, n in zip(gathered, sizes)]).cpu().numpy()  # (N, d)
 
-    def _encode_local(self, texts: list[str], kind: str, max_len: int) -> torch.Tensor:
-        return self._encoder.encode_texts(texts, kind=kind, max_length=max_len, batch_size=self.batch_size)
-
-    def evaluate(self, encoder) -> dict[str, float]:
-        self._encoder = encoder
-        self.evaluator.metric = "cos" if encoder.normalize else "ip"
-        try:
-            metrics, self.preds = self.evaluator.evaluate()
-        finally:
-            self._encoder = None
-        return metrics
-
 
 def build_eval_sets(eval_cfg: Mapping[str, Any] | None, tasks: dict[str, TaskSettings], data_root: str | None,
-                    query_max_length: int, key_max_length: int) -> list[EvalSet]:
+                    query_max_length: int, key_max_length: int, work_dir: str | None = None) -> list[EvalSet]:
     """EvalSets from the `eval:` config mapping (entries set to null are skipped)."""
     out = []
     for name, spec in (eval_cfg or {}).items():
@@ -85,5 +199,6 @@ def build_eval_sets(eval_cfg: Mapping[str, Any] | None, tasks: dict[str, TaskSet
         if task not in tasks:
             raise ValueError(f"eval.{name}.task={task!r}; valid: {', '.join(sorted(tasks))}")
         out.append(EvalSet(name, instruction=tasks[task].instruction, data_root=data_root,
-                           query_max_length=query_max_length, key_max_length=key_max_length, **spec))
+                           query_max_length=query_max_length, key_max_length=key_max_length, work_dir=work_dir,
+                           **spec))
     return out

@@ -154,19 +154,25 @@ class RetrievalEvaluator:
         q_emb = self._encode([q.text for q in self.queries], "query")  # (Q, D)
         if self.mode == "retrieve":
             preds = self._retrieve(q_emb)
-            nq_preds, nq_texts = preds, self.corpus_texts
+            nq_preds, nq_texts = preds, None  # None: the corpus's texts of the ranked rows
         else:
             preds, nq_preds, nq_texts = self._rerank(q_emb)
+        return self.score(preds, nq_preds, nq_texts), preds
 
+    def score(self, preds: dict[Hashable, list[int]], nq_preds: dict[Hashable, list[int]] | None = None,
+              nq_texts: Sequence[str] | None = None) -> dict[str, float]:
+        """The metrics of rankings `{query id: corpus rows, best first}`: label metrics from `pos_index`, answer
+        recall from `answers` over the ranked texts (retrieve mode: the corpus's)."""
         metrics: dict[str, float] = {}
         if self.ranking_metrics:
             labels = {q.qid: q.labels for q in self.queries if q.labels is not None}
             metrics.update(compute_metrics(preds, labels, self.ranking_metrics, self.cutoffs))
         if self.use_nq:
+            nq_preds = preds if nq_preds is None else nq_preds
             answers = {q.qid: q.answers for q in self.queries if q.answers is not None}
-            texts = self.corpus_text_lookup(nq_preds) if self.mode == "retrieve" else nq_texts
+            texts = self.corpus_text_lookup(nq_preds) if nq_texts is None else nq_texts
             metrics.update(answer_recall(nq_preds, answers, texts, self.cutoffs))
-        return metrics, preds
+        return metrics
 
     def _retrieve(self, q_emb: np.ndarray) -> dict[Hashable, list[int]]:
         assert self.corpus_texts is not None

@@ -164,7 +164,8 @@ class FaissIndex:
         ids = np.array(ids, dtype=np.int64)
         scores[ids < 0] = np.inf if self.metric == "l2" else -np.inf
         ids[ids < 0] = -1
-        return scores, ids
+        order = best_first(scores, ids, self.metric)  # equal scores by id: one order, however the corpus is cut
+        return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str) -> None:
@@ -254,6 +255,19 @@ class FaissIndex:
                                  f"{str(e).splitlines()[0]}") from e
 
 
+def best_first(scores: np.ndarray, ids: np.ndarray, metric: Metric) -> np.ndarray:
+    """Per row, the column order that puts results best first, equal scores by ascending id, missing (`-1`) last.
+
+    Breaking ties by id makes a search over one index and a merge over any sharding of the corpus agree exactly
+    (duplicate passages have equal scores).
+    """
+    key = (scores if metric == "l2" else -scores).astype(np.float64)  # ascending key = best first
+    missing = ids < 0
+    key[missing] = np.inf
+    tie = np.where(missing, np.iinfo(np.int64).max, ids)
+    return np.lexsort((tie, key), axis=1)  # (Q, n): sorts by key, then by id
+
+
 def merge_topk(shards: Sequence[tuple[np.ndarray, np.ndarray]], k: int, metric: Metric,
                offsets: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Merge per-shard `(scores, ids)` search results into one global top-k, best first.
@@ -266,7 +280,7 @@ def merge_topk(shards: Sequence[tuple[np.ndarray, np.ndarray]], k: int, metric: 
             corpus. None when the ids are global already.
 
     Returns:
-        `(scores, ids)`, each (Q, k). `-1` results rank last; ties keep shard order, then in-shard order.
+        `(scores, ids)`, each (Q, k). `-1` results rank last; equal scores rank by id, as in `FaissIndex.search`.
     """
     metric = _check_metric(metric)
     if not shards:
@@ -285,10 +299,7 @@ def merge_topk(shards: Sequence[tuple[np.ndarray, np.ndarray]], k: int, metric: 
         all_ids.append(ids)
     scores = np.concatenate(all_scores, axis=1)  # (Q, sum k_s)
     ids = np.concatenate(all_ids, axis=1)  # (Q, sum k_s)
-    missing = ids < 0
-    key = (scores if metric == "l2" else -scores).astype(np.float64)  # ascending key = best first
-    key[missing] = np.inf
-    order = np.argsort(key, axis=1, kind="stable")[:, :k]  # (Q, min(k, sum k_s))
+    order = best_first(scores, ids, metric)[:, :k]  # (Q, min(k, sum k_s))
     top_scores = np.take_along_axis(scores, order, axis=1)
     top_ids = np.take_along_axis(ids, order, axis=1)
     worst = np.inf if metric == "l2" else -np.inf
