@@ -114,6 +114,11 @@ class RetrieverModule(LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, linear)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
+    def setup(self, stage: str) -> None:
+        if not logging.getLogger().handlers:  # a ddp_spawn worker: Hydra configured logging in the parent only
+            logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][%(name)s][rank {self.global_rank}]"
+                                                           f"[%(levelname)s] - %(message)s")
+
     # ------------------------------------------------------------------------------------------ evaluation
     def validation_step(self, batch: list[int], batch_idx: int) -> None:
         """One batch = one evaluation set index. Under DDP every rank takes part (each encodes and searches its

@@ -43,10 +43,11 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     datamodule.eval_sets = eval_sets
 
     encoder = hydra.utils.instantiate(cfg.model)
-    if cfg.ckpt_path is None:  # the untrained weights: their eval-set embeddings are cached across runs
-        identity = encoder_identity(encoder)
-        for es in eval_sets:
-            es.initial_identity = identity
+    # The untrained weights' eval embeddings are cached across runs (evaluate_before: one encode per model); a
+    # resumed run starts from trained weights, which are never cached.
+    identity = encoder_identity(encoder) if cfg.ckpt_path is None and eval_sets else None
+    for es in eval_sets:
+        es.training_run, es.initial_identity = True, identity
     datamodule.collator.tokenizer = encoder.tokenizer
     module = RetrieverModule(
         encoder, tasks, temperature=cfg.loss.temperature, cross_device=cfg.loss.cross_device,

@@ -60,3 +60,22 @@ def test_gpu_encoding_matches_cpu(tiny_bert):
     cpu = enc.encode_texts(texts, max_length=64)
     gpu = enc.to("cuda").encode_texts(texts, max_length=64)
     assert torch.allclose(cpu, gpu, atol=1e-4)
+
+
+@needs_deepspeed
+def test_zero3_in_training_evaluation(tmp_path, tiny_bert):
+    """In-training evaluation under ZeRO-3: the encoder's weights are partitioned, so the stores are neither keyed by
+    a weight hash nor cached, and are deleted once scored; the metrics come out before and after training."""
+    import json
+    import math
+    import os
+
+    cfg = compose(quick_overrides(tmp_path, tiny_bert, [
+        "task=sample", "train_data=[llm-embedder:tool/train.json]", "eval.qa=null", "eval.convsearch=null",
+        "task_metric=val/tool/ndcg@5", "trainer=deepspeed_stage_3", "trainer.devices=1",
+        "trainer.precision=bf16-mixed", "trainer.max_steps=2", "+eval.tool.shard_size=50"]))
+    after = run_train(cfg)
+    before = json.load(open(tmp_path / "out" / "metrics.json"))["before"]
+    assert before.keys() == after.keys() and "val/tool/ndcg@5" in after
+    assert all(math.isfinite(v) for v in [*before.values(), *after.values()])
+    assert not os.listdir(tmp_path / "out" / "eval-encode")  # every store was removed after scoring

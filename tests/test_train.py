@@ -225,3 +225,27 @@ def test_untrained_eval_embeddings_are_cached_and_step_stores_removed(tmp_path, 
     assert first == second  # same seed, same data: the same run
     for run in ("a", "b"):
         assert not os.listdir(tmp_path / run / "out" / "eval-encode")  # step stores are gone
+
+
+@pytest.mark.slow
+def test_ddp_metrics_after_training_equal_standalone_evaluation_of_the_export(tmp_path):
+    """2 gloo ranks, each encoding, indexing and searching its shards of the corpus during training, report the
+    metrics that `python -m embedder.evaluate` computes for the exported model in one process (bundled MiniLM,
+    so that training moves the metrics and a reuse of the untrained weights' cached stores would show)."""
+    from embedder.evaluate import run_evaluate
+
+    sets = ["eval.qa=null", "eval.convsearch=null"]
+    cfg = compose([
+        "task=sample", "train_data=[llm-embedder:tool/train.json]", *sets, "task_metric=val/tool/ndcg@5",
+        "trainer=ddp_sim", "+eval.tool.shard_size=25", "trainer.max_steps=4", "trainer.max_epochs=-1",
+        "optimizer.lr=1e-4", "logger=csv", f"output_dir={tmp_path}/out", "data.batch_size=4", "data.group_size=4",
+        "query_max_length=64", "key_max_length=64", "callbacks.rich_progress_bar=null"])
+    after = run_train(cfg)
+    before = json.load(open(tmp_path / "out" / "metrics.json"))["before"]
+    assert before.keys() == after.keys() and before != after  # training moved the metrics
+    standalone = run_evaluate(compose([
+        "task=sample", *sets, f"model_path={tmp_path}/out", "trainer=cpu", "+trainer.enable_progress_bar=false",
+        "query_max_length=64", "key_max_length=64", f"output_dir={tmp_path}/eval"], "eval"))
+    assert {f"val/{k}" for k in standalone} == set(after)
+    for k, v in standalone.items():
+        assert after[f"val/{k}"] == pytest.approx(v, abs=1e-6), k

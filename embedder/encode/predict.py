@@ -40,6 +40,7 @@ log = logging.getLogger("embedder.encode")
 warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_TOKENIZE_CHUNK = 4096  # texts tokenised at once inside a shard (bounds the tokenizer's transient memory)
 
 
 @dataclass
@@ -74,15 +75,22 @@ class EncodeJob:
         return h.hexdigest()
 
 
-def encoder_identity(encoder: Any) -> dict[str, Any]:
-    """What determines a DualEncoder's embeddings besides its inputs (used in store fingerprints)."""
+def encoder_identity(encoder: Any) -> dict[str, Any] | None:
+    """What determines a DualEncoder's embeddings besides its inputs (used in store fingerprints): its settings and
+    a hash of every parameter and buffer, so an encoder fine-tuned in memory never matches a store of its old
+    weights. None when the weights cannot be read whole on this rank (DeepSpeed ZeRO-3 partitions them)."""
     ident = {"model": getattr(encoder, "model_name_or_path", type(encoder).__name__),
              "pooling": getattr(encoder, "pooling", None), "normalize": getattr(encoder, "normalize", None),
              "dense": getattr(encoder, "dense", None) is not None}
-    # weights fingerprint: cheap (a few tensors' sums), catches an encoder fine-tuned in memory
+    h = hashlib.blake2b(digest_size=16)
     with torch.no_grad():
-        params = [p for p in encoder.parameters()][:: max(1, len(list(encoder.parameters())) // 8)]
-        ident["weights"] = [round(float(p.detach().float().sum()), 4) for p in params]
+        for name, t in list(encoder.named_parameters()) + list(encoder.named_buffers()):
+            if hasattr(t, "ds_id"):  # a ZeRO-3 partition: this rank holds only a slice
+                return None
+            h.update(name.encode())
+            h.update(str(t.dtype).encode())
+            h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
+    ident["weights"] = h.hexdigest()
     return ident
 
 
@@ -110,6 +118,23 @@ class _BatchStream(IterableDataset):
     def __len__(self) -> int:
         return sum(math.ceil(len(self.shard_rows[j][s]) / self.batch_size) for j, s in self.units)
 
+    def _tokenize(self, job: EncodeJob, rows: range) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Token ids (and token types) of a shard's texts as compact int32 arrays, tokenised in chunks: the fast
+        tokenizer's per-text objects and Python int lists cost ~20x the ids, so holding them for a whole shard
+        (100k texts) would make a rank's memory follow the shard size many times over."""
+        ids: list[np.ndarray] = []
+        types: list[np.ndarray] | None = None
+        for c in range(rows.start, rows.stop, _TOKENIZE_CHUNK):
+            part = range(c, min(c + _TOKENIZE_CHUNK, rows.stop))
+            texts = job.texts[part.start:part.stop] if rows.step == 1 else [job.texts[r] for r in part]
+            tok = self.tokenizer(list(texts), truncation=True, max_length=job.max_length, padding=False,
+                                 return_attention_mask=False)
+            ids.extend(np.asarray(x, dtype=np.int32) for x in tok["input_ids"])
+            if tok.get("token_type_ids") is not None:
+                types = [] if types is None else types
+                types.extend(np.asarray(x, dtype=np.int32) for x in tok["token_type_ids"])
+        return ids, types
+
     def __iter__(self):
         info = get_worker_info()
         units = self.units if info is None else self.units[info.id::info.num_workers]
@@ -117,11 +142,7 @@ class _BatchStream(IterableDataset):
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
         for j, s in units:
             job, rows = self.jobs[j], self.shard_rows[j][s]
-            texts = job.texts[rows.start:rows.stop] if rows.step == 1 else [job.texts[r] for r in rows]
-            tok = self.tokenizer(list(texts), truncation=True, max_length=job.max_length,
-                                 padding=False, return_attention_mask=False)
-            ids = tok["input_ids"]
-            types = tok.get("token_type_ids")
+            ids, types = self._tokenize(job, rows)
             lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
             order = np.argsort(-lengths, kind="stable")  # longest first; ties keep row order
             for b in range(0, len(order), self.batch_size):

@@ -11,9 +11,9 @@ How a retrieval eval set is evaluated on W ranks (W = 1 outside a process group)
    gathered and merged (`merge_topk`; equal scores rank by id, so any W gives the one-index ranking).
 3. The rankings are scored by the `RetrievalEvaluator` (label metrics, answer recall).
 
-The stores of the untrained encoder are cached under `$EMBEDDER_CACHE/eval-encode`, keyed by its weights, the texts,
-the instruction and the length limit: `evaluate_before` costs one corpus encode per model, not one per run. Stores of
-later steps go to `work_dir/eval-encode/step-<n>` and are deleted once scored. A rerank set (`mode: rerank`) scores
+The stores of the untrained encoder are cached under `$EMBEDDER_CACHE/eval-encode`, keyed by a hash of its weights,
+the texts, the instruction and the length limit: `evaluate_before` costs one corpus encode per model, not one per run.
+Stores of trained weights go to `work_dir/eval-encode/step-<n>` and are deleted once scored. A rerank set (`mode: rerank`) scores
 each record's own candidates and needs no corpus.
 """
 
@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,7 +34,7 @@ from embedder.data.index_cache import cache_root
 from embedder.data.jsonl import iter_jsonl
 from embedder.data.tasks import Instruction, TaskSettings
 from embedder.distributed import is_distributed, rank, world_size
-from embedder.encode.predict import EncodeJob, encode_in_lockstep
+from embedder.encode.predict import EncodeJob, encode_in_lockstep, encoder_identity
 from embedder.encode.store import EmbeddingStore
 from embedder.evaluation.retrieval import RetrievalEvaluator
 from embedder.index.faiss_index import FaissIndex, merge_topk
@@ -42,6 +43,15 @@ from embedder.paths import resolve_files
 log = logging.getLogger("embedder.evaluation")
 
 MODES = {"retrieval": "retrieve", "retrieve": "retrieve", "rerank": "rerank"}
+
+
+def _peak_rss_mb() -> int:
+    """This process's peak resident memory (VmHWM), in MB; 0 where /proc is missing."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return 0
 
 
 def _barrier() -> None:
@@ -92,6 +102,7 @@ class EvalSet:
             metrics=list(metrics), cutoffs=list(cutoffs), hits=int(hits), index_factory=index_factory,
             metric="cos", mode=MODES[mode], corpus_path=corpus_path, queries_path=queries_path)
         self.preds: dict | None = None
+        self.training_run = False  # set by run_train: only the untrained weights' stores are kept
         self.initial_identity: dict[str, Any] | None = None  # set by run_train: the untrained weights' identity
 
     # ------------------------------------------------------------------------------------------------ evaluate
@@ -110,20 +121,27 @@ class EvalSet:
         self.preds = self._retrieve(encoder, metric, step)
         return self.evaluator.score(self.preds)
 
-    def _stores(self, step: int | None, encoder) -> tuple[str, dict[str, Any], bool]:
-        """(folder, identity of the weights, whether the folder is a reusable cache)."""
-        if (step or 0) == 0 and self.initial_identity is not None:
-            return os.path.join(cache_root(), "eval-encode"), {"weights": self.initial_identity}, True
-        if step is None:  # outside training (tests, notebooks): the weights as they are now
-            from embedder.encode.predict import encoder_identity
+    def _stores(self, encoder, step: int | None) -> tuple[str, dict[str, Any], bool]:
+        """(folder, identity of the weights, whether the folder is a cache to keep).
 
-            return os.path.join(cache_root(), "eval-encode"), {"weights": encoder_identity(encoder)}, True
-        base = self.work_dir or os.path.join(cache_root(), "eval-encode")
-        return os.path.join(base, "eval-encode", f"step-{step}"), {"step": int(step), "run": os.path.abspath(base)}, False
+        Keyed by a hash of the weights (not the step, which a `ddp_spawn` parent does not see): the untrained
+        encoder's stores (`initial_identity`) and those of an encoder evaluated outside training are cached; a
+        trained step's stores go to `work_dir` and are deleted once scored, as are all stores under ZeRO-3, whose
+        partitioned weights cannot be hashed on one rank.
+        """
+        ident = encoder_identity(encoder)
+        if ident is not None and (not self.training_run or ident == self.initial_identity):
+            return os.path.join(cache_root(), "eval-encode"), ident, True
+        base = self.work_dir or os.path.join(cache_root(), "eval-runs")
+        return os.path.join(base, "eval-encode", f"step-{step}"), ident or {"step": step}, False
 
     def _retrieve(self, encoder, metric: str, step: int | None) -> dict:
         W, r = world_size(), rank()
-        folder, identity, cached = self._stores(step, encoder)
+        folder, identity, cached = self._stores(encoder, step)
+        if not cached:  # a crash may have left a half-written folder of the same name: start clean
+            if r == 0:
+                shutil.rmtree(folder, ignore_errors=True)
+            _barrier()
         inst = self.instruction
         queries = [inst.query + q.text for q in self.evaluator.queries]
         jobs = [EncodeJob(f"{self.name} corpus", prefixed(self.corpus, inst.key), "", kind="key",
@@ -141,17 +159,21 @@ class EvalSet:
             done = sum(EmbeddingStore(j.store_path).num_shards for j in jobs) - len(pending)
             log.info("eval %s: encoding %d shard(s) on %d rank(s)%s", self.name, len(pending), W,
                      f" ({done} reused from {folder})" if done else "")
+        t0 = time.monotonic()
         encode_in_lockstep(encoder, jobs, units_per_rank, r, batch_size=self.batch_size)
+        t_encode = time.monotonic() - t0
         _barrier()  # every shard is on disk
 
         corpus_store, query_store = (EmbeddingStore(j.store_path) for j in jobs)
         q_emb = query_store.load()  # (Q, D): the queries are few
         hits = self.evaluator.hits
         mine = [s for s in range(corpus_store.num_shards) if s % W == r]
+        t0, t_index, n_rows = time.monotonic(), 0.0, 0
         if mine:
             index = FaissIndex(self.index_factory, metric, use_gpu=self.use_gpu, search_params=self.search_params)
             index.build(np.concatenate([corpus_store.read_shard(s, mmap=True) for s in mine]),
                         train_sample=self.train_sample)  # (rows of this rank's shards, D)
+            t_index, n_rows = time.monotonic() - t0, index.ntotal
             rows = np.concatenate([np.arange(corpus_store.shard_rows(s).start, corpus_store.shard_rows(s).stop)
                                    for s in mine])
             scores, local = index.search(q_emb, hits)  # (Q, hits)
@@ -161,6 +183,9 @@ class EvalSet:
             scores = np.full((len(q_emb), hits), np.inf if metric == "l2" else -np.inf, np.float32)
             ids = np.full((len(q_emb), hits), -1, np.int64)
         scores, ids = merge_topk(_all_gather((scores, ids)), hits, metric)  # (Q, hits)
+        log.info("eval %s rank %d/%d step %s: encoded %d shard(s) in %.1f s, indexed %d rows in %.1f s, searched %d "
+                 "queries in %.1f s, peak RSS %d MB", self.name, r, W, step, len(units_per_rank[r]), t_encode, n_rows,
+                 t_index, len(q_emb), time.monotonic() - t0 - t_index, _peak_rss_mb())
         _barrier()  # every rank has searched before the step stores go
         if not cached and r == 0:
             shutil.rmtree(folder, ignore_errors=True)
