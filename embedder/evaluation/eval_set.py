@@ -171,8 +171,10 @@ class EvalSet:
         t0, t_index, n_rows = time.monotonic(), 0.0, 0
         if mine:
             index = FaissIndex(self.index_factory, metric, use_gpu=self.use_gpu, search_params=self.search_params)
-            index.build(np.concatenate([corpus_store.read_shard(s, mmap=True) for s in mine]),
-                        train_sample=self.train_sample)  # (rows of this rank's shards, D)
+            # one shard in memory at a time besides the index: the first trains it (IVF/PQ), each is then added
+            index.build(corpus_store.read_shard(mine[0], mmap=True), train_sample=self.train_sample)
+            for s in mine[1:]:
+                index.add(corpus_store.read_shard(s, mmap=True))  # (shard rows, D)
             t_index, n_rows = time.monotonic() - t0, index.ntotal
             rows = np.concatenate([np.arange(corpus_store.shard_rows(s).start, corpus_store.shard_rows(s).stop)
                                    for s in mine])
