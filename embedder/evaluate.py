@@ -93,7 +93,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
             raise ValueError(f"eval {spec['name']}: mode={spec['mode']!r}; valid: retrieval, rerank")
         queries, corpus_texts, corpus_ids, queries_path, corpus_path = _load_inputs(spec, cfg)
         evaluator = RetrievalEvaluator(
-            _unused_encode, queries, corpus_texts, metrics=spec["metrics"], cutoffs=spec["cutoffs"],
+            None, queries, corpus_texts, metrics=spec["metrics"], cutoffs=spec["cutoffs"],
             hits=int(spec["hits"]), mode=MODES[spec["mode"]], corpus_path=corpus_path, queries_path=queries_path)
         records = [rec for _, rec in queries]
         prepared.append((spec, evaluator, corpus_ids, graded_qrels(records, [q.qid for q in evaluator.queries])))
@@ -141,10 +141,6 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
     _write_json(os.path.join(cfg.output_dir, "metrics.json"), {**results, "_run": meta})
     print(metrics_table(results))
     return {f"{name}/{k}": v for name, m in results.items() for k, v in m.items()}
-
-
-def _unused_encode(texts: list[str], kind: str) -> Any:
-    raise RuntimeError("the evaluator's own encode is not used in retrieval mode")
 
 
 def _text_encoder(encoder: Any, q_inst: str, k_inst: str, cfg: DictConfig):

@@ -54,7 +54,8 @@ class RetrievalEvaluator:
     """Evaluate a dense retriever on eval records and a corpus.
 
     Args:
-        encode: `encode(texts, kind) -> (N, D)` array (numpy or torch), `kind` is `"query"` or `"key"`.
+        encode: `encode(texts, kind) -> (N, D)` array (numpy or torch), `kind` is `"query"` or `"key"`; None for an
+            evaluator that only checks the records and scores rankings made elsewhere (`score`).
         queries: eval records (dicts), or `(line, record)` pairs as yielded by `embedder.data.jsonl.iter_jsonl`
             (then errors name the real file line).
         corpus: a `Corpus` (`embedder.data.corpus.open_corpus`: JSON lines or parquet, read on access), or corpus
@@ -78,7 +79,7 @@ class RetrievalEvaluator:
         >>> # metrics: {"ndcg@1": ..., "answer_recall@10": ...}; preds: {query id: [corpus rows]}
     """
 
-    def __init__(self, encode: EncodeFn, queries: Iterable[dict | tuple[int, dict]],
+    def __init__(self, encode: EncodeFn | None, queries: Iterable[dict | tuple[int, dict]],
                  corpus: Sequence[dict | str] | Iterable[tuple[int, dict]] | None = None, *,
                  key_template: str = "{title} {text}",
                  metrics: Sequence[str] = ("mrr", "recall", "ndcg"),
@@ -207,6 +208,9 @@ class RetrievalEvaluator:
         chunks = []
         for i in range(0, len(texts), self.chunk_size):
             batch = texts[i:i + self.chunk_size]
+            if self.encode is None:
+                raise RuntimeError("this evaluator was built without an encode function (it only checks and scores: "
+                                   "pass rankings to score()); give it one to evaluate()")
             emb = self.encode(batch, kind)
             if hasattr(emb, "detach"):  # torch tensor
                 emb = emb.detach().float().cpu().numpy()
