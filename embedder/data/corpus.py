@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from embedder.data.index_cache import cached_index, file_identity
-from embedder.data.jsonl import JsonlRecords, iter_jsonl_offsets
+from embedder.data.jsonl import JsonlRecords, LazyView, iter_jsonl_offsets
 from embedder.data.records import ID_FIELDS, format_key, key_fields
 from embedder.errors import DataError
 from embedder.progress import Progress
@@ -83,7 +83,9 @@ class Corpus(Sequence):
     @property
     def ids(self) -> Sequence[str] | None:
         """The documents' own ids (`id`, `_id` or `docid`), read on access; None when the corpus has none."""
-        return _Ids(self) if self.id_field is not None else None
+        if self.id_field is None:
+            return None
+        return LazyView(len(self), lambda i: str(self.records([i])[int(i)][self.id_field]))
 
     def fingerprint(self) -> str:
         raise NotImplementedError
@@ -100,19 +102,6 @@ class Corpus(Sequence):
 
     def __len__(self) -> int:
         raise NotImplementedError
-
-
-class _Ids(Sequence):
-    def __init__(self, corpus: Corpus):
-        self.corpus = corpus
-
-    def __len__(self) -> int:
-        return len(self.corpus)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(len(self)))]
-        return str(self.corpus.records([i])[int(i)][self.corpus.id_field])
 
 
 class PrefixedTexts(Sequence):

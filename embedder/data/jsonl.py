@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any
 
 import numpy as np
@@ -75,9 +75,10 @@ class JsonlRecords(Sequence):
     its own file handle.
     """
 
-    def __init__(self, path: str, offsets: np.ndarray):
+    def __init__(self, path: str, offsets: np.ndarray, lines: np.ndarray | None = None):
         self.path = path
         self.offsets = offsets  # (N,) int64: where record i's line starts
+        self.lines = lines  # (N,) int64 its 1-based line number, for error messages (None: not kept)
         self._fh: IO[bytes] | None = None
         self._pid: int | None = None
 
@@ -94,13 +95,28 @@ class JsonlRecords(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         f = self._file()
         f.seek(int(self.offsets[i]))
-        return _parse(f.readline(), self.path, None)
+        return _parse(f.readline(), self.path, None if self.lines is None else int(self.lines[i]))
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "offsets": self.offsets}
+        return {"path": self.path, "offsets": self.offsets, "lines": self.lines}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["path"], state["offsets"])
+        self.__init__(state["path"], state["offsets"], state.get("lines"))
+
+
+class LazyView(Sequence):
+    """`get(i)` for i in `range(length)`, computed on access: a column of a lazily read file (query texts, ids)."""
+
+    def __init__(self, length: int, get: Callable[[int], Any]):
+        self.length, self.get = length, get
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self.get(j) for j in range(*i.indices(self.length))]
+        return self.get(i)
 
 
 @contextlib.contextmanager

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from embedder.data.jsonl import _parse, iter_jsonl_offsets
+from embedder.data.jsonl import JsonlRecords, LazyView, iter_jsonl_offsets
 from embedder.data.records import QueryRecord, SkipCounter, check_query_record
 from embedder.errors import DataError
 
@@ -34,22 +34,18 @@ class QueryFile:
     skipped: Counter
     corpus_size: int | None = None
 
+    def __post_init__(self) -> None:
+        self._records = JsonlRecords(self.path, self.offsets, self.lines)
+
     def __len__(self) -> int:
         return len(self.offsets)
 
     def __getitem__(self, i: int) -> QueryRecord:
-        with open(self.path, "rb") as f:
-            return self._read(f, i)
-
-    def _read(self, f, i: int) -> QueryRecord:
-        f.seek(int(self.offsets[i]))
-        rec = _parse(f.readline(), self.path, int(self.lines[i]))
-        return check_query_record(rec, self.path, int(self.lines[i]), int(self.rows[i]), self.corpus_size)
+        return check_query_record(self._records[i], self.path, int(self.lines[i]), int(self.rows[i]),
+                                  self.corpus_size)
 
     def __iter__(self) -> Iterator[QueryRecord]:
-        with open(self.path, "rb") as f:
-            for i in range(len(self)):
-                yield self._read(f, i)
+        return (self[i] for i in range(len(self)))
 
     @property
     def records(self) -> QueryFile:
@@ -59,30 +55,13 @@ class QueryFile:
     @property
     def queries(self) -> Sequence[str]:
         """The query texts, in record order (read on access)."""
-        return _QueryTexts(self)
+        return LazyView(len(self), lambda i: self[i].query)
 
     def report(self) -> str:
-        if not self.skipped:
+        skips = SkipCounter(self.path, self.skipped)
+        if not skips.total:
             return f"{self.path}: {self.total} records, none skipped"
-        reasons = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common())
-        return f"{self.path}: {self.total} records, {sum(self.skipped.values())} skipped ({reasons})"
-
-
-class _QueryTexts(Sequence):
-    def __init__(self, qf: QueryFile):
-        self.qf = qf
-
-    def __len__(self) -> int:
-        return len(self.qf)
-
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            with open(self.qf.path, "rb") as f:
-                return [self.qf._read(f, j).query for j in range(*i.indices(len(self)))]
-        return self.qf[i].query
-
-    def __iter__(self):
-        return (r.query for r in self.qf)
+        return f"{self.path}: {self.total} records, {skips.total} skipped ({skips.summary()})"
 
 
 def load_queries(path: str, corpus_size: int | None = None, skip_bad: bool = False) -> QueryFile:

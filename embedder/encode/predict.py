@@ -253,11 +253,8 @@ class EncodeModule(L.LightningModule):
 
 def batches_for(jobs: list[EncodeJob], units: list[tuple[int, int]], batch_size: int) -> int:
     """How many batches `_BatchStream` yields for `units` (known without tokenising: rows per shard)."""
-    total = 0
-    for j, s in units:
-        store = EmbeddingStore(jobs[j].store_path)
-        total += math.ceil(len(store.shard_rows(s)) / batch_size)
-    return total
+    stores = {j: EmbeddingStore(jobs[j].store_path) for j in {j for j, _ in units}}
+    return sum(math.ceil(len(stores[j].shard_rows(s)) / batch_size) for j, s in units)
 
 
 @torch.no_grad()

@@ -23,8 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from embedder.data.corpus import texts_fingerprint  # noqa: F401  (re-exported: the one text fingerprint)
-
 log = logging.getLogger("embedder.mining")
 
 

@@ -31,7 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from embedder.mining.base import Retriever, fingerprint, pad_results, texts_fingerprint
+from embedder.data.corpus import texts_fingerprint
+from embedder.mining.base import Retriever, fingerprint, pad_results
 
 log = logging.getLogger("embedder.mining")
 
