@@ -116,7 +116,7 @@ def main() -> None:
     if proc.returncode != 0:
         sys.exit(f"train.py failed (rc {proc.returncode}); log: {work}/train.log\n{log[-3000:]}")
     print(f"train.py (2 ranks, {args.steps} steps, evaluation before and after): {wall:.0f} s wall")
-    print(f"(the tiny random model is near chance on this synthetic set: the metrics are not the point)\n")
+    print("(the tiny random model is near chance on this synthetic set: the metrics are not the point)\n")
     print("| eval | rank | shards encoded | encode | index | search + merge | peak RSS |")
     print("|---|---|---|---|---|---|---|")
     seen: dict[str, int] = {}

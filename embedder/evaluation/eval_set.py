@@ -149,8 +149,9 @@ class EvalSet:
                 EncodeJob(f"{self.name} queries", queries, "", kind="query", max_length=self.query_max_length,
                           shard_size=self.shard_size, identity=identity)]
         for job, what in zip(jobs, ("corpus", "queries")):
-            job.store_path = os.path.join(folder, f"{what}-{job.fingerprint()[:16]}-{job.shard_size}")
-            EmbeddingStore.create(job.store_path, len(job.texts), job.shard_size, job.fingerprint(),
+            fp = job.fingerprint()  # hashes every query text: once
+            job.store_path = os.path.join(folder, f"{what}-{fp[:16]}-{job.shard_size}")
+            EmbeddingStore.create(job.store_path, len(job.texts), job.shard_size, fp,
                                   info={"name": job.name, "kind": job.kind, "max_length": job.max_length})
         pending = [(j, s) for j, job in enumerate(jobs) for s in EmbeddingStore(job.store_path).missing_shards()]
         _barrier()  # every rank has listed the missing shards before any rank writes one
