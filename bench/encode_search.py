@@ -3,7 +3,7 @@
     python bench/encode_search.py                     # CPU defaults (a few minutes on 2 cores)
     python bench/encode_search.py --device cuda --passages 20000 --json out.json
 
-1. Encoding: passages/s of `embedder.encode.encode_to_stores` (Lightning predict, length-sorted batches, shards
+1. Encoding: passages/s of `embedder.retrieval.encode.encode_to_stores` (Lightning predict, length-sorted batches, shards
    written to disk) against sentence-transformers' `SentenceTransformer.encode` on the same model (the bundled
    all-MiniLM-L6-v2 unless --model), the same texts, batch size and max length; the ratio is printed. The
    in-process `DualEncoder.encode_texts` is timed too. Order alternates and the best of --repeats runs counts.
@@ -57,7 +57,7 @@ def bench_encoding(args, texts: list[str]) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from embedder.encode import EncodeJob, encode_to_stores, make_predict_trainer
+    from embedder.retrieval.encode import EncodeJob, encode_to_stores, make_predict_trainer
     from embedder.modeling.encoder import DualEncoder
 
     torch.manual_seed(0)
@@ -106,7 +106,7 @@ def bench_encoding(args, texts: list[str]) -> dict:
 def bench_faiss(args) -> dict:
     import faiss
 
-    from embedder.index import FaissIndex
+    from embedder.retrieval.faiss_index import FaissIndex
 
     # clustered vectors, like text embeddings (topics), rather than structureless Gaussian noise on which every
     # approximate index looks bad: 1000 centres, each point a centre plus noise; queries are perturbed points
@@ -138,7 +138,7 @@ def bench_faiss(args) -> dict:
 
 
 def bench_bm25(args, corpus: list[str]) -> dict:
-    from embedder.mining import bm25
+    from embedder.retrieval import bm25
 
     rng = np.random.default_rng(1)
     queries = []

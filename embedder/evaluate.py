@@ -34,8 +34,8 @@ from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
 from embedder.evaluation.beir import graded_ndcg, graded_qrels, is_beir_folder, load_beir
 from embedder.evaluation.retrieval import RetrievalEvaluator
 from embedder.data.corpus import open_corpus, texts_fingerprint
-from embedder.mining.base import fingerprint, launched_rank, search_in_shards
-from embedder.mining.run import build_retriever, resolve_instruction
+from embedder.retrieval.base import fingerprint, launched_rank, search_in_shards
+from embedder.retrieval.build import build_retriever, resolve_instruction
 from embedder.paths import resolve_files, resolve_path
 
 log = logging.getLogger("embedder.evaluation")
@@ -102,8 +102,8 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
     if cfg.retriever.name != "dense" and launched_rank() > 0:  # BM25 under torchrun/SLURM: rank 0 does it all
         return {}
     if cfg.retriever.name == "dense":
-        from embedder.encode import make_predict_trainer
-        from embedder.encode.model import load_encoder
+        from embedder.retrieval.encode import make_predict_trainer
+        from embedder.retrieval.encode.model import load_encoder
 
         encoder = load_encoder(cfg.model, cfg.get("model_path"))
         trainer = make_predict_trainer(cfg.get("trainer"))

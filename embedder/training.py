@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from embedder.data.datamodule import RetrievalDataModule
 from embedder.data.tasks import build_task_settings, export_prompts
-from embedder.encode.predict import encoder_identity
+from embedder.retrieval.encode.predict import encoder_identity
 from embedder.evaluation.eval_set import build_eval_sets
 from embedder.lit_module import RetrieverModule
 

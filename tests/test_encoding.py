@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from embedder.encode import (
+from embedder.retrieval.encode import (
     EmbeddingStore,
     EncodeJob,
     StoreMismatch,
@@ -22,7 +22,7 @@ from embedder.encode import (
     make_predict_trainer,
     resolve_dtype,
 )
-from embedder.encode.model import encoder_overrides
+from embedder.retrieval.encode.model import encoder_overrides
 from embedder.modeling.encoder import DualEncoder
 
 TEXTS = [("lorem ipsum " * (i % 9 + 1)) + f"doc {i}" for i in range(37)]  # varied lengths, 37 = 4 shards of 10

@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("faiss")
 
-from embedder.index import FaissIndex, import_faiss, merge_topk  # noqa: E402
+from embedder.retrieval.faiss_index import FaissIndex, import_faiss, merge_topk  # noqa: E402
 
 N, Q, D, K = 300, 12, 16, 10
 
@@ -119,15 +119,15 @@ def test_load_needs_sidecar(data, tmp_path):
 
 
 def test_one_backend_log_line(data, caplog):
-    with caplog.at_level(logging.INFO, logger="embedder.index"):
+    with caplog.at_level(logging.INFO, logger="embedder.retrieval.faiss_index"):
         FaissIndex("Flat", "cos").build(data[0])
-    records = [r for r in caplog.records if r.name == "embedder.index"]
+    records = [r for r in caplog.records if r.name == "embedder.retrieval.faiss_index"]
     assert len(records) == 1 and "backend" in records[0].getMessage()
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="embedder.index"):
+    with caplog.at_level(logging.INFO, logger="embedder.retrieval.faiss_index"):
         index = FaissIndex("Flat", "cos", use_gpu=False).build(data[0])
     assert index.backend == "cpu"
-    assert [r.getMessage() for r in caplog.records if r.name == "embedder.index"] == \
+    assert [r.getMessage() for r in caplog.records if r.name == "embedder.retrieval.faiss_index"] == \
         ["faiss index 'Flat' (metric cos): CPU backend (use_gpu=False)"]
 
 
@@ -199,16 +199,16 @@ def _fake_gpu(monkeypatch, cloner):
 def test_gpu_path_is_taken_when_faiss_sees_a_gpu(data, tmp_path, monkeypatch, caplog):
     corpus, queries = data
     _fake_gpu(monkeypatch, lambda res, device, index, options: index)
-    with caplog.at_level(logging.INFO, logger="embedder.index"):
+    with caplog.at_level(logging.INFO, logger="embedder.retrieval.faiss_index"):
         index = FaissIndex("Flat", "cos", device=0).build(corpus)
     assert index.backend == "gpu:0"
-    assert [r.getMessage() for r in caplog.records if r.name == "embedder.index"] == \
+    assert [r.getMessage() for r in caplog.records if r.name == "embedder.retrieval.faiss_index"] == \
         ["faiss index 'Flat' (metric cos): GPU backend on device 0"]
     np.testing.assert_array_equal(index.search(queries, K)[1], brute_force(corpus, queries, K, "cos")[1])
     index.save(str(tmp_path / "g.faiss"))
     assert FaissIndex.load(str(tmp_path / "g.faiss"), use_gpu=False).backend == "cpu"
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="embedder.index"):
+    with caplog.at_level(logging.INFO, logger="embedder.retrieval.faiss_index"):
         assert FaissIndex("Flat", "cos", use_gpu=False).build(corpus).backend == "cpu"
 
 
@@ -217,9 +217,9 @@ def test_gpu_clone_failure_falls_back_to_cpu(data, monkeypatch, caplog):
         raise RuntimeError("Error in ...: index type not supported on GPU")
 
     _fake_gpu(monkeypatch, refuse)
-    with caplog.at_level(logging.INFO, logger="embedder.index"):
+    with caplog.at_level(logging.INFO, logger="embedder.retrieval.faiss_index"):
         index = FaissIndex("HNSW16", "ip", use_gpu=True).build(data[0])
     assert index.backend == "cpu"
-    records = [r for r in caplog.records if r.name == "embedder.index"]
+    records = [r for r in caplog.records if r.name == "embedder.retrieval.faiss_index"]
     assert len(records) == 1 and records[0].levelno == logging.WARNING
     assert "cannot put 'HNSW16' on a GPU" in records[0].getMessage()

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from embedder.evaluation.metrics import compute_metrics, per_query_metrics
-from embedder.evaluation.nq_answer import SimpleTokenizer, answer_recall, has_answer
+from embedder.retrieval.nq_answer import SimpleTokenizer, answer_recall, has_answer
 
 CUTOFFS = (1, 3, 5, 10)
 METRICS = ("mrr", "recall", "ndcg", "map", "precision")

@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from embedder.mining import bm25
+from embedder.retrieval import bm25
 from tests.test_mining import _check_mined, mine_cfg, read_jsonl
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from embedder.evaluation.metrics import QueryMetrics, compute_metrics, per_query_metrics
-from embedder.evaluation.nq_answer import SimpleTokenizer, answer_recall, has_answer
+from embedder.retrieval.nq_answer import SimpleTokenizer, answer_recall, has_answer
 from embedder.evaluation.retrieval import RetrievalEvaluator
 
 __all__ = ["QueryMetrics", "RetrievalEvaluator", "SimpleTokenizer", "answer_recall", "compute_metrics", "has_answer",

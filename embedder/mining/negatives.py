@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from embedder.evaluation.nq_answer import has_answer
+from embedder.retrieval.nq_answer import has_answer
 
 
 def normalize_text(text: str) -> str:

@@ -60,7 +60,7 @@ class EmbeddingStore:
         meta_path = os.path.join(self.path, META)
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{self.path!r} is not an embedding store (no {META}); encode the texts first "
-                                    f"(embedder.encode.encode_to_stores) or check the path")
+                                    f"(embedder.retrieval.encode.encode_to_stores) or check the path")
         with open(meta_path, encoding="utf-8") as f:
             self.meta: dict[str, Any] = json.load(f)
         if self.meta.get("format") != FORMAT:

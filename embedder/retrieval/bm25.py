@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from embedder.data.corpus import texts_fingerprint
-from embedder.mining.base import Retriever, fingerprint, pad_results
+from embedder.retrieval.base import Retriever, fingerprint, pad_results
 
 log = logging.getLogger("embedder.mining")
 

@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Any
 
-log = logging.getLogger("embedder.encode")
+log = logging.getLogger("embedder.retrieval.encode")
 
 
 def encoder_overrides(model_path: str) -> dict[str, Any]:

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from embedder.data.corpus import prefixed
-from embedder.encode import EncodeJob, encode_to_stores, encoder_identity
-from embedder.index.faiss_index import FaissIndex
-from embedder.mining.base import Retriever
+from embedder.retrieval.encode import EncodeJob, encode_to_stores, encoder_identity
+from embedder.retrieval.faiss_index import FaissIndex
+from embedder.retrieval.base import Retriever
 
 log = logging.getLogger("embedder.mining")
 
@@ -31,7 +31,7 @@ class DenseRetriever(Retriever):
     Args:
         encoder: a `DualEncoder` (anything with `encode(inputs, kind)`, `tokenizer`, `normalize`).
         work_dir: where embeddings and the index are saved and looked up.
-        trainer: a Lightning Trainer for encoding (`embedder.encode.make_predict_trainer`); None = one device.
+        trainer: a Lightning Trainer for encoding (`embedder.retrieval.encode.make_predict_trainer`); None = one device.
         query_instruction, key_instruction: prepended to queries and corpus texts before encoding.
         query_max_length, key_max_length: token limits.
         batch_size: texts per forward pass.

@@ -33,9 +33,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from embedder.data.corpus import texts_fingerprint
-from embedder.encode.store import META, EmbeddingStore, _atomic_json
+from embedder.retrieval.encode.store import META, EmbeddingStore, _atomic_json
 
-log = logging.getLogger("embedder.encode")
+log = logging.getLogger("embedder.retrieval.encode")
 # our IterableDataset deals whole shards to DataLoader workers itself, so its __len__ is exact
 warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
 

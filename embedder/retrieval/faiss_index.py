@@ -5,7 +5,7 @@
   ascending for l2. Missing results (fewer than k documents, or an IVF probe that found too few) have id `-1` and
   score `-inf` (cos/ip) or `+inf` (l2), and come last.
 - The GPU is used only when `faiss` has GPU support and sees a GPU (`hasattr(faiss, "StandardGpuResources") and
-  faiss.get_num_gpus() > 0`) and `use_gpu` is not False. One log line (logger `embedder.index`) says which backend
+  faiss.get_num_gpus() > 0`) and `use_gpu` is not False. One log line (logger `embedder.retrieval.faiss_index`) says which backend
   was chosen. Indexes that faiss cannot put on a GPU (e.g. HNSW) stay on the CPU, and the log line says so.
 - `save` always writes a CPU index plus a JSON sidecar, so a saved index reloads on any number of devices. (The
   reference names its files `…{rank}-{world_size}.faiss`, so they only reload with the same GPU count.)
@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-logger = logging.getLogger("embedder.index")
+logger = logging.getLogger("embedder.retrieval.faiss_index")
 
 Metric = Literal["cos", "ip", "l2"]
 METRICS = ("cos", "ip", "l2")
