@@ -7,6 +7,7 @@ All with the tiny random BERT (a real tokenizer and forward pass) and a one-devi
 from __future__ import annotations
 
 import glob
+import logging
 import os
 
 import numpy as np
@@ -97,6 +98,26 @@ def test_dataloader_workers_give_the_same_embeddings(encoder, tmp_path):
     encode_to_stores(encoder, [_job(tmp_path / "w0")], _trainer(), batch_size=4)
     encode_to_stores(encoder, [_job(tmp_path / "w2")], _trainer(), batch_size=4, num_workers=2)  # shards split
     np.testing.assert_array_equal(load_encode(str(tmp_path / "w2")), load_encode(str(tmp_path / "w0")))
+
+
+def test_token_budget_batches_give_the_same_embeddings_in_order(encoder, tmp_path, caplog):
+    """Token-budget batches (sorted by length, filled to a budget) vs fixed counts, packed vs padded: same rows."""
+    padded = DualEncoder(encoder.model_name_or_path, pooling="mean", unpadded="false")
+    padded.load_state_dict(encoder.state_dict())
+    encode_to_stores(padded, [_job(tmp_path / "count")], _trainer(), batch_size=4)
+    with caplog.at_level(logging.INFO, logger="embedder.retrieval.encode"):
+        encode_to_stores(encoder, [_job(tmp_path / "budget")], _trainer(), batch_size=4, batch_tokens=64)
+    assert "batches of up to 64 tokens" in caplog.text
+    np.testing.assert_allclose(load_encode(str(tmp_path / "budget")), load_encode(str(tmp_path / "count")), atol=1e-5)
+    sizes = []
+    from embedder.retrieval.encode.predict import _BatchStream
+
+    job = EncodeJob("corpus", TEXTS, str(tmp_path / "x"), kind="key", max_length=128, shard_size=100)
+    stream = _BatchStream([(0, 0)], [job], [[range(0, 37)]], encoder.tokenizer, 4, batch_tokens=256)
+    for batch in stream:
+        sizes.append(tuple(batch["input_ids"].shape))
+    assert all(n * width <= 256 for n, width in sizes) and sum(n for n, _ in sizes) == 37
+    assert sizes[-1][0] > sizes[0][0]  # short texts go in larger batches
 
 
 def test_store_refuses_other_texts_or_shard_size(encoder, tmp_path):

@@ -11,18 +11,32 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedder.modeling import unpadded as unpadded_forward
+
 log = logging.getLogger(__name__)
 
 POOLING = ("cls", "mean")
 
 
-def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None, **kw):
-    from transformers import AutoModel
+def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None, unpadded: bool | str = False, **kw):
+    """`AutoModel.from_pretrained`; with `unpadded` (true/auto) and a supported architecture, loaded with the packed
+    attention function (which also runs padded calls through SDPA)."""
+    from transformers import AutoConfig, AutoModel
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
     kwargs: dict[str, Any] = dict(kw)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    if unpadded is not False and unpadded != "false":
+        if unpadded_forward.supports(AutoConfig.from_pretrained(path)):
+            model = AutoModel.from_pretrained(path, attn_implementation=unpadded_forward.register(), **kwargs)
+            model.embedder_packed = True  # marks a backbone that can run `packed_hidden`
+            return model
+        msg = (f"model.unpadded={unpadded}: {path} is not a supported architecture "
+               f"({', '.join(unpadded_forward.SUPPORTED_MODEL_TYPES)}); running padded")
+        if unpadded is True or unpadded == "true":
+            raise ValueError(msg + " is not possible: set model.unpadded=auto or false")
+        unpadded_forward.say_once(f"arch:{path}", msg)
     if attn_implementation:
         try:
             return AutoModel.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
@@ -43,12 +57,16 @@ class DualEncoder(nn.Module):
         gradient_checkpointing: recompute activations in backward to save memory.
         attn_implementation: `sdpa` where the architecture supports it; falls back to the default otherwise.
         dtype: weight dtype for loading (`fp32` for training; mixed precision comes from the trainer).
+        unpadded: run the BERT family packed, without padding (`embedder.modeling.unpadded`): `auto` where a
+            variable-length kernel runs (CUDA, fp16/bf16) and on CPU; `true` always (the exact per-sequence SDPA
+            loop where there is no kernel); `false` padded.
     """
 
     def __init__(self, model_name_or_path: str, key_model_name_or_path: str | None = None, tie_encoders: bool = True,
                  pooling: str = "cls", dense: bool = False, normalize: bool = True,
                  gradient_checkpointing: bool = False, attn_implementation: str | None = "sdpa",
-                 dtype: str | None = None, tokenizer_name_or_path: str | None = None):
+                 dtype: str | None = None, tokenizer_name_or_path: str | None = None,
+                 unpadded: bool | str = "auto"):
         super().__init__()
         from transformers import AutoTokenizer
 
@@ -56,11 +74,15 @@ class DualEncoder(nn.Module):
             raise ValueError(f"pooling={pooling!r}; valid: {', '.join(POOLING)}")
         self.model_name_or_path = str(model_name_or_path)
         self.pooling, self.normalize, self.tie_encoders = pooling, bool(normalize), bool(tie_encoders)
-        self.query_model = _load_backbone(self.model_name_or_path, attn_implementation, dtype)
+        if str(unpadded).lower() not in ("auto", "true", "false"):
+            raise ValueError(f"unpadded={unpadded!r}; valid: auto, true, false")
+        self.unpadded = str(unpadded).lower()
+        self.query_model = _load_backbone(self.model_name_or_path, attn_implementation, dtype, self.unpadded)
         if tie_encoders:
             self.key_model = self.query_model
         else:
-            self.key_model = _load_backbone(str(key_model_name_or_path or model_name_or_path), attn_implementation, dtype)
+            self.key_model = _load_backbone(str(key_model_name_or_path or model_name_or_path), attn_implementation, dtype,
+                                            self.unpadded)
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_name_or_path or model_name_or_path))
         hidden = self.query_model.config.hidden_size
         self.dense = None
@@ -91,12 +113,34 @@ class DualEncoder(nn.Module):
             return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (N, d)
         return hidden[:, 0]  # (N, d)
 
+    def _run_packed(self, model, device: torch.device) -> bool:
+        """Packed forward for this call? `auto`: on CUDA where the varlen kernel runs (fp16/bf16 weights or autocast),
+        and on CPU (the per-sequence loop skips the padding's compute); padded otherwise, said once."""
+        if not getattr(model, "embedder_packed", False):
+            return False
+        if self.unpadded == "true" or device.type == "cpu":
+            return True
+        half = (torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) != torch.float32) \
+            or next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
+        if unpadded_forward.kernel_available(device) and half:
+            unpadded_forward.say_once("kernel", "unpadded encoder: packed batches with variable-length attention on %s",
+                                      device)
+            return True
+        unpadded_forward.say_once(f"fallback:{device.type}:{half}", "unpadded encoder: no variable-length kernel for "
+                                  "%s in %s; running padded SDPA", device, "fp16/bf16" if half else "fp32")
+        return False
+
     def encode(self, inputs: dict[str, torch.Tensor], kind: str = "query") -> torch.Tensor:
         """(N, d) embeddings of tokenised inputs; `kind` picks the query or key encoder."""
         model = self.query_model if kind == "query" else self.key_model
         inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
-        hidden = model(**inputs).last_hidden_state  # (N, L, d)
-        emb = self._pool(hidden, inputs["attention_mask"])  # (N, d)
+        if self._run_packed(model, inputs["input_ids"].device):
+            packed = unpadded_forward.pack(inputs)
+            hidden = unpadded_forward.packed_hidden(model, packed)  # (T, d): no padding anywhere
+            emb = unpadded_forward.pool_packed(hidden, packed, self.pooling)  # (N, d)
+        else:
+            hidden = model(**inputs).last_hidden_state  # (N, L, d)
+            emb = self._pool(hidden, inputs["attention_mask"])  # (N, d)
         if self.dense is not None:
             emb = self.dense(emb.to(self.dense.weight.dtype))
         if self.normalize:

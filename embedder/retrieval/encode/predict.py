@@ -111,11 +111,13 @@ class _BatchStream(IterableDataset):
     """Yields padded, length-sorted batches, shard by shard, for this rank's (job, shard) units."""
 
     def __init__(self, units: list[tuple[int, int]], jobs: list[EncodeJob], shard_rows: list[list[range]],
-                 tokenizer: Any, batch_size: int):
+                 tokenizer: Any, batch_size: int, batch_tokens: int = 0):
         self.units, self.jobs, self.shard_rows = units, jobs, shard_rows
-        self.tokenizer, self.batch_size = tokenizer, batch_size
+        self.tokenizer, self.batch_size, self.batch_tokens = tokenizer, batch_size, int(batch_tokens)
 
     def __len__(self) -> int:
+        if self.batch_tokens:  # batch boundaries depend on token counts, known once a shard is tokenised
+            raise TypeError("token-budget batches have no length before tokenisation")
         return sum(math.ceil(len(self.shard_rows[j][s]) / self.batch_size) for j, s in self.units)
 
     def _tokenize(self, job: EncodeJob, rows: range) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
@@ -145,8 +147,7 @@ class _BatchStream(IterableDataset):
             ids, types = self._tokenize(job, rows)
             lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
             order = np.argsort(-lengths, kind="stable")  # longest first; ties keep row order
-            for b in range(0, len(order), self.batch_size):
-                pos = order[b:b + self.batch_size]
+            for pos in self._batches(order, lengths):
                 width = int(lengths[pos[0]])
                 input_ids = np.full((len(pos), width), pad_id, dtype=np.int64)  # (n, L)
                 mask = np.zeros((len(pos), width), dtype=np.int64)  # (n, L)
@@ -164,14 +165,30 @@ class _BatchStream(IterableDataset):
                     batch["token_type_ids"] = torch.from_numpy(tt)
                 yield batch
 
+    def _batches(self, order: np.ndarray, lengths: np.ndarray):
+        """Row positions of each batch: `batch_size` rows, or with `batch_tokens` as many rows as fit that many padded
+        tokens (rows x the batch's longest), so short texts go in large batches and long ones in small: the work
+        per forward pass is even, and 32-token passages fill a 65,536 budget with 2,048 rows."""
+        if not self.batch_tokens:
+            for b in range(0, len(order), self.batch_size):
+                yield order[b:b + self.batch_size]
+            return
+        start = 0
+        while start < len(order):
+            width = int(lengths[order[start]])  # longest first: the first row sets the batch's width
+            n = max(1, self.batch_tokens // max(1, width))
+            yield order[start:start + n]
+            start += n
+
 
 class EncodeDataModule(L.LightningDataModule):
     """Deals the missing shards of all jobs to the ranks, when Lightning asks each rank for its dataloader."""
 
-    def __init__(self, jobs: list[EncodeJob], tokenizer: Any, batch_size: int = 128, num_workers: int = 0):
+    def __init__(self, jobs: list[EncodeJob], tokenizer: Any, batch_size: int = 128, num_workers: int = 0,
+                 batch_tokens: int = 0):
         super().__init__()
         self.jobs, self.tokenizer = jobs, tokenizer
-        self.batch_size, self.num_workers = int(batch_size), int(num_workers)
+        self.batch_size, self.num_workers, self.batch_tokens = int(batch_size), int(num_workers), int(batch_tokens)
 
     def pending_units(self) -> list[tuple[int, int]]:
         return [(j, s) for j, job in enumerate(self.jobs) for s in EmbeddingStore(job.store_path).missing_shards()]
@@ -184,9 +201,13 @@ class EncodeDataModule(L.LightningDataModule):
         for job in self.jobs:
             store = EmbeddingStore(job.store_path)
             shard_rows.append([store.shard_rows(s) for s in range(store.num_shards)])
-        stream = _BatchStream(units, self.jobs, shard_rows, self.tokenizer, self.batch_size)
-        log.info("rank %d/%d encodes %d shard(s) in %d batches", rank, world, len(units), len(stream))
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers)
+        stream = _BatchStream(units, self.jobs, shard_rows, self.tokenizer, self.batch_size, self.batch_tokens)
+        log.info("rank %d/%d encodes %d shard(s) in %s", rank, world, len(units),
+                 f"batches of up to {self.batch_tokens} tokens" if self.batch_tokens else f"{len(stream)} batches")
+        # workers tokenise the next shard while the model runs; pinned host memory lets Lightning copy each batch
+        # to the GPU without blocking (it passes non_blocking=True for CUDA)
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
 
 
 class ShardWriter:
@@ -306,7 +327,8 @@ def make_predict_trainer(trainer_cfg: Any = None, **overrides: Any) -> L.Trainer
 
 
 def encode_to_stores(encoder: torch.nn.Module, jobs: list[EncodeJob], trainer: L.Trainer | None = None,
-                     batch_size: int = 128, dtype: str = "auto", num_workers: int = 0) -> list[EmbeddingStore] | None:
+                     batch_size: int = 128, dtype: str = "auto", num_workers: int = 0,
+                     batch_tokens: int = 0) -> list[EmbeddingStore] | None:
     """Encode every job into its store (resuming finished shards); returns the stores on global rank 0.
 
     Other ranks of a `ddp` (non-spawn) run get None once all shards are written: they have nothing left to do.
@@ -328,7 +350,8 @@ def encode_to_stores(encoder: torch.nn.Module, jobs: list[EncodeJob], trainer: L
         if done and trainer.is_global_zero:
             log.info("%s: %d of %d shard(s) already encoded in %s; encoding the rest", job.name, done,
                      store.num_shards, job.store_path)
-    datamodule = EncodeDataModule(jobs, encoder.tokenizer, batch_size=batch_size, num_workers=num_workers)
+    datamodule = EncodeDataModule(jobs, encoder.tokenizer, batch_size=batch_size, num_workers=num_workers,
+                                  batch_tokens=batch_tokens)
     if not datamodule.pending_units():
         log.info("every shard is already encoded; nothing to do")
     else:

@@ -1,0 +1,161 @@
+"""Unpadded (packed) encoder forward: a batch's tokens in one (1, T) row, no padding, variable-length attention.
+
+Why hand-written: transformers runs BERT on padded (N, L) batches; its packed path needs the flash-attn package. We
+keep transformers' modules (embeddings, linears, LayerNorm, gradient checkpointing, DeepSpeed hooks all unchanged) and
+register one attention function with its `AttentionInterface`, so only attention is ours:
+
+- a packed call (`cu_seqlens` in the kwargs) runs `torch.nn.attention.varlen.varlen_attn` (Flash Attention kernels,
+  CUDA, fp16/bf16), or `flash_attn_varlen_func` when flash-attn is installed (it also applies attention dropout);
+  elsewhere (CPU, fp32) a per-sequence SDPA loop that gives the same numbers, so packing is tested without a GPU;
+- a padded call (no `cu_seqlens`) is transformers' own SDPA attention, so one loaded model serves both paths.
+
+`pack(inputs)` turns a padded, right-padded tokenizer batch into the packed form; `pool_packed` pools it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+log = logging.getLogger(__name__)
+
+ATTN_NAME = "embedder_packed"
+# architectures whose position ids are 0..len-1 per sequence and whose attention goes through AttentionInterface
+SUPPORTED_MODEL_TYPES = ("bert",)
+_registered = False
+_said: set[str] = set()
+
+
+def say_once(key: str, msg: str, *args, level: int = logging.INFO) -> None:
+    if key not in _said:
+        _said.add(key)
+        log.log(level, msg, *args)
+
+
+@dataclass
+class Packed:
+    """One batch of N sequences packed into T tokens.
+
+    input_ids, token_type_ids, position_ids: (1, T) int64; cu_seqlens: (N+1,) int32 starts of each sequence, T last;
+    max_seqlen: the longest sequence; lengths: (N,) int64; seq_index: (T,) int64 which sequence a token belongs to.
+    """
+
+    input_ids: torch.Tensor
+    token_type_ids: torch.Tensor
+    position_ids: torch.Tensor
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    lengths: torch.Tensor
+    seq_index: torch.Tensor
+
+
+def pack(inputs: dict[str, torch.Tensor]) -> Packed:
+    """Packed form of a right-padded batch (`input_ids`, `attention_mask`, optional `token_type_ids`, each (N, L))."""
+    mask = inputs["attention_mask"].bool()  # (N, L)
+    lengths = mask.sum(1)  # (N,)
+    flat = mask.flatten().nonzero().squeeze(1)  # (T,) positions of real tokens, sequence by sequence
+    input_ids = inputs["input_ids"].flatten()[flat]  # (T,)
+    tt = inputs.get("token_type_ids")
+    token_type_ids = tt.flatten()[flat] if tt is not None else torch.zeros_like(input_ids)
+    cu = torch.zeros(lengths.numel() + 1, dtype=torch.int32, device=lengths.device)
+    cu[1:] = lengths.cumsum(0)
+    seq_index = torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths)  # (T,)
+    position_ids = torch.arange(input_ids.numel(), device=lengths.device) - cu[:-1].long()[seq_index]  # (T,)
+    return Packed(input_ids[None], token_type_ids[None], position_ids[None], cu, int(lengths.max()), lengths,
+                  seq_index)
+
+
+def pool_packed(hidden: torch.Tensor, p: Packed, pooling: str) -> torch.Tensor:
+    """(T, d) packed hidden states -> (N, d): the first token (`cls`) or the mean over each sequence's tokens."""
+    if pooling == "cls":
+        return hidden[p.cu_seqlens[:-1].long()]  # (N, d)
+    sums = torch.zeros(p.lengths.numel(), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
+    sums = sums.index_add(0, p.seq_index, hidden)  # (N, d)
+    return sums / p.lengths.clamp(min=1).unsqueeze(1).to(hidden.dtype)
+
+
+def _flash_attn():
+    try:
+        from flash_attn import flash_attn_varlen_func  # optional package, imported lazily
+        return flash_attn_varlen_func
+    except ImportError:
+        return None
+
+
+def _torch_varlen():
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+        return varlen_attn
+    except ImportError:  # PyTorch < 2.10
+        return None
+
+
+def kernel_available(device: torch.device | str) -> bool:
+    """Whether packed attention has a GPU kernel on `device` (else the per-sequence SDPA loop runs)."""
+    return torch.device(device).type == "cuda" and (_torch_varlen() is not None or _flash_attn() is not None)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
+                     scale: float, dropout: float = 0.0) -> torch.Tensor:
+    """Attention within each packed sequence. q, k, v: (T, H, Dh); cu: (N+1,) int32. Returns (T, H, Dh)."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
+        fa = _flash_attn()
+        if fa is not None:
+            return fa(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scale)
+        varlen_attn = _torch_varlen()
+        if varlen_attn is not None:
+            if dropout > 0:
+                say_once("dropout", "unpadded attention: torch varlen_attn has no dropout, so attention-probability "
+                         "dropout (p=%.2f) is not applied (hidden dropout is); install flash-attn to apply it",
+                         dropout, level=logging.WARNING)
+            return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale)
+    # reference path (CPU, fp32): one SDPA call per sequence; exact, and the unit the tests compare against
+    bounds = cu.tolist()
+    out = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
+                                          dropout_p=dropout, scale=scale).transpose(0, 1)  # (len, H, Dh)
+           for a, b in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(out, 0)
+
+
+def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
+               **kwargs):
+    """transformers attention function: packed when called with `cu_seqlens`, else transformers' SDPA."""
+    cu = kwargs.get("cu_seqlens")
+    if cu is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    # query, key, value: (1, H, T, Dh) -> (T, H, Dh)
+    q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
+    out = varlen_attention(q, k, v, cu, int(kwargs["max_seqlen"]), scaling, dropout)  # (T, H, Dh)
+    return out[None], None  # (1, T, H, Dh), no weights
+
+
+def register() -> str:
+    """Register the attention function (and SDPA's mask builder under its name) with transformers; idempotent."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+        AttentionInterface.register(ATTN_NAME, _attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+        _registered = True
+    return ATTN_NAME
+
+
+def supports(config) -> bool:
+    """Whether the packed forward is correct for this architecture."""
+    return getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES and getattr(
+        config, "position_embedding_type", "absolute") == "absolute"
+
+
+def packed_hidden(model, p: Packed) -> torch.Tensor:
+    """Run a transformers encoder (loaded with attn_implementation=ATTN_NAME) on a packed batch: (T, d)."""
+    out = model(input_ids=p.input_ids, token_type_ids=p.token_type_ids, position_ids=p.position_ids,
+                cu_seqlens=p.cu_seqlens, max_seqlen=p.max_seqlen)
+    return out.last_hidden_state[0]

@@ -1,0 +1,146 @@
+"""The unpadded (packed) encoder forward equals the padded one: embeddings and gradients, both poolings.
+
+On CPU the packed attention is the per-sequence SDPA reference, so packing, position ids and pooling are tested
+here without a GPU; tests/test_gpu.py compares the CUDA varlen kernel against the same padded path.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from embedder.modeling import unpadded
+from embedder.modeling.encoder import DualEncoder
+
+TEXTS = ["a", "what is dense retrieval", "the quick brown fox jumps over the lazy dog " * 12, "x y",
+         "retrieval augmented generation with a large language model and an embedding index " * 3]
+
+
+def _minilm():
+    from embedder.bundled import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(params=["tiny", "minilm"])
+def model_path(request, tiny_bert):
+    return tiny_bert if request.param == "tiny" else _minilm()
+
+
+def _pair(path: str, pooling: str):
+    torch.manual_seed(0)
+    padded = DualEncoder(path, pooling=pooling, unpadded="false", attn_implementation="sdpa")
+    packed = DualEncoder(path, pooling=pooling, unpadded="true")
+    packed.load_state_dict(padded.state_dict())
+    for enc in (padded, packed):
+        enc.eval()  # no dropout, so both paths see the same function
+    return padded, packed
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_packed_equals_padded_embeddings_and_gradients(model_path, pooling):
+    padded, packed = _pair(model_path, pooling)
+    assert getattr(packed.query_model, "embedder_packed", False) and not getattr(padded.query_model, "embedder_packed", False)
+    batch = padded.tokenizer(TEXTS, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths.max() > 4 * lengths.min()  # very different lengths in one batch
+    e_pad = padded.encode(dict(batch), "key")  # (N, d)
+    e_pack = packed.encode(dict(batch), "key")
+    torch.testing.assert_close(e_pack, e_pad, atol=2e-5, rtol=1e-4)
+    target = torch.randn_like(e_pad)
+    (e_pad * target).sum().backward()
+    (e_pack * target).sum().backward()
+    g_pad = dict(padded.named_parameters())
+    checked = 0
+    for name, p in packed.named_parameters():
+        if p.grad is None:
+            assert g_pad[name].grad is None or not g_pad[name].grad.any(), name
+            continue
+        torch.testing.assert_close(p.grad, g_pad[name].grad, atol=5e-5, rtol=1e-3, msg=name)
+        checked += 1
+    assert checked > 10
+
+
+def test_packed_with_gradient_checkpointing_and_dropout_off(tiny_bert):
+    torch.manual_seed(0)
+    ref = DualEncoder(tiny_bert, pooling="mean", unpadded="false")
+    ckpt = DualEncoder(tiny_bert, pooling="mean", unpadded="true", gradient_checkpointing=True)
+    ckpt.load_state_dict(ref.state_dict())
+    for m in (ref, ckpt):  # training mode (checkpointing only recomputes in training) without dropout
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+        m.query_model.config.attention_probs_dropout_prob = 0.0
+    batch = ref.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    a, b = ref.encode(dict(batch)), ckpt.encode(dict(batch))
+    torch.testing.assert_close(b, a, atol=2e-5, rtol=1e-4)
+    a.sum().backward()
+    b.sum().backward()
+    w = "query_model.encoder.layer.0.attention.self.query.weight"
+    torch.testing.assert_close(dict(ckpt.named_parameters())[w].grad, dict(ref.named_parameters())[w].grad,
+                               atol=5e-5, rtol=1e-3)
+
+
+def test_pack_layout():
+    batch = {"input_ids": torch.tensor([[101, 7, 8, 102, 0], [101, 9, 102, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])}
+    p = unpadded.pack(batch)
+    assert p.input_ids.tolist() == [[101, 7, 8, 102, 101, 9, 102]]
+    assert p.position_ids.tolist() == [[0, 1, 2, 3, 0, 1, 2]]
+    assert p.cu_seqlens.tolist() == [0, 4, 7] and p.max_seqlen == 4
+    assert p.token_type_ids.tolist() == [[0] * 7]
+    hidden = torch.arange(7, dtype=torch.float32)[:, None].repeat(1, 2)  # (T, 2)
+    assert unpadded.pool_packed(hidden, p, "cls").tolist() == [[0, 0], [4, 4]]
+    assert unpadded.pool_packed(hidden, p, "mean").tolist() == [[1.5, 1.5], [5, 5]]
+
+
+def test_auto_runs_packed_on_cpu_and_config_key(tiny_bert):
+    enc = DualEncoder(tiny_bert, unpadded="auto")
+    assert enc._run_packed(enc.query_model, torch.device("cpu"))
+    off = DualEncoder(tiny_bert, unpadded="false")
+    assert not off._run_packed(off.query_model, torch.device("cpu"))
+    with pytest.raises(ValueError, match="unpadded"):
+        DualEncoder(tiny_bert, unpadded="sometimes")
+
+
+def test_unsupported_architecture_falls_back_once(tmp_path, caplog):
+    from transformers import AutoTokenizer, RobertaConfig, RobertaModel
+
+    from embedder.modeling.tiny import build_tiny_bert
+
+    src = build_tiny_bert(str(tmp_path / "bert"))
+    out = tmp_path / "roberta"
+    RobertaModel(RobertaConfig(vocab_size=80, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32)).save_pretrained(out)
+    AutoTokenizer.from_pretrained(src).save_pretrained(out)
+    with caplog.at_level(logging.INFO, logger="embedder.modeling.unpadded"):
+        enc = DualEncoder(str(out), unpadded="auto")
+    assert not getattr(enc.query_model, "embedder_packed", False)
+    assert "not a supported architecture" in caplog.text
+    with pytest.raises(ValueError, match="model.unpadded=auto or false"):
+        DualEncoder(str(out), unpadded="true")
+    unpadded._said.clear()
+
+
+def test_training_module_step_packed_equals_padded(tiny_bert):
+    """Through RetrieverModule.compute_loss, the loss and its gradients agree between the two paths."""
+    from embedder.data.tasks import TaskSettings
+    from embedder.lit_module import RetrieverModule
+
+    losses = {}
+    base = DualEncoder(tiny_bert, unpadded="false")
+    for mode in ("false", "true"):
+        enc = DualEncoder(tiny_bert, unpadded=mode)
+        enc.load_state_dict(copy.deepcopy(base.state_dict()))
+        enc.eval()
+        mod = RetrieverModule(enc, {"qa": TaskSettings(name="qa")}, cross_device=False)
+        q = enc.tokenizer(TEXTS[:2], padding=True, return_tensors="pt")
+        k = enc.tokenizer(TEXTS[1:5], padding=True, return_tensors="pt")
+        out = mod.compute_loss(enc.encode(dict(q)), enc.encode(dict(k), "key"), None, "qa")
+        out["loss"].backward()
+        losses[mode] = (out["loss"].item(), enc.query_model.embeddings.word_embeddings.weight.grad.clone())
+    assert abs(losses["true"][0] - losses["false"][0]) < 1e-5
+    torch.testing.assert_close(losses["true"][1], losses["false"][1], atol=5e-5, rtol=1e-3)
