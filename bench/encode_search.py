@@ -27,8 +27,11 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+# tokenizers may use its threads (sentence-transformers and embedder alike); DataLoader workers turn them off
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
@@ -75,7 +78,7 @@ def bench_encoding(args, texts: list[str]) -> dict:
         path = tempfile.mkdtemp(dir=work)
         job = EncodeJob("corpus", texts, path, kind="key", max_length=args.max_length, shard_size=args.shard_size)
         encode_to_stores(encoder, [job], make_predict_trainer(None, **trainer_kw), batch_size=args.batch_size,
-                         dtype=dtype)
+                         dtype=dtype, batch_tokens=args.batch_tokens, num_workers=args.num_workers)
 
     def sentence_transformers():
         st.encode(texts, batch_size=args.batch_size, show_progress_bar=False, convert_to_numpy=True,
@@ -95,7 +98,8 @@ def bench_encoding(args, texts: list[str]) -> dict:
         t_inproc.append(best_of(in_process, 1))
     shutil.rmtree(work, ignore_errors=True)
     n = len(texts)
-    res = {"passages": n, "batch_size": args.batch_size, "max_length": args.max_length,
+    res = {"passages": n, "batch_size": args.batch_size, "max_length": args.max_length, "lengths": args.lengths,
+           "batch_tokens": args.batch_tokens, "num_workers": args.num_workers,
            "embedder_encode_to_stores_pps": n / min(t_ours), "sentence_transformers_encode_pps": n / min(t_st),
            "embedder_encode_texts_pps": n / min(t_inproc)}
     res["ratio_vs_sentence_transformers"] = (res["embedder_encode_to_stores_pps"]
@@ -187,6 +191,12 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--shard-size", type=int, default=100_000)
+    p.add_argument("--lengths", default="msmarco", choices=["msmarco", "lognormal-words"],
+                   help="msmarco: passage lengths like MS MARCO (mean ~92 tokens, one-token words); lognormal-words: "
+                        "10-300 Zipf-drawn words")
+    p.add_argument("--batch-tokens", type=int, default=None,
+                   help="embedder's token budget per batch (default: the dense retriever config's)")
+    p.add_argument("--num-workers", type=int, default=0, help="embedder's tokenising DataLoader workers")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per encoder (best counts)")
     p.add_argument("--index-size", type=int, default=100_000, help="vectors in the faiss benchmark")
     p.add_argument("--dim", type=int, default=384)
@@ -198,7 +208,16 @@ def main() -> None:
     p.add_argument("--skip", nargs="*", default=[], choices=["encode", "faiss", "bm25"])
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args()
+    if args.model == "bert-base":  # bert-base shape with random weights (throughput only), no download
+        from train_throughput import model_folder
+
+        args.model = model_folder("bert-base")
     args.model = args.model or minilm_path()
+    if args.batch_tokens is None:
+        import yaml
+
+        with open(os.path.join(os.path.dirname(HERE), "configs", "retriever", "dense.yaml")) as f:
+            args.batch_tokens = int(yaml.safe_load(f).get("batch_tokens") or 0)
 
     import torch
 
@@ -207,7 +226,18 @@ def main() -> None:
                            "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"}}
     vocab = os.path.join(args.model, "vocab.txt")
     if "encode" not in args.skip:
-        results["encode"] = r = bench_encoding(args, make_texts(vocab, args.passages, seed=0))
+        if args.lengths == "msmarco":
+            import random
+
+            from transformers import AutoTokenizer
+
+            from lengths import msmarco_texts, one_token_words
+
+            words = one_token_words(AutoTokenizer.from_pretrained(args.model))
+            texts = msmarco_texts(args.passages, "key", words, random.Random(0), args.max_length)
+        else:
+            texts = make_texts(vocab, args.passages, seed=0)
+        results["encode"] = r = bench_encoding(args, texts)
         print(f"encoding {r['passages']} passages (batch {r['batch_size']}, max_length {r['max_length']}, "
               f"{args.device}):")
         print(f"  embedder encode_to_stores  {r['embedder_encode_to_stores_pps']:9.1f} passages/s")

@@ -1,13 +1,22 @@
-"""Training throughput and peak memory: embedder's training step vs a plain PyTorch + transformers loop.
+"""Training throughput and peak memory at realistic lengths: embedder's training step vs two padded baselines.
 
-Both sides do the same math on the same synthetic batches (B queries, G keys each, stable distillation +
-InfoNCE): embedder pads each batch to its longest sequence, uses SDPA attention where available and the
-vectorised losses; the baseline pads to max_length, uses eager attention and writes the listwise loss as a
-Python loop over the group (like the reference). Each side runs in its own process so peak memory is its own.
+Three sides, each in its own process (so peak memory is its own), on the same batches:
 
-    python bench/train_throughput.py                         # bundled MiniLM on CPU, small shapes
-    python bench/train_throughput.py --model BAAI/bge-base-en --device cuda --precision bf16 \
-        --batch 100 --group 8 --qlen 256 --klen 256 --grad-ckpt   # the recipe's shapes on a GPU
+- `embedder`: `train.py`'s code path: a Lightning `Trainer.fit` of `RetrieverModule` fed by `RetrievalCollator`,
+  with the model's defaults (`unpadded=auto`: packed batches, variable-length attention);
+- `sdpa_padded`: the same Lightning path with `model.unpadded=false` (padded to the batch's longest, SDPA);
+- `reference`: the reference-like step: a plain loop, eager attention, padded to the batch's longest, the
+  listwise loss as a Python loop over the group (FlagEmbedding's modeling_dense.py).
+
+All sides: InfoNCE (weight 0.2) + stable distillation on teacher scores, cls pooling, AdamW, `--warmup` untimed steps
+then `--steps` timed ones (CUDA synchronised), queries/s = timed steps x B / time.
+
+`--lengths msmarco` (default) draws MS MARCO-like lengths (queries ~N(20, 6) tokens, passages lognormal with mean
+~92, capped at the max length) from one-token vocabulary words; `--lengths max` fills every sequence to the limit.
+
+    python bench/train_throughput.py                              # bundled MiniLM on CPU
+    python bench/train_throughput.py --model bert-base --device cuda --precision bf16 --batch 100 --group 8 \
+        --grad-ckpt --json out.json                               # the recipe's shape (random bert-base weights)
 """
 
 from __future__ import annotations
@@ -19,26 +28,56 @@ import os
 import random
 import resource
 import sys
+import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-WORDS = ("retrieval augmented language model query passage document answer question context memory tool "
-         "example dialogue chunk embedding vector index search rank score teacher student negative positive").split()
+SIDES = ("reference", "sdpa_padded", "embedder")
 
 
-def make_batches(n_batches: int, B: int, G: int, qlen: int, klen: int, seed: int = 0):
-    """Texts whose lengths vary between 25% and 100% of the limits, like real data."""
-    rng = random.Random(seed)
+def model_folder(name: str) -> str:
+    """`minilm` (bundled), `bert-base` (bert-base shape, random weights, the bundled uncased WordPiece vocabulary:
+    throughput only, no download), or a model folder."""
+    from embedder.bundled import minilm_path
 
-    def text(limit):
-        return " ".join(rng.choice(WORDS) for _ in range(rng.randint(max(1, limit // 4), limit)))
+    if name == "minilm":
+        return minilm_path()
+    if name != "bert-base":
+        return name
+    out = os.path.join(tempfile.gettempdir(), "embedder-bench-bert-base")
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        import torch
+        from transformers import AutoTokenizer, BertConfig, BertModel
 
-    out = []
-    for _ in range(n_batches):
-        out.append({"queries": [text(qlen) for _ in range(B)], "keys": [text(klen) for _ in range(B * G)],
-                    "scores": [[rng.gauss(0, 1) for _ in range(G)] for _ in range(B)]})
+        torch.manual_seed(0)
+        tmp = out + f".tmp-{os.getpid()}"
+        BertModel(BertConfig()).save_pretrained(tmp)
+        # the uncased WordPiece vocabulary of bert-base (the bundled MiniLM's), or a copy of it where MiniLM's
+        # weights are not installed (GPU sessions carry only the tokenizer files)
+        AutoTokenizer.from_pretrained(os.environ.get("EMBEDDER_BENCH_TOKENIZER") or minilm_path()).save_pretrained(tmp)
+        os.replace(tmp, out)
     return out
+
+
+def make_items(args: dict, tokenizer) -> list[dict]:
+    """(warmup + steps) x B training records: query, G keys, teacher scores."""
+    from lengths import msmarco_texts, one_token_words, text_of
+
+    rng = random.Random(0)
+    words = one_token_words(tokenizer)
+    G, n = args["group"], (args["warmup"] + args["steps"]) * args["batch"]
+    if args["lengths"] == "msmarco":
+        queries = msmarco_texts(n, "query", words, rng, args["qlen"])
+        keys = msmarco_texts(n * G, "key", words, rng, args["klen"])
+    else:
+        queries = [text_of(args["qlen"], words, rng) for _ in range(n)]
+        keys = [text_of(args["klen"], words, rng) for _ in range(n * G)]
+    return [{"query": queries[i], "keys": keys[i * G:(i + 1) * G], "teacher_scores": [rng.gauss(0, 1) for _ in range(G)],
+             "task": "qa", "dataset": "bench"} for i in range(n)]
 
 
 def naive_stable_distill(q, k, teacher, tau):
@@ -58,116 +97,156 @@ def naive_stable_distill(q, k, teacher, tau):
     return loss
 
 
-def worker(side: str, args: dict, queue) -> None:
+def _peak(device) -> float:
     import torch
-    import torch.nn.functional as F
 
-    from embedder.bundled import minilm_path
-
-    torch.manual_seed(0)
-    device = torch.device(args["device"])
-    model_path = minilm_path() if args["model"] == "minilm" else args["model"]
-    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args["precision"])
-    batches = make_batches(args["warmup"] + args["steps"], args["batch"], args["group"], args["qlen"], args["klen"])
-    B, G = args["batch"], args["group"]
-
-    if side == "embedder":
-        from embedder.data.tasks import TaskSettings
-        from embedder.lit_module import RetrieverModule
-        from embedder.losses import LossWeights
-        from embedder.modeling import DualEncoder
-
-        enc = DualEncoder(model_path, pooling="cls", gradient_checkpointing=args["grad_ckpt"],
-                          attn_implementation="sdpa").to(device)
-        tasks = {"qa": TaskSettings("qa", loss=LossWeights(0.2, 1.0, stable_distill=True))}
-        module = RetrieverModule(enc, tasks, combine_rule="weighted", cross_device=False)
-        tok = enc.tokenizer
-        params = enc.parameters()
-
-        def step(b):
-            qi = tok(b["queries"], padding=True, truncation=True, max_length=args["qlen"], return_tensors="pt",
-                     pad_to_multiple_of=8).to(device)
-            ki = tok(b["keys"], padding=True, truncation=True, max_length=args["klen"], return_tensors="pt",
-                     pad_to_multiple_of=8).to(device)
-            ts = torch.tensor(b["scores"], device=device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                q, k = enc.encode(qi, "query"), enc.encode(ki, "key")
-                return module.compute_loss(q, k, ts, "qa")["loss"]
-    else:
-        from transformers import AutoModel, AutoTokenizer
-
-        model = AutoModel.from_pretrained(model_path, attn_implementation="eager").to(device)
-        model.train()
-        if args["grad_ckpt"]:
-            model.gradient_checkpointing_enable()
-        tok = AutoTokenizer.from_pretrained(model_path)
-        params = model.parameters()
-
-        def step(b):
-            qi = tok(b["queries"], padding="max_length", truncation=True, max_length=args["qlen"],
-                     return_tensors="pt").to(device)
-            ki = tok(b["keys"], padding="max_length", truncation=True, max_length=args["klen"],
-                     return_tensors="pt").to(device)
-            ts = torch.tensor(b["scores"], device=device)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
-                q = F.normalize(model(**qi).last_hidden_state[:, 0], dim=-1)
-                k = F.normalize(model(**ki).last_hidden_state[:, 0], dim=-1)
-                con = F.cross_entropy(q @ k.T / 0.01, torch.arange(B, device=device) * G)
-                return 0.2 * con + naive_stable_distill(q.float(), k.float(), ts, 0.01)
-
-    opt = torch.optim.AdamW(params, lr=1e-5)
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    t0 = None
-    for i, b in enumerate(batches):
-        if i == args["warmup"]:
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is KiB on Linux)
+
+
+def run_lightning(args: dict, unpadded: str, items: list[dict], path: str, device) -> dict:
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from embedder.data.collator import RetrievalCollator
+    from embedder.data.tasks import TaskSettings
+    from embedder.lit_module import RetrieverModule
+    from embedder.losses import LossWeights
+    from embedder.modeling import DualEncoder
+
+    enc = DualEncoder(path, pooling="cls", gradient_checkpointing=args["grad_ckpt"], unpadded=unpadded)
+    tasks = {"qa": TaskSettings("qa", loss=LossWeights(0.2, 1.0, stable_distill=True))}
+    module = RetrieverModule(enc, tasks, combine_rule="weighted", cross_device=False,
+                             optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-5))
+    collate = RetrievalCollator(enc.tokenizer, args["qlen"], args["klen"])
+    loader = DataLoader(items, batch_size=args["batch"], shuffle=False, collate_fn=collate,
+                        num_workers=args["num_workers"], pin_memory=device.type == "cuda")
+
+    class Timer(L.Callback):
+        t0 = t1 = None
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if batch_idx == args["warmup"]:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                Timer.t0 = time.perf_counter()
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            Timer.t1 = time.perf_counter()
+            Timer.loss = float(outputs["loss"]) if isinstance(outputs, dict) else float(outputs)
+
+    precision = {"bf16": "bf16-mixed", "fp16": "16-mixed", "fp32": "32-true"}[args["precision"]]
+    trainer = L.Trainer(accelerator="gpu" if device.type == "cuda" else "cpu", devices=1, precision=precision,
+                        max_steps=args["warmup"] + args["steps"], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+                        limit_val_batches=0, callbacks=[Timer()])
+    trainer.fit(module, train_dataloaders=loader)
+    return {"queries_per_s": args["steps"] * args["batch"] / (Timer.t1 - Timer.t0), "peak_gib": _peak(device),
+            "loss": Timer.loss}
+
+
+def run_reference(args: dict, items: list[dict], path: str, device) -> dict:
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModel, AutoTokenizer
+
+    model = AutoModel.from_pretrained(path, attn_implementation="eager").to(device)
+    model.train()
+    if args["grad_ckpt"]:
+        model.gradient_checkpointing_enable()
+    tok = AutoTokenizer.from_pretrained(path)
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(args["precision"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    B, G = args["batch"], args["group"]
+    t0 = loss = None
+    for s in range(args["warmup"] + args["steps"]):
+        if s == args["warmup"]:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
             t0 = time.perf_counter()
-        loss = step(b)
+        batch = items[s * B:(s + 1) * B]
+        qi = tok([b["query"] for b in batch], padding=True, truncation=True, max_length=args["qlen"],
+                 return_tensors="pt").to(device)
+        ki = tok([k for b in batch for k in b["keys"]], padding=True, truncation=True, max_length=args["klen"],
+                 return_tensors="pt").to(device)
+        ts = torch.tensor([b["teacher_scores"] for b in batch], device=device)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            q = F.normalize(model(**qi).last_hidden_state[:, 0], dim=-1)
+            k = F.normalize(model(**ki).last_hidden_state[:, 0], dim=-1)
+            con = F.cross_entropy(q.float() @ k.float().T / 0.01, torch.arange(B, device=device) * G)
+            loss = 0.2 * con + naive_stable_distill(q.float(), k.float(), ts, 0.01)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    dt = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)  # GiB (ru_maxrss is KiB on Linux)
-    queue.put({"side": side, "queries_per_s": args["steps"] * B / dt, "peak_gib": peak, "loss": float(loss)})
+    return {"queries_per_s": args["steps"] * B / (time.perf_counter() - t0), "peak_gib": _peak(device),
+            "loss": float(loss)}
+
+
+def worker(side: str, args: dict, queue) -> None:
+    import torch
+    from transformers import AutoTokenizer
+
+    torch.manual_seed(0)
+    device = torch.device(args["device"])
+    path = model_folder(args["model"])
+    items = make_items(args, AutoTokenizer.from_pretrained(path))
+    if side == "reference":
+        out = run_reference(args, items, path, device)
+    else:
+        out = run_lightning(args, "auto" if side == "embedder" else "false", items, path, device)
+    queue.put({"side": side, **out})
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="minilm", help="`minilm` (bundled) or an HF folder / hub name")
+    p.add_argument("--model", default="minilm", help="`minilm` (bundled), `bert-base` (random weights) or a folder")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--batch", type=int, default=8, help="queries per step")
-    p.add_argument("--group", type=int, default=4, help="keys per query")
-    p.add_argument("--qlen", type=int, default=64)
-    p.add_argument("--klen", type=int, default=128)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch", type=int, default=16, help="queries per step")
+    p.add_argument("--group", type=int, default=8, help="keys per query")
+    p.add_argument("--qlen", type=int, default=256, help="query max length (tokens)")
+    p.add_argument("--klen", type=int, default=256, help="key max length (tokens)")
+    p.add_argument("--lengths", default="msmarco", choices=["msmarco", "max"])
+    p.add_argument("--steps", type=int, default=10, help="timed steps")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for the Lightning sides")
     p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--sides", default=",".join(SIDES))
     p.add_argument("--json", help="also write the results to this file")
     args = vars(p.parse_args(argv))
     ctx = mp.get_context("spawn")
     results = {}
-    for side in ("baseline", "embedder"):
+    for side in args["sides"].split(","):
         q = ctx.Queue()
         proc = ctx.Process(target=worker, args=(side, args, q))
         proc.start()
         results[side] = q.get()
         proc.join()
-    ratio = results["embedder"]["queries_per_s"] / results["baseline"]["queries_per_s"]
-    mem = results["embedder"]["peak_gib"] / results["baseline"]["peak_gib"]
-    shape = f"model={args['model']} device={args['device']} precision={args['precision']} B={args['batch']} " \
-            f"G={args['group']} len={args['qlen']}/{args['klen']} grad_ckpt={args['grad_ckpt']}"
+    shape = (f"model={args['model']} device={args['device']} precision={args['precision']} B={args['batch']} "
+             f"G={args['group']} max_len={args['qlen']}/{args['klen']} lengths={args['lengths']} "
+             f"grad_ckpt={args['grad_ckpt']} warmup={args['warmup']} steps={args['steps']}")
     print(shape)
-    for side in ("baseline", "embedder"):
-        r = results[side]
-        print(f"  {side:<9} {r['queries_per_s']:8.2f} queries/s   peak {r['peak_gib']:.2f} GiB")
-    print(f"  speed-up x{ratio:.2f}   memory ratio x{mem:.2f}")
-    out = {"args": args, "results": results, "speedup": ratio, "memory_ratio": mem}
+    for side, r in results.items():
+        print(f"  {side:<12} {r['queries_per_s']:8.2f} queries/s   peak {r['peak_gib']:.2f} GiB   loss {r['loss']:.3f}")
+    out = {"args": args, "results": results}
+    if "embedder" in results and "reference" in results:
+        e, b = results["embedder"], results["reference"]
+        out.update(embedder_queries_per_s=e["queries_per_s"], baseline_queries_per_s=b["queries_per_s"],
+                   speedup=e["queries_per_s"] / b["queries_per_s"], peak_gib=e["peak_gib"],
+                   baseline_peak_gib=b["peak_gib"])
+        if "sdpa_padded" in results:
+            out["speedup_vs_sdpa_padded"] = e["queries_per_s"] / results["sdpa_padded"]["queries_per_s"]
+        print(f"  speed-up x{out['speedup']:.2f} vs reference"
+              + (f", x{out['speedup_vs_sdpa_padded']:.2f} vs padded SDPA" if "sdpa_padded" in results else "")
+              + f"; peak memory {e['peak_gib']:.2f} vs {b['peak_gib']:.2f} GiB")
     if args["json"]:
         with open(args["json"], "w") as f:
             json.dump(out, f, indent=2)

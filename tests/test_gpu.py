@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 import torch
@@ -79,3 +80,49 @@ def test_zero3_in_training_evaluation(tmp_path, tiny_bert):
     assert before.keys() == after.keys() and "val/tool/ndcg@5" in after
     assert all(math.isfinite(v) for v in [*before.values(), *after.values()])
     assert not os.listdir(tmp_path / "out" / "eval-encode")  # every store was removed after scoring
+
+
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_varlen_kernel_matches_padded_sdpa_in_bf16(tiny_bert, tmp_path, pooling):
+    """The CUDA variable-length kernel (packed) against padded SDPA, both under bf16 autocast: embeddings and
+    gradients, on a bert-like model with head dim 64 and very different lengths in one batch."""
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from embedder.modeling import DualEncoder
+    from embedder.modeling import unpadded
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "bert-h256")
+    BertModel(BertConfig(vocab_size=AutoTokenizer.from_pretrained(tiny_bert).vocab_size, hidden_size=256,
+                         num_hidden_layers=2, num_attention_heads=4, intermediate_size=512)).save_pretrained(path)
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(path)
+    assert unpadded.kernel_available("cuda")
+    padded = DualEncoder(path, pooling=pooling, unpadded="false").cuda().eval()
+    packed = DualEncoder(path, pooling=pooling, unpadded="auto").cuda().eval()
+    packed.load_state_dict(padded.state_dict())
+    texts = ["a", "dense retrieval for language models " * 6, "x y", "the quick brown fox " * 20]
+    batch = {k: v.cuda() for k, v in padded.tokenizer(texts, padding=True, return_tensors="pt").items()}
+    out = {}
+    for name, enc in (("padded", padded), ("packed", packed)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert enc._run_packed(enc.key_model, torch.device("cuda")) == (name == "packed")
+            emb = enc.encode(dict(batch), "key")
+        (emb.float() * torch.arange(emb.shape[1], device="cuda")).sum().backward()
+        grad = enc.key_model.encoder.layer[0].attention.self.query.weight.grad.float()
+        out[name] = (emb.float(), grad)
+    cos = torch.nn.functional.cosine_similarity(out["packed"][0], out["padded"][0], dim=-1)
+    assert cos.min() > 0.999, cos
+    g_cos = torch.nn.functional.cosine_similarity(out["packed"][1].flatten(), out["padded"][1].flatten(), dim=0)
+    assert g_cos > 0.99, g_cos
+    # and against the exact fp32 CPU padded encoder
+    ref = DualEncoder(path, pooling=pooling, unpadded="false").eval()
+    ref.load_state_dict({k: v.cpu() for k, v in padded.state_dict().items()})
+    with torch.no_grad():
+        exact = ref.encode({k: v.cpu() for k, v in batch.items()}, "key")
+    assert torch.nn.functional.cosine_similarity(out["packed"][0].detach().cpu(), exact, dim=-1).min() > 0.999
+
+
+def test_bf16_unpadded_fit(tmp_path, tiny_bert):
+    """train.py on the GPU with the default model.unpadded=auto, bf16-mixed and gradient checkpointing."""
+    out = _fit(tmp_path, tiny_bert, ["trainer=gpu", "trainer.precision=bf16-mixed", "model.gradient_checkpointing=true"])
+    assert os.path.isfile(os.path.join(str(out), "config.json"))

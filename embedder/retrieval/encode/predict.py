@@ -111,14 +111,17 @@ class _BatchStream(IterableDataset):
     """Yields padded, length-sorted batches, shard by shard, for this rank's (job, shard) units."""
 
     def __init__(self, units: list[tuple[int, int]], jobs: list[EncodeJob], shard_rows: list[list[range]],
-                 tokenizer: Any, batch_size: int, batch_tokens: int = 0):
+                 tokenizer: Any, batch_size: int, batch_tokens: int = 0, num_workers: int = 0):
         self.units, self.jobs, self.shard_rows = units, jobs, shard_rows
         self.tokenizer, self.batch_size, self.batch_tokens = tokenizer, batch_size, int(batch_tokens)
+        self.num_workers = max(1, int(num_workers))  # the DataLoader's workers: each takes a slice of every shard
 
     def __len__(self) -> int:
         if self.batch_tokens:  # batch boundaries depend on token counts, known once a shard is tokenised
             raise TypeError("token-budget batches have no length before tokenisation")
-        return sum(math.ceil(len(self.shard_rows[j][s]) / self.batch_size) for j, s in self.units)
+        nw = self.num_workers
+        return sum(math.ceil((n * (w + 1) // nw - n * w // nw) / self.batch_size)
+                   for j, s in self.units for n in [len(self.shard_rows[j][s])] for w in range(nw))
 
     def _tokenize(self, job: EncodeJob, rows: range) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
         """Token ids (and token types) of a shard's texts as compact int32 arrays, tokenised in chunks: the fast
@@ -138,12 +141,20 @@ class _BatchStream(IterableDataset):
         return ids, types
 
     def __iter__(self):
+        # With DataLoader workers, every worker takes its own contiguous slice of every shard (not whole shards), so
+        # W workers tokenise one shard W times faster (tokenisation, not the GPU, bounded encoding: 3.1k passages/s
+        # for one tokenising process vs 18k/s for the bert-base forward on an H200). ShardWriter puts rows back by
+        # position, whichever worker's batch they come in.
         info = get_worker_info()
-        units = self.units if info is None else self.units[info.id::info.num_workers]
+        w, nw = (0, 1) if info is None else (info.id, info.num_workers)
         pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         left = getattr(self.tokenizer, "padding_side", "right") == "left"
-        for j, s in units:
-            job, rows = self.jobs[j], self.shard_rows[j][s]
+        for j, s in self.units:
+            job, shard_rows = self.jobs[j], self.shard_rows[j][s]
+            lo, hi = len(shard_rows) * w // nw, len(shard_rows) * (w + 1) // nw
+            if lo == hi:
+                continue
+            rows = shard_rows[lo:hi]
             ids, types = self._tokenize(job, rows)
             lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
             order = np.argsort(-lengths, kind="stable")  # longest first; ties keep row order
@@ -160,7 +171,7 @@ class _BatchStream(IterableDataset):
                     if tt is not None:
                         tt[i, cols] = types[p]
                 batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
-                         "positions": torch.from_numpy(pos.copy()), "job": j, "shard": s, "rows": len(rows)}
+                         "positions": torch.from_numpy(pos + lo), "job": j, "shard": s, "rows": len(shard_rows)}
                 if tt is not None:
                     batch["token_type_ids"] = torch.from_numpy(tt)
                 yield batch
@@ -201,7 +212,8 @@ class EncodeDataModule(L.LightningDataModule):
         for job in self.jobs:
             store = EmbeddingStore(job.store_path)
             shard_rows.append([store.shard_rows(s) for s in range(store.num_shards)])
-        stream = _BatchStream(units, self.jobs, shard_rows, self.tokenizer, self.batch_size, self.batch_tokens)
+        stream = _BatchStream(units, self.jobs, shard_rows, self.tokenizer, self.batch_size, self.batch_tokens,
+                              self.num_workers)
         log.info("rank %d/%d encodes %d shard(s) in %s", rank, world, len(units),
                  f"batches of up to {self.batch_tokens} tokens" if self.batch_tokens else f"{len(stream)} batches")
         # workers tokenise the next shard while the model runs; pinned host memory lets Lightning copy each batch

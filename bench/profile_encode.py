@@ -1,0 +1,82 @@
+"""Where encoding time goes: tokenisation alone, the GPU forward alone on pre-tokenised length-sorted batches, and
+`encode_to_stores` end to end under cProfile (top functions by own time). For the host-side work of issue 9.
+
+    python bench/profile_encode.py --model bert-base --device cuda --passages 30000
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import random
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", default="minilm")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--passages", type=int, default=2000)
+    p.add_argument("--batch-tokens", type=int, default=32768)
+    args = p.parse_args()
+    import torch
+
+    from embedder.modeling.encoder import DualEncoder
+    from embedder.retrieval.encode import EncodeJob, encode_to_stores, make_predict_trainer
+    from lengths import msmarco_texts, one_token_words
+    from train_throughput import model_folder
+
+    path = model_folder(args.model)
+    enc = DualEncoder(path, pooling="cls").to(args.device)
+    texts = msmarco_texts(args.passages, "key", one_token_words(enc.tokenizer), random.Random(0))
+    t = time.perf_counter()
+    tok = enc.tokenizer(texts, truncation=True, max_length=256)
+    t_tok = time.perf_counter() - t
+    order = sorted(range(len(texts)), key=lambda i: -len(tok["input_ids"][i]))
+    batches, i = [], 0
+    while i < len(order):
+        n = max(1, args.batch_tokens // len(tok["input_ids"][order[i]]))
+        batches.append(enc.tokenizer.pad({"input_ids": [tok["input_ids"][j] for j in order[i:i + n]]},
+                                         return_tensors="pt"))
+        i += n
+    dev = torch.device(args.device)
+    half = dev.type == "cuda"
+    gpu_batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
+    enc.eval()
+    for _ in range(2):
+        if half:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.no_grad(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=half):
+            for b in gpu_batches:
+                enc.encode(b, "key")
+        if half:
+            torch.cuda.synchronize()
+        t_fwd = time.perf_counter() - t
+    print(f"{len(texts)} passages: tokenise {len(texts) / t_tok:,.0f}/s; forward only (pre-tokenised, on device, "
+          f"{len(batches)} batches) {len(texts) / t_fwd:,.0f}/s")
+    prof = cProfile.Profile()
+    work = tempfile.mkdtemp()
+    trainer = make_predict_trainer(None, accelerator="gpu" if half else "cpu", devices=1, enable_progress_bar=False)
+    t = time.perf_counter()
+    prof.enable()
+    encode_to_stores(enc, [EncodeJob("c", texts, os.path.join(work, "s"), kind="key", max_length=256)], trainer,
+                     batch_tokens=args.batch_tokens)
+    prof.disable()
+    print(f"encode_to_stores end to end {len(texts) / (time.perf_counter() - t):,.0f}/s")
+    s = io.StringIO()
+    pstats.Stats(prof, stream=s).sort_stats("tottime").print_stats(18)
+    print(s.getvalue()[-6000:])
+
+
+if __name__ == "__main__":
+    main()
