@@ -123,25 +123,11 @@ class RetrieverModule(LightningModule):
     def validation_step(self, batch: list[int], batch_idx: int) -> None:
         """One batch = one evaluation set index. Under DDP every rank takes part (each encodes and searches its
         share of the corpus, see EvalSet) and ends with the same metrics."""
-        self._pause_zero3_trace()
         for i in batch:
             es = self.eval_sets[int(i)]
             metrics = es.evaluate(self.encoder, step=self.global_step)
             for name, value in metrics.items():
                 self.log(f"val/{es.name}/{name}", float(value), batch_size=1, sync_dist=False)
-        self._pause_zero3_trace()
-
-    def _pause_zero3_trace(self) -> None:
-        """DeepSpeed ZeRO-3 records the order in which submodules fetch their parameters during one forward of the
-        wrapped module and replays it (prefetching) from then on. An evaluation is one such forward that runs the
-        encoder hundreds of times, which corrupted the recorded trace (IndexError in the next training step, seen on
-        an H200). DeepSpeed has no public call for this, so the trace is invalidated around evaluation: evaluation
-        runs without prefetch, and the next training forward records a clean trace again."""
-        engine = getattr(self.trainer.strategy, "deepspeed_engine", None) if self._trainer is not None else None
-        offload = getattr(getattr(engine, "optimizer", None), "parameter_offload", None)
-        coordinator = offload.get_param_coordinator() if offload is not None else None
-        if coordinator is not None and not coordinator.is_invalid_trace():
-            coordinator._invalidate_trace()
 
     # ------------------------------------------------------------------------------------------ resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -65,8 +65,10 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     before: dict[str, float] = {}
     if eval_sets and cfg.evaluate_before and cfg.ckpt_path is None:
         before = _validate(trainer, module, datamodule)
+        _drop_zero3_hooks(trainer)
     if cfg.train_data:
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        _drop_zero3_hooks(trainer)
     after: dict[str, float] = {}
     if eval_sets:
         after = _validate(trainer, module, datamodule)
@@ -92,6 +94,23 @@ def _validate(trainer: L.Trainer, module: RetrieverModule, datamodule: Retrieval
     """Run every eval set once; the metrics come back from the workers under ddp_spawn too."""
     results = trainer.validate(module, datamodule=datamodule, verbose=False)
     return {k: float(v) for d in results for k, v in d.items() if k.startswith("val/")}
+
+
+def _drop_zero3_hooks(trainer: L.Trainer) -> None:
+    """Remove the ZeRO-3 parameter hooks of the DeepSpeed engine that just finished (validate or fit).
+
+    Lightning builds a new engine for each of validate, fit and validate on the same module; under ZeRO-3 each one
+    registers forward/backward hooks whose parameter coordinator records a module trace. The hooks of an earlier
+    engine stay on the module and keep recording next to the new engine's, and the stale trace failed the first
+    training step after `evaluate_before` (IndexError in DeepSpeed's record_parameters, seen on an H200). DeepSpeed
+    has no public call for this; `_remove_module_hooks` is what its own teardown uses."""
+    if not getattr(trainer.strategy, "zero_stage_3", False):
+        return
+    engine = getattr(trainer.strategy, "model", None)
+    offload = getattr(engine, "optimizer", None)
+    offload = getattr(offload, "parameter_offload", offload)  # training: the ZeRO-3 optimizer's; inference: itself
+    if offload is not None and hasattr(offload, "_remove_module_hooks"):
+        offload._remove_module_hooks()
 
 
 def _gathered_parameters(trainer: L.Trainer, module: RetrieverModule):
