@@ -29,5 +29,5 @@ timeout 240 python3 bench/train_throughput.py --model bert-base --device cuda --
     --group 8 --grad-ckpt --lengths msmarco --warmup 3 --steps 10 --num-workers 4 --json "$OUT/train_bench_gpu.json" \
     2>&1 | grep -v -i warn | tee "$OUT/train_bench_gpu.log" | tail -6
 timeout 150 python3 bench/encode_search.py --model bert-base --device cuda --passages 30000 --batch-size 256 \
-    --lengths msmarco --num-workers 4 --repeats 2 --skip faiss bm25 --json "$OUT/encode_bench_gpu.json" 2>&1 \
+    --lengths msmarco --num-workers 8 --repeats 2 --skip faiss bm25 --json "$OUT/encode_bench_gpu.json" 2>&1 \
     | grep -v -i warn | tee "$OUT/encode_bench_gpu.log" | tail -8

@@ -118,6 +118,7 @@ class DualEncoder(nn.Module):
         and on CPU (the per-sequence loop skips the padding's compute); padded otherwise, said once."""
         if not getattr(model, "embedder_packed", False):
             return False
+        unpadded_forward.register()  # a process that unpickled the model (ddp_spawn, DataLoader) registers it anew
         if self.unpadded == "true" or device.type == "cpu":
             return True
         half = (torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) != torch.float32) \
