@@ -16,11 +16,12 @@ KEY_MU = math.log(KEY_MEAN) - KEY_SIGMA ** 2 / 2
 
 
 def one_token_words(tokenizer, n: int = 5000) -> list[str]:
-    """Up to n lowercase vocabulary words (3+ letters) that the tokenizer keeps as one token."""
+    """Up to n lowercase vocabulary words (3+ letters) that the tokenizer keeps as one token, also after a space."""
     vocab = sorted(w for w in tokenizer.get_vocab() if w.isalpha() and w.islower() and len(w) >= 3)
     words = []
     for w in vocab:
-        if len(tokenizer(w, add_special_tokens=False)["input_ids"]) == 1:
+        # one token at the start of a text and after a space (byte-level BPE vocabularies differ between the two)
+        if all(len(tokenizer(form, add_special_tokens=False)["input_ids"]) == 1 for form in (w, " " + w)):
             words.append(w)
             if len(words) >= n:
                 break

@@ -10,6 +10,11 @@ score difference between the two (a correctness check: it should be float noise)
     python bench/score_throughput.py                             # bundled SmolLM2 on CPU, a few toy qa records
     python bench/score_throughput.py --device cuda --records 8 --candidates 101 --repeat 8   # a GPU
     python bench/score_throughput.py --lm tiny                   # the tiny random LM (plumbing only)
+    python bench/score_throughput.py --lengths msmarco --pairs 1000 --device cuda --random-init --shape llama2-7b
+
+`--lengths msmarco` replaces the toy records by MS MARCO-like pairs: knowledge passages lognormal with a mean of ~150
+words, questions ~N(12, 4) words, answers of 8-40 words (prompts of ~200 tokens), made of words the LM's tokenizer
+keeps whole, so the padding a batch gets is the padding real data gets.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 TOY_QA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
                       "llm-embedder-toy", "qa.json")
@@ -38,6 +44,32 @@ def load_jobs(path: str, records: int, candidates: int, repeat: int):
     for _ in range(repeat):
         for r in recs:
             jobs += [Job(template, r, k, r["answers"][0]) for k in (r["pos"] + r["neg"])[:candidates]]
+    return jobs
+
+
+def msmarco_jobs(tokenizer, pairs: int, seed: int = 0):
+    """`pairs` MS MARCO-like (knowledge, question, answer) jobs; see the module docstring."""
+    import math
+    import random
+
+    from embedder.scoring.lm_scorer import Job
+    from embedder.scoring.templates import Template
+    from lengths import one_token_words
+
+    rng = random.Random(seed)
+    words = one_token_words(tokenizer)
+    template = Template("qa", QA, strip=True)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(max(1, n)))
+
+    sigma = 0.6
+    mu = math.log(150) - sigma ** 2 / 2
+    jobs = []
+    for _ in range(pairs):
+        record = {"query": text(round(rng.gauss(12, 4))) + "?"}
+        key = text(min(400, round(rng.lognormvariate(mu, sigma))))
+        jobs.append(Job(template, record, key, text(rng.randint(8, 40))))
     return jobs
 
 
@@ -127,6 +159,9 @@ def main() -> None:
     ap.add_argument("--lm", default="smollm2", help="smollm2 (bundled), tiny, or a model folder / Hub id")
     ap.add_argument("--gguf-file", default=None)
     ap.add_argument("--data", default=TOY_QA, help="a qa JSON-lines file (default: the reference toy qa.json)")
+    ap.add_argument("--lengths", default="toy", choices=["toy", "msmarco"],
+                    help="toy: the reference's toy qa records; msmarco: realistic prompt and answer lengths")
+    ap.add_argument("--pairs", type=int, default=1000, help="with --lengths msmarco: (passage, answer) pairs")
     ap.add_argument("--records", type=int, default=2)
     ap.add_argument("--candidates", type=int, default=16, help="keys per record (pos first)")
     ap.add_argument("--repeat", type=int, default=1, help="repeat the inputs (GPU timings need more work)")
@@ -154,7 +189,10 @@ def main() -> None:
                       name=os.path.basename(args.lm.rstrip("/")))
     if args.random_init:
         scorer.attach_model(random_model(path, args.shape, args.device, args.dtype, len(scorer.tokenizer)))
-    jobs = load_jobs(args.data, args.records, args.candidates, args.repeat)
+    if args.lengths == "msmarco":
+        jobs = msmarco_jobs(scorer.tokenizer, args.pairs)
+    else:
+        jobs = load_jobs(args.data, args.records, args.candidates, args.repeat)
     # warm-up (kernels, allocator) on a few inputs, for both paths
     reference_scores(scorer, jobs[:4])
     ours(scorer, jobs[:4])
@@ -185,7 +223,9 @@ def main() -> None:
     n_params = sum(p.numel() for p in scorer.model.parameters()) / 1e6
     label = f"{scorer.name}{' random ' + (args.shape or 'weights') if args.random_init else ''}"
     print(f"LM {label} ({n_params:.0f}M parameters, {scorer.describe()['dtype']}) on {device}; {len(jobs)} candidates "
-          f"({args.records} records x {args.candidates}, x{args.repeat}); best of {args.rounds} rounds")
+          + (f"(MS MARCO-like, {sum(r['real_tokens'] for r in results.values()) // 2 // len(jobs)} tokens each on "
+             f"average)" if args.lengths == "msmarco" else
+             f"({args.records} records x {args.candidates}, x{args.repeat})") + f"; best of {args.rounds} rounds")
     print(f"{'':<11}{'seconds':>9}{'cand/s':>10}{'tokens/s':>11}{'padded tok':>12}")
     for name, r in results.items():
         print(f"{name:<11}{r['seconds']:>9.2f}{r['candidates_per_s']:>10.1f}{r['tokens_per_s']:>11.0f}"
