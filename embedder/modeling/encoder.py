@@ -18,23 +18,23 @@ log = logging.getLogger(__name__)
 POOLING = ("cls", "mean")
 
 
-def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None, unpadded: bool | str = False, **kw):
-    """`AutoModel.from_pretrained`; with `unpadded` (true/auto) and a supported architecture, loaded with the packed
-    attention function (which also runs padded calls through SDPA)."""
+def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None, unpadded: str = "false", **kw):
+    """`AutoModel.from_pretrained`; with `unpadded` ("true"/"auto") and a supported architecture, loaded with the
+    packed attention function (which also runs padded calls through SDPA)."""
     from transformers import AutoConfig, AutoModel
 
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
     kwargs: dict[str, Any] = dict(kw)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    if unpadded is not False and unpadded != "false":
+    if unpadded != "false":
         if unpadded_forward.supports(AutoConfig.from_pretrained(path)):
             model = AutoModel.from_pretrained(path, attn_implementation=unpadded_forward.register(), **kwargs)
             model.embedder_packed = True  # marks a backbone that can run `packed_hidden`
             return model
         msg = (f"model.unpadded={unpadded}: {path} is not a supported architecture "
                f"({', '.join(unpadded_forward.SUPPORTED_MODEL_TYPES)}); running padded")
-        if unpadded is True or unpadded == "true":
+        if unpadded == "true":
             raise ValueError(msg + " is not possible: set model.unpadded=auto or false")
         unpadded_forward.say_once(f"arch:{path}", msg)
     if attn_implementation:

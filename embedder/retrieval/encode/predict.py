@@ -36,7 +36,8 @@ from embedder.data.corpus import texts_fingerprint
 from embedder.retrieval.encode.store import META, EmbeddingStore, _atomic_json
 
 log = logging.getLogger("embedder.retrieval.encode")
-# our IterableDataset deals whole shards to DataLoader workers itself, so its __len__ is exact
+# our IterableDataset gives each DataLoader worker its own slice of every shard and counts the batches of
+# those slices, so its __len__ is exact
 warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
