@@ -117,8 +117,17 @@ def ours(scorer, jobs):
     enc = scorer.encode(jobs)
     scores = scorer.score_encoded(enc)
     real = sum(len(e.input_ids) for e in enc)
-    padded = sum(len(b) * max(len(enc[i].input_ids) for i in b) for b in scorer.batches(enc))
+    packed = scorer.run_packed()
+    padded = real if packed else sum(len(b) * max(len(enc[i].input_ids) for i in b) for b in scorer.batches(enc))
     return scores.tolist(), real, padded
+
+
+def ours_padded(scorer, jobs):
+    old, scorer.packed = scorer.packed, "false"
+    try:
+        return ours(scorer, jobs)
+    finally:
+        scorer.packed = old
 
 
 SHAPES = {  # architecture sizes for --random-init --shape (vocabulary: the tokenizer's)
@@ -127,7 +136,7 @@ SHAPES = {  # architecture sizes for --random-init --shape (vocabulary: the toke
 }
 
 
-def random_model(path: str, shape: str | None, device: str, dtype: str, vocab: int):
+def random_model(path: str, shape: str | None, device: str, dtype: str, vocab: int, packed: str):
     """Random weights with the config at `path` (optionally resized to a SHAPES entry), built on the device:
     throughput only, no download and no weight file to carry."""
     import torch
@@ -141,9 +150,12 @@ def random_model(path: str, shape: str | None, device: str, dtype: str, vocab: i
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    from embedder.modeling import unpadded
+
+    attn = unpadded.register() if packed != "false" and unpadded.supports_causal(cfg) else "sdpa"  # as LMScorer loads
     torch.manual_seed(0)
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype), attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(cfg, dtype=getattr(torch, dtype), attn_implementation=attn)
     return model
 
 
@@ -168,7 +180,8 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch-size", type=int, default=32, help="ours: sequences per batch")
-    ap.add_argument("--max-tokens", type=int, default=16384, help="ours: padded tokens per batch")
+    ap.add_argument("--max-tokens", type=int, default=16384, help="ours: tokens per batch (real if packed, else padded)")
+    ap.add_argument("--packed", default="auto", choices=["auto", "true", "false"], help="ours: score.py's `packed`")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds per side (best kept)")
     ap.add_argument("--random-init", action="store_true", help="random weights from --lm's config (throughput only)")
     ap.add_argument("--shape", default=None, choices=sorted(SHAPES), help="with --random-init: resize the model")
@@ -185,23 +198,25 @@ def main() -> None:
     elif args.lm == "tiny":
         path = TINY_RANDOM
     scorer = LMScorer(path, gguf_file=gguf, dtype=args.dtype, device=args.device, batch_size=args.batch_size,
-                      max_tokens_per_batch=args.max_tokens, load_model=not args.random_init,
+                      max_tokens_per_batch=args.max_tokens, packed=args.packed, load_model=not args.random_init,
                       name=os.path.basename(args.lm.rstrip("/")))
     if args.random_init:
-        scorer.attach_model(random_model(path, args.shape, args.device, args.dtype, len(scorer.tokenizer)))
+        scorer.attach_model(random_model(path, args.shape, args.device, args.dtype, len(scorer.tokenizer),
+                                         args.packed))
     if args.lengths == "msmarco":
         jobs = msmarco_jobs(scorer.tokenizer, args.pairs)
     else:
         jobs = load_jobs(args.data, args.records, args.candidates, args.repeat)
-    # warm-up (kernels, allocator) on a few inputs, for both paths
-    reference_scores(scorer, jobs[:4])
-    ours(scorer, jobs[:4])
+    sides = [("reference", reference_scores), ("embedder", ours)]
+    if scorer.run_packed():
+        sides.append(("embedder-padded", ours_padded))
+    for _, fn in sides:  # warm-up (kernels, allocator) on a few inputs, for every path
+        fn(scorer, jobs[:4])
 
     # Rounds alternate the order (ref, ours, ours, ref, ...) and each side keeps its best time, so load from other
     # processes on a shared machine penalises neither side systematically.
     results: dict = {}
-    times: dict = {"reference": [], "embedder": []}
-    sides = [("reference", reference_scores), ("embedder", ours)]
+    times: dict = {name: [] for name, _ in sides}
     for round_ in range(args.rounds):
         for name, fn in (sides if round_ % 2 == 0 else sides[::-1]):
             sync(scorer.device)
@@ -226,16 +241,16 @@ def main() -> None:
           + (f"(MS MARCO-like, {sum(r['real_tokens'] for r in results.values()) // 2 // len(jobs)} tokens each on "
              f"average)" if args.lengths == "msmarco" else
              f"({args.records} records x {args.candidates}, x{args.repeat})") + f"; best of {args.rounds} rounds")
-    print(f"{'':<11}{'seconds':>9}{'cand/s':>10}{'tokens/s':>11}{'padded tok':>12}")
+    print(f"{'':<16}{'seconds':>9}{'cand/s':>10}{'tokens/s':>11}{'padded tok':>12}")
     for name, r in results.items():
-        print(f"{name:<11}{r['seconds']:>9.2f}{r['candidates_per_s']:>10.1f}{r['tokens_per_s']:>11.0f}"
+        print(f"{name:<16}{r['seconds']:>9.2f}{r['candidates_per_s']:>10.1f}{r['tokens_per_s']:>11.0f}"
               f"{r['padded_tokens']:>12}")
     print(f"speed-up (embedder / reference): {ratio:.2f}x; max |score difference| {diff:.2e}")
     if args.json:
         summary = {k: {kk: vv for kk, vv in v.items() if kk != "scores"} for k, v in results.items()}
         with open(args.json, "w") as f:
-            json.dump({"lm": label, "parameters_m": round(n_params), "device": device, "candidates": len(jobs), "ratio": ratio,
-                       "max_abs_diff": diff, **summary}, f, indent=1)
+            json.dump({"lm": label, "parameters_m": round(n_params), "device": device, "candidates": len(jobs),
+                       "packed": scorer.run_packed(), "ratio": ratio, "max_abs_diff": diff, **summary}, f, indent=1)
 
 
 if __name__ == "__main__":

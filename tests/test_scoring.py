@@ -119,8 +119,10 @@ def test_sum_normalisation_is_mean_times_answer_tokens(tiny_scorer):
     np.testing.assert_allclose(total, mean * np.array([e.n_answer for e in enc]), rtol=1e-5)
 
 
-def test_padding_and_batching_do_not_change_scores(tiny_scorer):
-    """Every batch layout (one per batch, all in one with heavy padding, token-budget batches, reversed order)."""
+@pytest.mark.parametrize("packed", ["true", "false"])
+def test_padding_and_batching_do_not_change_scores(tiny_scorer, packed):
+    """Every batch layout (one per batch, all in one with heavy padding, token-budget batches, reversed order), packed
+    into one padding-free row (grouped-query causal attention per input) and right-padded."""
     from embedder.scoring.lm_scorer import Job
     from embedder.scoring.templates import Template
 
@@ -132,7 +134,10 @@ def test_padding_and_batching_do_not_change_scores(tiny_scorer):
     lengths = [len(e.input_ids) for e in enc]
     assert max(lengths) > 3 * min(lengths)  # real padding happens in the one-batch layout
     s = tiny_scorer
-    old = (s.batch_size, s.max_tokens_per_batch)
+    old = (s.batch_size, s.max_tokens_per_batch, s.packed)
+    s.packed = packed
+    assert s.run_packed() == (packed == "true")
+    assert s.model.config.num_key_value_heads < s.model.config.num_attention_heads  # grouped-query attention
     try:
         results = {}
         for name, bs, budget in [("single", 1, None), ("one-batch", 10_000, None), ("b3", 3, None),
@@ -144,10 +149,49 @@ def test_padding_and_batching_do_not_change_scores(tiny_scorer):
         s.batch_size, s.max_tokens_per_batch = 4, None
         results["reversed"] = s.score_encoded(enc[::-1])[::-1]
     finally:
-        s.batch_size, s.max_tokens_per_batch = old
+        s.batch_size, s.max_tokens_per_batch, s.packed = old
     for name, got in results.items():
         np.testing.assert_allclose(got, results["single"], atol=1e-5, err_msg=name)
     assert np.ptp(results["single"]) > 0.05  # the candidates really get different scores
+
+
+def test_packed_batches_count_real_tokens_and_equal_padded_scores(tiny_scorer):
+    """A packed batch is filled up to the budget in real tokens (a padded one in longest x count), and the two layouts
+    score alike; the packed call builds no (T, T) mask."""
+    from embedder.modeling import unpadded
+    from embedder.scoring.lm_scorer import Encoded
+
+    s = tiny_scorer
+    enc = [Encoded([1] + [5 + i % 7] * n, 2) for i, n in enumerate([90, 10, 10, 10, 10, 10, 10])]
+    old = (s.batch_size, s.max_tokens_per_batch)
+    try:
+        s.batch_size, s.max_tokens_per_batch = 100, 160
+        assert [len(b) for b in s.batches(enc, packed=True)] == [7]  # 91 + 6 x 11 = 157 real tokens
+        assert [len(b) for b in s.batches(enc, packed=False)] == [1, 6]  # 91 x 2 > 160 padded tokens
+        packed, padded = s._answer_logp_packed(enc), s._answer_logp_padded(enc)
+    finally:
+        s.batch_size, s.max_tokens_per_batch = old
+    np.testing.assert_allclose(packed, padded, atol=1e-4)
+    assert unpadded._mask(attention_mask=None, batch_size=1, q_length=157, kv_length=157) is None
+
+
+def test_packed_true_on_an_unsupported_architecture_says_so(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from embedder.scoring.lm_scorer import LMScorer
+    from embedder.scoring.tiny_lm import build_tiny_tokenizer
+
+    tok = build_tiny_tokenizer()
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(tok), n_embd=16, n_layer=1, n_head=2, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id)).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="packed=true: .*gpt2.*set packed=auto or false"):
+        LMScorer(str(tmp_path), packed="true", device="cpu")
+    auto = LMScorer(str(tmp_path), packed="auto", device="cpu")
+    from embedder.scoring.lm_scorer import Encoded
+
+    scores = auto.score_encoded([Encoded([1, 5, 6, 7], 2), Encoded([1, 8], 1)])
+    assert not auto.run_packed() and scores.shape == (2,) and np.isfinite(scores).all()
 
 
 def test_answer_tokens_cover_exactly_the_answer(tiny_scorer):

@@ -1,8 +1,11 @@
-"""Unpadded (packed) encoder forward: a batch's tokens in one (1, T) row, no padding, variable-length attention.
+"""Unpadded (packed) forward: a batch's tokens in one (1, T) row, no padding, variable-length attention.
 
-Why hand-written: transformers runs BERT on padded (N, L) batches; its packed path needs the flash-attn package. We
-keep transformers' modules (embeddings, linears, LayerNorm, gradient checkpointing, DeepSpeed hooks all unchanged) and
-register one attention function with its `AttentionInterface`, so only attention is ours:
+Used by the encoder (BERT family, bidirectional) and by LM scoring (Llama-style decoders, causal).
+
+Why hand-written: transformers runs BERT on padded (N, L) batches, and its packed path for decoders needs the
+flash-attn package (SDPA gets a dense (T, T) block mask instead). We keep transformers' modules (embeddings, rotary
+positions, linears, norms, gradient checkpointing, DeepSpeed hooks all unchanged) and register one attention
+function with its `AttentionInterface`, so only attention is ours (causal where the module says `is_causal`):
 
 - a packed call (`cu_seqlens` in the kwargs) runs `torch.nn.attention.varlen.varlen_attn` (Flash Attention kernels,
   CUDA, fp16/bf16), or `flash_attn_varlen_func` when flash-attn is installed (it also applies attention dropout);
@@ -25,6 +28,9 @@ log = logging.getLogger(__name__)
 ATTN_NAME = "embedder_packed"
 # architectures whose position ids are 0..len-1 per sequence and whose attention goes through AttentionInterface
 SUPPORTED_MODEL_TYPES = ("bert",)
+# decoders whose rotary positions come from `position_ids` and whose layers pass attention kwargs through (full
+# attention only: a sliding window would need the window in the kernel call)
+SUPPORTED_CAUSAL_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 _registered = False
 _said: set[str] = set()
 
@@ -99,23 +105,27 @@ def kernel_available(device: torch.device | str) -> bool:
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
-                     scale: float, dropout: float = 0.0) -> torch.Tensor:
-    """Attention within each packed sequence. q, k, v: (T, H, Dh); cu: (N+1,) int32. Returns (T, H, Dh)."""
+                     scale: float, dropout: float = 0.0, causal: bool = False) -> torch.Tensor:
+    """Attention within each packed sequence. q: (T, H, Dh); k, v: (T, Hkv, Dh), Hkv dividing H (grouped-query);
+    cu: (N+1,) int32; `causal`: each token sees only the tokens before it in its sequence. Returns (T, H, Dh)."""
+    gqa = k.shape[1] != q.shape[1]
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         fa = _flash_attn()
-        if fa is not None:
-            return fa(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scale)
+        if fa is not None:  # grouped-query attention is native there
+            return fa(q, k, v, cu, cu, max_len, max_len, dropout_p=dropout, softmax_scale=scale, causal=causal)
         varlen_attn = _torch_varlen()
         if varlen_attn is not None:
             if dropout > 0:
                 say_once("dropout", "unpadded attention: torch varlen_attn has no dropout, so attention-probability "
                          "dropout (p=%.2f) is not applied (hidden dropout is); install flash-attn to apply it",
                          dropout, level=logging.WARNING)
-            return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale)
+            return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, enable_gqa=gqa,
+                               window_size=(-1, 0) if causal else (-1, -1))
     # reference path (CPU, fp32): one SDPA call per sequence; exact, and the unit the tests compare against
     bounds = cu.tolist()
     out = [F.scaled_dot_product_attention(q[a:b].transpose(0, 1), k[a:b].transpose(0, 1), v[a:b].transpose(0, 1),
-                                          dropout_p=dropout, scale=scale).transpose(0, 1)  # (len, H, Dh)
+                                          dropout_p=dropout, scale=scale, is_causal=causal,
+                                          enable_gqa=gqa).transpose(0, 1)  # (len, H, Dh)
            for a, b in zip(bounds[:-1], bounds[1:])]
     return torch.cat(out, 0)
 
@@ -129,29 +139,47 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    # query, key, value: (1, H, T, Dh) -> (T, H, Dh)
+    # query: (1, H, T, Dh), key/value: (1, Hkv, T, Dh) -> (T, H, Dh), (T, Hkv, Dh)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    out = varlen_attention(q, k, v, cu, int(kwargs["max_seqlen"]), scaling, dropout)  # (T, H, Dh)
+    out = varlen_attention(q, k, v, cu, int(kwargs["max_seqlen"]), scaling, dropout,
+                           causal=bool(getattr(module, "is_causal", False)))  # (T, H, Dh)
     return out[None], None  # (1, T, H, Dh), no weights
 
 
+def _mask(*, attention_mask=None, **kwargs):
+    """The mask builder under our name: SDPA's for padded calls; none for a call without a padding mask. A packed call
+    has none, and its sequences are separated by `cu_seqlens`; SDPA's builder would make a dense (T, T) block mask
+    from the position ids, which costs T^2 memory and is then ignored."""
+    if attention_mask is None:
+        return None
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(attention_mask=attention_mask, **kwargs)
+
+
 def register() -> str:
-    """Register the attention function (and SDPA's mask builder under its name) with transformers; idempotent."""
+    """Register the attention function and its mask builder with transformers; idempotent."""
     global _registered
     if not _registered:
         from transformers import AttentionInterface
-        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
         AttentionInterface.register(ATTN_NAME, _attention)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, sdpa_mask)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(ATTN_NAME, _mask)
         _registered = True
     return ATTN_NAME
 
 
 def supports(config) -> bool:
-    """Whether the packed forward is correct for this architecture."""
+    """Whether the packed encoder forward is correct for this architecture."""
     return getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES and getattr(
         config, "position_embedding_type", "absolute") == "absolute"
+
+
+def supports_causal(config) -> bool:
+    """Whether the packed causal-LM forward is correct for this architecture (full attention in every layer)."""
+    return getattr(config, "model_type", None) in SUPPORTED_CAUSAL_MODEL_TYPES and not getattr(
+        config, "sliding_window", None) and not getattr(config, "use_sliding_window", False)
 
 
 def packed_hidden(model, p: Packed) -> torch.Tensor:

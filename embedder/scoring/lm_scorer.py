@@ -10,10 +10,15 @@ What is scored (reference §5.1, with its approximations made exact):
   if it is still too long with an empty key, the text is cut from the left. Both are counted in `stats`.
 - The score is the mean per-token log-likelihood of the answer (`normalize=mean`, the reference's `-nll`), or the sum.
 
-How it runs: all inputs of a batch of records are sorted by length (longest first) and packed under `batch_size`
-and `max_tokens_per_batch`, right-padded (padding after the last real token cannot change a causal LM's outputs),
-and only the logits of the answer positions are computed (`logits_to_keep`). Scores do not depend on batch size or
-order beyond float rounding; tests check this.
+How it runs: all inputs of a batch of records are sorted by length (longest first) and grouped under `batch_size`
+and `max_tokens_per_batch`. Only the logits of the answer positions are computed (`logits_to_keep`), and the answer
+log-likelihoods are summed per input on the device, one transfer per batch.
+- Packed (`packed=auto` on Llama-style decoders, `embedder.modeling.unpadded`): a batch's inputs are concatenated
+  into one row with per-input position ids and variable-length causal attention, so no compute goes to padding and
+  `max_tokens_per_batch` counts real tokens.
+- Padded (other architectures, or fp32 on a GPU): right-padded (padding after the last real token cannot change a
+  causal LM's outputs), and `max_tokens_per_batch` counts padded tokens.
+Scores do not depend on batch size, order or packing beyond float rounding; tests check this.
 """
 
 from __future__ import annotations
@@ -61,10 +66,14 @@ class LMScorer:
                  revision: str | None = None, dtype: str = "auto", device: str = "auto", device_map: Any = None,
                  attn_implementation: str | None = "sdpa", trust_remote_code: bool = False,
                  max_length: int | None = None, key_max_length: int | None = 512, normalize: str = "mean",
-                 batch_size: int = 8, max_tokens_per_batch: int | None = 16384, load_model: bool = True,
-                 tiny_dir: str | None = None):
+                 batch_size: int = 8, max_tokens_per_batch: int | None = 16384, packed: str | bool = "auto",
+                 load_model: bool = True, tiny_dir: str | None = None):
         if normalize not in NORMALIZE:
             raise ValueError(f"normalize={normalize!r}; valid: {', '.join(NORMALIZE)}")
+        packed = {True: "true", False: "false"}.get(packed, str(packed).lower())
+        if packed not in ("auto", "true", "false"):
+            raise ValueError(f"packed={packed!r}; valid: auto, true, false")
+        self.packed = packed
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if str(model_name_or_path) == TINY_RANDOM:
@@ -123,6 +132,18 @@ class LMScorer:
 
             if importlib.util.find_spec("accelerate") is None or importlib.util.find_spec("gguf") is None:
                 raise ModuleNotFoundError("loading a GGUF model needs `pip install accelerate gguf`")
+        if self.packed != "false":
+            from transformers import AutoConfig
+
+            from embedder.modeling import unpadded
+
+            config = AutoConfig.from_pretrained(self.model_name_or_path, **self._hub_kwargs(trust_remote_code))
+            if unpadded.supports_causal(config) and device_map is None:
+                attn_implementation = unpadded.register()  # padded calls still run transformers' SDPA
+            elif self.packed == "true":
+                raise ValueError(f"packed=true: {self.model_name_or_path} ({config.model_type}) cannot run packed "
+                                 f"(supported: {', '.join(unpadded.SUPPORTED_CAUSAL_MODEL_TYPES)} without sliding "
+                                 f"windows, on one device); set packed=auto or false")
         t0 = time.perf_counter()
         try:
             model = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, attn_implementation=attn_implementation,
@@ -148,6 +169,25 @@ class LMScorer:
         self.device = next(model.parameters()).device
         params = inspect.signature(model.forward).parameters
         self._keep_arg = "logits_to_keep" if "logits_to_keep" in params else None
+
+    def run_packed(self) -> bool:
+        """Whether batches run packed: the model was loaded with the packed attention and, on a GPU, a variable-length
+        kernel runs in its dtype (fp16/bf16); on CPU the exact per-sequence loop runs. Padded otherwise, said once."""
+        import torch
+
+        from embedder.modeling import unpadded
+
+        if self.model is None or self.packed == "false" or \
+                getattr(self.model.config, "_attn_implementation", None) != unpadded.ATTN_NAME:
+            return False
+        unpadded.register()  # a process that unpickled the model registers it anew
+        if self.packed == "true" or self.device.type == "cpu":
+            return True
+        if unpadded.kernel_available(self.device) and self.model.dtype in (torch.float16, torch.bfloat16):
+            return True
+        unpadded.say_once(f"lm-fallback:{self.device.type}:{self.model.dtype}", "LM scoring: no variable-length "
+                          "kernel for %s in %s; running padded SDPA", self.device, self.model.dtype)
+        return False
 
     @property
     def max_length(self) -> int | None:
@@ -245,20 +285,21 @@ class LMScorer:
         return ids, n
 
     # ------------------------------------------------------------------------------------------------ scoring
-    def batches(self, encoded: Sequence[Encoded]) -> list[list[int]]:
-        """Index batches, longest first, under `batch_size` sequences and `max_tokens_per_batch` padded tokens."""
+    def batches(self, encoded: Sequence[Encoded], packed: bool = False) -> list[list[int]]:
+        """Index batches, longest first, under `batch_size` sequences and `max_tokens_per_batch` tokens: padded tokens
+        (longest x count), or with `packed` the real tokens (the sum of lengths)."""
         order = sorted(range(len(encoded)), key=lambda i: (-len(encoded[i].input_ids), i))
         out: list[list[int]] = []
         cur: list[int] = []
-        width = 0
+        width = total = 0
         for i in order:
             n = len(encoded[i].input_ids)
-            if cur and (len(cur) >= self.batch_size or
-                        (self.max_tokens_per_batch and max(width, n) * (len(cur) + 1) > self.max_tokens_per_batch)):
+            cost = total + n if packed else max(width, n) * (len(cur) + 1)
+            if cur and (len(cur) >= self.batch_size or (self.max_tokens_per_batch and cost > self.max_tokens_per_batch)):
                 out.append(cur)
-                cur, width = [], 0
+                cur, width, total = [], 0, 0
             cur.append(i)
-            width = max(width, n)
+            width, total = max(width, n), total + n
         if cur:
             out.append(cur)
         return out
@@ -269,33 +310,70 @@ class LMScorer:
 
         if self.model is None:
             raise RuntimeError("this LMScorer was built with load_model=False")
+        packed = self.run_packed()
         scores = np.zeros(len(encoded), dtype=np.float64)
-        pad = self.pad_id
         with torch.inference_mode():
-            for batch in self.batches(encoded):
+            for batch in self.batches(encoded, packed=packed):
                 rows = [encoded[i] for i in batch]
-                lengths = [len(r.input_ids) for r in rows]
-                width = max(lengths)
-                ids = torch.full((len(rows), width), pad, dtype=torch.long)
-                mask = torch.zeros((len(rows), width), dtype=torch.long)
-                for r, row in enumerate(rows):
-                    ids[r, : lengths[r]] = torch.tensor(row.input_ids)
-                    mask[r, : lengths[r]] = 1
-                # logits needed from the position before each row's first answer token to the row's last-but-one
-                first = min(n - row.n_answer - 1 for n, row in zip(lengths, rows))
-                keep = width - first
-                kw = {self._keep_arg: keep} if self._keep_arg else {}
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                                    use_cache=False, **kw).logits
-                offset = width - logits.shape[1]  # position of logits[:, 0]
-                for r, row in enumerate(rows):
-                    n, k = lengths[r], row.n_answer
-                    lg = logits[r, n - k - 1 - offset: n - 1 - offset].float()
-                    target = ids[r, n - k: n].to(lg.device)
-                    lp = torch.log_softmax(lg, dim=-1).gather(-1, target[:, None]).squeeze(-1)
-                    total = float(lp.sum())
-                    scores[batch[r]] = total / k if self.normalize == "mean" else total
+                logp = self._answer_logp_packed(rows) if packed else self._answer_logp_padded(rows)  # (N,) summed
+                n_answer = np.array([r.n_answer for r in rows], dtype=np.float64)
+                scores[batch] = logp / n_answer if self.normalize == "mean" else logp
         return scores
+
+    def _sum_answer_logp(self, logits, targets, row_of_target, n_rows: int) -> np.ndarray:
+        """Per-row sums of log p(target). logits: (K, V) at the K positions that predict the K answer tokens;
+        targets, row_of_target: (K,) on the logits' device. One transfer for the batch."""
+        import torch
+
+        lp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None]).squeeze(-1)  # (K,)
+        sums = torch.zeros(n_rows, dtype=torch.float64, device=lp.device).index_add(0, row_of_target, lp.double())
+        return sums.detach().cpu().numpy()  # (N,)
+
+    def _answer_logp_packed(self, rows: list[Encoded]) -> np.ndarray:
+        """One (1, T) row of concatenated inputs, position ids restarting per input, causal attention within each."""
+        import torch
+
+        lengths = [len(r.input_ids) for r in rows]
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)  # (N,)
+        ids = torch.tensor([t for r in rows for t in r.input_ids], dtype=torch.long)  # (T,)
+        positions = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))  # (T,)
+        cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)  # (N+1,)
+        # the logits at position p predict token p+1: for each row, positions [end-k-1, end-1) predict its k answer tokens
+        keep = np.concatenate([np.arange(s + n - r.n_answer - 1, s + n - 1) for s, n, r in zip(starts, lengths, rows)])
+        row_of = np.repeat(np.arange(len(rows)), [r.n_answer for r in rows])  # (K,)
+        dev = self.device
+        keep_t = torch.from_numpy(keep).to(dev, non_blocking=True)
+        kw = {self._keep_arg: keep_t} if self._keep_arg else {}
+        logits = self.model(input_ids=ids[None].to(dev), position_ids=positions[None].to(dev), use_cache=False,
+                            cu_seqlens=cu.to(dev), max_seqlen=max(lengths), **kw).logits[0]  # (K, V) or (T, V)
+        if not self._keep_arg:
+            logits = logits[keep_t]
+        targets = ids.to(dev)[keep_t + 1]  # (K,)
+        return self._sum_answer_logp(logits, targets, torch.from_numpy(row_of).to(dev), len(rows))
+
+    def _answer_logp_padded(self, rows: list[Encoded]) -> np.ndarray:
+        """Right-padded (N, L) batch with an attention mask."""
+        import torch
+
+        lengths = [len(r.input_ids) for r in rows]
+        width = max(lengths)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for r, row in enumerate(rows):
+            ids[r, : lengths[r]] = torch.tensor(row.input_ids)
+            mask[r, : lengths[r]] = 1
+        # logits needed from the position before each row's first answer token to the row's last-but-one
+        first = min(n - row.n_answer - 1 for n, row in zip(lengths, rows))
+        keep = width - first
+        kw = {self._keep_arg: keep} if self._keep_arg else {}
+        dev = self.device
+        logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, **kw).logits
+        offset = width - logits.shape[1]  # position of logits[:, 0]
+        r_idx = np.repeat(np.arange(len(rows)), [r.n_answer for r in rows])  # (K,)
+        pos = np.concatenate([np.arange(n - r.n_answer - 1, n - 1) for n, r in zip(lengths, rows)])  # (K,)
+        r_t, pos_t = torch.from_numpy(r_idx).to(dev), torch.from_numpy(pos).to(dev)
+        targets = ids.to(dev)[r_t, pos_t + 1]  # (K,)
+        return self._sum_answer_logp(logits[r_t, pos_t - offset], targets, r_t, len(rows))
 
     def score(self, jobs: Sequence[Job]) -> np.ndarray:
         return self.score_encoded(self.encode(jobs))

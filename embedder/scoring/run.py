@@ -59,6 +59,7 @@ class ScoreSettings:
     max_records: int | None = None
     batch_size: int = 16
     max_tokens_per_batch: int | None = 16384
+    packed: str = "auto"
     part_size: int = 256
     num_shards: int = 1
     shard_id: int = 0
@@ -121,7 +122,7 @@ def settings_from_cfg(cfg: DictConfig) -> ScoreSettings:
         normalize=c.get("normalize", "mean"), answer_choice=c.get("answer_choice", "seeded"),
         key_max_length=c.get("key_max_length"), max_candidates=pick("max_candidates"), max_records=pick("max_records"),
         batch_size=int(c.get("batch_size", 16)), max_tokens_per_batch=c.get("max_tokens_per_batch"),
-        part_size=int(c.get("part_size", 256)), num_shards=int(c.get("num_shards", 1)),
+        packed=str(c.get("packed", "auto")).lower(), part_size=int(c.get("part_size", 256)), num_shards=int(c.get("num_shards", 1)),
         shard_id=int(c.get("shard_id", 0)), devices=int(c.get("devices", 1)), keep_parts=bool(c.get("keep_parts")),
         overwrite=bool(c.get("overwrite")), dry_run=bool(c.get("dry_run")))
     if s.part_size < 1:
@@ -304,7 +305,7 @@ def build_scorer(s: ScoreSettings, load_model: bool = True):
     from embedder.scoring.lm_scorer import LMScorer
 
     return LMScorer(**s.lm, key_max_length=s.key_max_length, normalize=s.normalize, batch_size=s.batch_size,
-                    max_tokens_per_batch=s.max_tokens_per_batch, load_model=load_model)
+                    max_tokens_per_batch=s.max_tokens_per_batch, packed=s.packed, load_model=load_model)
 
 
 def _score_parts(s: ScoreSettings, jobs: list[FileJob], tasks: list[PartTask]) -> None:
