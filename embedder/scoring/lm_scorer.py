@@ -385,4 +385,5 @@ class LMScorer:
                 "revision": self.revision, "commit_hash": getattr(cfg, "_commit_hash", None),
                 "dtype": str(getattr(self.model, "dtype", None)).replace("torch.", ""),
                 "architecture": type(self.model).__name__ if self.model is not None else None,
-                "max_length": self.max_length, "key_max_length": self.key_max_length, "normalize": self.normalize}
+                "max_length": self.max_length, "key_max_length": self.key_max_length, "normalize": self.normalize,
+                "packed": self.run_packed()}
