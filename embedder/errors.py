@@ -22,6 +22,15 @@ class DataError(ValueError):
         self.path, self.line, self.field, self.hint = path, line, field, hint
 
 
+def no_records_error(path: str, what: str = "records", detail: str = "") -> DataError:
+    """The error for a file that gave nothing to work on; says when the file is simply empty."""
+    import os
+
+    empty = os.path.isfile(path) and os.path.getsize(path) == 0
+    return DataError(f"no {what}" + (" (the file is empty)" if empty else "") + (f" ({detail})" if detail else ""),
+                     path=path, hint="check that the file is non-empty JSON-lines, one object per line")
+
+
 class reported_input_errors:
     """Entry points: show bad-input errors (DataError, a missing file) as one clean message and exit 1, instead of
     a traceback through Hydra and Lightning. Programming errors keep their traceback."""

@@ -200,7 +200,10 @@ def metrics_table(results: dict[str, dict[str, float]]) -> str:
 
 @hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
 def main(cfg: DictConfig) -> float | None:
-    metrics = run_evaluate(cfg)
+    from embedder.errors import reported_input_errors
+
+    with reported_input_errors():
+        metrics = run_evaluate(cfg)
     key = cfg.get("optimized_metric")  # a task's `val/<set>/<metric>` (what train.py logs) or `<set>/<metric>`
     if not key:
         return None

@@ -12,10 +12,15 @@ import torch
 from lightning import LightningModule
 
 from embedder.data.tasks import TaskSettings
+from embedder.errors import DataError
 from embedder.losses import InfoNCELoss, KLDistillLoss, StableDistillLoss, active_losses, combine_losses
 from embedder.modeling.encoder import DualEncoder
 
 log = logging.getLogger(__name__)
+
+
+class NonFiniteLossError(DataError):
+    """The training loss became NaN or infinite."""
 
 
 class RetrieverModule(LightningModule):
@@ -32,12 +37,14 @@ class RetrieverModule(LightningModule):
         warmup_ratio: linear warmup share of the total steps, then linear decay to 0 (HF Trainer's default).
         weight_decay: applied to all weights except biases and LayerNorm, like HF Trainer.
         eval_sets: evaluation sets run by `validation_step` (see `embedder.evaluation.eval_set`).
+        stop_on_nonfinite_loss: a NaN/Inf loss stops the run with `NonFiniteLossError` (step, task, file), so a
+            poisoned model is never exported; False lets Lightning go on.
     """
 
     def __init__(self, encoder: DualEncoder, tasks: dict[str, TaskSettings], temperature: float = 0.01,
                  cross_device: bool = True, in_batch_negatives: bool = True, combine_rule: str = "reference",
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None, warmup_ratio: float = 0.1,
-                 weight_decay: float = 0.01, eval_sets: list[Any] | None = None):
+                 weight_decay: float = 0.01, eval_sets: list[Any] | None = None, stop_on_nonfinite_loss: bool = True):
         super().__init__()
         if combine_rule not in ("reference", "weighted"):
             raise ValueError(f"loss.combine_rule={combine_rule!r}; valid: reference, weighted")
@@ -49,6 +56,7 @@ class RetrieverModule(LightningModule):
         self.optimizer_factory = optimizer
         self.warmup_ratio, self.weight_decay = float(warmup_ratio), float(weight_decay)
         self.eval_sets = list(eval_sets or [])
+        self.stop_on_nonfinite_loss = bool(stop_on_nonfinite_loss)
         self._negatives_logged = False
 
     # ------------------------------------------------------------------------------------------ training
@@ -78,6 +86,12 @@ class RetrieverModule(LightningModule):
         if not self._negatives_logged:
             self._log_negatives(q.shape[0], k.shape[0] // q.shape[0])
         out = self.compute_loss(q, k, batch["teacher_scores"], batch["task"])
+        if self.stop_on_nonfinite_loss and not torch.isfinite(out["loss"]):  # one host sync per step
+            raise NonFiniteLossError(
+                f"the training loss is {float(out['loss'].detach())} at step {self.global_step} (task {batch['task']!r}, "
+                f"batch {batch_idx} of this epoch); the run stops here and nothing is exported",
+                path=batch.get("path"), hint="check the file's teacher_scores and texts, lower optimizer.lr, or "
+                "use trainer.precision=bf16-mixed instead of 16-mixed; stop_on_nonfinite_loss=false lets it go on")
         bs = q.shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         for name in ("loss_contrastive", "loss_distill"):

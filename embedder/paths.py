@@ -10,6 +10,8 @@ import glob
 import os
 from collections.abc import Iterable
 
+from embedder.errors import DataError
+
 PREFIX = "llm-embedder:"
 
 
@@ -46,6 +48,9 @@ def resolve_files(paths: str | Iterable[str] | None, data_root: str | None, what
             out.extend(matches)
         elif os.path.isfile(resolved) or (allow_dirs and os.path.isdir(resolved)):
             out.append(resolved)
+        elif os.path.isdir(resolved):
+            raise DataError(f"{what} '{raw}' is a directory, not a file", path=resolved,
+                            hint=f"point {what} at a JSON-lines file inside it, or at a glob such as {resolved}/*.json")
         else:
             raise FileNotFoundError(_missing_message(raw, resolved, data_root, what))
     return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import logging
 import os
@@ -12,7 +13,10 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
+from embedder.atomic import publish_folder, staging_folder
 from embedder.data.datamodule import RetrievalDataModule
+from embedder.data.jsonl import atomic_open
+from embedder.errors import DataError
 from embedder.data.tasks import build_task_settings, export_prompts
 from embedder.retrieval.encode.predict import encoder_identity
 from embedder.evaluation.eval_set import build_eval_sets
@@ -28,6 +32,7 @@ def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
 def run_train(cfg: DictConfig) -> dict[str, float]:
     """Train (and evaluate before/after), export the encoder, return the final metrics."""
     L.seed_everything(cfg.seed, workers=True)
+    ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.output_dir)
     tasks = build_task_settings(OmegaConf.to_container(cfg.tasks, resolve=True), cfg.data.group_size,
                                 OmegaConf.to_container(cfg.version.table, resolve=True), cfg.version.add_instruction)
     # Data first: bad records fail here, before any model is loaded.
@@ -45,7 +50,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     encoder = hydra.utils.instantiate(cfg.model)
     # The untrained weights' eval embeddings are cached across runs (evaluate_before: one encode per model); a
     # resumed run starts from trained weights, which are never cached.
-    identity = encoder_identity(encoder) if cfg.ckpt_path is None and eval_sets else None
+    identity = encoder_identity(encoder) if ckpt_path is None and eval_sets else None
     for es in eval_sets:
         es.training_run, es.initial_identity = True, identity
     datamodule.collator.tokenizer = encoder.tokenizer
@@ -53,7 +58,8 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         encoder, tasks, temperature=cfg.loss.temperature, cross_device=cfg.loss.cross_device,
         in_batch_negatives=cfg.loss.in_batch_negatives, combine_rule=cfg.loss.combine_rule,
         optimizer=hydra.utils.instantiate(cfg.optimizer), warmup_ratio=cfg.warmup_ratio,
-        weight_decay=cfg.weight_decay, eval_sets=eval_sets)
+        weight_decay=cfg.weight_decay, eval_sets=eval_sets,
+        stop_on_nonfinite_loss=cfg.get("stop_on_nonfinite_loss", True))
     callbacks = _instantiate_dict(cfg.get("callbacks"))
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer_kwargs = {}
@@ -63,11 +69,16 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
                                                  **trainer_kwargs)
 
     before: dict[str, float] = {}
-    if eval_sets and cfg.evaluate_before and cfg.ckpt_path is None:
+    before_path = os.path.join(cfg.output_dir, "checkpoints", "metrics_before.json")
+    if eval_sets and cfg.evaluate_before and ckpt_path is None:
         before = _validate(trainer, module, datamodule)
         _drop_zero3_hooks(trainer)
+        if trainer.is_global_zero:  # kept beside the checkpoints, so a resumed run still reports before -> after
+            _write_json(before_path, before)
+    elif ckpt_path is not None and os.path.isfile(before_path):
+        before = _read_json(before_path)
     if cfg.train_data:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         _drop_zero3_hooks(trainer)
     after: dict[str, float] = {}
     if eval_sets:
@@ -77,17 +88,92 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         # Under ZeRO-3 every rank holds a shard: gather the full weights on all ranks, write from rank 0.
         with _gathered_parameters(trainer, module):
             if trainer.is_global_zero:
-                module.encoder.save(cfg.output_dir, prompts=export_prompts(tasks),
-                                    max_seq_length=cfg.key_max_length)
-                log.info("exported the encoder (Hugging Face + sentence-transformers) to %s", cfg.output_dir)
+                _export(module, cfg.output_dir, export_prompts(tasks), cfg.key_max_length)
     if trainer.is_global_zero:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        with open(os.path.join(cfg.output_dir, "metrics.json"), "w") as f:
-            json.dump({"before": before, "after": after}, f, indent=2)
-        OmegaConf.save(cfg, os.path.join(cfg.output_dir, "config.yaml"), resolve=False)
+        _write_json(os.path.join(cfg.output_dir, "metrics.json"), {"before": before, "after": after})
+        with atomic_open(os.path.join(cfg.output_dir, "config.yaml"), suffix=".yaml") as f:
+            f.write(OmegaConf.to_yaml(cfg, resolve=False))
         if after:
             print(metrics_table(before, after))
     return after
+
+
+def _export(module: RetrieverModule, out_dir: str, prompts: dict[str, str], max_seq_length: int) -> None:
+    """Write the encoder into a temp folder, check it, then swap it into `out_dir` (embedder.atomic): a failed or
+    degenerate run never replaces, or mixes into, an earlier export."""
+    import shutil
+
+    import torch
+
+    bad = [n for n, p in module.encoder.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise DataError(f"the trained weights hold NaN/Inf ({len(bad)} tensors, e.g. {bad[0]}); nothing was exported "
+                        f"and the earlier export in {out_dir} is kept", hint="lower optimizer.lr, check the "
+                        "training data, or resume from an earlier checkpoint")
+    tmp = staging_folder(out_dir)
+    try:
+        module.encoder.save(tmp, prompts=prompts, max_seq_length=max_seq_length)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_folder(tmp, out_dir)
+    log.info("exported the encoder (Hugging Face + sentence-transformers) to %s", out_dir)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    with atomic_open(path, suffix=".json") as f:
+        json.dump(obj, f, indent=2)
+
+
+def _read_json(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise DataError(f"corrupt JSON ({e})", path=path, hint="delete the file; it is rebuilt") from None
+
+
+def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:
+    """`last`: the newest `last*.ckpt` in output_dir/checkpoints, and an error when there is none; `last_or_none`:
+    the same, or a fresh start; a path: it must exist and be a readable checkpoint. Lightning itself would start from
+    scratch with only a warning when `last` finds nothing."""
+    if ckpt_path in (None, "null", ""):
+        return None
+    if ckpt_path in ("best", "hpc", "registry"):  # Lightning's own keywords
+        return ckpt_path
+    folder = os.path.join(output_dir, "checkpoints")
+    if ckpt_path in ("last", "last_or_none"):
+        found = sorted(glob.glob(os.path.join(folder, "last*.ckpt")), key=os.path.getmtime)
+        if found:
+            return _check_checkpoint(found[-1])
+        if ckpt_path == "last_or_none":
+            log.info("ckpt_path=last_or_none: no checkpoint in %s; starting fresh", folder)
+            return None
+        raise DataError("ckpt_path=last: no last*.ckpt in this folder", path=folder,
+                        hint="check output_dir (the run being resumed wrote its checkpoints there), or use "
+                        "ckpt_path=last_or_none where starting fresh is fine (e.g. a requeued SLURM job)")
+    if not os.path.exists(ckpt_path):
+        raise DataError("checkpoint not found", path=ckpt_path, field="ckpt_path",
+                        hint="give a .ckpt file, ckpt_path=last, or ckpt_path=null to start fresh")
+    return _check_checkpoint(ckpt_path)
+
+
+def _check_checkpoint(path: str) -> str:
+    """A torch.save checkpoint is a zip archive: check its structure and CRCs (reading it once, no unpickling), so
+    a truncated or corrupt file fails here with its name, not deep inside torch.load. DeepSpeed folders pass."""
+    import zipfile
+
+    if os.path.isdir(path):
+        return path
+    try:
+        with zipfile.ZipFile(path) as z:
+            broken = z.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        broken = str(e) or type(e).__name__
+    if broken:
+        raise DataError(f"the checkpoint is corrupt or truncated ({broken})", path=path, field="ckpt_path",
+                        hint="resume from an earlier checkpoint (ckpt_path=<file>), or ckpt_path=null to start fresh")
+    return path
 
 
 def _validate(trainer: L.Trainer, module: RetrieverModule, datamodule: RetrievalDataModule) -> dict[str, float]:

@@ -249,3 +249,64 @@ def test_ddp_metrics_after_training_equal_standalone_evaluation_of_the_export(tm
     assert {f"val/{k}" for k in standalone} == set(after)
     for k, v in standalone.items():
         assert after[f"val/{k}"] == pytest.approx(v, abs=1e-6), k
+
+
+def test_nonfinite_loss_stops_the_run_and_keeps_the_earlier_export(tmp_path, tiny_bert):
+    """A good export exists; a run whose loss blows up (lr 1e30) stops with step, task and file, exports nothing,
+    and leaves every file of the earlier export as it was."""
+    from embedder.lit_module import NonFiniteLossError
+
+    tool = toy_path("tool")
+    good = ["task=tool", f"train_data=[{tool}]", "eval=null", "trainer.max_steps=1"]
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, good)))
+    out = tmp_path / "out"
+    snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts
+                and p.name not in ("metrics.json", "config.yaml") and "csv" not in p.parts}
+    assert (out / "model.safetensors").exists() and (out / ".export-manifest.json").exists()
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf).* at step \d+ \(task 'tool'") as e:
+        run_train(compose(quick_overrides(tmp_path, tiny_bert, good + ["optimizer.lr=1e30", "trainer.max_steps=6",
+                                                                       "ckpt_path=null"])))
+    assert tool in str(e.value)
+    assert {p: p.read_bytes() for p in snapshot} == snapshot
+    assert not list(out.glob(".export-tmp-*"))
+
+
+def test_export_swaps_in_whole_and_drops_what_the_new_export_lacks(tmp_path):
+    from embedder.atomic import publish_folder, staging_folder
+
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "last.ckpt").write_text("ckpt")
+    tmp = staging_folder(str(out))
+    os.makedirs(os.path.join(tmp, "query_encoder"))
+    open(os.path.join(tmp, "query_encoder", "w.bin"), "w").write("old")
+    open(os.path.join(tmp, "config.json"), "w").write("old")
+    publish_folder(tmp, str(out))
+    tmp = staging_folder(str(out))
+    open(os.path.join(tmp, "config.json"), "w").write("new")
+    open(os.path.join(tmp, "model.safetensors"), "w").write("new")
+    publish_folder(tmp, str(out))
+    assert sorted(p.name for p in out.iterdir()) == [".export-manifest.json", "checkpoints", "config.json",
+                                                      "model.safetensors"]
+    assert (out / "config.json").read_text() == "new" and (out / "checkpoints" / "last.ckpt").read_text() == "ckpt"
+    (out / ".export-tmp-99999").mkdir()  # a killed run's temp folder is removed by the next export
+    staging_folder(str(out))
+    assert not (out / ".export-tmp-99999").exists()
+
+
+def test_ckpt_path_last_needs_a_checkpoint_and_corrupt_ones_are_named(tmp_path, tiny_bert):
+    from embedder.errors import DataError
+    from embedder.training import resolve_ckpt_path
+
+    base = ["task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "export=false"]
+    with pytest.raises(DataError, match=r"(?s)checkpoints: ckpt_path=last: no last\*\.ckpt in this folder.*last_or_none"):
+        run_train(compose(quick_overrides(tmp_path, tiny_bert, base + ["ckpt_path=last"])))
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, base + ["ckpt_path=last_or_none"])))  # starts fresh
+    last = tmp_path / "out" / "checkpoints" / "last.ckpt"
+    assert resolve_ckpt_path("last", str(tmp_path / "out")) == str(last)
+    data = last.read_bytes()
+    last.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"last\.ckpt, field 'ckpt_path': the checkpoint is corrupt or truncated"):
+        resolve_ckpt_path("last", str(tmp_path / "out"))
+    with pytest.raises(DataError, match="checkpoint not found"):
+        resolve_ckpt_path(str(tmp_path / "nope.ckpt"), str(tmp_path / "out"))

@@ -39,4 +39,5 @@ class RetrievalCollator:
             "teacher_scores": scores,  # (B, G) or None
             "task": items[0]["task"],
             "dataset": items[0]["dataset"],
+            "path": items[0].get("path"),  # the batch's training file, named when its loss is not finite
         }

@@ -54,4 +54,5 @@ class MultiTaskTrainDataset(Dataset):
             "teacher_scores": group["teacher_scores"],
             "task": file.task,
             "dataset": f,
+            "path": file.path,
         }

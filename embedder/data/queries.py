@@ -17,7 +17,7 @@ import numpy as np
 
 from embedder.data.jsonl import JsonlRecords, LazyView, iter_jsonl_offsets
 from embedder.data.records import QueryRecord, SkipCounter, check_query_record
-from embedder.errors import DataError
+from embedder.errors import DataError, no_records_error
 
 log = logging.getLogger("embedder.data")
 
@@ -86,5 +86,5 @@ def load_queries(path: str, corpus_size: int | None = None, skip_bad: bool = Fal
     if skips.total:
         log.warning("%s", result.report())
     if not len(result):
-        raise DataError("no usable records" + (f" ({result.report()})" if skips.total else ""), path=path)
+        raise no_records_error(path, "usable records", result.report() if skips.total else "")
     return result

@@ -21,7 +21,7 @@ from embedder.data.jsonl import JsonlRecords, iter_jsonl_offsets
 from embedder.data.records import check_train_record, record_task
 from embedder.data.sampling import keep_record
 from embedder.data.tasks import TaskSettings
-from embedder.errors import DataError
+from embedder.errors import DataError, no_records_error
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ def _scan(path: str, tasks: dict[str, TaskSettings], default_task: str | None,
             continue
         kept.append(offset)
     if task_name is None:
-        raise DataError("file has no records", path=path, hint="check that the file is non-empty JSON-lines")
+        raise no_records_error(path)
     offsets = np.frombuffer(kept, dtype=np.int64) if len(kept) else np.zeros(0, np.int64)
     cap = tasks[task_name].sampling.max_sample_num
     if cap is not None and len(offsets) > cap:

@@ -27,7 +27,7 @@ import numpy as np
 
 from embedder.data.corpus import Corpus
 from embedder.data.records import check_query_record, format_key
-from embedder.errors import DataError
+from embedder.errors import DataError, no_records_error
 from embedder.evaluation.metrics import METRICS as RANKING_METRICS
 from embedder.evaluation.metrics import compute_metrics
 from embedder.retrieval.nq_answer import answer_recall
@@ -260,7 +260,7 @@ class RetrievalEvaluator:
             out.append(_Query(qid, line, q.query, q.pos_index if q.has_labels else None,
                               q.answers if q.has_answers else None, q.keys, q.key_index))
         if not out:
-            raise DataError("no eval records", path=path)
+            raise no_records_error(path, "eval records")
         return out
 
     def _check_required_fields(self) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from embedder.data.jsonl import iter_jsonl
 from embedder.data.records import candidate_list
 from embedder.data.records import check_scoring_record
-from embedder.errors import DataError
+from embedder.errors import DataError, no_records_error
 from embedder.scoring.templates import Template
 
 ANSWER_CHOICES = ("seeded", "first", "mean")
@@ -112,6 +112,6 @@ def plan_file(path: str, templates: dict[str, Template], default_task: str | Non
         plan.replaced_scores += "teacher_scores" in record
         plan.trimmed += cut
     if plan.total_records == 0:
-        raise DataError("file has no records", path=path, hint="check that the file is non-empty JSON-lines")
+        raise no_records_error(path)
     plan.sha256 = file_sha256(path)
     return plan

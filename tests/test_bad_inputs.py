@@ -1,0 +1,153 @@
+"""Bad inputs, tried as a user would: every entry point run as a subprocess on each poisoned input.
+
+Each case asserts: a non-zero exit; no traceback on stderr; the offending file (and line, where there is one) named;
+and nothing created or changed under the run's output folder. The inputs are the sample data with one thing broken.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+
+from tests.conftest import ROOT
+
+SAMPLE = os.path.join(ROOT, "embedder", "sample_data")
+QA_TRAIN = os.path.join(SAMPLE, "qa", "train.json")
+QA_TEST = os.path.join(SAMPLE, "qa", "test.json")
+QA_CORPUS = os.path.join(SAMPLE, "qa", "corpus.json")
+ENTRY_POINTS = ("train", "mine", "score", "evaluate")
+
+
+def _lines(path: str, n: int = 3) -> list[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line for line in f if line.strip()][:n]
+
+
+def _base(entry: str) -> list[str]:
+    """Good JSON lines of the file each entry point reads (training records, or eval records)."""
+    return _lines(QA_TEST if entry == "evaluate" else QA_TRAIN)
+
+
+def _with(entry: str, line: int, **fields) -> bytes:
+    """The base file with `fields` replaced in record `line` (1-based)."""
+    lines = _base(entry)
+    rec = json.loads(lines[line - 1])
+    rec.update(fields)
+    lines[line - 1] = json.dumps(rec, allow_nan=True) + "\n"
+    return "".join(lines).encode()
+
+
+def _keys(entry: str, line: int) -> int:
+    rec = json.loads(_base(entry)[line - 1])
+    return len(rec["pos"]) + len(rec["neg"])
+
+
+@dataclass
+class Case:
+    name: str
+    content: object  # bytes, a callable(entry) -> bytes, "dir" (a folder), or None (the file is missing)
+    line: int | None  # the line the message must name; None: no line
+    entries: tuple[str, ...] = ENTRY_POINTS
+    args: tuple[str, ...] = ()  # extra overrides
+    needs: str | None = None  # a phrase the message must contain (lower case)
+
+
+def _truncated(entry: str) -> bytes:
+    lines = _base(entry)
+    return ("".join(lines[:2]) + lines[2][: len(lines[2]) // 2]).encode()
+
+
+def _bad_utf8(entry: str) -> bytes:
+    lines = _base(entry)
+    return (lines[0] + lines[1]).encode() + lines[2].encode().replace(b'"query": "', b'"query": "\xff\xfe', 1)
+
+
+def _array(entry: str) -> bytes:
+    return json.dumps([json.loads(x) for x in _base(entry)]).encode()
+
+
+def _huge(entry: str) -> bytes:
+    return _with(entry, 2, query="word " * 1_000_000)  # a 5 MB query
+
+
+CASES = [
+    Case("truncated-line", _truncated, 3),
+    Case("invalid-utf8", _bad_utf8, 3, needs="utf-8"),
+    Case("empty-file", b"", None, needs="empty"),
+    Case("empty-array", b"[]\n", 1),
+    Case("json-array", _array, 1),
+    Case("query-not-text", lambda e: _with(e, 2, query=5), 2, needs="query"),
+    Case("teacher-nan", lambda e: _with(e, 2, teacher_scores=[float("nan")] * _keys(e, 2)), 2,
+         entries=("train",), needs="teacher_scores"),
+    Case("teacher-infinity", lambda e: _with(e, 1, teacher_scores=[float("inf")] * _keys(e, 1)), 1,
+         entries=("train",), needs="teacher_scores"),
+    Case("pos-index-out-of-range", lambda e: _with(e, 2, pos_index=[10 ** 6]), 2, entries=("evaluate",),
+         needs="pos_index"),
+    Case("pos-index-negative", lambda e: _with(e, 2, pos_index=[-3]), 2, entries=("evaluate",), needs="pos_index"),
+    Case("missing-file", None, None, needs="not found"),
+    Case("directory", "dir", None, needs="directory"),
+    Case("unknown-key", lambda e: "".join(_base(e)).encode(), None, args=("batch_sise=3",), needs="unknown config key"),
+]
+
+
+def _command(entry: str, data: str, out: str) -> list[str]:
+    common = [f"hydra.run.dir={out}/hydra", "hydra.output_subdir=null"]
+    if entry == "train":
+        return [sys.executable, "train.py", "task=qa", f"train_data=[{data}]", "eval={}", "model=tiny_bert",
+                "trainer=cpu", "trainer.max_steps=1", "evaluate_before=false", f"output_dir={out}/run",
+                "logger=csv", *common]
+    if entry == "mine":
+        return [sys.executable, "mine.py", f"eval_data={data}", f"corpus={QA_CORPUS}", "model=tiny_bert",
+                f"output_dir={out}/run", "save_to_output=true", *common]
+    if entry == "score":
+        return [sys.executable, "score.py", f"eval_data={data}", "lm=tiny", f"output_dir={out}/run", *common]
+    return [sys.executable, "-m", "embedder.evaluate", f"eval_data={data}", f"corpus={QA_CORPUS}", "model=tiny_bert",
+            "eval_task=qa", f"output_dir={out}/run", *common]
+
+
+def _snapshot(folder: str) -> dict[str, float]:
+    out = {}
+    for dirpath, _, files in os.walk(folder):
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[p] = os.path.getmtime(p)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ENTRY_POINTS)
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+def test_bad_input_gives_one_clear_message(tmp_path, entry, case):
+    if entry not in case.entries:
+        pytest.skip(f"{case.name} does not apply to {entry}")
+    data = str(tmp_path / "data" / "input.json")
+    os.makedirs(os.path.dirname(data))
+    if case.content == "dir":
+        os.makedirs(data)
+    elif case.content is not None:
+        content = case.content(entry) if callable(case.content) else case.content
+        with open(data, "wb") as f:
+            f.write(content)
+    out = str(tmp_path / "out")
+    os.makedirs(os.path.join(out, "run"))
+    with open(os.path.join(out, "run", "earlier-good-output.txt"), "w") as f:
+        f.write("keep me\n")
+    before = _snapshot(os.path.join(out, "run"))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
+    cmd = _command(entry, data, out) + list(case.args)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    err = proc.stderr
+    assert proc.returncode != 0, f"{entry} exited 0 on {case.name}:\n{err[-3000:]}"
+    assert "Traceback" not in err, f"{entry} printed a traceback on {case.name}:\n{err[-3000:]}"
+    if case.needs != "unknown config key":
+        assert data in err, f"{entry} did not name the file on {case.name}:\n{err[-3000:]}"
+    if case.line is not None:
+        assert f"line {case.line}" in err, f"{entry} did not name line {case.line} on {case.name}:\n{err[-3000:]}"
+    if case.needs:
+        assert case.needs in err.lower(), f"{entry}: no '{case.needs}' in the message on {case.name}:\n{err[-3000:]}"
+    assert _snapshot(os.path.join(out, "run")) == before, f"{entry} changed its output folder on {case.name}"
