@@ -31,17 +31,106 @@ def no_records_error(path: str, what: str = "records", detail: str = "") -> Data
                      path=path, hint="check that the file is non-empty JSON-lines, one object per line")
 
 
+_HUB_ID = r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$"  # huggingface_hub's repo id shape: name or namespace/name
+
+
+class model_load_errors:
+    """Around `from_pretrained`: a model that cannot be found or fetched becomes one DataError that names it and the
+    likely cause (a missing local path, offline and not cached, gated, or a wrong name), not a Hub traceback."""
+
+    def __init__(self, name: str, setting: str = "model_name_or_path"):
+        self.name, self.setting = str(name), setting
+
+    def __enter__(self):
+        import os
+        import re
+
+        name = self.name
+        if not os.path.exists(name) and (name.startswith((".", "/", "~")) or not re.match(_HUB_ID, name)):
+            raise DataError("this local path does not exist, and it is not a valid Hub id (namespace/name)",
+                            path=name, field=self.setting,
+                            hint="fix the path, or give a Hub id such as BAAI/bge-base-en")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or isinstance(exc, DataError) or not isinstance(exc, (OSError, ValueError)):
+            return False
+        try:
+            from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                                RepositoryNotFoundError)
+        except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
+            return False
+        chain, e = [], exc
+        while e is not None and len(chain) < 8:
+            chain.append(e)
+            e = e.__cause__ or e.__context__
+        text = " ".join(str(x) for x in chain).lower()
+        kinds = tuple(type(x) for x in chain)
+        name, field = self.name, self.setting
+        if any(issubclass(k, GatedRepoError) for k in kinds) or "gated" in text:
+            msg, hint = "the model is gated on the Hugging Face Hub", (
+                "accept its license on its Hub page, then `hf auth login` or set HF_TOKEN")
+        elif any(issubclass(k, HFValidationError) for k in kinds):
+            msg, hint = "not a local folder and not a valid Hub id", "fix the path or the Hub id"
+        elif any(issubclass(k, LocalEntryNotFoundError) for k in kinds) or "offline" in text or \
+                "couldn't connect" in text or "cannot find the requested files in the" in text:
+            msg, hint = "the model is not in the local cache and the Hub cannot be reached", (
+                "download it where there is a network (`hf download " + name + "`) and point "
+                + field + " at the folder, or check HF_HUB_OFFLINE / HF_HOME")
+        elif any(issubclass(k, RepositoryNotFoundError) for k in kinds) or "is not a local folder" in text or \
+                "not a valid model identifier" in text:
+            msg, hint = "no such model: not a local folder, and not found on the Hub", (
+                "check the spelling; for a private model, log in (`hf auth login`) or set HF_TOKEN")
+        else:
+            return False
+        raise DataError(f"cannot load the model ({msg})", path=name, field=field, hint=hint) from None
+
+
+def _reportable(exc: BaseException | None) -> BaseException | None:
+    """The user-facing error in `exc` or its causes (Hydra's instantiate wraps what a constructor raised)."""
+    import errno
+
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, (DataError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)):
+            return exc
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            return exc
+        exc, seen = exc.__cause__, seen + 1
+    return None
+
+
+def _message(exc: BaseException) -> str:
+    import errno
+
+    if isinstance(exc, DataError) or not isinstance(exc, OSError):
+        return str(exc)
+    where = exc.filename or "?"
+    if isinstance(exc, PermissionError):
+        return f"{where}: permission denied\n  -> make the folder writable, or point output_dir somewhere you can write"
+    if isinstance(exc, IsADirectoryError):
+        return f"{where}: is a directory, not a file\n  -> give the path of a file inside it"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return (f"{where}: no space left on the device while writing it\n  -> free space or point output_dir at a "
+                f"larger disk, then run again: finished work is reused and earlier outputs were not replaced")
+    if exc.errno == errno.EROFS:
+        return f"{where}: the filesystem is read-only\n  -> point output_dir at a writable folder"
+    return str(exc)
+
+
 class reported_input_errors:
-    """Entry points: show bad-input errors (DataError, a missing file) as one clean message and exit 1, instead of
-    a traceback through Hydra and Lightning. Programming errors keep their traceback."""
+    """Entry points: show bad-input errors (DataError, a missing file or directory, a permission or disk-full error)
+    as one clean message and exit 1, instead of a traceback through Hydra and Lightning. Programming errors keep
+    their traceback."""
 
     def __enter__(self):
         return self
 
     def __exit__(self, exc_type, exc, tb):
-        if exc_type is not None and issubclass(exc_type, (DataError, FileNotFoundError)):
+        found = _reportable(exc)
+        if found is not None:
             import sys
 
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"error: {_message(found)}", file=sys.stderr)
             raise SystemExit(1) from None
         return False

@@ -540,3 +540,54 @@ def test_tiny_random_builds_once_into_its_cache(tmp_path):
     b = LMScorer("tiny-random", tiny_dir=str(tmp_path / "c"), load_model=False)
     assert a.model_name_or_path == b.model_name_or_path == str(tmp_path / "c")
     assert os.path.isfile(tmp_path / "c" / "config.json") and a.tokenizer.bos_token == "<s>"
+
+
+def test_a_huge_query_is_cut_by_characters_before_tokenising(tiny_scorer, monkeypatch):
+    """A 5 MB query: no text longer than max_length x CHARS_PER_TOKEN characters reaches the tokenizer, so memory
+    follows the context, not the record; the prompt still ends in the whole answer and fits the context."""
+    from embedder.scoring.lm_scorer import CHARS_PER_TOKEN, Job
+    from embedder.scoring.templates import Template
+
+    s = tiny_scorer
+    limit = s.max_length
+    seen = []
+    real = type(s.tokenizer).__call__
+
+    def spy(self, text, *a, **k):
+        seen.extend(len(t) for t in ([text] if isinstance(text, str) else text))
+        return real(self, text, *a, **k)
+
+    monkeypatch.setattr(type(s.tokenizer), "__call__", spy)
+    t = Template("qa", QA, strip=True)
+    rec = {"query": "what is it " * 500_000, "answers": ["the lazy dog"], "pos": ["The fox jumps."], "neg": []}
+    (enc,) = s.encode([Job(t, rec, "The fox jumps.", "the lazy dog")])
+    assert max(seen) <= limit * CHARS_PER_TOKEN
+    assert len(enc.input_ids) <= limit and enc.n_answer >= 3
+    assert s.tokenizer.decode(enc.input_ids[-enc.n_answer:]).strip() == "the lazy dog"
+    assert np.isfinite(s.score_encoded([enc])).all()
+
+
+def test_skip_bad_records_leaves_them_out_counts_them_and_resumes(tmp_path, tiny_lm):
+    """skip_bad_records=true: a malformed line, a non-UTF-8 line and a record without answers are left out of the
+    output and counted in the summary and the sidecar; the good records are scored as without them."""
+    from embedder.scoring.run import run_score
+
+    recs = qa_records(4)
+    lines = [json.dumps(r) for r in recs]
+    raw = "\n".join([lines[0], '{"query": "cut', lines[1], json.dumps({"query": "no answers", "pos": ["x"]}),
+                     lines[2], lines[3]]).encode() + b"\n" + b'{"query": "\xff\xfe"}\n'
+    bad = tmp_path / "bad" / "qa.json"
+    bad.parent.mkdir()
+    bad.write_bytes(raw)
+    with pytest.raises(DataError, match="line 2"):
+        run_score(score_cfg(tiny_lm, str(bad)))
+    (res,) = run_score(score_cfg(tiny_lm, str(bad), ["skip_bad_records=true", "part_size=2",
+                                                     "answer_choice=first"]))["files"]
+    assert res["status"] == "scored" and res["skipped"] == 3 and res["records"] == 4
+    got = read_jsonl(res["output"])
+    assert [r["query"] for r in got] == [r["query"] for r in recs]
+    meta = json.load(open(res["meta"]))
+    assert meta["skipped_bad_records"] == 3 and set(meta["skipped_examples"]) == {"2", "4", "7"}
+    clean = write_jsonl(tmp_path / "clean" / "qa.json", recs)
+    (ref,) = run_score(score_cfg(tiny_lm, clean, ["answer_choice=first"]))["files"]
+    assert [r["teacher_scores"] for r in read_jsonl(ref["output"])] == [r["teacher_scores"] for r in got]

@@ -18,7 +18,7 @@ from embedder.progress import Progress
 log = logging.getLogger("embedder.data")
 
 
-def _parse(raw: bytes, path: str, lineno: int | None) -> dict[str, Any]:
+def parse_line(raw: bytes, path: str, lineno: int | None) -> dict[str, Any]:
     try:
         record = json.loads(raw)
     except UnicodeDecodeError as e:
@@ -51,7 +51,7 @@ def iter_jsonl_offsets(path: str, progress: str | None = None,
                 bar.update(len(raw))
             if not raw.strip():
                 continue
-            yield lineno, start, _parse(raw, path, lineno)
+            yield lineno, start, parse_line(raw, path, lineno)
     if bar is not None:
         bar.finish()
 
@@ -95,7 +95,7 @@ class JsonlRecords(Sequence):
             return [self[j] for j in range(*i.indices(len(self)))]
         f = self._file()
         f.seek(int(self.offsets[i]))
-        return _parse(f.readline(), self.path, None if self.lines is None else int(self.lines[i]))
+        return parse_line(f.readline(), self.path, None if self.lines is None else int(self.lines[i]))
 
     def __getstate__(self) -> dict[str, Any]:
         return {"path": self.path, "offsets": self.offsets, "lines": self.lines}

@@ -33,11 +33,16 @@ from typing import Any
 
 import numpy as np
 
+from embedder.errors import model_load_errors
 from embedder.scoring.templates import Template
 
 log = logging.getLogger(__name__)
 
 NORMALIZE = ("mean", "sum")
+# Texts are cut by characters before they are tokenised, to this many characters per token of the budget, so memory
+# follows the token budget, not the longest record (a 5 MB query was tokenised whole, once per candidate). No
+# tokenizer of a scoring LM makes tokens this long on text, so the tokens kept after the cut are the same.
+CHARS_PER_TOKEN = 32
 TINY_RANDOM = "tiny-random"  # model_name_or_path that builds (once, cached) the tiny random LM of embedder.scoring.tiny_lm
 
 
@@ -86,12 +91,13 @@ class LMScorer:
         self.key_max_length, self.normalize = key_max_length, normalize
         self.batch_size, self.max_tokens_per_batch = batch_size, max_tokens_per_batch
         self.stats: Counter = Counter()
-        self.tokenizer = self._load_tokenizer(trust_remote_code)
         self.model = None
         self.device = None
         self._max_length = max_length
-        if load_model:
-            self._load_model(dtype, device, device_map, attn_implementation, trust_remote_code)
+        with model_load_errors(self.model_name_or_path, "lm.model_name_or_path"):
+            self.tokenizer = self._load_tokenizer(trust_remote_code)
+            if load_model:
+                self._load_model(dtype, device, device_map, attn_implementation, trust_remote_code)
 
     # ------------------------------------------------------------------------------------------------ loading
     def _hub_kwargs(self, trust_remote_code: bool) -> dict[str, Any]:
@@ -214,12 +220,25 @@ class LMScorer:
         uniq = list(dict.fromkeys(keys))
         if not self.key_max_length or not uniq:
             return {k: k for k in uniq}
-        ids = self.tokenizer(uniq, add_special_tokens=False, truncation=True,
+        chars = self.key_max_length * CHARS_PER_TOKEN
+        ids = self.tokenizer([k[:chars] for k in uniq], add_special_tokens=False, truncation=True,
                              max_length=self.key_max_length + 1)["input_ids"]
         out = {}
         for key, kid in zip(uniq, ids):
             out[key] = self.tokenizer.decode(kid[: self.key_max_length]) if len(kid) > self.key_max_length else key
         return out
+
+    def _render(self, job: Job, key: str) -> tuple[str, int]:
+        """The template's text and where its answer starts, cut from the left to `max_length * CHARS_PER_TOKEN`
+        characters (the answer ends the text, so it is kept; the prompt is then fitted by tokens)."""
+        rendered = job.template.render(job.record, key, job.answer)
+        text, start = rendered.text, rendered.answer_start
+        limit = self.max_length
+        if limit is not None and len(text) > limit * CHARS_PER_TOKEN:
+            cut = len(text) - limit * CHARS_PER_TOKEN
+            text, start = text[cut:], max(0, start - cut)
+            self.stats["texts_cut_by_characters"] += 1
+        return text, start
 
     def _tokenize(self, texts: list[str]) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
         enc = self.tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
@@ -243,12 +262,12 @@ class LMScorer:
         cut = self._cut_keys([j.key for j in jobs])
         keys = [cut[j.key] for j in jobs]
         self.stats["keys_truncated"] += sum(k != j.key for k, j in zip(keys, jobs))
-        rendered = [j.template.render(j.record, k, j.answer) for j, k in zip(jobs, keys)]
-        ids, offsets = self._tokenize([r.text for r in rendered])
+        rendered = [self._render(j, k) for j, k in zip(jobs, keys)]
+        ids, offsets = self._tokenize([text for text, _ in rendered])
         limit = self.max_length
         out = []
         for i, job in enumerate(jobs):
-            n = self._answer_tokens(offsets[i], rendered[i].answer_start)
+            n = self._answer_tokens(offsets[i], rendered[i][1])
             if limit is not None and len(ids[i]) > limit:
                 ids[i], n = self._fit_context(job, keys[i], limit)
             if n < 1:
@@ -263,14 +282,14 @@ class LMScorer:
         """Shorten the key until the prompt fits `limit` tokens; failing that, cut the text from the left."""
         self.stats["context_truncated"] += 1
         for _ in range(8):
-            rendered = job.template.render(job.record, key, job.answer)
-            ids, offsets = self._tokenize([rendered.text])
+            text, answer_start = self._render(job, key)
+            ids, offsets = self._tokenize([text])
             ids, offsets = ids[0], offsets[0]
-            n = self._answer_tokens(offsets, rendered.answer_start)
+            n = self._answer_tokens(offsets, answer_start)
             over = len(ids) - limit
             if over <= 0:
                 return ids, n
-            key_ids = self.tokenizer(key, add_special_tokens=False)["input_ids"]
+            key_ids = self.tokenizer(key[: limit * CHARS_PER_TOKEN], add_special_tokens=False)["input_ids"]
             if not key_ids:
                 break
             key = self.tokenizer.decode(key_ids[: max(0, len(key_ids) - over - 1)])

@@ -10,11 +10,12 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from embedder.data.jsonl import iter_jsonl
+from embedder.data.jsonl import parse_line
 from embedder.data.records import candidate_list
 from embedder.data.records import check_scoring_record
 from embedder.errors import DataError, no_records_error
@@ -39,6 +40,7 @@ class FilePlan:
     replaced_scores: int = 0    # records that already had teacher_scores (they are replaced)
     trimmed: int = 0            # records whose candidate list max_candidates cut
     sha256: str = ""
+    skipped: dict = field(default_factory=dict)  # skip_bad_records: {line: reason} of the bad records left out
 
 
 def trim_record(record: dict[str, Any], max_candidates: int | None) -> tuple[dict[str, Any], bool]:
@@ -80,6 +82,14 @@ def choose_answers(answers: list[str], mode: str, seed: int, index: int) -> list
     raise ValueError(f"answer_choice={mode!r}; valid: {', '.join(ANSWER_CHOICES)}")
 
 
+def iter_raw_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(1-based line number, raw bytes) of every non-blank line; parsed only where needed."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if raw.strip():
+                yield lineno, raw
+
+
 def file_sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -89,18 +99,27 @@ def file_sha256(path: str) -> str:
 
 
 def plan_file(path: str, templates: dict[str, Template], default_task: str | None, answer_choice: str,
-              max_records: int | None = None, max_candidates: int | None = None) -> FilePlan:
-    """Validate every record that will be scored and count the work (no model, no tokenizer)."""
+              max_records: int | None = None, max_candidates: int | None = None, skip_bad: bool = False) -> FilePlan:
+    """Validate every record that will be scored and count the work (no model, no tokenizer). `skip_bad`: a bad
+    record (malformed, invalid, not UTF-8) is left out and counted in `plan.skipped` instead of stopping the run."""
     if answer_choice not in ANSWER_CHOICES:
         raise ValueError(f"answer_choice={answer_choice!r}; valid: {', '.join(ANSWER_CHOICES)}")
     if max_candidates is not None and max_candidates < 1:
         raise ValueError(f"max_candidates must be >= 1 (or null), got {max_candidates}")
     plan = FilePlan(path=path)
-    for index, (line, record) in enumerate(iter_jsonl(path)):
+    for index, (line, raw) in enumerate(iter_raw_lines(path)):
         plan.total_records += 1
         if max_records is not None and index >= max_records:
             continue
-        task = check_scoring_record(record, path, line, templates, default_task)
+        try:
+            record = parse_line(raw, path, line)
+            task = check_scoring_record(record, path, line, templates, default_task)
+        except DataError as e:
+            if not skip_bad:
+                raise
+            plan.records += 1  # the record keeps its place in the parts; it is neither scored nor written
+            plan.skipped[line] = str(e).split(": ", 1)[-1].split("\n")[0]
+            continue
         record, cut = trim_record(record, max_candidates)
         n = len(candidate_list(record))
         plan.records += 1
@@ -111,7 +130,7 @@ def plan_file(path: str, templates: dict[str, Template], default_task: str | Non
         plan.max_candidates = n if plan.max_candidates is None else max(plan.max_candidates, n)
         plan.replaced_scores += "teacher_scores" in record
         plan.trimmed += cut
-    if plan.total_records == 0:
-        raise no_records_error(path)
+    if plan.total_records == 0 or len(plan.skipped) == plan.records:
+        raise no_records_error(path, detail=f"{len(plan.skipped)} bad records skipped" if plan.skipped else "")
     plan.sha256 = file_sha256(path)
     return plan

@@ -22,6 +22,8 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+
+import numpy as np
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -30,7 +32,7 @@ from embedder.data.jsonl import atomic_open, write_jsonl_atomic
 from embedder.errors import DataError
 from embedder.paths import resolve_files
 from embedder.data.records import candidate_list
-from embedder.scoring.records import FilePlan, choose_answers, plan_file, trim_record
+from embedder.scoring.records import FilePlan, choose_answers, iter_raw_lines, plan_file, trim_record
 from embedder.scoring.templates import build_templates
 
 log = logging.getLogger(__name__)
@@ -60,6 +62,7 @@ class ScoreSettings:
     batch_size: int = 16
     max_tokens_per_batch: int | None = 16384
     packed: str = "auto"
+    skip_bad_records: bool = False
     part_size: int = 256
     num_shards: int = 1
     shard_id: int = 0
@@ -122,7 +125,8 @@ def settings_from_cfg(cfg: DictConfig) -> ScoreSettings:
         normalize=c.get("normalize", "mean"), answer_choice=c.get("answer_choice", "seeded"),
         key_max_length=c.get("key_max_length"), max_candidates=pick("max_candidates"), max_records=pick("max_records"),
         batch_size=int(c.get("batch_size", 16)), max_tokens_per_batch=c.get("max_tokens_per_batch"),
-        packed=str(c.get("packed", "auto")).lower(), part_size=int(c.get("part_size", 256)), num_shards=int(c.get("num_shards", 1)),
+        packed=str(c.get("packed", "auto")).lower(), skip_bad_records=bool(c.get("skip_bad_records", False)),
+        part_size=int(c.get("part_size", 256)), num_shards=int(c.get("num_shards", 1)),
         shard_id=int(c.get("shard_id", 0)), devices=int(c.get("devices", 1)), keep_parts=bool(c.get("keep_parts")),
         overwrite=bool(c.get("overwrite")), dry_run=bool(c.get("dry_run")))
     if s.part_size < 1:
@@ -163,12 +167,17 @@ def _fingerprint(plan: FilePlan, s: ScoreSettings, templates: dict[str, Any]) ->
             "records": plan.records, "part_size": s.part_size, "lm": lm,
             "templates": {t: templates[t].describe() for t in sorted(plan.tasks)}, "task": s.task,
             "normalize": s.normalize, "answer_choice": s.answer_choice, "seed": s.seed,
-            "key_max_length": s.key_max_length, "max_candidates": s.max_candidates}
+            "key_max_length": s.key_max_length, "max_candidates": s.max_candidates,
+            "skipped_lines": sorted(plan.skipped)}
 
 
 def _read_json(path: str) -> Any:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:  # a 0-byte or cut file (disk full, a killed copy)
+        raise DataError(f"corrupt cache or sidecar file ({e})", path=path,
+                        hint="delete it and run again: a part is rescored, a sidecar or fingerprint rewritten") from None
 
 
 def _write_json_atomic(path: str, obj: Any) -> None:
@@ -194,7 +203,12 @@ def score_files(s: ScoreSettings) -> dict[str, Any]:
     jobs = []
     seen: dict[str, str] = {}
     for path in s.files:
-        plan = plan_file(path, templates, s.task, s.answer_choice, s.max_records, s.max_candidates)
+        plan = plan_file(path, templates, s.task, s.answer_choice, s.max_records, s.max_candidates,
+                         skip_bad=s.skip_bad_records)
+        if plan.skipped:
+            first = next(iter(plan.skipped.items()))
+            log.warning("%s: skipping %d bad records (skip_bad_records=true); they are not in the output. First: "
+                        "line %d: %s", path, len(plan.skipped), *first)
         out, meta, parts = output_paths(path, s)
         if out in seen:
             raise ValueError(f"{path} and {seen[out]} would both be written to {out}; score them with different "
@@ -211,7 +225,10 @@ def score_files(s: ScoreSettings) -> dict[str, Any]:
     if s.dry_run:
         return _dry_run(s, jobs, templates)
 
-    # 2. What is left to do (finished files and parts are not redone).
+    # 2. What is left to do (finished files and parts are not redone). The model must be reachable first, so a
+    #    wrong name or an offline machine leaves no part cache behind.
+    if any(s.overwrite or not os.path.exists(job.output) for job in jobs):
+        build_scorer(s, load_model=False)
     for job in jobs:
         _check_existing(job, s)
     all_parts = [PartTask(fi, k, k * s.part_size, min((k + 1) * s.part_size, job.plan.records))
@@ -248,7 +265,7 @@ def score_files(s: ScoreSettings) -> dict[str, Any]:
                 _merge(job, s)
                 job.status = "scored"
         results.append({"input": job.plan.path, "output": job.output, "meta": job.meta, "status": job.status,
-                        "records": job.plan.records, "candidates": job.plan.candidates, "pairs": job.plan.pairs,
+                        "records": job.plan.records - len(job.plan.skipped), "skipped": len(job.plan.skipped), "candidates": job.plan.candidates, "pairs": job.plan.pairs,
                         **{k: v for k, v in job.stats.items()}})
     _print_summary(results, time.perf_counter() - t0)
     return {"files": results}
@@ -261,6 +278,12 @@ def _check_existing(job: FileJob, s: ScoreSettings) -> None:
         if old is not None and old.get("fingerprint") == job.fingerprint:
             job.status = "done"
             log.info("%s is already scored with these settings; skipping (overwrite=true to redo)", job.output)
+            return
+        fp_path = os.path.join(job.parts_dir, "fingerprint.json")
+        complete = all(os.path.exists(_part_path(job, k)) for k in range(job.n_parts))
+        if os.path.exists(fp_path) and complete and _read_json(fp_path) == job.fingerprint:
+            # killed between writing the scored file and its sidecar: every part is cached, so merge again
+            log.info("%s: finishing an interrupted merge from the cached parts", job.output)
             return
         raise FileExistsError(f"{job.output} exists but was scored with other settings or has no {job.meta}; "
                               f"pass overwrite=true to replace it, or another save_name")
@@ -275,25 +298,20 @@ def _check_existing(job: FileJob, s: ScoreSettings) -> None:
     _write_json_atomic(fp_path, job.fingerprint)
 
 
-def _iter_raw(path: str) -> Iterator[tuple[int, str]]:
-    """(1-based line number, line) for every non-blank line; records are parsed only when needed."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield lineno, line
-
-
-def _iter_part_records(path: str, tasks: list[PartTask]) -> Iterator[tuple[PartTask, list[tuple[int, dict]]]]:
-    """Stream one file once, yielding each requested part's (line, record) list in file order."""
+def _iter_part_records(path: str, tasks: list[PartTask], skipped: dict[int, str]
+                       ) -> Iterator[tuple[PartTask, list[tuple[int, dict]]]]:
+    """Stream one file once, yielding each requested part's (line, record) list in file order, bad records
+    (`skipped` lines) left out."""
     tasks = sorted(tasks, key=lambda t: t.start)
     if not tasks:
         return
     ti, buf = 0, []
-    for index, (line, raw) in enumerate(_iter_raw(path)):
+    for index, (line, raw) in enumerate(iter_raw_lines(path)):
         t = tasks[ti]
         if index < t.start:
             continue
-        buf.append((line, json.loads(raw)))
+        if line not in skipped:
+            buf.append((line, json.loads(raw)))
         if index == t.end - 1:
             yield t, buf
             ti, buf = ti + 1, []
@@ -323,7 +341,7 @@ def _score_parts(s: ScoreSettings, jobs: list[FileJob], tasks: list[PartTask]) -
     done = 0
     for fi, ftasks in by_file.items():
         job = jobs[fi]
-        for task, rows in _iter_part_records(job.plan.path, ftasks):
+        for task, rows in _iter_part_records(job.plan.path, ftasks, job.plan.skipped):
             t0 = time.perf_counter()
             before = Counter(scorer.stats)
             lm_jobs, shape = [], []
@@ -334,7 +352,7 @@ def _score_parts(s: ScoreSettings, jobs: list[FileJob], tasks: list[PartTask]) -
                 keys = candidate_list(record)
                 shape.append((len(keys), len(answers)))
                 lm_jobs.extend(Job(template, record, key, ans) for key in keys for ans in answers)
-            flat = scorer.score(lm_jobs)
+            flat = scorer.score(lm_jobs) if lm_jobs else np.zeros(0)
             scores, i = [], 0
             for n_keys, n_ans in shape:
                 block = flat[i: i + n_keys * n_ans].reshape(n_keys, n_ans).mean(axis=1)
@@ -404,9 +422,11 @@ def _merge(job: FileJob, s: ScoreSettings) -> None:
 
     def records() -> Iterator[dict[str, Any]]:
         scored = parts()
-        for index, (line, raw) in enumerate(_iter_raw(job.plan.path)):
+        for index, (line, raw) in enumerate(iter_raw_lines(job.plan.path)):
             if index >= job.plan.records:
                 break
+            if line in job.plan.skipped:
+                continue
             part_line, scores = next(scored)
             if part_line != line:
                 raise DataError(f"cached part is out of step with the input (part says line {part_line})",
@@ -423,7 +443,8 @@ def _merge(job: FileJob, s: ScoreSettings) -> None:
     p = job.plan
     meta = {
         "output": os.path.basename(job.output), "input": os.path.abspath(p.path), "input_sha256": p.sha256,
-        "records": n, "input_records": p.total_records, "candidates": p.candidates, "lm_inputs": p.pairs,
+        "records": n, "input_records": p.total_records, "skipped_bad_records": len(p.skipped),
+        "skipped_examples": {str(k): v for k, v in list(p.skipped.items())[:10]}, "candidates": p.candidates, "lm_inputs": p.pairs,
         "candidates_per_record": {"min": p.min_candidates, "max": p.max_candidates},
         "aligned_with": "history (chat) or pos + neg", "tasks": dict(p.tasks),
         "scorer": scorer, "templates": job.fingerprint["templates"],
@@ -482,9 +503,11 @@ def _dry_run(s: ScoreSettings, jobs: list[FileJob], templates) -> dict[str, Any]
     for job in jobs:
         sample_n = min(job.plan.records, 64)
         lm_jobs = []
-        for index, (line, raw) in enumerate(_iter_raw(job.plan.path)):
+        for index, (line, raw) in enumerate(iter_raw_lines(job.plan.path)):
             if index >= sample_n:
                 break
+            if line in job.plan.skipped:
+                continue
             record, _ = trim_record(json.loads(raw), s.max_candidates)
             answers = choose_answers(record["answers"], s.answer_choice, s.seed, index)
             lm_jobs.extend(Job(templates[record.get("task", s.task)], record, k, a)
@@ -503,8 +526,8 @@ def _dry_run(s: ScoreSettings, jobs: list[FileJob], templates) -> dict[str, Any]
 def _print_summary(results: list[dict[str, Any]], seconds: float) -> None:
     if not results:
         return
-    print(f"{'status':<8} {'records':>8} {'inputs':>8} {'keys cut':>9} {'ctx cut':>8}  output")
+    print(f"{'status':<8} {'records':>8} {'skipped':>8} {'inputs':>8} {'keys cut':>9} {'ctx cut':>8}  output")
     for r in results:
-        print(f"{r['status']:<8} {r['records']:>8} {r['pairs']:>8} {r.get('keys_truncated', 0):>9} "
-              f"{r.get('context_truncated', 0):>8}  {r['output']}")
+        print(f"{r['status']:<8} {r['records']:>8} {r.get('skipped', 0):>8} {r['pairs']:>8} "
+              f"{r.get('keys_truncated', 0):>9} {r.get('context_truncated', 0):>8}  {r['output']}")
     print(f"done in {seconds:.1f} s")
