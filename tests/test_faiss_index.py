@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import json
 import logging
 import sys
@@ -223,3 +224,17 @@ def test_gpu_clone_failure_falls_back_to_cpu(data, monkeypatch, caplog):
     records = [r for r in caplog.records if r.name == "embedder.retrieval.faiss_index"]
     assert len(records) == 1 and records[0].levelno == logging.WARNING
     assert "cannot put 'HNSW16' on a GPU" in records[0].getMessage()
+
+
+def test_stale_search_temp_files_are_removed_fresh_ones_kept(tmp_path):
+    import time
+
+    from embedder.retrieval.base import remove_stale_temp_files
+
+    old = tmp_path / ".search-00000.tmp-4242.npz"
+    fresh = tmp_path / ".search-00001.tmp-4343.npz"
+    old.write_bytes(b"x")
+    fresh.write_bytes(b"x")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    assert remove_stale_temp_files(str(tmp_path), ".search-*.tmp-*.npz") == 1
+    assert not old.exists() and fresh.exists()

@@ -292,3 +292,35 @@ def test_index_configs_are_valid_faiss_factories(index):
     assert built.d == 384 and cfg.index.metric == "auto"
     for name, value in cfg.index.search_params.items():
         faiss.ParameterSpace().set_index_parameter(built, name, value)
+
+
+def test_one_run_at_a_time_per_corpus_cache_entry(tmp_path, caplog):
+    """A second single-process run on the same corpus cache entry waits for the first (then reuses its stores);
+    ranks of one distributed job never wait on each other."""
+    import threading
+    from types import SimpleNamespace
+
+    from filelock import FileLock, Timeout
+
+    from embedder.retrieval.dense import DenseRetriever
+
+    store = str(tmp_path / "encode" / "corpus-0123")
+    held = DenseRetriever._cache_lock(SimpleNamespace(trainer=None), store)
+    with held:
+        with pytest.raises(Timeout):
+            FileLock(store + ".lock").acquire(timeout=0.2)
+        got = []
+
+        def second_run():
+            with DenseRetriever._cache_lock(SimpleNamespace(trainer=None), store):
+                got.append(True)
+
+        waiter = threading.Thread(target=second_run)
+        waiter.start()
+        waiter.join(0.5)
+        assert waiter.is_alive() and not got  # the second run waits ...
+    waiter.join(5)
+    assert got  # ... and goes on once the first is done
+    ddp = DenseRetriever._cache_lock(SimpleNamespace(trainer=SimpleNamespace(world_size=2)), store)
+    with ddp, FileLock(store + ".lock").acquire(timeout=0):
+        pass  # no lock taken under DDP

@@ -310,3 +310,20 @@ def test_ckpt_path_last_needs_a_checkpoint_and_corrupt_ones_are_named(tmp_path, 
         resolve_ckpt_path("last", str(tmp_path / "out"))
     with pytest.raises(DataError, match="checkpoint not found"):
         resolve_ckpt_path(str(tmp_path / "nope.ckpt"), str(tmp_path / "out"))
+
+
+def test_records_without_task_take_the_only_kind_of_a_single_kind_config(tmp_path, tiny_bert):
+    """task=tool defines one record kind, so records without "task" are tool records; a multi-kind config needs
+    default_task, and says so."""
+    from embedder.errors import DataError
+
+    recs = [json.loads(x) for x in open(toy_path("tool")) if x.strip()]
+    for r in recs:
+        r.pop("task", None)
+    path = tmp_path / "tool-no-task.json"
+    path.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    base = [f"train_data=[{path}]", "eval=null", "export=false", "trainer.max_steps=1"]
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, ["task=tool", *base])))
+    with pytest.raises(DataError, match=r"line 1, field 'task': record has no 'task'"):
+        run_train(compose(quick_overrides(tmp_path / "b", tiny_bert, ["task=llm-embedder", *base])))
+    run_train(compose(quick_overrides(tmp_path / "c", tiny_bert, ["task=llm-embedder", "default_task=tool", *base])))

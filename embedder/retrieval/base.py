@@ -70,6 +70,28 @@ def pad_results(scores: list[list[float]], ids: list[list[int]], k: int) -> tupl
     return out_s, out_i
 
 
+STALE_TEMP_S = 600  # a temp file untouched this long belongs to a killed run (a live writer finishes in seconds)
+
+
+def remove_stale_temp_files(folder: str, pattern: str, older_than_s: float = STALE_TEMP_S) -> int:
+    """Delete the temp files a killed run left in `folder` (by age, not by pid: the ranks of a multi-node job share
+    the folder, and a pid from another node says nothing). Returns how many were removed."""
+    import glob
+    import time
+
+    removed = 0
+    for path in glob.glob(os.path.join(folder, pattern)):
+        try:
+            if time.time() - os.path.getmtime(path) > older_than_s:
+                os.unlink(path)
+                removed += 1
+        except FileNotFoundError:  # another process cleaned it up first
+            pass
+    if removed:
+        log.info("removed %d stale temp file(s) of a killed run from %s", removed, folder)
+    return removed
+
+
 def search_in_shards(retriever: Retriever, num_queries: int, k: int, work_dir: str,
                      shard_size: int = 10_000) -> tuple[np.ndarray, np.ndarray]:
     """Search all queries, one shard of `shard_size` queries at a time, saving each shard to `work_dir`.
@@ -82,6 +104,7 @@ def search_in_shards(retriever: Retriever, num_queries: int, k: int, work_dir: s
         `(scores, ids)`, each (num_queries, k).
     """
     os.makedirs(work_dir, exist_ok=True)
+    remove_stale_temp_files(work_dir, ".search-*.tmp-*.npz")
     num_shards = max(1, -(-num_queries // shard_size))
     all_scores, all_ids, reused = [], [], 0
     for s in range(num_shards):

@@ -90,6 +90,29 @@ class DenseRetriever(Retriever):
         corpus_job.store_path = os.path.join(self.work_dir, "encode", f"corpus-{corpus_fp[:16]}")
         query_job.store_path = os.path.join(self.work_dir, "encode", f"queries-{query_job.fingerprint()[:16]}")
         self.corpus_store_path, self.query_store_path = corpus_job.store_path, query_job.store_path
+        with self._cache_lock(corpus_job.store_path):
+            return self._prepare_locked(corpus_job, query_job, corpus_fp, len(corpus_texts))
+
+    def _cache_lock(self, store_path: str):
+        """One run at a time per corpus cache entry: a second mine/evaluate on the same output_dir waits, then
+        reuses what the first encoded and indexed, instead of encoding the corpus again. Only for single-process
+        runs: the ranks of one distributed job encode together (each its own shards) and must not wait on each
+        other."""
+        import contextlib
+
+        if self.trainer is not None and getattr(self.trainer, "world_size", 1) > 1:
+            return contextlib.nullcontext()
+        from filelock import FileLock
+
+        os.makedirs(os.path.dirname(store_path), exist_ok=True)
+        lock = FileLock(store_path + ".lock")
+        try:
+            return lock.acquire(timeout=0)  # a context that releases the lock
+        except TimeoutError:
+            log.info("another run is encoding into %s; waiting for it, then reusing its work", store_path)
+            return lock.acquire()
+
+    def _prepare_locked(self, corpus_job, query_job, corpus_fp: str, n_corpus: int) -> bool:
         stores = encode_to_stores(self.encoder, [corpus_job, query_job], self.trainer, batch_size=self.batch_size,
                                   dtype=self.dtype, num_workers=self.num_workers, batch_tokens=self.batch_tokens)
         if stores is None:  # a non-zero rank of a ddp run: its shards are written, rank 0 does the rest
@@ -108,8 +131,8 @@ class DenseRetriever(Retriever):
             if self.save_index:
                 self.index.save(index_path)
                 log.info("saved the faiss index to %s", index_path)
-        if self.index.ntotal != len(corpus_texts):
-            raise RuntimeError(f"the index holds {self.index.ntotal} vectors for a corpus of {len(corpus_texts)}")
+        if self.index.ntotal != n_corpus:
+            raise RuntimeError(f"the index holds {self.index.ntotal} vectors for a corpus of {n_corpus}")
         return True
 
     def search(self, rows: range, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,3 +147,4 @@ class DenseRetriever(Retriever):
         if not ids:
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         return np.concatenate(scores), np.concatenate(ids)
+
