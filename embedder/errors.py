@@ -108,6 +108,8 @@ def _message(exc: BaseException) -> str:
     where = exc.filename or "?"
     if isinstance(exc, PermissionError):
         return f"{where}: permission denied\n  -> make the folder writable, or point output_dir somewhere you can write"
+    if isinstance(exc, NotADirectoryError):
+        return f"{where}: a part of this path is a file, not a folder\n  -> choose another output_dir"
     if isinstance(exc, IsADirectoryError):
         return f"{where}: is a directory, not a file\n  -> give the path of a file inside it"
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):

@@ -55,6 +55,7 @@ class Case:
     entries: tuple[str, ...] = ENTRY_POINTS
     args: tuple[str, ...] = ()  # extra overrides
     needs: str | None = None  # a phrase the message must contain (lower case)
+    named: str | None = None  # what the message must name instead of the input file ({tmp}: the test's folder)
 
 
 def _truncated(entry: str) -> bytes:
@@ -92,6 +93,14 @@ CASES = [
     Case("missing-file", None, None, needs="not found"),
     Case("directory", "dir", None, needs="directory"),
     Case("unknown-key", lambda e: "".join(_base(e)).encode(), None, args=("batch_sise=3",), needs="unknown config key"),
+    Case("missing-model", lambda e: "".join(_base(e)).encode(), None, args=("{model}=/no/such/model",),
+         needs="does not exist", named="/no/such/model"),
+    Case("model-not-on-hub-offline", lambda e: "".join(_base(e)).encode(), None,
+         args=("{model}=nobody-xyz/no-such-model",), needs="cannot be reached", named="nobody-xyz/no-such-model"),
+    Case("corrupt-checkpoint", lambda e: "".join(_base(e)).encode(), None, entries=("train",),
+         args=("ckpt_path={tmp}/bad.ckpt",), needs="corrupt", named="{tmp}/bad.ckpt"),
+    Case("output-dir-under-a-file", lambda e: "".join(_base(e)).encode(), None,
+         args=("output_dir={tmp}/a-file/out",), needs="not a directory", named="{tmp}/a-file"),
 ]
 
 
@@ -139,15 +148,67 @@ def test_bad_input_gives_one_clear_message(tmp_path, entry, case):
         f.write("keep me\n")
     before = _snapshot(os.path.join(out, "run"))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
-    cmd = _command(entry, data, out) + list(case.args)
+    with open(tmp_path / "bad.ckpt", "wb") as f:
+        f.write(b"PK\x03\x04 not really a checkpoint")
+    (tmp_path / "a-file").write_text("a file, not a folder\n")
+    model_key = "lm.model_name_or_path" if entry == "score" else "model.model_name_or_path"
+    args = [a.replace("{model}", model_key).replace("{tmp}", str(tmp_path)) for a in case.args]
+    cmd = _command(entry, data, out) + args
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
     err = proc.stderr
+    report = os.environ.get("EMBEDDER_BAD_INPUT_REPORT")  # a file: collect case -> message for the docs table
+    if report:
+        first = next((x for x in err.splitlines() if x.startswith("error:") or "Unknown config key" in x), err[-200:])
+        with open(report, "a", encoding="utf-8") as f:
+            f.write(json.dumps({"case": case.name, "entry": entry, "message": first.replace(str(tmp_path), "<tmp>")})
+                    + "\n")
     assert proc.returncode != 0, f"{entry} exited 0 on {case.name}:\n{err[-3000:]}"
     assert "Traceback" not in err, f"{entry} printed a traceback on {case.name}:\n{err[-3000:]}"
+    named = case.named.replace("{tmp}", str(tmp_path)) if case.named else data
     if case.needs != "unknown config key":
-        assert data in err, f"{entry} did not name the file on {case.name}:\n{err[-3000:]}"
+        assert named in err, f"{entry} did not name {named} on {case.name}:\n{err[-3000:]}"
     if case.line is not None:
         assert f"line {case.line}" in err, f"{entry} did not name line {case.line} on {case.name}:\n{err[-3000:]}"
     if case.needs:
         assert case.needs in err.lower(), f"{entry}: no '{case.needs}' in the message on {case.name}:\n{err[-3000:]}"
     assert _snapshot(os.path.join(out, "run")) == before, f"{entry} changed its output folder on {case.name}"
+
+
+@pytest.mark.parametrize("exc,want", [
+    (OSError(28, "No space left on device", "/out/emb.npy"), "/out/emb.npy: no space left on the device"),
+    (PermissionError(13, "Permission denied", "/ro/out"), "/ro/out: permission denied"),
+    (IsADirectoryError(21, "Is a directory", "/data/x.json"), "/data/x.json: is a directory"),
+    (OSError(30, "Read-only file system", "/mnt/ro/a"), "/mnt/ro/a: the filesystem is read-only"),
+])
+def test_os_errors_become_one_line_naming_the_file(exc, want, capsys):
+    from embedder.errors import reported_input_errors
+
+    with pytest.raises(SystemExit) as e:
+        with reported_input_errors():
+            raise exc
+    assert e.value.code == 1
+    assert capsys.readouterr().err.startswith(f"error: {want}")
+
+
+def test_a_data_error_wrapped_by_hydra_instantiate_is_reported_cleanly(capsys):
+    """hydra.utils.instantiate wraps what a constructor raises (a model that cannot be loaded) in its own
+    InstantiationException; the wrapper reports the cause."""
+    from hydra.errors import InstantiationException
+
+    from embedder.errors import DataError, reported_input_errors
+
+    with pytest.raises(SystemExit):
+        with reported_input_errors():
+            try:
+                raise DataError("cannot load the model", path="/no/such/model")
+            except DataError as cause:
+                raise InstantiationException("Error in call to target 'DualEncoder'") from cause
+    assert capsys.readouterr().err == "error: /no/such/model: cannot load the model\n"
+
+
+def test_other_errors_keep_their_traceback():
+    from embedder.errors import reported_input_errors
+
+    with pytest.raises(KeyError):
+        with reported_input_errors():
+            raise KeyError("a bug")

@@ -27,6 +27,9 @@ def parse_line(raw: bytes, path: str, lineno: int | None) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise DataError(f"malformed JSON ({e.msg} at column {e.colno})", path=path, line=lineno,
                         hint="each line must be one JSON object (JSON-lines); fix or delete this line") from None
+    if isinstance(record, list):
+        raise DataError("a JSON array, where each line must be one JSON object (JSON-lines)", path=path, line=lineno,
+                        hint="convert it: jq -c '.[]' file.json > file.jsonl")
     if not isinstance(record, dict):
         raise DataError(f"expected a JSON object, got {type(record).__name__}", path=path, line=lineno,
                         hint="each line must be one JSON object such as {\"query\": ..., \"pos\": [...]}")
