@@ -100,7 +100,7 @@ CASES = [
     Case("corrupt-checkpoint", lambda e: "".join(_base(e)).encode(), None, entries=("train",),
          args=("ckpt_path={tmp}/bad.ckpt",), needs="corrupt", named="{tmp}/bad.ckpt"),
     Case("output-dir-under-a-file", lambda e: "".join(_base(e)).encode(), None,
-         args=("output_dir={tmp}/a-file/out",), needs="not a directory", named="{tmp}/a-file"),
+         args=("output_dir={tmp}/a-file/out",), needs="is a file, not a folder", named="{tmp}/a-file"),
 ]
 
 

@@ -302,13 +302,13 @@ def test_one_run_at_a_time_per_corpus_cache_entry(tmp_path, caplog):
 
     from filelock import FileLock, Timeout
 
-    from embedder.retrieval.dense import DenseRetriever
+    from embedder.retrieval.dense import DenseRetriever, lock_path
 
     store = str(tmp_path / "encode" / "corpus-0123")
     held = DenseRetriever._cache_lock(SimpleNamespace(trainer=None), store)
     with held:
         with pytest.raises(Timeout):
-            FileLock(store + ".lock").acquire(timeout=0.2)
+            FileLock(lock_path(store)).acquire(timeout=0.2)
         got = []
 
         def second_run():
@@ -322,5 +322,5 @@ def test_one_run_at_a_time_per_corpus_cache_entry(tmp_path, caplog):
     waiter.join(5)
     assert got  # ... and goes on once the first is done
     ddp = DenseRetriever._cache_lock(SimpleNamespace(trainer=SimpleNamespace(world_size=2)), store)
-    with ddp, FileLock(store + ".lock").acquire(timeout=0):
+    with ddp, FileLock(lock_path(store)).acquire(timeout=0):
         pass  # no lock taken under DDP

@@ -25,6 +25,11 @@ from embedder.retrieval.base import Retriever
 log = logging.getLogger("embedder.mining")
 
 
+def lock_path(store_path: str) -> str:
+    """The lock file of a store: `<work_dir>/.locks/<store>.lock`, outside the folder of stores."""
+    return os.path.join(os.path.dirname(os.path.dirname(store_path)), ".locks", os.path.basename(store_path) + ".lock")
+
+
 class DenseRetriever(Retriever):
     """Encoder + faiss index.
 
@@ -104,8 +109,8 @@ class DenseRetriever(Retriever):
             return contextlib.nullcontext()
         from filelock import FileLock
 
-        os.makedirs(os.path.dirname(store_path), exist_ok=True)
-        lock = FileLock(store_path + ".lock")
+        os.makedirs(os.path.dirname(lock_path(store_path)), exist_ok=True)
+        lock = FileLock(lock_path(store_path))
         try:
             return lock.acquire(timeout=0)  # a context that releases the lock
         except TimeoutError:
