@@ -188,3 +188,14 @@ def test_gpu_encoding_runs_in_bf16_and_matches_cpu(encoder, tmp_path):
     cos = (a * b).sum(axis=1)  # both are unit vectors
     assert cos.min() > 0.99
     assert next(encoder.parameters()).dtype == torch.float32  # restored after the bf16 run
+
+
+def test_a_zero_byte_store_meta_names_the_file_and_how_to_rebuild(tmp_path):
+    from embedder.errors import DataError
+    from embedder.retrieval.encode.store import EmbeddingStore
+
+    (tmp_path / "corpus-0123").mkdir()
+    (tmp_path / "corpus-0123" / "meta.json").write_bytes(b"")
+    with pytest.raises(DataError, match=r"corpus-0123/meta\.json: corrupt embedding-store metadata(?s:.*)delete the "
+                                        r"folder .*corpus-0123"):
+        EmbeddingStore(str(tmp_path / "corpus-0123"))

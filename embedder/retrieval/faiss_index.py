@@ -196,8 +196,14 @@ class FaissIndex:
         if not os.path.isfile(sidecar):
             raise FileNotFoundError(f"{sidecar!r} not found: FaissIndex.load needs the JSON sidecar written by "
                                     f"FaissIndex.save next to the index file")
-        with open(sidecar, encoding="utf-8") as f:
-            meta = json.load(f)
+        try:
+            with open(sidecar, encoding="utf-8") as f:
+                meta = json.load(f)
+        except ValueError as e:  # a 0-byte or cut sidecar (disk full, a killed copy)
+            from embedder.errors import DataError
+
+            raise DataError(f"corrupt faiss index sidecar ({e})", path=sidecar,
+                            hint=f"delete {path} and its sidecar; the next run builds the index again") from None
         params = dict(meta.get("search_params") or {})
         params.update(search_params or {})
         self = cls(meta["factory"], meta["metric"], use_gpu=use_gpu, device=device, search_params=params,

@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from embedder.errors import DataError
+
 FORMAT = 1
 META = "meta.json"
 
@@ -61,8 +63,12 @@ class EmbeddingStore:
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{self.path!r} is not an embedding store (no {META}); encode the texts first "
                                     f"(embedder.retrieval.encode.encode_to_stores) or check the path")
-        with open(meta_path, encoding="utf-8") as f:
-            self.meta: dict[str, Any] = json.load(f)
+        try:
+            with open(meta_path, encoding="utf-8") as f:
+                self.meta: dict[str, Any] = json.load(f)
+        except ValueError as e:  # a 0-byte or cut meta.json (disk full, a killed copy)
+            raise DataError(f"corrupt embedding-store metadata ({e})", path=meta_path,
+                            hint=f"delete the folder {self.path}; the next run encodes it again") from None
         if self.meta.get("format") != FORMAT:
             raise StoreMismatch(f"{meta_path}: unsupported store format {self.meta.get('format')!r} "
                                 f"(expected {FORMAT})")
