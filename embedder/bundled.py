@@ -30,5 +30,32 @@ def register_resolvers() -> None:
 
     if not OmegaConf.has_resolver("bundled"):
         OmegaConf.register_new_resolver("bundled", lambda name: {"minilm": minilm_path, "smollm2": smollm2_path}[name]())
+    if not OmegaConf.has_resolver("job_dir"):
+        OmegaConf.register_new_resolver("job_dir", job_dir)
     if not OmegaConf.has_resolver("sample_data"):
         OmegaConf.register_new_resolver("sample_data", lambda: os.path.join(os.path.dirname(__file__), "sample_data"))
+
+
+def job_dir(base: str) -> str:
+    """`${job_dir:<base>}`: `base` for a single run (stable, so `ckpt_path=last` finds its checkpoints); in a multirun
+    (`-m`, Optuna), `<base>/multirun/<the job's overrides>`, so the jobs of a sweep never share a folder and a rerun
+    of the same sweep (with `ckpt_path=last`) finds each job's own folder. Overrides that do not change the result
+    (ckpt_path, devices, ...) are left out by `hydra.job.config.override_dirname.exclude_keys`; a name longer than a
+    file name may be is cut and made unique with a hash."""
+    import hashlib
+    import re
+
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+    except ImportError:  # pragma: no cover - hydra is a dependency
+        return base
+    if not HydraConfig.initialized():
+        return base
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return base
+    name = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", hc.job.override_dirname or "") or f"job{hc.job.num}"
+    if len(name) > 120:
+        name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    return os.path.join(base, "multirun", name)

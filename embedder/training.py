@@ -16,11 +16,12 @@ from omegaconf import DictConfig, OmegaConf
 from embedder.atomic import publish_folder, staging_folder
 from embedder.data.datamodule import RetrievalDataModule
 from embedder.data.jsonl import atomic_open
-from embedder.errors import DataError
+from embedder.errors import DataError, model_load_errors
 from embedder.data.tasks import build_task_settings, export_prompts
 from embedder.retrieval.encode.predict import encoder_identity
 from embedder.evaluation.eval_set import build_eval_sets
 from embedder.lit_module import RetrieverModule
+from embedder.model_card import model_card
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,10 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                  **trainer_kwargs)
 
+    run_info = describe_run(cfg, datamodule)
+    for lg in trainer.loggers:  # CSV hparams.yaml, TensorBoard hparams, the W&B run config
+        lg.log_hyperparams(run_info)
+
     before: dict[str, float] = {}
     before_path = os.path.join(cfg.output_dir, "checkpoints", "metrics_before.json")
     if eval_sets and cfg.evaluate_before and ckpt_path is None:
@@ -89,9 +94,15 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         # Under ZeRO-3 every rank holds a shard: gather the full weights on all ranks, write from rank 0.
         with _gathered_parameters(trainer, module):
             if trainer.is_global_zero:
-                _export(module, cfg.output_dir, export_prompts(tasks), cfg.key_max_length)
+                prompts = export_prompts(tasks, _default_export_task(cfg, tasks))
+                _export(module, cfg.output_dir, prompts, cfg.key_max_length,
+                        card=model_card(run_info, prompts, before, after))
     if trainer.is_global_zero:
         _write_json(os.path.join(cfg.output_dir, "metrics.json"), {"before": before, "after": after})
+        hub = cfg.get("hub") or {}
+        if cfg.export and hub.get("repo_id"):
+            push_export(cfg.output_dir, hub["repo_id"], private=bool(hub.get("private", True)),
+                        commit_message=hub.get("commit_message") or f"embedder: {cfg.get('task_label', 'train')}")
         with atomic_open(os.path.join(cfg.output_dir, "config.yaml"), suffix=".yaml") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=False))
         if after:
@@ -99,7 +110,65 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     return after
 
 
-def _export(module: RetrieverModule, out_dir: str, prompts: dict[str, str], max_seq_length: int) -> None:
+def push_export(out_dir: str, repo_id: str, private: bool = True, commit_message: str = "embedder export") -> str:
+    """Upload the export (the files `.export-manifest.json` lists: no checkpoints, logs or caches) to a Hub model
+    repo, creating it if needed. Returns the commit URL."""
+    from huggingface_hub import HfApi
+
+    manifest = os.path.join(out_dir, ".export-manifest.json")
+    entries = _read_json(manifest)["entries"]
+    patterns = [p for e in entries for p in ((e, f"{e}/**") if os.path.isdir(os.path.join(out_dir, e)) else (e,))]
+    api = HfApi()
+    with model_load_errors(repo_id, "hub.repo_id"):  # offline, gated, a bad name: one message
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        info = api.upload_folder(repo_id=repo_id, folder_path=out_dir, repo_type="model", allow_patterns=patterns,
+                                 commit_message=commit_message)
+    log.info("pushed the export in %s to https://huggingface.co/%s", out_dir, repo_id)
+    return str(getattr(info, "commit_url", info))
+
+
+def _default_export_task(cfg: DictConfig, tasks: dict) -> str | None:
+    """The task whose instructions become the export's `query`/`document` prompts: `export_default_task`, else the
+    only task, else qa when the run has it (the LLM-Embedder recipe), else none (a warning says so)."""
+    name = cfg.get("export_default_task")
+    if name:
+        return str(name)
+    if len(tasks) == 1:
+        return next(iter(tasks))
+    if "qa" in tasks:
+        return "qa"
+    log.warning("no export_default_task and no qa task: the export has <task>_query/<task>_key prompts only, so "
+                "encode_query/encode_document apply no instruction; set export_default_task=<one of %s>", sorted(tasks))
+    return None
+
+
+def describe_run(cfg: DictConfig, datamodule: RetrievalDataModule | None = None) -> dict[str, Any]:
+    """What the loggers record about a run: the resolved config, the training files with their record counts, the
+    git commit of the code and the versions of the packages that decide the numbers."""
+    import importlib.metadata
+    import subprocess
+
+    try:
+        config = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an interpolation that needs a running Hydra job (compose API in notebooks and tests)
+        config = OmegaConf.to_container(cfg, resolve=False)
+    versions = {}
+    for pkg in ("embedder", "torch", "transformers", "lightning", "sentence-transformers", "faiss-cpu", "deepspeed"):
+        try:
+            versions[pkg] = importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                                capture_output=True, text=True, timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    files = {f.path: len(f.records) for f in (getattr(datamodule, "files", None) or [])}
+    return {**config, "run": {"git_commit": commit, "versions": versions, "train_records": files}}
+
+
+def _export(module: RetrieverModule, out_dir: str, prompts: dict[str, str], max_seq_length: int,
+            card: str | None = None) -> None:
     """Write the encoder into a temp folder, check it, then swap it into `out_dir` (embedder.atomic): a failed or
     degenerate run never replaces, or mixes into, an earlier export."""
     import shutil
@@ -114,6 +183,9 @@ def _export(module: RetrieverModule, out_dir: str, prompts: dict[str, str], max_
     tmp = staging_folder(out_dir)
     try:
         module.encoder.save(tmp, prompts=prompts, max_seq_length=max_seq_length)
+        if card:  # replaces the generic card sentence-transformers writes
+            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
+                f.write(card)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

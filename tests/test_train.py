@@ -75,9 +75,18 @@ def test_untied_encoders_export_both(tmp_path, tiny_bert):
                                                         "model.tie_encoders=false", "model.pooling=mean",
                                                         "model.dense=true"]))
     run_train(cfg)
-    for sub in ("query_encoder", "key_encoder"):
-        st = SentenceTransformer(str(tmp_path / "out" / sub), device="cpu")
-        assert st.encode(["hello"]).shape == (1, 32)
+    out = str(tmp_path / "out")
+    st = SentenceTransformer(out, device="cpu")  # one model: a Router sends queries and documents to their encoder
+    q, d = st.encode_query(["hello"]), st.encode_document(["hello"])
+    assert q.shape == d.shape == (1, 32) and not np.allclose(q, d)  # two encoders, each with the dense layer
+    from embedder.retrieval.encode.model import load_encoder
+
+    enc = load_encoder({"_target_": "embedder.modeling.DualEncoder", "model_name_or_path": out,
+                        "attn_implementation": None}, model_path=out)
+    assert not enc.tie_encoders and enc.dense is not None
+    text = [st.prompts.get("query", "") + "hello"]
+    ours = enc.encode_texts(text, "query", max_length=32).numpy()
+    np.testing.assert_allclose(ours, st.encode_query(["hello"]), atol=1e-5)
 
 
 class CrashAtStep:
@@ -327,3 +336,56 @@ def test_records_without_task_take_the_only_kind_of_a_single_kind_config(tmp_pat
     with pytest.raises(DataError, match=r"line 1, field 'task': record has no 'task'"):
         run_train(compose(quick_overrides(tmp_path / "b", tiny_bert, ["task=llm-embedder", *base])))
     run_train(compose(quick_overrides(tmp_path / "c", tiny_bert, ["task=llm-embedder", "default_task=tool", *base])))
+
+
+def test_loggers_get_the_config_and_the_export_gets_a_model_card(tmp_path, tiny_bert):
+    """CSV hparams.yaml holds the resolved config, the training files with record counts, the commit and the
+    versions; a multi-task export gets qa's instructions as its query/document prompts and a real model card."""
+    import yaml
+
+    from sentence_transformers import SentenceTransformer
+
+    qa, tool = toy_path("qa"), toy_path("tool")
+    cfg = compose(quick_overrides(tmp_path, tiny_bert, ["task=llm-embedder", f"train_data=[{qa},{tool}]", "eval=null",
+                                                        "trainer.max_steps=1", "data.inbatch_same_dataset=epoch"]))
+    run_train(cfg)
+    out = tmp_path / "out"
+    (hp,) = list(out.rglob("hparams.yaml"))
+    logged = yaml.safe_load(hp.read_text())
+    assert logged["model"]["model_name_or_path"] == tiny_bert and logged["optimizer"]["lr"] == 5e-6
+    assert set(logged["run"]["train_records"]) == {qa, tool} and all(logged["run"]["train_records"].values())
+    assert "torch" in logged["run"]["versions"] and "git_commit" in logged["run"]
+    st = SentenceTransformer(str(out), device="cpu")
+    assert st.prompts["query"] == st.prompts["qa_query"] and st.prompts["document"] == st.prompts["qa_key"]
+    assert st.prompts["tool_query"] != st.prompts["query"]
+    card = (out / "README.md").read_text()
+    for part in ("base_model: " + tiny_bert, "encode_query", "## Training data", qa, "## Hyperparameters",
+                 "| learning rate | 5e-06 |", "qa_query"):
+        assert part in card, part
+
+
+def test_hub_push_uploads_the_export_only(tmp_path, tiny_bert, monkeypatch):
+    """hub.repo_id=... pushes after training, through huggingface_hub (mocked: no network); only the export's files
+    go up, not checkpoints or logs."""
+    import fnmatch
+
+    import huggingface_hub
+
+    calls = {}
+
+    def create_repo(self, repo_id, **kw):
+        calls["create"] = (repo_id, kw)
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns=None, **kw):
+        files = [os.path.relpath(os.path.join(r, f), folder_path) for r, _, fs in os.walk(folder_path) for f in fs]
+        calls["uploaded"] = sorted(f for f in files if any(fnmatch.fnmatch(f, p) for p in allow_patterns))
+        return "https://huggingface.co/me/model/commit/abc"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, ["task=tool", f"train_data=[{toy_path('tool')}]",
+                                                            "eval=null", "trainer.max_steps=1", "hub.repo_id=me/model"])))
+    assert calls["create"][0] == "me/model" and calls["create"][1]["private"] is True
+    up = calls["uploaded"]
+    assert "model.safetensors" in up and "README.md" in up and "modules.json" in up
+    assert not [f for f in up if f.startswith(("checkpoints", "csv")) or f in ("metrics.json", "config.yaml")]

@@ -70,14 +70,18 @@ def build_task_settings(tasks: Mapping[str, Any], group_size: int, version: Mapp
     return out
 
 
-def export_prompts(tasks: dict[str, TaskSettings]) -> dict[str, str]:
-    """sentence-transformers prompts from the task instructions: `<task>_query` and `<task>_key`, plus
-    `query`/`document` when there is a single task."""
+def export_prompts(tasks: dict[str, TaskSettings], default: str | None = None) -> dict[str, str]:
+    """sentence-transformers prompts from the task instructions: `<task>_query` and `<task>_key` for every task, and
+    `query`/`document` (what `encode_query`/`encode_document` and MTEB use) from the `default` task: the only one,
+    or the named one (`export_default_task`; qa in the LLM-Embedder recipe)."""
     prompts: dict[str, str] = {}
     for name, t in tasks.items():
         prompts[f"{name}_query"] = t.instruction.query
         prompts[f"{name}_key"] = t.instruction.key
-    if len(tasks) == 1:
-        only = next(iter(tasks.values()))
-        prompts["query"], prompts["document"] = only.instruction.query, only.instruction.key
+    if default is None and len(tasks) == 1:
+        default = next(iter(tasks))
+    if default is not None:
+        if default not in tasks:
+            raise ValueError(f"export_default_task={default!r} is not one of this run's tasks: {', '.join(sorted(tasks))}")
+        prompts["query"], prompts["document"] = tasks[default].instruction.query, tasks[default].instruction.key
     return prompts

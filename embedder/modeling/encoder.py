@@ -174,37 +174,57 @@ class DualEncoder(nn.Module):
     def save(self, out_dir: str, prompts: dict[str, str] | None = None, max_seq_length: int = 256) -> None:
         """Write a Hugging Face `save_pretrained` folder that is also a sentence-transformers model.
 
-        Tied encoders: one folder. Untied: `query_encoder/` and `key_encoder/`, each a full model.
-        The task instructions are stored as sentence-transformers `prompts` (e.g. `qa_query`, `qa_key`).
+        Tied encoders: one model folder. Untied: one sentence-transformers model whose `Router` sends queries
+        (`encode_query`, prompt `query`) and documents (`encode_document`) to their own encoder; each encoder is a
+        full HF model folder inside it (`query_0_Transformer/`, `document_0_Transformer/`, named in
+        `embedder_config.json`). The task instructions are stored as sentence-transformers `prompts`.
         """
-        os.makedirs(out_dir, exist_ok=True)
-        if self.tie_encoders:
-            self._save_one(self.query_model, out_dir, prompts, max_seq_length)
-        else:
-            self._save_one(self.query_model, os.path.join(out_dir, "query_encoder"), prompts, max_seq_length)
-            self._save_one(self.key_model, os.path.join(out_dir, "key_encoder"), prompts, max_seq_length)
-        with open(os.path.join(out_dir, "embedder_config.json"), "w") as f:
-            json.dump({"pooling": self.pooling, "normalize": self.normalize, "dense": self.dense is not None,
-                       "tie_encoders": self.tie_encoders, "max_seq_length": max_seq_length,
-                       "prompts": prompts or {}}, f, indent=2)
+        import shutil
 
-    def _save_one(self, model, out_dir: str, prompts: dict[str, str] | None, max_seq_length: int) -> None:
-        # sentence-transformers writes its own module files; using its classes keeps the format right
-        # across its versions instead of hand-writing modules.json and friends.
         from sentence_transformers import SentenceTransformer, models
 
-        model.save_pretrained(out_dir, safe_serialization=True)
-        self.tokenizer.save_pretrained(out_dir)
-        if self.dense is not None:
-            torch.save(self.dense.state_dict(), os.path.join(out_dir, "dense_pooler.bin"))
-        transformer = models.Transformer(out_dir, max_seq_length=max_seq_length)
-        modules = [transformer, models.Pooling(self.dim, pooling_mode=self.pooling)]
+        os.makedirs(out_dir, exist_ok=True)
+        meta = {"pooling": self.pooling, "normalize": self.normalize, "dense": self.dense is not None,
+                "tie_encoders": self.tie_encoders, "max_seq_length": max_seq_length, "prompts": prompts or {}}
+        st_kw = {"device": "cpu", "prompts": prompts or {}, "similarity_fn_name": "cosine" if self.normalize else "dot"}
+        if self.tie_encoders:
+            SentenceTransformer(modules=self._st_modules(self.query_model, out_dir, max_seq_length), **st_kw).save(out_dir)
+            self._save_dense(out_dir)
+        else:
+            # sentence-transformers writes each route's modules into its own subfolders; the encoders are staged
+            # as HF folders first, and the staging folders removed after.
+            stage = {kind: os.path.join(out_dir, f".stage-{kind}") for kind in ("query", "document")}
+            try:
+                router = models.Router.for_query_document(
+                    self._st_modules(self.query_model, stage["query"], max_seq_length),
+                    self._st_modules(self.key_model, stage["document"], max_seq_length))
+                SentenceTransformer(modules=[router], **st_kw).save(out_dir)
+            finally:
+                for folder in stage.values():
+                    shutil.rmtree(folder, ignore_errors=True)
+            meta.update(query_encoder="query_0_Transformer", key_encoder="document_0_Transformer")
+            self._save_dense(os.path.join(out_dir, "query_0_Transformer"))
+        with open(os.path.join(out_dir, "embedder_config.json"), "w") as f:
+            json.dump(meta, f, indent=2)
+
+    def _save_dense(self, folder: str) -> None:
+        if self.dense is not None:  # our own reload reads it back from the query encoder's folder
+            torch.save(self.dense.state_dict(), os.path.join(folder, "dense_pooler.bin"))
+
+    def _st_modules(self, model, folder: str, max_seq_length: int) -> list:
+        """sentence-transformers modules for one encoder (saved as an HF folder at `folder` first): Transformer,
+        Pooling, the dense layer, Normalize. Its classes keep the format right across its versions instead of
+        hand-writing modules.json and friends."""
+        from sentence_transformers import models
+
+        model.save_pretrained(folder, safe_serialization=True)
+        self.tokenizer.save_pretrained(folder)
+        modules = [models.Transformer(folder, max_seq_length=max_seq_length),
+                   models.Pooling(self.dim, pooling_mode=self.pooling)]
         if self.dense is not None:
             dense = models.Dense(self.dim, self.dim, bias=False, activation_function=nn.Identity())
             dense.linear.weight.data.copy_(self.dense.weight.data.float().cpu())
             modules.append(dense)
         if self.normalize:
             modules.append(models.Normalize())
-        st = SentenceTransformer(modules=modules, device="cpu", prompts=prompts or {},
-                                 similarity_fn_name="cosine" if self.normalize else "dot")
-        st.save(out_dir)
+        return modules

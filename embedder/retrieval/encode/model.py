@@ -30,10 +30,10 @@ def encoder_overrides(model_path: str) -> dict[str, Any]:
             meta = json.load(f)
         out.update(pooling=meta.get("pooling", "cls"), normalize=bool(meta.get("normalize", True)),
                    dense=bool(meta.get("dense", False)), tie_encoders=bool(meta.get("tie_encoders", True)))
-        if not out["tie_encoders"]:
-            out.update(model_name_or_path=os.path.join(model_path, "query_encoder"),
-                       key_model_name_or_path=os.path.join(model_path, "key_encoder"),
-                       tokenizer_name_or_path=os.path.join(model_path, "query_encoder"))
+        if not out["tie_encoders"]:  # the Router export's encoders (older exports: query_encoder/, key_encoder/)
+            q = os.path.join(model_path, meta.get("query_encoder", "query_encoder"))
+            out.update(model_name_or_path=q, key_model_name_or_path=os.path.join(model_path, meta.get(
+                "key_encoder", "key_encoder")), tokenizer_name_or_path=q)
         return out
     modules = os.path.join(model_path, "modules.json")
     if os.path.isfile(modules):
