@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP) ## create .venv and install embedder with its test extras (idempotent)
 
+setup-gpu: setup ## on a CUDA 12 machine: replace faiss-cpu by faiss-gpu-cu12 (both provide the `faiss` module)
+	$(PIP) uninstall --quiet -y faiss-cpu
+	$(PIP) install --quiet "faiss-gpu-cu12>=1.8"
+
 demo: setup ## fine-tune the bundled MiniLM on the bundled sample data (offline, a few minutes on CPU)
 	$(PY) train.py
 

@@ -22,6 +22,7 @@ from embedder.retrieval.encode.predict import encoder_identity
 from embedder.evaluation.eval_set import build_eval_sets
 from embedder.lit_module import RetrieverModule
 from embedder.model_card import model_card
+from embedder.report import write_report
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,10 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
                         commit_message=hub.get("commit_message") or f"embedder: {cfg.get('task_label', 'train')}")
         with atomic_open(os.path.join(cfg.output_dir, "config.yaml"), suffix=".yaml") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=False))
+        if cfg.get("report", True):
+            for lg in trainer.loggers:
+                lg.save()  # flush the CSV rows the report reads
+            write_report(cfg.output_dir, before, after)
         if after:
             print(metrics_table(before, after))
     return after

@@ -238,3 +238,12 @@ def test_stale_search_temp_files_are_removed_fresh_ones_kept(tmp_path):
     os.utime(old, (time.time() - 3600, time.time() - 3600))
     assert remove_stale_temp_files(str(tmp_path), ".search-*.tmp-*.npz") == 1
     assert not old.exists() and fresh.exists()
+
+
+def test_a_mixed_cpu_and_gpu_faiss_install_is_named():
+    from embedder.retrieval.faiss_index import faiss_distributions, mixed_install_message
+
+    assert "faiss-cpu" in faiss_distributions()  # this machine's install
+    assert mixed_install_message(["faiss-cpu"]) is None and mixed_install_message(["faiss-gpu-cu12"]) is None
+    msg = mixed_install_message(["faiss-cpu", "faiss-gpu-cu12"])
+    assert "pip uninstall -y faiss-cpu faiss-gpu-cu12 && pip install faiss-gpu-cu12" in msg

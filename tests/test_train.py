@@ -389,3 +389,27 @@ def test_hub_push_uploads_the_export_only(tmp_path, tiny_bert, monkeypatch):
     up = calls["uploaded"]
     assert "model.safetensors" in up and "README.md" in up and "modules.json" in up
     assert not [f for f in up if f.startswith(("checkpoints", "csv")) or f in ("metrics.json", "config.yaml")]
+
+
+def test_report_with_plots_from_the_csv_logs(tmp_path, tiny_bert, monkeypatch):
+    """report.md with loss, lr, throughput and evaluation plots; without matplotlib one log line, no report."""
+    pytest.importorskip("matplotlib")
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, [
+        "task=sample", "train_data=[llm-embedder:tool/train.json]", "eval.qa=null", "eval.convsearch=null",
+        "task_metric=val/tool/ndcg@5", "trainer.max_steps=3", "export=false"])))
+    report = (tmp_path / "out" / "report.md").read_text()
+    for stem in ("loss", "lr", "throughput", "eval"):
+        png = tmp_path / "out" / "report" / f"{stem}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"report/{stem}.png" in report
+    assert "## Before -> after" in report
+
+    import builtins
+
+    real_import = builtins.__import__
+    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
+                        if name.startswith("matplotlib") else real_import(name, *a, **k))
+    from embedder.report import write_report
+
+    (tmp_path / "out" / "report.md").unlink()
+    assert write_report(str(tmp_path / "out")) is None and not (tmp_path / "out" / "report.md").exists()
+

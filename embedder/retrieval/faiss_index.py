@@ -32,13 +32,47 @@ METRICS = ("cos", "ip", "l2")
 SIDECAR_SUFFIX = ".json"
 
 
+FAISS_DISTRIBUTIONS = ("faiss-cpu", "faiss-gpu", "faiss-gpu-cu11", "faiss-gpu-cu12")
+_mixed_checked = False
+
+
+def faiss_distributions() -> list[str]:
+    """The installed pip distributions that provide the `faiss` module."""
+    import importlib.metadata
+
+    found = []
+    for name in FAISS_DISTRIBUTIONS:
+        try:
+            importlib.metadata.version(name)
+            found.append(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def mixed_install_message(found: list[str]) -> str | None:
+    """A warning when CPU and GPU faiss wheels are installed together: they overwrite each other's `faiss` module,
+    so which one imports depends on install order."""
+    if "faiss-cpu" in found and any(n.startswith("faiss-gpu") for n in found):
+        gpu = next(n for n in found if n.startswith("faiss-gpu"))
+        return (f"both faiss-cpu and {gpu} are installed; they provide the same `faiss` module and overwrite each "
+                f"other. Keep one: `pip uninstall -y faiss-cpu {gpu} && pip install {gpu}` (or `make setup-gpu`)")
+    return None
+
+
 def import_faiss() -> Any:
-    """Import faiss, or raise an ImportError that says what to install."""
+    """Import faiss, or raise an ImportError that says what to install; warns once about a mixed CPU+GPU install."""
+    global _mixed_checked
     try:
         import faiss
     except ImportError as e:
         raise ImportError("faiss is required for dense indexing and search: pip install faiss-cpu "
-                          "(or faiss-gpu / conda install -c pytorch faiss-gpu for GPU search)") from e
+                          "(GPU search: pip install faiss-gpu-cu12 instead, or `make setup-gpu`)") from e
+    if not _mixed_checked:
+        _mixed_checked = True
+        msg = mixed_install_message(faiss_distributions())
+        if msg:
+            logger.warning("%s", msg)
     return faiss
 
 

@@ -31,6 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from embedder.data.jsonl import atomic_open, write_jsonl_atomic
 from embedder.errors import DataError
 from embedder.paths import resolve_files
+from embedder.progress import Progress
 from embedder.data.records import candidate_list
 from embedder.scoring.records import FilePlan, choose_answers, iter_raw_lines, plan_file, trim_record
 from embedder.scoring.templates import build_templates
@@ -339,6 +340,7 @@ def _score_parts(s: ScoreSettings, jobs: list[FileJob], tasks: list[PartTask]) -
     for t in tasks:
         by_file.setdefault(t.file_index, []).append(t)
     done = 0
+    progress = Progress("scoring", sum(t.end - t.start for t in tasks), unit="records", logger=log)
     for fi, ftasks in by_file.items():
         job = jobs[fi]
         for task, rows in _iter_part_records(job.plan.path, ftasks, job.plan.skipped):
@@ -365,9 +367,11 @@ def _score_parts(s: ScoreSettings, jobs: list[FileJob], tasks: list[PartTask]) -
                 "lines": [line for line, _ in rows], "teacher_scores": scores, "stats": stats,
                 "seconds": round(seconds, 3), "scorer": describe})
             done += 1
+            progress.update(task.end - task.start)
             log.info("%s part %d/%d: %d records, %d LM inputs, %d tokens in %.1f s (%.1f inputs/s) [%d/%d parts here]",
                      job.plan.path, task.part + 1, job.n_parts, len(rows), len(lm_jobs),
                      stats.get("tokens", 0), seconds, len(lm_jobs) / max(seconds, 1e-9), done, len(tasks))
+    progress.finish()
 
 
 def _spawn_worker(rank: int, s: ScoreSettings, jobs: list[FileJob], tasks: list[PartTask]) -> None:

@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from embedder.data.corpus import texts_fingerprint
+from embedder.progress import Progress
 from embedder.retrieval.encode.store import META, EmbeddingStore, _atomic_json
 
 log = logging.getLogger("embedder.retrieval.encode")
@@ -312,10 +313,15 @@ def encode_in_lockstep(encoder: torch.nn.Module, jobs: list[EncodeJob], units_pe
         shard_rows = [[store.shard_rows(s) for s in range(store.num_shards)] if i == j else []
                       for i in range(len(jobs))]
         done = 0
+        rows = sum(len(shard_rows[j][s]) for _, s in mine)
+        # progress with an ETA in logs too (nohup, SLURM): in-training evaluation of a large corpus takes a while
+        progress = Progress(f"encoding {job.name} (rank {rank})", rows, unit="texts", logger=log)
         for batch in _BatchStream(mine, jobs, shard_rows, encoder.tokenizer, batch_size):
             emb = encoder.encode(model_inputs(batch, device), job.kind).float().cpu().numpy()  # (b, D)
             writer.add(batch, emb)
+            progress.update(len(emb))
             done += 1
+        progress.finish()
         if done < target:  # keep in step with the ranks that have more batches
             pad = {k: v.to(device) for k, v in encoder.tokenizer([""], return_tensors="pt").items()}
             for _ in range(target - done):
