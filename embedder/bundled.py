@@ -41,7 +41,7 @@ def job_dir(base: str) -> str:
     (`-m`, Optuna), `<base>/multirun/<the job's overrides>`, so the jobs of a sweep never share a folder and a rerun
     of the same sweep (with `ckpt_path=last`) finds each job's own folder. Overrides that do not change the result
     (ckpt_path, devices, ...) are left out by `hydra.job.config.override_dirname.exclude_keys`; a name longer than a
-    file name may be is cut and made unique with a hash."""
+    readable name would be is replaced by the job number and a hash of the overrides."""
     import hashlib
     import re
 
@@ -55,7 +55,8 @@ def job_dir(base: str) -> str:
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return base
-    name = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", hc.job.override_dirname or "") or f"job{hc.job.num}"
-    if len(name) > 120:
-        name = f"{name[:100]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    full = hc.job.override_dirname or ""
+    name = re.sub(r"[^A-Za-z0-9=,._+-]+", "_", full) or f"job{hc.job.num}"
+    if len(name) > 120:  # too long to read anyway: the job number and a hash of all its overrides (its config.yaml
+        name = f"job{hc.job.num}-{hashlib.sha1(full.encode()).hexdigest()[:10]}"  # says which they are)
     return os.path.join(base, "multirun", name)
