@@ -30,7 +30,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
+from embedder.data.jsonl import atomic_open, iter_jsonl, write_jsonl_atomic
 from embedder.evaluation.beir import graded_ndcg, graded_qrels, is_beir_folder, load_beir
 from embedder.evaluation.retrieval import RetrievalEvaluator
 from embedder.data.corpus import open_corpus, texts_fingerprint
@@ -63,6 +63,23 @@ def eval_specs(cfg: DictConfig) -> list[dict[str, Any]]:
     return specs
 
 
+def _run_mteb(cfg: DictConfig) -> dict[str, float]:
+    """`mteb_tasks=[...]`: MTEB's own evaluation of the model (with its prompts); metrics.json as for eval sets."""
+    from embedder.evaluation.mteb_tasks import run_mteb, sentence_transformer, tasks_by_name
+
+    tasks = tasks_by_name([str(t) for t in cfg.mteb_tasks])  # an unknown name fails before the model loads
+    path = cfg.get("model_path") or cfg.model.model_name_or_path
+    q_inst, k_inst = resolve_instruction(cfg, cfg.get("eval_task"))
+    model = sentence_transformer(str(path), q_inst, k_inst)
+    metrics = run_mteb(model, tasks, cfg.output_dir, batch_size=int(cfg.retriever.get("batch_size", 64)))
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with atomic_open(os.path.join(cfg.output_dir, "metrics.json"), suffix=".json") as f:
+        json.dump({"mteb": metrics, "model": str(path)}, f, indent=2)
+    for key in sorted(k for k in metrics if k.endswith("/main_score")):
+        log.info("%s = %.4f", key, metrics[key])
+    return metrics
+
+
 def _load_inputs(spec: dict[str, Any], cfg: DictConfig
                  ) -> tuple[list, Sequence[str] | None, Sequence[str] | None, str, str | None]:
     """`(queries as (line, record), corpus texts, corpus ids, queries path, corpus path)` for one eval set.
@@ -86,6 +103,8 @@ def _load_inputs(spec: dict[str, Any], cfg: DictConfig
 
 def run_evaluate(cfg: DictConfig) -> dict[str, float]:
     """Evaluate every eval set of `cfg`; write result and metrics files; return `{"<set>/<metric>": value}`."""
+    if cfg.get("mteb_tasks"):
+        return _run_mteb(cfg)
     specs = eval_specs(cfg)
     prepared = []
     for spec in specs:  # all inputs are read and checked before any model loads
