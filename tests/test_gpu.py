@@ -129,3 +129,34 @@ def test_bf16_unpadded_fit(tmp_path, tiny_bert):
     """train.py on the GPU with the default model.unpadded=auto, bf16-mixed and gradient checkpointing."""
     out = _fit(tmp_path, tiny_bert, ["trainer=gpu", "trainer.precision=bf16-mixed", "model.gradient_checkpointing=true"])
     assert os.path.isfile(os.path.join(str(out), "config.json"))
+
+
+@pytest.mark.parametrize("factory,params", [("Flat", {}), ("IVF64,Flat", {"nprobe": 8})])
+def test_gpu_faiss_top_k_equals_cpu_faiss(factory, params, tmp_path):
+    """With faiss-gpu installed (`make setup-gpu`): the GPU index returns the CPU index's top-k (Flat exactly; IVF
+    with the same probes), and the timing of both is printed for docs/benchmarks.md."""
+    import time
+
+    import numpy as np
+
+    from embedder.retrieval.faiss_index import FaissIndex, gpu_available
+
+    if not gpu_available():
+        pytest.skip("this faiss has no GPU support (pip install faiss-gpu-cu12, or make setup-gpu)")
+    rng = np.random.default_rng(0)
+    docs = rng.standard_normal((50_000, 128), dtype=np.float32)
+    queries = rng.standard_normal((2_000, 128), dtype=np.float32)
+    FaissIndex(factory, "ip", use_gpu=False, search_params=params).build(docs).save(str(tmp_path / "i.faiss"))
+    out, times = {}, {}
+    for use_gpu in (False, True):  # the same trained index (IVF centroids), searched on each side
+        index = FaissIndex.load(str(tmp_path / "i.faiss"), use_gpu=use_gpu)
+        index.search(queries[:10], 10)  # warm-up
+        t0 = time.perf_counter()
+        out[use_gpu] = index.search(queries, 100)
+        times[use_gpu] = time.perf_counter() - t0
+    (cs, ci), (gs, gi) = out[False], out[True]
+    overlap = np.mean([len(set(a) & set(b)) / 100 for a, b in zip(ci, gi)])
+    print(f"\n{factory} {params}: CPU {len(queries) / times[False]:.0f} q/s, GPU {len(queries) / times[True]:.0f} q/s, "
+          f"top-100 overlap {overlap:.4f}")
+    assert overlap >= (0.999 if factory == "Flat" else 0.99)  # float summation order may swap near-ties
+    np.testing.assert_allclose(np.sort(cs, 1), np.sort(gs, 1), rtol=1e-3, atol=1e-3)
