@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 from embedder.data.corpus import texts_fingerprint
+from embedder.progress import Progress
 from embedder.retrieval.base import Retriever, fingerprint, pad_results
 
 log = logging.getLogger("embedder.mining")
@@ -149,10 +150,23 @@ def _run_java(java: str, jar: str, main: str, args: list[str], what: str) -> Non
         cmd.append("--add-modules=jdk.incubator.vector")
     cmd += ["-cp", jar, main, *args]
     env = dict(os.environ, JAVA_HOME=os.path.dirname(os.path.dirname(os.path.realpath(java))))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-15:])
-        raise RuntimeError(f"Anserini {what} failed (exit code {proc.returncode}): {' '.join(cmd)}\n{tail}")
+    # Anserini's own log (documents indexed so far, queries searched) is passed on, at most one line every 30 s,
+    # so a long indexing run shows progress in nohup/SLURM logs too; the last lines are kept for an error.
+    import collections
+    import time
+
+    tail: collections.deque[str] = collections.deque(maxlen=15)
+    last = 0.0
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env) as proc:
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            if line and time.monotonic() - last >= 30:
+                last = time.monotonic()
+                log.info("Anserini %s: %s", what, line[-200:])
+        returncode = proc.wait()
+    if returncode != 0:
+        raise RuntimeError(f"Anserini {what} failed (exit code {returncode}): {' '.join(cmd)}\n" + "\n".join(tail))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -197,10 +211,14 @@ class PyseriniBM25(Retriever):
         try:
             coll = os.path.join(tmp, "collection")
             os.makedirs(coll)
+            progress = Progress("writing the Lucene input", len(corpus_texts), unit="docs", logger=log)
             for f, start in enumerate(range(0, len(corpus_texts), _DOCS_PER_FILE)):
                 with open(os.path.join(coll, f"docs{f:02d}.json"), "w", encoding="utf-8") as out:
                     for i in range(start, min(start + _DOCS_PER_FILE, len(corpus_texts))):
                         out.write(json.dumps({"id": str(i), "contents": corpus_texts[i]}, ensure_ascii=False) + "\n")
+                        if i % 10_000 == 9_999:
+                            progress.update(10_000)
+            progress.finish()
             index_tmp = os.path.join(tmp, "index")
             _run_java(self.java, self.jar, "io.anserini.index.IndexCollection",
                       ["-collection", "JsonCollection", "-generator", "DefaultLuceneDocumentGenerator",
