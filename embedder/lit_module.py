@@ -117,15 +117,12 @@ class RetrieverModule(LightningModule):
             (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
         groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         opt = self.optimizer_factory(groups) if self.optimizer_factory else torch.optim.AdamW(groups, lr=5e-6)
+        from transformers import get_linear_schedule_with_warmup
+
+        # the reference's schedule (HF Trainer): warmup steps = ceil(ratio x total), from lr 0 up, then down to 0
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = int(np.ceil(self.warmup_ratio * total))
-
-        def linear(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / max(1, warmup)
-            return max(0.0, (total - step) / max(1, total - warmup))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, linear)
+        sched = get_linear_schedule_with_warmup(opt, num_warmup_steps=warmup, num_training_steps=total)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def setup(self, stage: str) -> None:

@@ -413,3 +413,24 @@ def test_report_with_plots_from_the_csv_logs(tmp_path, tiny_bert, monkeypatch):
     (tmp_path / "out" / "report.md").unlink()
     assert write_report(str(tmp_path / "out")) is None and not (tmp_path / "out" / "report.md").exists()
 
+
+
+def test_lr_schedule_is_hf_trainers_linear_warmup(tmp_path, tiny_bert):
+    """The LR logged at every step equals transformers.get_linear_schedule_with_warmup with the HF Trainer's
+    warmup steps (ceil(warmup_ratio x total)): 0 at step 0, the peak after warmup, then linearly down to 0."""
+    import math
+
+    from transformers import get_linear_schedule_with_warmup
+
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, ["task=tool", f"train_data=[{toy_path('tool')}]",
+                                                            "eval=null", "export=false", "trainer.max_steps=10",
+                                                            "warmup_ratio=0.15", "optimizer.lr=1e-3"])))
+    logged = {int(r["step"]): float(r["lr-AdamW/pg1"]) for r in _metrics_rows(tmp_path) if r.get("lr-AdamW/pg1")}
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    sched = get_linear_schedule_with_warmup(opt, math.ceil(0.15 * 10), 10)
+    want = {}
+    for step in range(10):
+        want[step] = opt.param_groups[0]["lr"]
+        opt.step()
+        sched.step()
+    assert logged == pytest.approx(want) and logged[0] == 0.0 and max(logged.values()) == pytest.approx(1e-3)
