@@ -36,9 +36,16 @@ demo: setup ## fine-tune the bundled MiniLM on the bundled sample data (offline,
 train: setup ## train with overrides: make train ARGS="task=nq data_root=/data/llm-embedder trainer=gpu"
 	$(PY) train.py $(ARGS)
 
-test: setup ## run the whole test suite (offline); "no tests collected" (pytest exit 5) is a failure
+test: setup ## lint (ruff), then the whole test suite (offline); "no tests collected" (pytest exit 5) is a failure
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+lint: setup ## ruff with the sentence-transformers rule set (E, F, W, I, UP); `make fix` applies the safe fixes
+	$(PY) -m ruff check .
+
+fix: setup ## apply ruff's safe fixes (import order, pyupgrade)
+	$(PY) -m ruff check --fix .
 
 test-fast: setup ## skip the tests marked slow
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)

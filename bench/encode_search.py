@@ -60,8 +60,8 @@ def bench_encoding(args, texts: list[str]) -> dict:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from embedder.retrieval.encode import EncodeJob, encode_to_stores, make_predict_trainer
     from embedder.modeling.encoder import DualEncoder
+    from embedder.retrieval.encode import EncodeJob, encode_to_stores, make_predict_trainer
 
     torch.manual_seed(0)
     device = args.device
@@ -229,9 +229,8 @@ def main() -> None:
         if args.lengths == "msmarco":
             import random
 
-            from transformers import AutoTokenizer
-
             from lengths import msmarco_texts, one_token_words
+            from transformers import AutoTokenizer
 
             words = one_token_words(AutoTokenizer.from_pretrained(args.model))
             texts = msmarco_texts(args.passages, "key", words, random.Random(0), args.max_length)

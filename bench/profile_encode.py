@@ -29,12 +29,12 @@ def main() -> None:
     p.add_argument("--batch-tokens", type=int, default=32768)
     args = p.parse_args()
     import torch
+    from lengths import msmarco_texts, one_token_words
+    from train_throughput import model_folder
 
     from embedder.modeling.encoder import DualEncoder
     from embedder.retrieval.encode import EncodeJob, encode_to_stores, make_predict_trainer
     from embedder.retrieval.encode.predict import _BatchStream, model_inputs
-    from lengths import msmarco_texts, one_token_words
-    from train_throughput import model_folder
 
     path = model_folder(args.model)
     enc = DualEncoder(path, pooling="cls").to(args.device)

@@ -52,9 +52,10 @@ def msmarco_jobs(tokenizer, pairs: int, seed: int = 0):
     import math
     import random
 
+    from lengths import one_token_words
+
     from embedder.scoring.lm_scorer import Job
     from embedder.scoring.templates import Template
-    from lengths import one_token_words
 
     rng = random.Random(seed)
     words = one_token_words(tokenizer)

@@ -56,8 +56,12 @@ class model_load_errors:
         if exc is None or isinstance(exc, DataError) or not isinstance(exc, (OSError, ValueError)):
             return False
         try:
-            from huggingface_hub.errors import (GatedRepoError, HFValidationError, LocalEntryNotFoundError,
-                                                RepositoryNotFoundError)
+            from huggingface_hub.errors import (
+                GatedRepoError,
+                HFValidationError,
+                LocalEntryNotFoundError,
+                RepositoryNotFoundError,
+            )
         except ImportError:  # pragma: no cover - huggingface_hub comes with transformers
             return False
         chain, e = [], exc

@@ -30,13 +30,13 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from embedder.data.corpus import open_corpus, texts_fingerprint
 from embedder.data.jsonl import atomic_open, iter_jsonl, write_jsonl_atomic
 from embedder.evaluation.beir import graded_ndcg, graded_qrels, is_beir_folder, load_beir
 from embedder.evaluation.retrieval import RetrievalEvaluator
-from embedder.data.corpus import open_corpus, texts_fingerprint
+from embedder.paths import resolve_files, resolve_path
 from embedder.retrieval.base import fingerprint, launched_rank, search_in_shards
 from embedder.retrieval.build import build_retriever, resolve_instruction
-from embedder.paths import resolve_files, resolve_path
 
 log = logging.getLogger("embedder.evaluation")
 

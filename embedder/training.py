@@ -16,13 +16,13 @@ from omegaconf import DictConfig, OmegaConf
 from embedder.atomic import publish_folder, staging_folder
 from embedder.data.datamodule import RetrievalDataModule
 from embedder.data.jsonl import atomic_open
-from embedder.errors import DataError, model_load_errors
 from embedder.data.tasks import build_task_settings, export_prompts
-from embedder.retrieval.encode.predict import encoder_identity
+from embedder.errors import DataError, model_load_errors
 from embedder.evaluation.eval_set import build_eval_sets
 from embedder.lit_module import RetrieverModule
 from embedder.model_card import model_card
 from embedder.report import write_report
+from embedder.retrieval.encode.predict import encoder_identity
 
 log = logging.getLogger(__name__)
 

@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from embedder.data.train_files import load_train_file
 from embedder.data.tasks import build_task_settings
+from embedder.data.train_files import load_train_file
 from embedder.errors import DataError
 from embedder.paths import resolve_files, resolve_path
 
@@ -35,7 +35,7 @@ GOOD_TOOL = {"query": "q", "pos": ["p"], "neg": ["a", "b"], "task": "tool"}
 
 
 def test_malformed_json_names_file_and_line(tmp_path, tasks):
-    path = write(tmp_path, [GOOD_TOOL, '{"query": "q", "pos": [']) 
+    path = write(tmp_path, [GOOD_TOOL, '{"query": "q", "pos": ['])
     with pytest.raises(DataError, match=r"train.json, line 2: malformed JSON"):
         load_train_file(path, tasks)
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from embedder.modeling.encoder import DualEncoder
 from embedder.retrieval.encode import (
     EmbeddingStore,
     EncodeJob,
@@ -24,7 +25,6 @@ from embedder.retrieval.encode import (
     resolve_dtype,
 )
 from embedder.retrieval.encode.model import encoder_overrides
-from embedder.modeling.encoder import DualEncoder
 
 TEXTS = [("lorem ipsum " * (i % 9 + 1)) + f"doc {i}" for i in range(37)]  # varied lengths, 37 = 4 shards of 10
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-from embedder.retrieval.encode import load_encode
 from embedder.evaluate import run_evaluate
+from embedder.retrieval.encode import load_encode
 from tests.test_evaluate import eval_cfg
 
 

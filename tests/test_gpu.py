@@ -91,8 +91,7 @@ def test_varlen_kernel_matches_padded_sdpa_in_bf16(tiny_bert, tmp_path, pooling)
     gradients, on a bert-like model with head dim 64 and very different lengths in one batch."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from embedder.modeling import DualEncoder
-    from embedder.modeling import unpadded
+    from embedder.modeling import DualEncoder, unpadded
 
     torch.manual_seed(0)
     path = str(tmp_path / "bert-h256")

@@ -23,7 +23,6 @@ from embedder.errors import DataError
 from tests.conftest import compose
 from tests.test_mining import toy_corpus, write_toy
 
-
 TASKS = build_task_settings({"qa": {"loss": {"contrastive_weight": 1.0, "distill_weight": 0.0}}}, group_size=4)
 
 

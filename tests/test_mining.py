@@ -219,8 +219,8 @@ def test_bm25s_mining_catches_the_duplicate_positive(tmp_path):
 
 @needs_bm25s
 def test_mining_resumes_finished_search_shards(tmp_path, monkeypatch):
-    from embedder.retrieval import bm25
     from embedder.mining.run import run_mine
+    from embedder.retrieval import bm25
 
     cfg = mine_cfg(tmp_path, ["retriever=bm25", "retriever.backend=bm25s", "query_shard_size=3", "save_name=r"])
     calls: list[range] = []

@@ -342,7 +342,6 @@ def test_loggers_get_the_config_and_the_export_gets_a_model_card(tmp_path, tiny_
     """CSV hparams.yaml holds the resolved config, the training files with record counts, the commit and the
     versions; a multi-task export gets qa's instructions as its query/document prompts and a real model card."""
     import yaml
-
     from sentence_transformers import SentenceTransformer
 
     qa, tool = toy_path("qa"), toy_path("tool")

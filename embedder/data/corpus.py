@@ -238,7 +238,8 @@ class ParquetCorpus(Corpus):
     def __init__(self, path: str, key_template: str, files: list[str], group_file: np.ndarray,
                  group_index: np.ndarray, group_starts: np.ndarray, id_field: str | None, digest: str):
         self.path, self.key_template, self.files = path, key_template, files
-        self.group_file, self.group_index, self.group_starts = group_file, group_index, group_starts  # (G,), (G,), (G+1,)
+        # (G,), (G,), (G+1,)
+        self.group_file, self.group_index, self.group_starts = group_file, group_index, group_starts
         self.id_field, self._digest = id_field, digest
         self.columns = key_fields(key_template) + ([id_field] if id_field and id_field not in key_fields(key_template)
                                                    else [])

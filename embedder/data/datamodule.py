@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader
 from embedder.data.batching import SameDatasetBatchSampler
 from embedder.data.collator import RetrievalCollator
 from embedder.data.dataset import MultiTaskTrainDataset
-from embedder.data.train_files import TrainFile, load_train_file, report
 from embedder.data.tasks import TaskSettings
+from embedder.data.train_files import TrainFile, load_train_file, report
 from embedder.paths import resolve_files
 
 log = logging.getLogger(__name__)

@@ -7,9 +7,9 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
-from embedder.data.train_files import TrainFile
 from embedder.data.sampling import sample_group
 from embedder.data.tasks import TaskSettings
+from embedder.data.train_files import TrainFile
 
 
 class MultiTaskTrainDataset(Dataset):

@@ -81,7 +81,9 @@ def load_queries(path: str, corpus_size: int | None = None, skip_bad: bool = Fal
         offsets.append(offset)
         lines.append(line)
         rows.append(row)
-    as_np = (lambda a: np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64))
+    def as_np(a) -> np.ndarray:
+        return np.frombuffer(a, dtype=np.int64) if len(a) else np.zeros(0, np.int64)
+
     result = QueryFile(path, as_np(offsets), as_np(lines), as_np(rows), total, skips.skipped, corpus_size)
     if skips.total:
         log.warning("%s", result.report())

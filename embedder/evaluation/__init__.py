@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from embedder.evaluation.metrics import QueryMetrics, compute_metrics, per_query_metrics
-from embedder.retrieval.nq_answer import SimpleTokenizer, answer_recall, has_answer
 from embedder.evaluation.retrieval import RetrievalEvaluator
+from embedder.retrieval.nq_answer import SimpleTokenizer, answer_recall, has_answer
 
 __all__ = ["QueryMetrics", "RetrievalEvaluator", "SimpleTokenizer", "answer_recall", "compute_metrics", "has_answer",
            "per_query_metrics"]

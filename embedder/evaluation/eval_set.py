@@ -34,11 +34,11 @@ from embedder.data.index_cache import cache_root
 from embedder.data.jsonl import iter_jsonl
 from embedder.data.tasks import Instruction, TaskSettings
 from embedder.distributed import is_distributed, rank, world_size
+from embedder.evaluation.retrieval import RetrievalEvaluator
+from embedder.paths import resolve_files
 from embedder.retrieval.encode.predict import EncodeJob, encode_in_lockstep, encoder_identity
 from embedder.retrieval.encode.store import EmbeddingStore
-from embedder.evaluation.retrieval import RetrievalEvaluator
 from embedder.retrieval.faiss_index import FaissIndex, merge_topk
-from embedder.paths import resolve_files
 
 log = logging.getLogger("embedder.evaluation")
 

@@ -30,9 +30,9 @@ from embedder.data.records import check_query_record, format_key
 from embedder.errors import DataError, no_records_error
 from embedder.evaluation.metrics import METRICS as RANKING_METRICS
 from embedder.evaluation.metrics import compute_metrics
-from embedder.retrieval.nq_answer import answer_recall
 from embedder.retrieval.faiss_index import METRICS as DENSE_METRICS
 from embedder.retrieval.faiss_index import FaissIndex
+from embedder.retrieval.nq_answer import answer_recall
 
 logger = logging.getLogger("embedder.evaluation")
 

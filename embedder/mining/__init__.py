@@ -8,10 +8,10 @@ and the checked, lazily read inputs `open_corpus` (`embedder.data.corpus`) and `
 
 from __future__ import annotations
 
-from embedder.retrieval.base import Retriever, search_in_shards
 from embedder.data.corpus import Corpus, open_corpus
 from embedder.data.queries import QueryFile, load_queries
 from embedder.mining.negatives import NegativeRule, mined_record, select_negatives
+from embedder.retrieval.base import Retriever, search_in_shards
 
 __all__ = ["Corpus", "NegativeRule", "QueryFile", "Retriever", "load_queries", "open_corpus", "mined_record",
            "run_mine", "search_in_shards", "select_negatives"]

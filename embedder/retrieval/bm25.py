@@ -26,7 +26,7 @@ import subprocess
 import tempfile
 import zipfile
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 from typing import Any
 
 import numpy as np
@@ -65,7 +65,7 @@ def anserini_jar() -> str:
     return max(jars, key=os.path.getmtime)
 
 
-@lru_cache(maxsize=None)
+@cache
 def required_java(jar: str) -> int:
     """The Java major version the jar's classes were compiled for (class-file major version - 44)."""
     with zipfile.ZipFile(jar) as z:
@@ -77,7 +77,7 @@ def required_java(jar: str) -> int:
     return int.from_bytes(head[6:8], "big") - 44
 
 
-@lru_cache(maxsize=None)
+@cache
 def java_version(java: str) -> int | None:
     """Major version of a `java` executable (8 for 1.8), None if it does not run."""
     try:
@@ -91,7 +91,7 @@ def java_version(java: str) -> int | None:
     return int(m.group(2) or 0) if major == 1 else major
 
 
-@lru_cache(maxsize=None)
+@cache
 def _has_vector_module(java: str) -> bool:
     try:
         out = subprocess.run([java, "--list-modules"], capture_output=True, text=True, timeout=60)

@@ -55,9 +55,9 @@ def build_retriever(cfg: DictConfig, work_dir: str, query_instruction: str = "",
                          save_index=bool(rcfg.get("save_index", True)))
     if rcfg.name != "dense":
         raise ValueError(f"retriever={rcfg.name!r}; valid: dense, bm25")
+    from embedder.retrieval.dense import DenseRetriever
     from embedder.retrieval.encode import make_predict_trainer
     from embedder.retrieval.encode.model import load_encoder
-    from embedder.retrieval.dense import DenseRetriever
 
     encoder = encoder if encoder is not None else load_encoder(cfg.model, cfg.get("model_path"))
     icfg = cfg.index

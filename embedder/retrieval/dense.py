@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from embedder.data.corpus import prefixed
+from embedder.retrieval.base import Retriever
 from embedder.retrieval.encode import EncodeJob, encode_to_stores, encoder_identity
 from embedder.retrieval.faiss_index import FaissIndex
-from embedder.retrieval.base import Retriever
 
 log = logging.getLogger("embedder.mining")
 

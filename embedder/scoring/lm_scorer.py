@@ -43,7 +43,8 @@ NORMALIZE = ("mean", "sum")
 # follows the token budget, not the longest record (a 5 MB query was tokenised whole, once per candidate). No
 # tokenizer of a scoring LM makes tokens this long on text, so the tokens kept after the cut are the same.
 CHARS_PER_TOKEN = 32
-TINY_RANDOM = "tiny-random"  # model_name_or_path that builds (once, cached) the tiny random LM of embedder.scoring.tiny_lm
+# model_name_or_path that builds (once, cached) the tiny random LM of embedder.scoring.tiny_lm
+TINY_RANDOM = "tiny-random"
 
 
 @dataclass
@@ -357,7 +358,8 @@ class LMScorer:
         ids = torch.tensor([t for r in rows for t in r.input_ids], dtype=torch.long)  # (T,)
         positions = torch.from_numpy(np.concatenate([np.arange(n) for n in lengths]))  # (T,)
         cu = torch.tensor([0, *np.cumsum(lengths)], dtype=torch.int32)  # (N+1,)
-        # the logits at position p predict token p+1: for each row, positions [end-k-1, end-1) predict its k answer tokens
+        # the logits at position p predict token p+1: for each row, positions [end-k-1, end-1) predict its k answer
+        # tokens
         keep = np.concatenate([np.arange(s + n - r.n_answer - 1, s + n - 1) for s, n, r in zip(starts, lengths, rows)])
         row_of = np.repeat(np.arange(len(rows)), [r.n_answer for r in rows])  # (K,)
         dev = self.device

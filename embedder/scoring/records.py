@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from dataclasses import dataclass, field
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from embedder.data.jsonl import parse_line
-from embedder.data.records import candidate_list
-from embedder.data.records import check_scoring_record
+from embedder.data.records import candidate_list, check_scoring_record
 from embedder.errors import DataError, no_records_error
 from embedder.scoring.templates import Template
 

@@ -22,17 +22,16 @@ import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
-
-import numpy as np
 from typing import Any
 
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from embedder.data.jsonl import atomic_open, write_jsonl_atomic
+from embedder.data.records import candidate_list
 from embedder.errors import DataError
 from embedder.paths import resolve_files
 from embedder.progress import Progress
-from embedder.data.records import candidate_list
 from embedder.scoring.records import FilePlan, choose_answers, iter_raw_lines, plan_file, trim_record
 from embedder.scoring.templates import build_templates
 

@@ -6,7 +6,13 @@
 
 from __future__ import annotations
 
-from embedder.retrieval.encode.predict import EncodeJob, encode_to_stores, encoder_identity, make_predict_trainer, resolve_dtype
+from embedder.retrieval.encode.predict import (
+           EncodeJob,
+           encode_to_stores,
+           encoder_identity,
+           make_predict_trainer,
+           resolve_dtype,
+)
 from embedder.retrieval.encode.store import EmbeddingStore, StoreMismatch, load_encode
 
 __all__ = ["EmbeddingStore", "EncodeJob", "StoreMismatch", "encode_to_stores", "encoder_identity", "load_encode",
