@@ -51,7 +51,7 @@ test-fast: setup ## skip the tests marked slow
 	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 sample-data: setup ## regenerate embedder/sample_data from its generator
-	$(PY) -m embedder.sample_data.build
+	$(PY) tools/build_sample_data.py
 
 mine: setup ## mine hard negatives (no ARGS: bundled sample + MiniLM): make mine ARGS="retriever=bm25 save_name=bm25"
 	$(PY) mine.py $(ARGS)

@@ -8,9 +8,9 @@ import pytest
 
 import embedder
 from embedder.data.jsonl import read_jsonl
-from embedder.sample_data import build as sample_build
 
 ROOT = os.path.join(os.path.dirname(embedder.__file__), "sample_data")
+ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository (tools/)
 
 FILES = ["qa/train.json", "qa/test.json", "qa/corpus.json",
          "tool/train.json", "tool/test.json", "tool/corpus.json",
@@ -150,8 +150,14 @@ def test_qa_test_entities_never_appear_as_training_positives():
 
 
 def test_build_is_deterministic_and_matches_committed_files(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("build_sample_data", os.path.join(ROOT_DIR, "tools",
+                                                                                   "build_sample_data.py"))
+    sample_build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sample_build)
     counts = sample_build.build(str(tmp_path))
     assert sorted(counts) == sorted(FILES)
     for rel in FILES:
         with open(os.path.join(ROOT, rel), "rb") as a, open(os.path.join(tmp_path, rel), "rb") as b:
-            assert a.read() == b.read(), f"{rel} differs; rerun `python -m embedder.sample_data.build`"
+            assert a.read() == b.read(), f"{rel} differs; rerun `python tools/build_sample_data.py`"

@@ -7,8 +7,8 @@ model log-likelihoods that the LLM-Embedder recipe distils from.
 
 Run it with
 
-    python -m embedder.sample_data.build            # rewrite the files next to this script
-    python -m embedder.sample_data.build --out DIR  # write them somewhere else
+    python tools/build_sample_data.py            # rewrite embedder/sample_data
+    python tools/build_sample_data.py --out DIR  # write them somewhere else
 
 The output depends only on SEED: running it twice gives byte-identical files.
 """
@@ -24,7 +24,8 @@ from typing import Any
 from embedder.data.jsonl import write_jsonl_atomic
 
 SEED = 20240611
-HERE = os.path.dirname(os.path.abspath(__file__))
+# the package folder that holds the generated files (this generator is a tool, not runtime code)
+HERE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "embedder", "sample_data")
 
 Record = dict[str, Any]
 
