@@ -591,3 +591,23 @@ def test_skip_bad_records_leaves_them_out_counts_them_and_resumes(tmp_path, tiny
     clean = write_jsonl(tmp_path / "clean" / "qa.json", recs)
     (ref,) = run_score(score_cfg(tiny_lm, clean, ["answer_choice=first"]))["files"]
     assert [r["teacher_scores"] for r in read_jsonl(ref["output"])] == [r["teacher_scores"] for r in got]
+
+
+def test_scoring_defaults_live_in_one_place():
+    """score.yaml states ScoreSettings' defaults, and LMScorer's own defaults are the same values."""
+    import dataclasses
+    import inspect
+
+    from omegaconf import OmegaConf
+
+    from embedder.scoring.lm_scorer import LMScorer
+    from embedder.scoring.settings import ScoreSettings
+
+    yaml_cfg = OmegaConf.load(os.path.join(ROOT, "configs", "score.yaml"))
+    defaults = {f.name: f.default for f in dataclasses.fields(ScoreSettings) if f.default is not dataclasses.MISSING}
+    for key, value in defaults.items():
+        if key in yaml_cfg and key not in ("output_dir", "data_root"):
+            assert yaml_cfg[key] == value, key
+    params = inspect.signature(LMScorer.__init__).parameters
+    for key in ("batch_size", "max_tokens_per_batch", "key_max_length", "normalize", "packed"):
+        assert params[key].default == defaults[key], key

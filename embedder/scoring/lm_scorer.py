@@ -39,6 +39,10 @@ from embedder.scoring.templates import Template
 log = logging.getLogger(__name__)
 
 NORMALIZE = ("mean", "sum")
+# Scoring defaults, shared by LMScorer and ScoreSettings (configs/score.yaml states them; a test checks they agree)
+BATCH_SIZE = 16  # sequences per forward pass
+MAX_TOKENS_PER_BATCH = 16384  # tokens per forward pass (real tokens when packed)
+KEY_MAX_LENGTH = 512  # keys are cut to this many tokens first (the reference)
 # Texts are cut by characters before they are tokenised, to this many characters per token of the budget, so memory
 # follows the token budget, not the longest record (a 5 MB query was tokenised whole, once per candidate). No
 # tokenizer of a scoring LM makes tokens this long on text, so the tokens kept after the cut are the same.
@@ -71,8 +75,9 @@ class LMScorer:
     def __init__(self, model_name_or_path: str, *, name: str | None = None, gguf_file: str | None = None,
                  revision: str | None = None, dtype: str = "auto", device: str = "auto", device_map: Any = None,
                  attn_implementation: str | None = "sdpa", trust_remote_code: bool = False,
-                 max_length: int | None = None, key_max_length: int | None = 512, normalize: str = "mean",
-                 batch_size: int = 8, max_tokens_per_batch: int | None = 16384, packed: str | bool = "auto",
+                 max_length: int | None = None, key_max_length: int | None = KEY_MAX_LENGTH, normalize: str = "mean",
+                 batch_size: int = BATCH_SIZE, max_tokens_per_batch: int | None = MAX_TOKENS_PER_BATCH,
+                 packed: str | bool = "auto",
                  load_model: bool = True, tiny_dir: str | None = None):
         if normalize not in NORMALIZE:
             raise ValueError(f"normalize={normalize!r}; valid: {', '.join(NORMALIZE)}")

@@ -1,0 +1,119 @@
+"""Scoring settings: `ScoreSettings` (the one place the scoring defaults live; `configs/score.yaml` states the same
+values and a test checks they agree), resolved from the Hydra config, and the scorer they build."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from embedder.paths import resolve_files
+from embedder.scoring.lm_scorer import BATCH_SIZE, KEY_MAX_LENGTH, MAX_TOKENS_PER_BATCH
+
+LM_KEYS = ("name", "model_name_or_path", "gguf_file", "revision", "dtype", "device", "device_map",
+           "attn_implementation", "trust_remote_code", "max_length", "tiny_dir")
+
+
+@dataclass
+class ScoreSettings:
+    """The resolved, plain settings of one scoring run (picklable, for worker processes)."""
+
+    files: list[str]
+    lm: dict[str, Any]
+    templates: dict[str, Any]
+    save_name: str
+    output_dir: str | None = None
+    data_root: str | None = None
+    task: str | None = None
+    seed: int = 42
+    normalize: str = "mean"
+    answer_choice: str = "seeded"
+    key_max_length: int | None = KEY_MAX_LENGTH
+    max_candidates: int | None = None
+    max_records: int | None = None
+    batch_size: int = BATCH_SIZE
+    max_tokens_per_batch: int | None = MAX_TOKENS_PER_BATCH
+    packed: str = "auto"
+    skip_bad_records: bool = False
+    part_size: int = 256
+    num_shards: int = 1
+    shard_id: int = 0
+    devices: int = 1
+    keep_parts: bool = False
+    overwrite: bool = False
+    dry_run: bool = False
+    merge_poll_s: float = 5.0
+
+
+def settings_from_cfg(cfg: DictConfig) -> ScoreSettings:
+    """Resolve the Hydra config into ScoreSettings; `eval_data: null` means the bundled sample (cfg.sample)."""
+    from embedder.bundled import register_resolvers
+
+    register_resolvers()
+    c = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
+         for k, v in ((k, cfg[k]) for k in cfg if k != "hydra")}  # the hydra node needs a running job to resolve
+    sample = c.get("sample") or {}
+    use_sample = c.get("eval_data") is None
+    data_root = sample.get("data_root") if use_sample else c.get("data_root")
+    raw_files = sample.get("files") if use_sample else c["eval_data"]
+    if not raw_files:
+        raise ValueError("nothing to score: set eval_data=<file or glob> (and data_root for `llm-embedder:` paths)")
+    files = resolve_files(raw_files, data_root, what="eval_data")
+    pick = (lambda k: c.get(k) if c.get(k) is not None else sample.get(k)) if use_sample else c.get
+    fields = ScoreSettings.__dataclass_fields__
+
+    def d(key: str) -> Any:  # the config's value, else ScoreSettings' default (the one place defaults live)
+        return c[key] if key in c else fields[key].default
+    lm = {k: v for k, v in (c.get("lm") or {}).items() if k in LM_KEYS}
+    unknown = set(c.get("lm") or {}) - set(LM_KEYS)
+    if unknown:
+        raise ValueError(f"lm config has unknown keys {sorted(unknown)}; allowed: {', '.join(LM_KEYS)}")
+    if not lm.get("model_name_or_path"):
+        raise ValueError("lm.model_name_or_path is not set; pick an lm config, e.g. lm=smollm2 or lm=llama2-7b-chat")
+    s = ScoreSettings(
+        files=files, lm=lm, templates=c.get("templates") or {}, save_name=str(c.get("save_name") or lm.get("name")),
+        output_dir=pick("output_dir"), data_root=data_root, task=c.get("default_task"), seed=int(d("seed")),
+        normalize=d("normalize"), answer_choice=d("answer_choice"),
+        key_max_length=d("key_max_length"), max_candidates=pick("max_candidates"), max_records=pick("max_records"),
+        batch_size=int(d("batch_size")), max_tokens_per_batch=d("max_tokens_per_batch"),
+        packed=str(d("packed")).lower(), skip_bad_records=bool(d("skip_bad_records")), part_size=int(d("part_size")),
+        num_shards=int(d("num_shards")), shard_id=int(d("shard_id")), devices=int(d("devices")),
+        keep_parts=bool(d("keep_parts")), overwrite=bool(d("overwrite")), dry_run=bool(d("dry_run")))
+    if s.part_size < 1:
+        raise ValueError(f"part_size must be >= 1, got {s.part_size}")
+    if not 0 <= s.shard_id < s.num_shards:
+        raise ValueError(f"shard_id={s.shard_id} must be in [0, num_shards={s.num_shards})")
+    if s.devices < 1:
+        raise ValueError(f"devices must be >= 1, got {s.devices}")
+    if s.max_records is not None and s.max_records < 1:
+        raise ValueError(f"max_records must be >= 1 (or null for all), got {s.max_records}")
+    from embedder.scoring.lm_scorer import NORMALIZE
+
+    if s.normalize not in NORMALIZE:
+        raise ValueError(f"normalize={s.normalize!r}; valid: {', '.join(NORMALIZE)}")
+    if "/" in s.save_name or not s.save_name:
+        raise ValueError(f"save_name={s.save_name!r} must be a non-empty file-name part (no '/')")
+    return s
+
+
+def output_paths(path: str, s: ScoreSettings) -> tuple[str, str, str]:
+    """(scored file, meta sidecar, part cache folder) for one input file."""
+    stem, ext = os.path.splitext(os.path.basename(path))
+    folder = os.path.dirname(os.path.abspath(path))
+    if s.output_dir:
+        rel = ""
+        if s.data_root:
+            r = os.path.relpath(folder, os.path.abspath(os.path.expanduser(s.data_root)))
+            rel = "" if r == "." or r.startswith("..") else r
+        folder = os.path.join(s.output_dir, rel)
+    base = os.path.join(folder, f"{stem}.scored.{s.save_name}")
+    return base + (ext or ".json"), base + ".meta.json", base + ".parts"
+
+
+def build_scorer(s: ScoreSettings, load_model: bool = True):
+    from embedder.scoring.lm_scorer import LMScorer
+
+    return LMScorer(**s.lm, key_max_length=s.key_max_length, normalize=s.normalize, batch_size=s.batch_size,
+                    max_tokens_per_batch=s.max_tokens_per_batch, packed=s.packed, load_model=load_model)
