@@ -27,7 +27,6 @@ import os
 from collections.abc import Hashable, Sequence
 from typing import Any
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from embedder.data.corpus import open_corpus, texts_fingerprint
@@ -217,28 +216,7 @@ def metrics_table(results: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
-@hydra.main(version_base="1.3", config_path="../configs", config_name="eval")
-def main(cfg: DictConfig) -> float | None:
-    from embedder.errors import reported_input_errors
-
-    with reported_input_errors():
-        metrics = run_evaluate(cfg)
-    key = cfg.get("optimized_metric")  # a task's `val/<set>/<metric>` (what train.py logs) or `<set>/<metric>`
-    if not key:
-        return None
-    return metrics.get(key[len("val/"):] if key.startswith("val/") else key)
-
-
 if __name__ == "__main__":
-    import sys
+    from embedder.cli import run_entry
 
-    from embedder.bundled import register_resolvers
-    from embedder.config_check import check_overrides
-
-    register_resolvers()
-    overrides = [a for a in sys.argv[1:] if "=" in a and not a.startswith("-")]
-    problem = check_overrides(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"),
-                              "eval", overrides)
-    if problem:
-        sys.exit(problem)
-    main()
+    run_entry("eval", run_evaluate)

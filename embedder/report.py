@@ -52,7 +52,8 @@ def write_report(output_dir: str, before: dict[str, float] | None = None, after:
     with the reason logged)."""
     path = latest_metrics_csv(output_dir)
     if path is None:
-        log.info("no report: no CSV logs in %s (logger=csv or logger=many writes them)", output_dir)
+        log.info("no report: no %s/csv/version_*/metrics.csv (logger=csv or many writes it, once a run has logged "
+                 "trainer.log_every_n_steps steps)", output_dir)
         return None
     try:
         import matplotlib

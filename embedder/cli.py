@@ -1,0 +1,46 @@
+"""The one shape of the four commands (train.py, mine.py, score.py, `python -m embedder.evaluate`).
+
+Each entry point is `run_entry("<config name>", <run function>)`: the config resolvers, the check of `key=value`
+overrides against the config (unknown keys listed with the valid ones), Hydra, and one `error:` line with exit code 1
+for bad input (`embedder.errors.reported_input_errors`). The run function lives in the package and takes the
+composed config, so tests call it directly. What it returns is a metrics dict; a sweeper gets `optimized_metric`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
+
+def optimized_value(cfg: Any, result: Any) -> float | None:
+    """The value a sweeper optimises: `optimized_metric` in the returned metrics (`val/<set>/<metric>` as train.py
+    logs it, or `<set>/<metric>` as evaluate returns it)."""
+    key = cfg.get("optimized_metric") if hasattr(cfg, "get") else None
+    if not key or not isinstance(result, dict):
+        return None
+    if key in result:
+        return result[key]
+    return result.get(key[len("val/"):] if key.startswith("val/") else key)
+
+
+def run_entry(config_name: str, run: Callable[[Any], Any]) -> None:
+    """Run `run(cfg)` as a Hydra command on configs/<config_name>.yaml (see the module docstring)."""
+    import hydra
+
+    from embedder.bundled import register_resolvers
+    from embedder.config_check import exit_on_unknown_keys
+    from embedder.errors import reported_input_errors
+
+    register_resolvers()
+    exit_on_unknown_keys(config_name)
+
+    @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
+    def main(cfg) -> float | None:
+        with reported_input_errors():
+            result = run(cfg)
+        return optimized_value(cfg, result)
+
+    main()
