@@ -1,4 +1,8 @@
-"""Publish a folder of files (a model export) into a folder that holds other things too (checkpoints, metrics).
+"""Atomic writes: the one writer for files (`atomic_path`, `atomic_open`, `write_json`), the one for folders
+(`atomic_dir`), and the export swap (`staging_folder` + `publish_folder`). A crash, a kill or a full disk leaves the
+old output or the complete new one, never a half-written one; temp names start with "." beside the target.
+
+Publishing a folder of files (a model export) into a folder that holds other things too (checkpoints, metrics):
 
 Hand-written because no library swaps a set of files into a shared folder: the new export is written completely
 into a temp folder beside the target first (a full disk or a crash fails there, touching nothing), and only then
@@ -9,12 +13,73 @@ new one lacks are removed last. `.export-manifest.json` lists what the last expo
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
 import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import IO, Any
 
 MANIFEST = ".export-manifest.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str = ".tmp") -> Iterator[str]:
+    """A temp path beside `path` to write (by name: `np.save`, `faiss.write_index`, ...); renamed over `path` when
+    the block succeeds, removed when it fails."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=folder)
+    os.close(fd)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the final file normal permissions
+        yield tmp
+        with open(tmp, "rb+") as f:  # on disk before the rename, so a crash cannot leave an empty final file
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, suffix: str = ".tmp", binary: bool = False) -> Iterator[IO[Any]]:
+    """`open` a temp file beside `path` for writing (text UTF-8, or `binary`); renamed over `path` on success."""
+    with atomic_path(path, suffix) as tmp:
+        with open(tmp, "wb") if binary else open(tmp, "w", encoding="utf-8") as f:
+            yield f
+
+
+def write_json(path: str, obj: Any, indent: int | None = 2) -> None:
+    """`obj` as JSON at `path`, atomically."""
+    with atomic_open(path, suffix=".json") as f:
+        json.dump(obj, f, indent=indent, ensure_ascii=False, default=str)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str) -> Iterator[str]:
+    """A temp folder beside `path` to fill; it replaces `path` (a previous folder is removed) when the block
+    succeeds, and is removed when it fails."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
+    try:
+        yield tmp
+        if os.path.isdir(path):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.old-", dir=parent)
+            os.replace(path, os.path.join(old, "x"))
+            os.replace(tmp, path)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 TMP_PREFIX = ".export-tmp-"
 
 
@@ -48,10 +113,7 @@ def publish_folder(tmp: str, out_dir: str) -> list[str]:
     for name in old:
         if name not in new and os.path.lexists(os.path.join(out_dir, name)):
             os.replace(os.path.join(out_dir, name), os.path.join(trash, name))
-    from embedder.data.jsonl import atomic_open
-
-    with atomic_open(old_path, suffix=".json") as f:
-        json.dump({"entries": new}, f, indent=1)
+    write_json(old_path, {"entries": new}, indent=1)
     shutil.rmtree(trash, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
     return new

@@ -29,8 +29,9 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from embedder.atomic import atomic_open, write_json
 from embedder.data.corpus import open_corpus, texts_fingerprint
-from embedder.data.jsonl import atomic_open, iter_jsonl, write_jsonl_atomic
+from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
 from embedder.evaluation.beir import graded_ndcg, graded_qrels, is_beir_folder, load_beir
 from embedder.evaluation.retrieval import RetrievalEvaluator
 from embedder.paths import resolve_files, resolve_path
@@ -200,11 +201,7 @@ def _score(evaluator: RetrievalEvaluator, preds: dict, graded: dict | None) -> d
 
 
 def _write_json(path: str, obj: Any) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, default=str)
-    os.replace(tmp, path)
+    write_json(path, obj)
 
 
 def metrics_table(results: dict[str, dict[str, float]]) -> str:

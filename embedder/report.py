@@ -88,7 +88,7 @@ def write_report(output_dir: str, before: dict[str, float] | None = None, after:
         lines += [f"| {k} | {before[k]:.4f} | {v:.4f} |" if before and k in before else f"| {k} | - | {v:.4f} |"
                   for k, v in sorted(after.items())]
         lines.append("")
-    from embedder.data.jsonl import atomic_open
+    from embedder.atomic import atomic_open
 
     out = os.path.join(output_dir, "report.md")
     with atomic_open(out, suffix=".md") as f:

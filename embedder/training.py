@@ -13,9 +13,8 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from embedder.atomic import publish_folder, staging_folder
+from embedder.atomic import atomic_open, publish_folder, staging_folder
 from embedder.data.datamodule import RetrievalDataModule
-from embedder.data.jsonl import atomic_open
 from embedder.data.tasks import build_task_settings, export_prompts
 from embedder.errors import DataError, model_load_errors
 from embedder.evaluation.eval_set import build_eval_sets

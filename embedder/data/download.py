@@ -62,7 +62,7 @@ from typing import Any
 
 from huggingface_hub import HfApi, hf_hub_download
 
-from embedder.data.jsonl import atomic_open
+from embedder.atomic import atomic_open
 from embedder.errors import DataError, reported_input_errors
 from embedder.progress import Progress, fmt_size, fmt_time
 
@@ -757,17 +757,13 @@ def _move_file(src: Path, dest: Path) -> None:
 
 def gunzip_atomic(src: Path, dest: Path) -> None:
     """Decompress `src` to a temp file beside `dest`, then rename it into place (never a half-written `dest`)."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=dest.suffix, dir=dest.parent)
     try:
-        with open(src, "rb") as raw, Progress(f"decompressing {src.name}", src.stat().st_size, quiet_below=0, logger=log) as bar, \
-                gzip.open(_CountingReader(raw, bar.update)) as zin, os.fdopen(fd, "wb") as out:
+        with open(src, "rb") as raw, \
+                Progress(f"decompressing {src.name}", src.stat().st_size, quiet_below=0, logger=log) as bar, \
+                gzip.open(_CountingReader(raw, bar.update)) as zin, \
+                atomic_open(str(dest), suffix=dest.suffix, binary=True) as out:
             shutil.copyfileobj(zin, out, 1 << 22)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, dest)
     except (OSError, EOFError) as e:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
         if isinstance(e, OSError) and e.errno is not None:
             raise  # a disk error: reported by main
         _discard(src)

@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from embedder.atomic import atomic_open, write_json
+
 log = logging.getLogger("embedder.data")
 
 VERSION = 1  # bump when the validation rules change, so stale entries are not trusted
@@ -61,13 +63,9 @@ def cached_index(kind: str, key: dict[str, Any], build: Callable[[], tuple[dict[
         try:
             os.makedirs(folder, exist_ok=True)
             for name, arr in arrays.items():
-                tmp = os.path.join(folder, f".{digest}.{name}.{os.getpid()}.tmp.npy")
-                np.save(tmp, np.ascontiguousarray(arr))
-                os.replace(tmp, os.path.join(folder, f"{digest}.{name}.npy"))
-            tmp = os.path.join(folder, f".{digest}.{os.getpid()}.tmp.json")
-            with open(tmp, "w", encoding="utf-8") as f:
-                json.dump(meta, f, default=str)
-            os.replace(tmp, meta_path)
+                with atomic_open(os.path.join(folder, f"{digest}.{name}.npy"), suffix=".npy", binary=True) as f:
+                    np.save(f, np.ascontiguousarray(arr))
+            write_json(meta_path, meta, indent=None)  # last: an entry with its meta is complete
         except OSError as e:
             log.warning("could not cache the index of %s under %s (%s); continuing without the cache",
                         key.get("file", {}).get("path", kind), folder, e)

@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any
 
 import numpy as np
 
+from embedder.atomic import atomic_open
 from embedder.errors import DataError
 from embedder.progress import Progress
 
@@ -120,30 +119,6 @@ class LazyView(Sequence):
         if isinstance(i, slice):
             return [self.get(j) for j in range(*i.indices(self.length))]
         return self.get(i)
-
-
-@contextlib.contextmanager
-def atomic_open(path: str, suffix: str = ".tmp") -> Iterator[IO[str]]:
-    """Open a temp file beside `path` for writing; on success fsync it and rename it over `path`.
-
-    A crash leaves either the old file or the complete new one, never a half-written file.
-    """
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=folder)
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the final file normal permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_jsonl_atomic(path: str, records: Iterable[dict[str, Any]]) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import datetime
 import itertools
-import json
 import logging
 import os
 import time
@@ -27,6 +26,7 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig
 
+from embedder.atomic import write_json
 from embedder.data.corpus import open_corpus, texts_fingerprint
 from embedder.data.jsonl import write_jsonl_atomic
 from embedder.data.queries import load_queries
@@ -127,11 +127,7 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
             "max_neg_num": rule.max_neg_num, "filter_answers": rule.filter_answers, "answer_match": rule.answer_match,
             **retriever.describe(), **stats}
     meta_path = os.path.join(cfg.output_dir, os.path.basename(out_path)[:-len(".json")] + ".meta.json")
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    tmp = meta_path + f".tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(meta, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, meta_path)
+    write_json(meta_path, meta)
     skipped = sum(queries.skipped.values())
     log.info("wrote %d of %d records to %s (%d skipped as bad input, %d with no negatives left); dropped "
              "candidates: %s; %.1fs", written, queries.total, out_path, skipped, no_negatives,

@@ -23,6 +23,8 @@ from typing import Any
 
 import numpy as np
 
+from embedder.atomic import atomic_open
+
 log = logging.getLogger("embedder.mining")
 
 
@@ -104,7 +106,7 @@ def search_in_shards(retriever: Retriever, num_queries: int, k: int, work_dir: s
         `(scores, ids)`, each (num_queries, k).
     """
     os.makedirs(work_dir, exist_ok=True)
-    remove_stale_temp_files(work_dir, ".search-*.tmp-*.npz")
+    remove_stale_temp_files(work_dir, ".search-*.npz")
     num_shards = max(1, -(-num_queries // shard_size))
     all_scores, all_ids, reused = [], [], 0
     for s in range(num_shards):
@@ -116,12 +118,8 @@ def search_in_shards(retriever: Retriever, num_queries: int, k: int, work_dir: s
             reused += 1
         else:
             scores, ids = retriever.search(rows, k)
-            tmp = os.path.join(work_dir, f".search-{s:05d}.tmp-{os.getpid()}.npz")
-            with open(tmp, "wb") as f:
+            with atomic_open(path, suffix=".npz", binary=True) as f:
                 np.savez(f, scores=scores, ids=ids)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
         if scores.shape != (len(rows), k) or ids.shape != (len(rows), k):
             raise RuntimeError(f"{path}: search results of shape {ids.shape}, expected {(len(rows), k)}")
         all_scores.append(scores)

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from embedder.atomic import atomic_dir
 from embedder.data.corpus import texts_fingerprint
 from embedder.progress import Progress
 from embedder.retrieval.base import Retriever, fingerprint, pad_results
@@ -308,17 +309,10 @@ class BM25sBM25(Retriever):
         self.model = bm25s.BM25(k1=self.k1, b=self.b, method="lucene")
         self.model.index(self._tokenize(corpus_texts), show_progress=False)
         if self.save_index:
-            os.makedirs(os.path.dirname(index_dir), exist_ok=True)
-            tmp = tempfile.mkdtemp(prefix=".bm25s-tmp-", dir=os.path.dirname(index_dir))
-            try:
+            with atomic_dir(index_dir) as tmp:
                 self.model.save(tmp, show_progress=False)
                 with open(os.path.join(tmp, "embedder-index.json"), "w") as f:
                     json.dump({"num_docs": len(corpus_texts), **self.describe()}, f)
-                if os.path.isdir(index_dir):
-                    shutil.rmtree(index_dir)
-                os.replace(tmp, index_dir)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
             log.info("saved the bm25s index to %s", index_dir)
         return True
 

@@ -208,16 +208,13 @@ class FaissIndex:
             raise RuntimeError("nothing to save: the index was never built")
         faiss = import_faiss()
         cpu_index = faiss.index_gpu_to_cpu(self._index) if self.backend != "cpu" else self._index
-        folder = os.path.dirname(os.path.abspath(path))
-        os.makedirs(folder, exist_ok=True)
-        tmp = f"{path}.tmp-{os.getpid()}"
-        faiss.write_index(cpu_index, tmp)
-        os.replace(tmp, path)
-        meta = {"factory": self.factory, "metric": self.metric, "dim": self.dim, "ntotal": self.ntotal,
-                "search_params": self.search_params, "faiss_version": getattr(faiss, "__version__", None)}
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(meta, f, indent=2)
-        os.replace(tmp, path + SIDECAR_SUFFIX)
+        from embedder.atomic import atomic_path, write_json
+
+        with atomic_path(path, suffix=".faiss") as tmp:
+            faiss.write_index(cpu_index, tmp)
+        write_json(path + SIDECAR_SUFFIX, {"factory": self.factory, "metric": self.metric, "dim": self.dim,
+                                           "ntotal": self.ntotal, "search_params": self.search_params,
+                                           "faiss_version": getattr(faiss, "__version__", None)})
 
     @classmethod
     def load(cls, path: str, use_gpu: bool | str = "auto", device: int = 0,

@@ -18,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from embedder.data.jsonl import atomic_open, write_jsonl_atomic
+from embedder.atomic import atomic_open
+from embedder.data.jsonl import write_jsonl_atomic
 from embedder.data.records import candidate_list
 from embedder.errors import DataError
 from embedder.progress import Progress

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from embedder.atomic import atomic_open, write_json
 from embedder.errors import DataError
 
 FORMAT = 1
@@ -40,12 +41,7 @@ def _shard_name(s: int) -> str:
 
 
 def _atomic_json(path: str, obj: Any) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json(path, obj)
 
 
 class EmbeddingStore:
@@ -140,17 +136,8 @@ class EmbeddingStore:
         emb = np.ascontiguousarray(embeddings, dtype=np.float32)
         if emb.ndim != 2 or emb.shape[0] != len(rows):
             raise ValueError(f"shard {s} holds {len(rows)} rows, got embeddings of shape {emb.shape}")
-        tmp = os.path.join(self.path, f".{_shard_name(s)}.tmp-{os.getpid()}.npy")
-        try:
-            with open(tmp, "wb") as f:
-                np.save(f, emb)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.shard_path(s))
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        with atomic_open(self.shard_path(s), suffix=".npy", binary=True) as f:
+            np.save(f, emb)
 
     def read_shard(self, s: int, mmap: bool = False) -> np.ndarray:
         """Shard `s` as a (n, D) float32 array (memory-mapped when `mmap`)."""
