@@ -62,17 +62,16 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         optimizer=hydra.utils.instantiate(cfg.optimizer), warmup_ratio=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, eval_sets=eval_sets,
         stop_on_nonfinite_loss=cfg.get("stop_on_nonfinite_loss", True))
-    callbacks = _instantiate_dict(cfg.get("callbacks"))
+    run_info = describe_run(cfg, datamodule)
+    # CSV hparams.yaml, TensorBoard hparams, the W&B run config: logged by a callback, in the process that runs the
+    # loop (a ddp_spawn worker), so the main process never opens the loggers' files before the workers do
+    callbacks = _instantiate_dict(cfg.get("callbacks")) + [LogRunInfo(run_info)]
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer_kwargs = {}
     if not eval_sets:
         trainer_kwargs["limit_val_batches"] = 0
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                  **trainer_kwargs)
-
-    run_info = describe_run(cfg, datamodule)
-    for lg in trainer.loggers:  # CSV hparams.yaml, TensorBoard hparams, the W&B run config
-        lg.log_hyperparams(run_info)
 
     before: dict[str, float] = {}
     before_path = os.path.join(cfg.output_dir, "checkpoints", "metrics_before.json")
@@ -105,13 +104,30 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
                         commit_message=hub.get("commit_message") or f"embedder: {cfg.get('task_label', 'train')}")
         with atomic_open(os.path.join(cfg.output_dir, "config.yaml"), suffix=".yaml") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=False))
-        if cfg.get("report", True):
-            for lg in trainer.loggers:
-                lg.save()  # flush the CSV rows the report reads
+        if cfg.get("report", True):  # the loggers were finalised (flushed) at the end of each loop
             write_report(cfg.output_dir, before, after)
         if after:
             print(metrics_table(before, after))
     return after
+
+
+class LogRunInfo(L.Callback):
+    """Hands `describe_run`'s record to every logger once, when the first loop (validate or fit) starts."""
+
+    def __init__(self, run_info: dict[str, Any]):
+        self.run_info, self.done = run_info, False
+
+    def _log(self, trainer: L.Trainer) -> None:
+        if not self.done:
+            for lg in trainer.loggers:
+                lg.log_hyperparams(self.run_info)
+            self.done = True
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._log(trainer)
 
 
 def push_export(out_dir: str, repo_id: str, private: bool = True, commit_message: str = "embedder export") -> str:
