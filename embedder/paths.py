@@ -65,3 +65,9 @@ def _missing_message(raw: str, resolved: str, data_root: str | None, what: str, 
         msg += f" (resolved to {resolved!r})"
     msg += ". Check the path, or set data_root=<folder holding qa/, chat/, tool/, ...>."
     return msg
+
+
+def is_beir_folder(path: str) -> bool:
+    """True for a BEIR folder: `corpus.jsonl`, `queries.jsonl` and a `qrels/` folder."""
+    return (os.path.isdir(path) and os.path.isfile(os.path.join(path, "corpus.jsonl"))
+            and os.path.isfile(os.path.join(path, "queries.jsonl")) and os.path.isdir(os.path.join(path, "qrels")))

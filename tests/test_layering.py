@@ -43,3 +43,21 @@ def test_both_use_retrieval():
     for package in ("mining", "evaluation"):
         mods = set().union(*imported_modules(package).values())
         assert any(m.startswith("embedder.retrieval") for m in mods), package
+
+
+FORBIDDEN = {  # what each package's __init__ docstring says it must not import
+    "data": ("embedder.modeling", "embedder.retrieval", "embedder.evaluation", "embedder.mining", "embedder.scoring",
+             "embedder.training", "embedder.lit_module"),
+    "modeling": ("embedder.training", "embedder.lit_module", "embedder.retrieval", "embedder.evaluation",
+                 "embedder.mining", "embedder.scoring"),
+    "scoring": ("embedder.training", "embedder.lit_module", "embedder.retrieval", "embedder.evaluation",
+                "embedder.mining"),
+    "losses": ("embedder.data", "embedder.modeling", "embedder.retrieval", "embedder.training"),
+}
+
+
+def test_each_package_keeps_to_its_layer():
+    for package, forbidden in FORBIDDEN.items():
+        for f, mods in imported_modules(package).items():
+            bad = sorted(m for m in mods if m.startswith(forbidden))
+            assert not bad, f"embedder/{package}/{f} imports {bad}"

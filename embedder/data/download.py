@@ -667,7 +667,7 @@ def get_beir(run: Run, source: Source) -> None:
 
     _drop_stale_outputs(run.root, source, {o.as_posix() for o in outputs.values()})
     files = _fetch_each(run, source, remotes, place, {k: o.as_posix() for k, o in outputs.items()})
-    from embedder.evaluation.beir import is_beir_folder
+    from embedder.paths import is_beir_folder
 
     if not is_beir_folder(str(run.root / target)):
         raise DownloadError(f"{run.root / target} is not a complete BEIR folder after the download",

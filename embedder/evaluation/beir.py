@@ -36,6 +36,7 @@ import numpy as np
 from embedder.data.corpus import Corpus, open_corpus
 from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
 from embedder.errors import DataError
+from embedder.paths import is_beir_folder  # noqa: F401  (the format check lives with the paths; used here and by download)
 
 log = logging.getLogger("embedder.evaluation")
 
@@ -53,12 +54,6 @@ class BeirData:
     @property
     def doc_ids(self) -> Sequence[str]:
         return self.corpus.ids
-
-
-def is_beir_folder(path: str) -> bool:
-    """True for a folder with `corpus.jsonl`, `queries.jsonl` and a `qrels/` folder."""
-    return (os.path.isdir(path) and os.path.isfile(os.path.join(path, "corpus.jsonl"))
-            and os.path.isfile(os.path.join(path, "queries.jsonl")) and os.path.isdir(os.path.join(path, "qrels")))
 
 
 def _str_field(rec: dict, name: str, path: str, line: int, required: bool = True) -> str:
