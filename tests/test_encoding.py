@@ -199,3 +199,16 @@ def test_a_zero_byte_store_meta_names_the_file_and_how_to_rebuild(tmp_path):
     with pytest.raises(DataError, match=r"corpus-0123/meta\.json: corrupt embedding-store metadata(?s:.*)delete the "
                                         r"folder .*corpus-0123"):
         EmbeddingStore(str(tmp_path / "corpus-0123"))
+
+
+@pytest.mark.parametrize("names,want", [(("bf16", "bfloat16", "BF16", "torch.bfloat16"), "bfloat16"),
+                                        (("fp16", "float16", "half"), "float16"),
+                                        (("fp32", "float32", "float"), "float32")])
+def test_one_dtype_resolver_takes_every_spelling(names, want):
+    from embedder.dtypes import resolve_dtype
+
+    for name in names:
+        assert resolve_dtype(name) == getattr(torch, want), name
+    assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("model") is None
+    with pytest.raises(ValueError, match="valid: auto, model, bf16"):
+        resolve_dtype("int8")

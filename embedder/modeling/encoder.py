@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from embedder.dtypes import resolve_dtype
 from embedder.errors import model_load_errors
 from embedder.modeling import unpadded as unpadded_forward
 
@@ -24,7 +25,7 @@ def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None
     packed attention function (which also runs padded calls through SDPA)."""
     from transformers import AutoConfig, AutoModel
 
-    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, None: None}[dtype]
+    torch_dtype = resolve_dtype(dtype) if dtype != "auto" else None  # auto: as the checkpoint stores it
     kwargs: dict[str, Any] = dict(kw)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype

@@ -131,10 +131,10 @@ class LMScorer:
         if device == "auto":
             local_rank = int(os.environ.get("LOCAL_RANK", 0))
             device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-        if dtype == "auto":
-            use_bf16 = str(device).startswith("cuda") and torch.cuda.is_bf16_supported()
-            dtype = "bfloat16" if use_bf16 else "float32"
-        torch_dtype = getattr(torch, dtype)
+        from embedder.dtypes import resolve_dtype
+
+        torch_dtype = resolve_dtype(dtype, device) or torch.float32
+        dtype = str(torch_dtype).removeprefix("torch.")
         kw = self._hub_kwargs(trust_remote_code)
         kw["dtype"] = torch_dtype
         if device_map is not None:

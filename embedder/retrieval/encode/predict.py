@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from embedder.data.corpus import texts_fingerprint
+from embedder.dtypes import resolve_dtype
 from embedder.progress import Progress
 from embedder.retrieval.encode.store import META, EmbeddingStore, _atomic_json
 
@@ -41,7 +42,6 @@ log = logging.getLogger("embedder.retrieval.encode")
 # those slices, so its __len__ is exact
 warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _TOKENIZE_CHUNK = 4096  # texts tokenised at once inside a shard (bounds the tokenizer's transient memory)
 
 
@@ -94,19 +94,6 @@ def encoder_identity(encoder: Any) -> dict[str, Any] | None:
             h.update(t.detach().contiguous().cpu().view(-1).view(torch.uint8).numpy().tobytes())
     ident["weights"] = h.hexdigest()
     return ident
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype | None:
-    """`auto`: bf16 on a CUDA device with bf16 support, else fp32. None means: keep the weights' dtype."""
-    if name in (None, "model"):
-        return None
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-    if name not in DTYPES:
-        raise ValueError(f"encode dtype {name!r}; valid: auto, model, {', '.join(DTYPES)}")
-    return DTYPES[name]
 
 
 class _BatchStream(IterableDataset):
