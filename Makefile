@@ -63,7 +63,7 @@ bench-retrieval: setup ## encoding / faiss / BM25 benchmark (numbers in docs/ben
 	$(PY) bench/encode_search.py $(ARGS)
 
 score: setup ## LM teacher scores: make score MODEL=llama2-7b-chat DATA=llm-embedder:qa/msmarco/train.json ARGS="data_root=/data/llm-embedder"
-	$(PY) score.py $(if $(MODEL),lm=$(MODEL)) $(if $(DATA),eval_data=$(DATA)) $(if $(SAVE_NAME),save_name=$(SAVE_NAME)) $(ARGS)
+	$(PY) score.py $(if $(MODEL),lm=$(MODEL)) $(if $(DATA),input_data=$(DATA)) $(if $(SAVE_NAME),save_name=$(SAVE_NAME)) $(ARGS)
 
 bench-score: setup ## LM-scoring throughput vs the reference's approach (numbers in docs/benchmarks.md)
 	$(PY) bench/score_throughput.py $(ARGS)

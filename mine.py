@@ -1,5 +1,5 @@
 """Mine hard negatives: `python mine.py` (bundled sample), or the reference recipe
-`python mine.py retriever=dense data_root=/data/llm-embedder eval_data=llm-embedder:qa/nq/train.json
+`python mine.py retriever=dense data_root=/data/llm-embedder input_data=llm-embedder:qa/nq/train.json
 corpus=llm-embedder:qa/nq/corpus.json save_name=bge`.
 
 Composes the config (`embedder.cli.run_entry`: key check, Hydra, one-line errors) and hands it to

@@ -1,4 +1,4 @@
-"""Add LM teacher scores to training files: `python score.py eval_data=llm-embedder:qa/msmarco/train.json
+"""Add LM teacher scores to training files: `python score.py input_data=llm-embedder:qa/msmarco/train.json
 data_root=/data/llm-embedder lm=llama2-7b-chat` writes qa/msmarco/train.scored.llama2-7b-chat.json.
 
 Composes the config (`embedder.cli.run_entry`: key check, Hydra, one-line errors) and hands it to

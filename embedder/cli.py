@@ -31,10 +31,11 @@ def run_entry(config_name: str, run: Callable[[Any], Any]) -> None:
     import hydra
 
     from embedder.bundled import register_resolvers
-    from embedder.config_check import exit_on_unknown_keys
+    from embedder.config_check import apply_deprecated_aliases, exit_on_unknown_keys
     from embedder.errors import reported_input_errors
 
     register_resolvers()
+    apply_deprecated_aliases(config_name)  # renamed keys: the old spelling works for one release, with a warning
     exit_on_unknown_keys(config_name)
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)

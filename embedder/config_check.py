@@ -80,3 +80,38 @@ def exit_on_unknown_keys(config_name: str) -> None:
     problem = check_overrides(config_dir, config_name, overrides)
     if problem:
         sys.exit(problem)
+
+
+# Renamed config keys, per command: {old: new}. The old spelling keeps working on the command line for one release
+# (0.2), with a warning; configs in this repository use the new names. See README "Renamed settings".
+DEPRECATED_KEYS = {
+    "mine": {"eval_data": "input_data", "task": "instruction_task", "index.metric": "index.similarity"},
+    "score": {"eval_data": "input_data", "default_task": "default_record_kind"},
+    "train": {"default_task": "default_record_kind"},
+    "eval": {"eval_task": "instruction_task", "index.metric": "index.similarity"},
+}
+
+
+def rename_deprecated(config_name: str, overrides: list[str]) -> tuple[list[str], list[str]]:
+    """`(overrides with old keys renamed, one warning per renamed key)`; `+old=`, `~old` and `old=` are handled."""
+    renames = DEPRECATED_KEYS.get(config_name, {})
+    out, warnings = [], []
+    for raw in overrides:
+        prefix = raw[:2] if raw.startswith("++") else raw[:1] if raw[:1] in "+~" else ""
+        key, sep, value = raw[len(prefix):].partition("=")
+        if key in renames and (sep or prefix == "~"):
+            new = renames[key]
+            warnings.append(f"warning: `{key}` is deprecated for this command and will be removed in 0.3; "
+                            f"use `{new}` (same meaning)")
+            raw = f"{prefix}{new}{sep}{value}"
+        out.append(raw)
+    return out, warnings
+
+
+def apply_deprecated_aliases(config_name: str) -> None:
+    """For entry points: rewrite `sys.argv`'s deprecated keys to their new names, warning on stderr."""
+    import sys
+
+    sys.argv[1:], warnings = rename_deprecated(config_name, sys.argv[1:])
+    for w in warnings:
+        print(w, file=sys.stderr)

@@ -42,7 +42,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         data_root=cfg.data_root, tasks=tasks, tokenizer=None, batch_size=cfg.data.batch_size,
         query_max_length=cfg.query_max_length, key_max_length=cfg.key_max_length,
         inbatch_same_dataset=cfg.data.inbatch_same_dataset, num_workers=cfg.data.num_workers, seed=cfg.seed,
-        default_task=cfg.get("default_task") or (next(iter(tasks)) if len(tasks) == 1 else None))
+        default_task=cfg.get("default_record_kind") or (next(iter(tasks)) if len(tasks) == 1 else None))
     if cfg.train_data:
         datamodule.load()
     eval_sets = build_eval_sets(OmegaConf.to_container(cfg.eval, resolve=True) if cfg.get("eval") else None,

@@ -111,12 +111,12 @@ def _command(entry: str, data: str, out: str) -> list[str]:
                 "trainer=cpu", "trainer.max_steps=1", "evaluate_before=false", f"output_dir={out}/run",
                 "logger=csv", *common]
     if entry == "mine":
-        return [sys.executable, "mine.py", f"eval_data={data}", f"corpus={QA_CORPUS}", "model=tiny_bert",
+        return [sys.executable, "mine.py", f"input_data={data}", f"corpus={QA_CORPUS}", "model=tiny_bert",
                 f"output_dir={out}/run", "save_to_output=true", *common]
     if entry == "score":
-        return [sys.executable, "score.py", f"eval_data={data}", "lm=tiny", f"output_dir={out}/run", *common]
+        return [sys.executable, "score.py", f"input_data={data}", "lm=tiny", f"output_dir={out}/run", *common]
     return [sys.executable, "-m", "embedder.evaluate", f"eval_data={data}", f"corpus={QA_CORPUS}", "model=tiny_bert",
-            "eval_task=qa", f"output_dir={out}/run", *common]
+            "instruction_task=qa", f"output_dir={out}/run", *common]
 
 
 def _snapshot(folder: str) -> dict[str, float]:

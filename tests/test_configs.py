@@ -159,3 +159,33 @@ def test_deepspeed_strategies_instantiate(trainer):
     assert parsed.train_micro_batch_size_per_gpu == 16
     if trainer.endswith("offload"):
         assert parsed.zero_config.offload_optimizer.device == "cpu"
+
+
+def test_renamed_keys_keep_their_old_spelling_for_one_release():
+    """The old spellings are rewritten to the new keys on the command line, with a warning naming both."""
+    from embedder.config_check import DEPRECATED_KEYS, rename_deprecated
+
+    out, warnings = rename_deprecated("mine", ["eval_data=a.json", "task=qa", "+index.metric=ip", "hits=5"])
+    assert out == ["input_data=a.json", "instruction_task=qa", "+index.similarity=ip", "hits=5"]
+    assert len(warnings) == 3 and "`eval_data` is deprecated" in warnings[0] and "`input_data`" in warnings[0]
+    assert rename_deprecated("eval", ["eval_data=x", "eval_task=qa"])[0] == ["eval_data=x", "instruction_task=qa"]
+    assert rename_deprecated("score", ["default_task=qa"])[0] == ["default_record_kind=qa"]
+    assert rename_deprecated("train", ["task=tool", "default_task=tool"])[0] == ["task=tool", "default_record_kind=tool"]
+    for name, renames in DEPRECATED_KEYS.items():  # every new name exists in its config
+        cfg = compose([], name)
+        for new in renames.values():
+            node = cfg
+            for part in new.split("."):
+                assert part in node, (name, new)
+                node = node[part]
+
+
+@pytest.mark.slow
+def test_an_old_spelling_still_runs_from_the_command_line(tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "score.py", "eval_data=/nonexistent.json", "--cfg", "job"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "input_data: /nonexistent.json" in proc.stdout
+    assert "`eval_data` is deprecated" in proc.stderr

@@ -215,7 +215,7 @@ def test_evaluating_on_a_parquet_corpus_equals_jsonl(tmp_path, tiny_bert):
                        f"output_dir={tmp_path}/{kind}", "model=tiny_bert", f"model.model_name_or_path={tiny_bert}",
                        "trainer=cpu", "+trainer.enable_progress_bar=false", "query_max_length=32",
                        "key_max_length=32", "metrics=[mrr,recall,ndcg,nq]", "cutoffs=[1,5,10]", "hits=10",
-                       "eval_task=tool", "task=tool", "retriever.batch_size=8"], "eval")
+                       "instruction_task=tool", "task=tool", "retriever.batch_size=8"], "eval")
         results[kind] = (run_evaluate(cfg), read_jsonl(f"{tmp_path}/{kind}/toy.result.json"))
     assert results["jsonl"][0] and results["jsonl"] == results["parquet"]
 

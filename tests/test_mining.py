@@ -68,7 +68,7 @@ def read_jsonl(path) -> list[dict]:
 def mine_cfg(tmp_path, extra=(), tiny_bert=None):
     data = tmp_path / "data"
     write_toy(data / "qa" / "toy")
-    overrides = [f"data_root={data}", "eval_data=llm-embedder:qa/toy/train.json",
+    overrides = [f"data_root={data}", "input_data=llm-embedder:qa/toy/train.json",
                  "corpus=llm-embedder:qa/toy/corpus.json", f"output_dir={tmp_path}/out", "trainer=cpu",
                  "+trainer.enable_progress_bar=false", "query_max_length=32",
                  "key_max_length=32", "hits=20", "max_neg_num=5"]
@@ -289,7 +289,7 @@ def test_index_configs_are_valid_faiss_factories(index):
     faiss = pytest.importorskip("faiss")
     cfg = compose([f"index={index}"], config_name="mine")
     built = faiss.index_factory(384, cfg.index.factory, faiss.METRIC_INNER_PRODUCT)  # MiniLM's dimension
-    assert built.d == 384 and cfg.index.metric == "auto"
+    assert built.d == 384 and cfg.index.similarity == "auto"
     for name, value in cfg.index.search_params.items():
         faiss.ParameterSpace().set_index_parameter(built, name, value)
 

@@ -32,7 +32,7 @@ def test_mine_score_train_chain(tmp_path, tiny_bert, tiny_lm):
     assert all(not set(r["neg_index"]) & set(r["pos_index"]) for r in rows)
 
     # 2. score: a tiny random LM writes teacher_scores aligned with pos + neg
-    scored = run_score(compose(["lm=tiny", f"lm.model_name_or_path={tiny_lm}", f"eval_data=[{mined['output']}]",
+    scored = run_score(compose(["lm=tiny", f"lm.model_name_or_path={tiny_lm}", f"input_data=[{mined['output']}]",
                                 f"output_dir={tmp_path}/score", "max_records=12"], config_name="score"))
     (out,) = [f["output"] for f in scored["files"]]
     rows = read_jsonl(out)

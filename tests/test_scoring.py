@@ -47,7 +47,7 @@ def read_jsonl(path) -> list[dict]:
 
 def score_cfg(tiny_lm: str, files, extra=()):
     files = [files] if isinstance(files, str) else list(files)
-    return compose(["lm=tiny", f"lm.model_name_or_path={tiny_lm}", f"eval_data=[{','.join(files)}]", *extra],
+    return compose(["lm=tiny", f"lm.model_name_or_path={tiny_lm}", f"input_data=[{','.join(files)}]", *extra],
                    config_name="score")
 
 
@@ -325,7 +325,7 @@ def test_output_records_unchanged_plus_aligned_scores_and_meta(tmp_path, tiny_lm
     qa = [{k: v for k, v in r.items() if k != "task"} for r in qa_records(3)]
     files = [write_jsonl(tmp_path / "chat" / "train.json", chat), write_jsonl(tmp_path / "lrlm" / "train.json", lrlm),
              write_jsonl(tmp_path / "qa" / "train.neg.bge.json", qa)]
-    res = run_score(score_cfg(tiny_lm, files, ["default_task=qa", "save_name=teacher"]))["files"]
+    res = run_score(score_cfg(tiny_lm, files, ["default_record_kind=qa", "save_name=teacher"]))["files"]
     assert [r["output"] for r in res] == [str(tmp_path / "chat" / "train.scored.teacher.json"),
                                           str(tmp_path / "lrlm" / "train.scored.teacher.json"),
                                           str(tmp_path / "qa" / "train.neg.bge.scored.teacher.json")]
@@ -487,7 +487,7 @@ def test_reference_command_resolves_paths(tmp_path):
     from embedder.scoring.run import output_paths, settings_from_cfg
 
     src = write_jsonl(tmp_path / "qa" / "msmarco" / "train.json", qa_records(1))
-    cfg = compose(["eval_data=llm-embedder:qa/msmarco/train.json", f"data_root={tmp_path}", "lm=llama2-7b-chat"],
+    cfg = compose(["input_data=llm-embedder:qa/msmarco/train.json", f"data_root={tmp_path}", "lm=llama2-7b-chat"],
                   config_name="score")
     s = settings_from_cfg(cfg)
     assert s.files == [src] and s.max_records is None and s.output_dir is None
@@ -505,7 +505,7 @@ def test_smollm2_on_toy_qa(tmp_path):
     from embedder.scoring.run import run_score
 
     src = write_jsonl(tmp_path / "qa" / "train.json", read_jsonl(toy_path("qa")))
-    cfg = compose([f"eval_data=[{src}]", "max_candidates=4", "batch_size=8"], config_name="score")
+    cfg = compose([f"input_data=[{src}]", "max_candidates=4", "batch_size=8"], config_name="score")
     (res,) = run_score(cfg)["files"]
     got = read_jsonl(res["output"])
     assert len(got) == 8

@@ -323,7 +323,7 @@ def test_ckpt_path_last_needs_a_checkpoint_and_corrupt_ones_are_named(tmp_path, 
 
 def test_records_without_task_take_the_only_kind_of_a_single_kind_config(tmp_path, tiny_bert):
     """task=tool defines one record kind, so records without "task" are tool records; a multi-kind config needs
-    default_task, and says so."""
+    default_record_kind, and says so."""
     from embedder.errors import DataError
 
     recs = [json.loads(x) for x in open(toy_path("tool")) if x.strip()]
@@ -335,7 +335,7 @@ def test_records_without_task_take_the_only_kind_of_a_single_kind_config(tmp_pat
     run_train(compose(quick_overrides(tmp_path, tiny_bert, ["task=tool", *base])))
     with pytest.raises(DataError, match=r"line 1, field 'task': record has no 'task'"):
         run_train(compose(quick_overrides(tmp_path / "b", tiny_bert, ["task=llm-embedder", *base])))
-    run_train(compose(quick_overrides(tmp_path / "c", tiny_bert, ["task=llm-embedder", "default_task=tool", *base])))
+    run_train(compose(quick_overrides(tmp_path / "c", tiny_bert, ["task=llm-embedder", "default_record_kind=tool", *base])))
 
 
 def test_loggers_get_the_config_and_the_export_gets_a_model_card(tmp_path, tiny_bert):

@@ -276,7 +276,7 @@ def check_scoring_record(record: Mapping[str, Any], path: str, line: int, templa
     `templates` maps a task to its LM template (anything with `missing_fields(record) -> [names]`).
     """
     task = record_task(record, default_task, path, line,
-                       hint_default="add \"task\" to the records, or pass default_task=<qa|convsearch|icl|chat|lrlm> "
+                       hint_default="add \"task\" to the records, or pass default_record_kind=<qa|convsearch|icl|chat|lrlm> "
                                     "to score.py")
     template = templates.get(task)
     if template is None:

@@ -55,7 +55,7 @@ def _scan(path: str, tasks: dict[str, TaskSettings], default_task: str | None,
         total += 1
         name = record_task(record, default_task, path, line, valid=tasks,
                            hint_default=f"add \"task\": one of {sorted(tasks)} to the records, or set "
-                           f"default_task=<one of them>")
+                           f"default_record_kind=<one of them>")
         if task_name is None:
             task_name = name
         elif name != task_name:

@@ -58,7 +58,7 @@ def output_paths(eval_path: str, cfg: DictConfig) -> tuple[str, str]:
 def run_mine(cfg: DictConfig) -> dict[str, Any]:
     """Mine hard negatives as `cfg` says; returns counts and the output path (empty on non-zero ranks)."""
     start = time.time()
-    (eval_path,) = resolve_files(cfg.eval_data, cfg.data_root, what="eval_data")
+    (eval_path,) = resolve_files(cfg.input_data, cfg.data_root, what="input_data")
     (corpus_path,) = resolve_files(cfg.corpus, cfg.data_root, what="corpus", allow_dirs=True)
     hits = int(cfg.hits)
     lo, hi = (list(cfg.rank_range) + [None])[:2] if cfg.rank_range is not None else (0, None)
@@ -74,7 +74,7 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
     out_path, result_path = output_paths(eval_path, cfg)
     if os.path.abspath(out_path) == os.path.abspath(eval_path):
         raise ValueError(f"the output {out_path} would overwrite the input; set save_name")
-    task = cfg.get("task") or queries[0].record.get("task")
+    task = cfg.get("instruction_task") or queries[0].record.get("task")
     q_inst, k_inst = resolve_instruction(cfg, task) if cfg.retriever.name == "dense" else ("", "")
     log.info("mining %s: %d queries against %s (%d documents), retriever=%s, hits=%d, rank_range=[%d, %d), "
              "max_neg_num=%d", eval_path, len(queries), corpus_path, len(corpus), cfg.retriever.name, hits,
@@ -121,7 +121,7 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
         "skipped_bad_records": dict(queries.skipped), "skipped_no_negatives": no_negatives,
         "dropped_candidates": dict(dropped), "seconds": round(time.time() - start, 1),
     }
-    meta = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "eval_data": eval_path,
+    meta = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "input_data": eval_path,
             "corpus": corpus_path, "key_template": cfg.key_template, "task": task, "query_instruction": q_inst,
             "key_instruction": k_inst, "hits": hits, "rank_range": [rule.rank_range[0], hi],
             "max_neg_num": rule.max_neg_num, "filter_answers": rule.filter_answers, "answer_match": rule.answer_match,

@@ -65,7 +65,7 @@ def build_retriever(cfg: DictConfig, work_dir: str, query_instruction: str = "",
         encoder, work_dir, trainer=trainer or make_predict_trainer(cfg.get("trainer")),
         query_instruction=query_instruction, key_instruction=key_instruction,
         query_max_length=cfg.query_max_length, key_max_length=cfg.key_max_length,
-        batch_size=rcfg.batch_size, shard_size=rcfg.shard_size, index_factory=icfg.factory, metric=icfg.metric,
+        batch_size=rcfg.batch_size, shard_size=rcfg.shard_size, index_factory=icfg.factory, metric=icfg.similarity,
         use_gpu=icfg.use_gpu, search_params=OmegaConf.to_container(icfg.search_params) if icfg.search_params else None,
         train_sample=icfg.train_sample, save_index=icfg.save, dtype=rcfg.dtype, search_batch=rcfg.search_batch,
         num_workers=rcfg.get("num_workers", 0), batch_tokens=rcfg.get("batch_tokens", 0))

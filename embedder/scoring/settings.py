@@ -48,19 +48,19 @@ class ScoreSettings:
 
 
 def settings_from_cfg(cfg: DictConfig) -> ScoreSettings:
-    """Resolve the Hydra config into ScoreSettings; `eval_data: null` means the bundled sample (cfg.sample)."""
+    """Resolve the Hydra config into ScoreSettings; `input_data: null` means the bundled sample (cfg.sample)."""
     from embedder.bundled import register_resolvers
 
     register_resolvers()
     c = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
          for k, v in ((k, cfg[k]) for k in cfg if k != "hydra")}  # the hydra node needs a running job to resolve
     sample = c.get("sample") or {}
-    use_sample = c.get("eval_data") is None
+    use_sample = c.get("input_data") is None
     data_root = sample.get("data_root") if use_sample else c.get("data_root")
-    raw_files = sample.get("files") if use_sample else c["eval_data"]
+    raw_files = sample.get("files") if use_sample else c["input_data"]
     if not raw_files:
-        raise ValueError("nothing to score: set eval_data=<file or glob> (and data_root for `llm-embedder:` paths)")
-    files = resolve_files(raw_files, data_root, what="eval_data")
+        raise ValueError("nothing to score: set input_data=<file or glob> (and data_root for `llm-embedder:` paths)")
+    files = resolve_files(raw_files, data_root, what="input_data")
     pick = (lambda k: c.get(k) if c.get(k) is not None else sample.get(k)) if use_sample else c.get
     fields = ScoreSettings.__dataclass_fields__
 
@@ -74,7 +74,7 @@ def settings_from_cfg(cfg: DictConfig) -> ScoreSettings:
         raise ValueError("lm.model_name_or_path is not set; pick an lm config, e.g. lm=smollm2 or lm=llama2-7b-chat")
     s = ScoreSettings(
         files=files, lm=lm, templates=c.get("templates") or {}, save_name=str(c.get("save_name") or lm.get("name")),
-        output_dir=pick("output_dir"), data_root=data_root, task=c.get("default_task"), seed=int(d("seed")),
+        output_dir=pick("output_dir"), data_root=data_root, task=c.get("default_record_kind"), seed=int(d("seed")),
         normalize=d("normalize"), answer_choice=d("answer_choice"),
         key_max_length=d("key_max_length"), max_candidates=pick("max_candidates"), max_records=pick("max_records"),
         batch_size=int(d("batch_size")), max_tokens_per_batch=d("max_tokens_per_batch"),
