@@ -1,4 +1,7 @@
-"""The few collectives the losses need, each a no-op outside a process group (style convention 12).
+"""Ranks and the few collectives the losses need, each a no-op outside a process group (style convention 12).
+
+`launched_rank` / `launched_world_size` / `local_rank` read the launcher's environment (before a process group
+exists); `rank` / `world_size` ask the process group. Nothing else reads RANK, WORLD_SIZE or LOCAL_RANK.
 
 Cross-device negatives follow one rule everywhere: every rank keeps its LOCAL queries and scores them against the
 keys of ALL ranks, concatenated in rank order, so rank r's query b owns the key group that starts at row
@@ -13,9 +16,36 @@ data module guarantees this (equal per-rank batches, padded or dropped last batc
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+
+def _env_int(names: tuple[str, ...], default: int) -> int:
+    for var in names:
+        value = os.environ.get(var, "")
+        if value.isdigit():
+            return int(value)
+    return default
+
+
+def launched_rank() -> int:
+    """This process's global rank as the launcher (torchrun, SLURM) set it, before any process group exists; 0 for a
+    single process. The one place the rank environment variables are read."""
+    return _env_int(("RANK", "SLURM_PROCID", "LOCAL_RANK"), 0)
+
+
+def launched_world_size() -> int:
+    """How many processes torchrun started (WORLD_SIZE); 1 otherwise. SLURM_NTASKS is not read: a batch script with
+    several tasks that runs one process would otherwise wait for ranks that never start."""
+    return _env_int(("WORLD_SIZE",), 1)
+
+
+def local_rank() -> int:
+    """This process's index on its machine (its GPU), as the launcher set it; 0 for a single process."""
+    return _env_int(("LOCAL_RANK", "SLURM_LOCALID"), 0)
 
 
 def is_distributed() -> bool:

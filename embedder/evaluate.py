@@ -32,10 +32,11 @@ from omegaconf import DictConfig, OmegaConf
 from embedder.atomic import atomic_open, write_json
 from embedder.data.corpus import open_corpus, texts_fingerprint
 from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
+from embedder.distributed import launched_rank
 from embedder.evaluation.beir import graded_ndcg, graded_qrels, is_beir_folder, load_beir
 from embedder.evaluation.retrieval import RetrievalEvaluator
 from embedder.paths import resolve_files, resolve_path
-from embedder.retrieval.base import fingerprint, launched_rank, search_in_shards
+from embedder.retrieval.base import fingerprint, search_in_shards
 from embedder.retrieval.build import build_retriever, resolve_instruction
 
 log = logging.getLogger("embedder.evaluation")

@@ -148,3 +148,18 @@ def test_without_cross_device_the_losses_differ(ddp_results, name):
     single_loss, _ = _loss_and_grads(_losses(cross_device=True)[name], data["xq"], data["xk"], data["teacher"])
     local_loss, _ = ddp_results[0][f"{name}/False"]
     assert not torch.allclose(local_loss, single_loss, atol=1e-4)
+
+
+def test_one_place_reads_the_launcher_environment(monkeypatch):
+    from embedder import distributed
+
+    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK", "SLURM_LOCALID", "WORLD_SIZE", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert (distributed.launched_rank(), distributed.launched_world_size(), distributed.local_rank()) == (0, 1, 0)
+    monkeypatch.setenv("SLURM_PROCID", "5")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    assert distributed.launched_rank() == 5 and distributed.launched_world_size() == 1  # SLURM alone: no torchrun
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert (distributed.launched_rank(), distributed.launched_world_size(), distributed.local_rank()) == (3, 4, 1)

@@ -46,14 +46,6 @@ class Retriever(ABC):
         return {"retriever": self.name}
 
 
-def launched_rank() -> int:
-    """This process's rank when a launcher (torchrun, SLURM) started several; 0 otherwise."""
-    for var in ("RANK", "SLURM_PROCID", "LOCAL_RANK"):
-        if os.environ.get(var, "").isdigit():
-            return int(os.environ[var])
-    return 0
-
-
 def fingerprint(*parts: Any) -> str:
     """A short stable hash of JSON-serialisable parts."""
     h = hashlib.blake2b(digest_size=8)

@@ -129,8 +129,9 @@ class LMScorer:
         from transformers import AutoModelForCausalLM
 
         if device == "auto":
-            local_rank = int(os.environ.get("LOCAL_RANK", 0))
-            device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+            from embedder.distributed import local_rank
+
+            device = f"cuda:{local_rank()}" if torch.cuda.is_available() else "cpu"
         from embedder.dtypes import resolve_dtype
 
         torch_dtype = resolve_dtype(dtype, device) or torch.float32

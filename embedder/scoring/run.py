@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from embedder.data.records import candidate_list
+from embedder.distributed import launched_rank, launched_world_size
 from embedder.scoring.parts import FileJob, PartTask, check_existing, file_fingerprint, merge, part_path, score_parts
 from embedder.scoring.records import choose_answers, iter_raw_lines, plan_file, trim_record
 from embedder.scoring.settings import ScoreSettings, build_scorer, output_paths, settings_from_cfg
@@ -75,7 +76,7 @@ def score_files(s: ScoreSettings) -> dict[str, Any]:
     all_parts = [PartTask(fi, k, k * s.part_size, min((k + 1) * s.part_size, job.plan.records))
                  for fi, job in enumerate(jobs) if job.status == "todo" for k in range(job.n_parts)]
     lo, hi = s.shard_id * len(all_parts) // s.num_shards, (s.shard_id + 1) * len(all_parts) // s.num_shards
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    world, rank = launched_world_size(), launched_rank()
     # torchrun: rank r owns every world-th part of this job (fixed before skipping cached parts, so ranks agree)
     assigned = all_parts[lo:hi][rank::world] if world > 1 else all_parts[lo:hi]
     mine = [t for t in assigned if not os.path.exists(part_path(jobs[t.file_index], t.part))]
