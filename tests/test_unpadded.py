@@ -144,3 +144,20 @@ def test_training_module_step_packed_equals_padded(tiny_bert):
         losses[mode] = (out["loss"].item(), enc.query_model.embeddings.word_embeddings.weight.grad.clone())
     assert abs(losses["true"][0] - losses["false"][0]) < 1e-5
     torch.testing.assert_close(losses["true"][1], losses["false"][1], atol=5e-5, rtol=1e-3)
+
+
+def test_one_attention_fallback_for_encoder_and_lm(tiny_bert, caplog):
+    """An attention implementation the install lacks (flash-attn is not installed here) falls back to the model's
+    default, with one warning; other load errors are not swallowed."""
+    import logging
+
+    from transformers import AutoModel
+
+    from embedder.modeling import from_pretrained_with_attention
+
+    with caplog.at_level(logging.WARNING):
+        model = from_pretrained_with_attention(AutoModel, tiny_bert, "flash_attention_2")
+    assert model.config._attn_implementation != "flash_attention_2"
+    assert "attn_implementation=flash_attention_2 is not available" in caplog.text
+    with pytest.raises(OSError):
+        from_pretrained_with_attention(AutoModel, tiny_bert + "-missing", "sdpa")

@@ -2,6 +2,6 @@
 (packed) forward shared with LM scoring. No loss code and no data reading here; must not import training,
 retrieval, evaluation, mining or scoring."""
 
-from embedder.modeling.encoder import DualEncoder
+from embedder.modeling.encoder import DualEncoder, from_pretrained_with_attention
 
-__all__ = ["DualEncoder"]
+__all__ = ["DualEncoder", "from_pretrained_with_attention"]

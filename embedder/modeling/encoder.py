@@ -20,6 +20,24 @@ log = logging.getLogger(__name__)
 POOLING = ("cls", "mean")
 
 
+def from_pretrained_with_attention(auto_cls: Any, path: str, attn_implementation: str | None, **kwargs: Any):
+    """`auto_cls.from_pretrained(path, attn_implementation=...)`, falling back to the model's default attention (said
+    once, as a warning) when the architecture or the install lacks that one (no SDPA kernel, flash-attn missing).
+    The one attention fallback of the encoder and the LM scorer; other load errors are raised as they are."""
+    if not attn_implementation:
+        return auto_cls.from_pretrained(path, **kwargs)
+    try:
+        return auto_cls.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
+    except (ValueError, ImportError) as e:
+        text = str(e).lower()
+        if "attn" not in text and "attention" not in text and "flash" not in text and "sdpa" not in text:
+            raise
+        unpadded_forward.say_once(f"attn-fallback:{attn_implementation}:{path}", "attn_implementation=%s is not "
+                                  "available for %s (%s); using the model's default", attn_implementation, path, e,
+                                  level=logging.WARNING)
+        return auto_cls.from_pretrained(path, **kwargs)
+
+
 def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None, unpadded: str = "false", **kw):
     """`AutoModel.from_pretrained`; with `unpadded` ("true"/"auto") and a supported architecture, loaded with the
     packed attention function (which also runs padded calls through SDPA)."""
@@ -39,12 +57,7 @@ def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None
         if unpadded == "true":
             raise ValueError(msg + " is not possible: set model.unpadded=auto or false")
         unpadded_forward.say_once(f"arch:{path}", msg)
-    if attn_implementation:
-        try:
-            return AutoModel.from_pretrained(path, attn_implementation=attn_implementation, **kwargs)
-        except (ValueError, ImportError) as e:  # the architecture has no SDPA kernel: fall back, say so once
-            log.warning("attn_implementation=%s unavailable for %s (%s); using the default", attn_implementation, path, e)
-    return AutoModel.from_pretrained(path, **kwargs)
+    return from_pretrained_with_attention(AutoModel, path, attn_implementation, **kwargs)
 
 
 class DualEncoder(nn.Module):

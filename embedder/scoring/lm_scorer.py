@@ -158,15 +158,9 @@ class LMScorer:
                                  f"(supported: {', '.join(unpadded.SUPPORTED_CAUSAL_MODEL_TYPES)} without sliding "
                                  f"windows, on one device); set packed=auto or false")
         t0 = time.perf_counter()
-        try:
-            model = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, attn_implementation=attn_implementation,
-                                                         **kw)
-        except (ValueError, ImportError) as e:
-            if attn_implementation is None or "attn" not in str(e).lower() and "attention" not in str(e).lower():
-                raise
-            log.warning("attn_implementation=%s is not available for %s (%s); using the model's default",
-                        attn_implementation, self.model_name_or_path, e)
-            model = AutoModelForCausalLM.from_pretrained(self.model_name_or_path, **kw)
+        from embedder.modeling.encoder import from_pretrained_with_attention
+
+        model = from_pretrained_with_attention(AutoModelForCausalLM, self.model_name_or_path, attn_implementation, **kw)
         if device_map is None:
             model.to(device)
         self.attach_model(model)
