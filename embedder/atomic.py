@@ -1,10 +1,9 @@
-"""Atomic writes: the one writer for files (`atomic_path`, `atomic_open`, `write_json`), the one for folders
-(`atomic_dir`), and the export swap (`staging_folder` + `publish_folder`). A crash, a kill or a full disk leaves the
+"""Atomic writes: the one writer for files (`atomic_path`, `atomic_open`, `write_json`, read back by `read_json`),
+the one for folders (`atomic_dir`), and the export swap (`staged_export`). A crash, a kill or a full disk leaves the
 old output or the complete new one, never a half-written one; temp names start with "." beside the target.
 
-Publishing a folder of files (a model export) into a folder that holds other things too (checkpoints, metrics):
-
-Hand-written because no library swaps a set of files into a shared folder: the new export is written completely
+The export swap publishes a folder of files (a model export) into a folder that holds other things too
+(checkpoints, metrics). Hand-written because no library swaps a set of files into a shared folder: the new export is written completely
 into a temp folder beside the target first (a full disk or a crash fails there, touching nothing), and only then
 renamed in, entry by entry. Renames within one filesystem need no space and cannot fail half-way through a file,
 so the folder holds the old export or the new one, never a mix of old and new files; the old export's entries the
@@ -61,6 +60,18 @@ def write_json(path: str, obj: Any, indent: int | None = 2) -> None:
         json.dump(obj, f, indent=indent, ensure_ascii=False, default=str)
 
 
+def read_json(path: str, what: str = "JSON file", hint: str = "delete it and run again; it is rebuilt") -> Any:
+    """The JSON at `path`; a 0-byte or cut file (a full disk, a killed copy) is a DataError that names it and says
+    how to rebuild it, not a bare JSONDecodeError."""
+    from embedder.errors import DataError
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as e:
+        raise DataError(f"corrupt {what} ({e})", path=path, hint=hint) from None
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str) -> Iterator[str]:
     """A temp folder beside `path` to fill; it replaces `path` (a previous folder is removed) when the block
@@ -80,6 +91,8 @@ def atomic_dir(path: str) -> Iterator[str]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
 TMP_PREFIX = ".export-tmp-"
 
 
@@ -117,3 +130,16 @@ def publish_folder(tmp: str, out_dir: str) -> list[str]:
     shutil.rmtree(trash, ignore_errors=True)
     shutil.rmtree(tmp, ignore_errors=True)
     return new
+
+
+@contextlib.contextmanager
+def staged_export(out_dir: str) -> Iterator[str]:
+    """A staging folder to write an export into; published into `out_dir` when the block succeeds, removed when it
+    fails (`out_dir` untouched)."""
+    tmp = staging_folder(out_dir)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    publish_folder(tmp, out_dir)

@@ -21,7 +21,6 @@ for 2 CPU processes); the metrics do not depend on the number of devices.
 from __future__ import annotations
 
 import datetime
-import json
 import logging
 import os
 from collections.abc import Hashable, Sequence
@@ -29,13 +28,13 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from embedder.atomic import atomic_open, write_json
+from embedder.atomic import write_json
 from embedder.data.corpus import open_corpus, texts_fingerprint
 from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
 from embedder.distributed import launched_rank
-from embedder.evaluation.beir import graded_ndcg, graded_qrels, is_beir_folder, load_beir
+from embedder.evaluation.beir import graded_ndcg, graded_qrels, load_beir
 from embedder.evaluation.retrieval import RetrievalEvaluator
-from embedder.paths import resolve_files, resolve_path
+from embedder.paths import is_beir_folder, resolve_files, resolve_path
 from embedder.retrieval.base import fingerprint, search_in_shards
 from embedder.retrieval.build import build_retriever, resolve_instruction
 
@@ -73,9 +72,7 @@ def _run_mteb(cfg: DictConfig) -> dict[str, float]:
     q_inst, k_inst = resolve_instruction(cfg, cfg.get("instruction_task"))
     model = sentence_transformer(str(path), q_inst, k_inst)
     metrics = run_mteb(model, tasks, cfg.output_dir, batch_size=int(cfg.retriever.get("batch_size", 64)))
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    with atomic_open(os.path.join(cfg.output_dir, "metrics.json"), suffix=".json") as f:
-        json.dump({"mteb": metrics, "model": str(path)}, f, indent=2)
+    write_json(os.path.join(cfg.output_dir, "metrics.json"), {"mteb": metrics, "model": str(path)})
     for key in sorted(k for k in metrics if k.endswith("/main_score")):
         log.info("%s = %.4f", key, metrics[key])
     return metrics
@@ -158,7 +155,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
             "retriever": OmegaConf.to_container(cfg.retriever, resolve=True),
             "index": OmegaConf.to_container(cfg.index, resolve=True) if encoder is not None else None,
             "version": cfg.version.get("name") if cfg.get("version") else None}
-    _write_json(os.path.join(cfg.output_dir, "metrics.json"), {**results, "_run": meta})
+    write_json(os.path.join(cfg.output_dir, "metrics.json"), {**results, "_run": meta})
     print(metrics_table(results))
     return {f"{name}/{k}": v for name, m in results.items() for k, v in m.items()}
 
@@ -199,10 +196,6 @@ def _score(evaluator: RetrievalEvaluator, preds: dict, graded: dict | None) -> d
     if graded is not None and "ndcg" in evaluator.ranking_metrics:  # BEIR graded qrels: trec_eval's graded nDCG
         metrics.update(graded_ndcg(preds, graded, evaluator.cutoffs))
     return metrics
-
-
-def _write_json(path: str, obj: Any) -> None:
-    write_json(path, obj)
 
 
 def metrics_table(results: dict[str, dict[str, float]]) -> str:

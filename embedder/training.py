@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import logging
 import os
 from typing import Any
@@ -13,7 +12,7 @@ import hydra
 import lightning as L
 from omegaconf import DictConfig, OmegaConf
 
-from embedder.atomic import atomic_open, publish_folder, staging_folder
+from embedder.atomic import MANIFEST, atomic_open, read_json, staged_export, write_json
 from embedder.data.datamodule import RetrievalDataModule
 from embedder.data.tasks import build_task_settings, export_prompts
 from embedder.errors import DataError, model_load_errors
@@ -79,9 +78,9 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         before = _validate(trainer, module, datamodule)
         _drop_zero3_hooks(trainer)
         if trainer.is_global_zero:  # kept beside the checkpoints, so a resumed run still reports before -> after
-            _write_json(before_path, before)
+            write_json(before_path, before)
     elif ckpt_path is not None and os.path.isfile(before_path):
-        before = _read_json(before_path)
+        before = read_json(before_path)
     if cfg.train_data:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         _drop_zero3_hooks(trainer)
@@ -97,7 +96,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
                 _export(module, cfg.output_dir, prompts, cfg.key_max_length,
                         card=model_card(run_info, prompts, before, after))
     if trainer.is_global_zero:
-        _write_json(os.path.join(cfg.output_dir, "metrics.json"), {"before": before, "after": after})
+        write_json(os.path.join(cfg.output_dir, "metrics.json"), {"before": before, "after": after})
         hub = cfg.get("hub") or {}
         if cfg.export and hub.get("repo_id"):
             push_export(cfg.output_dir, hub["repo_id"], private=bool(hub.get("private", True)),
@@ -135,8 +134,7 @@ def push_export(out_dir: str, repo_id: str, private: bool = True, commit_message
     repo, creating it if needed. Returns the commit URL."""
     from huggingface_hub import HfApi
 
-    manifest = os.path.join(out_dir, ".export-manifest.json")
-    entries = _read_json(manifest)["entries"]
+    entries = read_json(os.path.join(out_dir, MANIFEST), "export manifest")["entries"]
     patterns = [p for e in entries for p in ((e, f"{e}/**") if os.path.isdir(os.path.join(out_dir, e)) else (e,))]
     api = HfApi()
     with model_load_errors(repo_id, "hub.repo_id"):  # offline, gated, a bad name: one message
@@ -191,8 +189,6 @@ def _export(module: RetrieverModule, out_dir: str, prompts: dict[str, str], max_
             card: str | None = None) -> None:
     """Write the encoder into a temp folder, check it, then swap it into `out_dir` (embedder.atomic): a failed or
     degenerate run never replaces, or mixes into, an earlier export."""
-    import shutil
-
     import torch
 
     bad = [n for n, p in module.encoder.named_parameters() if not torch.isfinite(p).all()]
@@ -200,30 +196,12 @@ def _export(module: RetrieverModule, out_dir: str, prompts: dict[str, str], max_
         raise DataError(f"the trained weights hold NaN/Inf ({len(bad)} tensors, e.g. {bad[0]}); nothing was exported "
                         f"and the earlier export in {out_dir} is kept", hint="lower optimizer.lr, check the "
                         "training data, or resume from an earlier checkpoint")
-    tmp = staging_folder(out_dir)
-    try:
+    with staged_export(out_dir) as tmp:
         module.encoder.save(tmp, prompts=prompts, max_seq_length=max_seq_length)
         if card:  # replaces the generic card sentence-transformers writes
             with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
                 f.write(card)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    publish_folder(tmp, out_dir)
     log.info("exported the encoder (Hugging Face + sentence-transformers) to %s", out_dir)
-
-
-def _write_json(path: str, obj: Any) -> None:
-    with atomic_open(path, suffix=".json") as f:
-        json.dump(obj, f, indent=2)
-
-
-def _read_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as e:
-        raise DataError(f"corrupt JSON ({e})", path=path, hint="delete the file; it is rebuilt") from None
 
 
 def resolve_ckpt_path(ckpt_path: str | None, output_dir: str) -> str | None:

@@ -304,7 +304,8 @@ def gz(text: str) -> bytes:
 
 
 def test_beir_folder(hub, tmp_path):
-    from embedder.evaluation.beir import is_beir_folder, load_beir
+    from embedder.evaluation.beir import load_beir
+    from embedder.paths import is_beir_folder
 
     corpus = "".join(json.dumps({"_id": f"d{i}", "title": f"t{i}", "text": f"doc {i}"}) + "\n" for i in range(4))
     queries = "".join(json.dumps({"_id": f"q{i}", "text": f"query {i}"}) + "\n" for i in range(3))

@@ -36,7 +36,6 @@ import numpy as np
 from embedder.data.corpus import Corpus, open_corpus
 from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
 from embedder.errors import DataError
-from embedder.paths import is_beir_folder  # noqa: F401  (the format check lives with the paths; used here and by download)
 
 log = logging.getLogger("embedder.evaluation")
 

@@ -208,10 +208,10 @@ class PyseriniBM25(Retriever):
             log.info("reusing the Lucene index %s", self.index_dir)
             return True
         os.makedirs(os.path.dirname(self.index_dir), exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=".lucene-tmp-", dir=os.path.dirname(self.index_dir))
-        try:
-            coll = os.path.join(tmp, "collection")
-            os.makedirs(coll)
+        # the input collection is scratch; the index appears complete or not at all (a stale half-built folder of an
+        # older version is replaced)
+        with tempfile.TemporaryDirectory(prefix=".lucene-input-", dir=os.path.dirname(self.index_dir)) as coll, \
+                atomic_dir(self.index_dir) as index_tmp:
             progress = Progress("writing the Lucene input", len(corpus_texts), unit="docs", logger=log)
             for f, start in enumerate(range(0, len(corpus_texts), _DOCS_PER_FILE)):
                 with open(os.path.join(coll, f"docs{f:02d}.json"), "w", encoding="utf-8") as out:
@@ -220,18 +220,12 @@ class PyseriniBM25(Retriever):
                         if i % 10_000 == 9_999:
                             progress.update(10_000)
             progress.finish()
-            index_tmp = os.path.join(tmp, "index")
             _run_java(self.java, self.jar, "io.anserini.index.IndexCollection",
                       ["-collection", "JsonCollection", "-generator", "DefaultLuceneDocumentGenerator",
                        "-input", coll, "-index", index_tmp, "-threads", str(self.threads), "-language", self.language],
                       "indexing")
             with open(os.path.join(index_tmp, "embedder-index.json"), "w") as f:
                 json.dump({"num_docs": len(corpus_texts), "corpus_fingerprint": corpus_fp, "jar": self.jar}, f)
-            if os.path.isdir(self.index_dir):  # a stale half-built folder from an older version
-                shutil.rmtree(self.index_dir)
-            os.replace(index_tmp, self.index_dir)  # the index appears complete or not at all
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
         log.info("built the Lucene index %s (%d documents)", self.index_dir, len(corpus_texts))
         return True
 

@@ -17,7 +17,6 @@ faiss is imported lazily, so `import embedder` works without it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -227,14 +226,10 @@ class FaissIndex:
         if not os.path.isfile(sidecar):
             raise FileNotFoundError(f"{sidecar!r} not found: FaissIndex.load needs the JSON sidecar written by "
                                     f"FaissIndex.save next to the index file")
-        try:
-            with open(sidecar, encoding="utf-8") as f:
-                meta = json.load(f)
-        except ValueError as e:  # a 0-byte or cut sidecar (disk full, a killed copy)
-            from embedder.errors import DataError
+        from embedder.atomic import read_json
 
-            raise DataError(f"corrupt faiss index sidecar ({e})", path=sidecar,
-                            hint=f"delete {path} and its sidecar; the next run builds the index again") from None
+        meta = read_json(sidecar, "faiss index sidecar", f"delete {path} and its sidecar; the next run builds the "
+                         "index again")
         params = dict(meta.get("search_params") or {})
         params.update(search_params or {})
         self = cls(meta["factory"], meta["metric"], use_gpu=use_gpu, device=device, search_params=params,

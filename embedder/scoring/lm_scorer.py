@@ -363,13 +363,14 @@ class LMScorer:
         keep = np.concatenate([np.arange(s + n - r.n_answer - 1, s + n - 1) for s, n, r in zip(starts, lengths, rows)])
         row_of = np.repeat(np.arange(len(rows)), [r.n_answer for r in rows])  # (K,)
         dev = self.device
+        ids = ids.to(dev)  # one transfer: the input and the targets
         keep_t = torch.from_numpy(keep).to(dev, non_blocking=True)
         kw = {self._keep_arg: keep_t} if self._keep_arg else {}
-        logits = self.model(input_ids=ids[None].to(dev), position_ids=positions[None].to(dev), use_cache=False,
+        logits = self.model(input_ids=ids[None], position_ids=positions[None].to(dev), use_cache=False,
                             cu_seqlens=cu.to(dev), max_seqlen=max(lengths), **kw).logits[0]  # (K, V) or (T, V)
         if not self._keep_arg:
             logits = logits[keep_t]
-        targets = ids.to(dev)[keep_t + 1]  # (K,)
+        targets = ids[keep_t + 1]  # (K,)
         return self._sum_answer_logp(logits, targets, torch.from_numpy(row_of).to(dev), len(rows))
 
     def _answer_logp_padded(self, rows: list[Encoded]) -> np.ndarray:
@@ -388,12 +389,13 @@ class LMScorer:
         keep = width - first
         kw = {self._keep_arg: keep} if self._keep_arg else {}
         dev = self.device
-        logits = self.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), use_cache=False, **kw).logits
+        ids = ids.to(dev)  # one transfer: the input and the targets
+        logits = self.model(input_ids=ids, attention_mask=mask.to(dev), use_cache=False, **kw).logits
         offset = width - logits.shape[1]  # position of logits[:, 0]
         r_idx = np.repeat(np.arange(len(rows)), [r.n_answer for r in rows])  # (K,)
         pos = np.concatenate([np.arange(n - r.n_answer - 1, n - 1) for n, r in zip(lengths, rows)])  # (K,)
         r_t, pos_t = torch.from_numpy(r_idx).to(dev), torch.from_numpy(pos).to(dev)
-        targets = ids.to(dev)[r_t, pos_t + 1]  # (K,)
+        targets = ids[r_t, pos_t + 1]  # (K,)
         return self._sum_answer_logp(logits[r_t, pos_t - offset], targets, r_t, len(rows))
 
     def score(self, jobs: Sequence[Job]) -> np.ndarray:

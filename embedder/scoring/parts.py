@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from embedder.atomic import atomic_open
+from embedder.atomic import read_json, write_json
 from embedder.data.jsonl import write_jsonl_atomic
 from embedder.data.records import candidate_list
 from embedder.errors import DataError
@@ -68,18 +68,9 @@ def file_fingerprint(plan: FilePlan, s: ScoreSettings, templates: dict[str, Any]
             "skipped_lines": sorted(plan.skipped)}
 
 
-def read_json(path: str) -> Any:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except ValueError as e:  # a 0-byte or cut file (disk full, a killed copy)
-        raise DataError(f"corrupt cache or sidecar file ({e})", path=path,
-                        hint="delete it and run again: a part is rescored, a sidecar or fingerprint rewritten") from None
-
-
-def write_json_atomic(path: str, obj: Any) -> None:
-    with atomic_open(path, suffix=".json") as f:
-        json.dump(obj, f, ensure_ascii=False, indent=1)
+def _read_cached(path: str) -> Any:
+    return read_json(path, "cache or sidecar file",
+                     "delete it and run again: a part is rescored, a sidecar or fingerprint rewritten")
 
 
 def part_path(job: FileJob, part: int) -> str:
@@ -88,29 +79,28 @@ def part_path(job: FileJob, part: int) -> str:
 
 def check_existing(job: FileJob, s: ScoreSettings) -> None:
     """Skip a file already scored with the same settings; never mix a stale part cache into a new run."""
+    fp_path = os.path.join(job.parts_dir, "fingerprint.json")
     if os.path.exists(job.output) and not s.overwrite:
-        old = read_json(job.meta) if os.path.exists(job.meta) else None
+        old = _read_cached(job.meta) if os.path.exists(job.meta) else None
         if old is not None and old.get("fingerprint") == job.fingerprint:
             job.status = "done"
             log.info("%s is already scored with these settings; skipping (overwrite=true to redo)", job.output)
             return
-        fp_path = os.path.join(job.parts_dir, "fingerprint.json")
         complete = all(os.path.exists(part_path(job, k)) for k in range(job.n_parts))
-        if os.path.exists(fp_path) and complete and read_json(fp_path) == job.fingerprint:
+        if os.path.exists(fp_path) and complete and _read_cached(fp_path) == job.fingerprint:
             # killed between writing the scored file and its sidecar: every part is cached, so merge again
             log.info("%s: finishing an interrupted merge from the cached parts", job.output)
             return
         raise FileExistsError(f"{job.output} exists but was scored with other settings or has no {job.meta}; "
                               f"pass overwrite=true to replace it, or another save_name")
-    fp_path = os.path.join(job.parts_dir, "fingerprint.json")
     if os.path.exists(fp_path):
-        if read_json(fp_path) == job.fingerprint and not s.overwrite:
+        if _read_cached(fp_path) == job.fingerprint and not s.overwrite:
             return
         if not s.overwrite:
             raise FileExistsError(f"{job.parts_dir} holds parts scored with other settings (model, template, input "
                                   f"or part_size changed); pass overwrite=true to discard them, or delete the folder")
         shutil.rmtree(job.parts_dir)
-    write_json_atomic(fp_path, job.fingerprint)
+    write_json(fp_path, job.fingerprint, indent=1)
 
 
 def iter_part_records(path: str, tasks: list[PartTask], skipped: dict[int, str]
@@ -169,10 +159,10 @@ def score_parts(s: ScoreSettings, jobs: list[FileJob], tasks: list[PartTask]) ->
                 i += n_keys * n_ans
             seconds = time.perf_counter() - t0
             stats = dict(Counter(scorer.stats) - before)
-            write_json_atomic(part_path(job, task.part), {
+            write_json(part_path(job, task.part), {
                 "format": PART_FORMAT, "part": task.part, "start": task.start, "end": task.end,
                 "lines": [line for line, _ in rows], "teacher_scores": scores, "stats": stats,
-                "seconds": round(seconds, 3), "scorer": describe})
+                "seconds": round(seconds, 3), "scorer": describe}, indent=1)
             done += 1
             progress.update(task.end - task.start)
             log.info("%s part %d/%d: %d records, %d LM inputs, %d tokens in %.1f s (%.1f inputs/s) [%d/%d parts here]",
@@ -190,7 +180,7 @@ def merge(job: FileJob, s: ScoreSettings) -> None:
     def parts() -> Iterator[tuple[int, list[float]]]:
         nonlocal seconds, scorer
         for k in range(job.n_parts):
-            part = read_json(part_path(job, k))
+            part = _read_cached(part_path(job, k))
             if part.get("format") != PART_FORMAT or part["start"] != k * s.part_size:
                 raise ValueError(f"{part_path(job, k)} does not match this run; delete {job.parts_dir} and rerun")
             stats.update(part["stats"])
@@ -239,7 +229,7 @@ def merge(job: FileJob, s: ScoreSettings) -> None:
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **provenance(),
         "fingerprint": job.fingerprint,
     }
-    write_json_atomic(job.meta, meta)
+    write_json(job.meta, meta, indent=1)
     if not s.keep_parts:
         shutil.rmtree(job.parts_dir, ignore_errors=True)
     t = meta["truncation"]

@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from embedder.atomic import write_json
 from embedder.data.corpus import texts_fingerprint
 from embedder.dtypes import resolve_dtype
 from embedder.progress import Progress
-from embedder.retrieval.encode.store import META, EmbeddingStore, _atomic_json
+from embedder.retrieval.encode.store import META, EmbeddingStore
 
 log = logging.getLogger("embedder.retrieval.encode")
 # our IterableDataset gives each DataLoader worker its own slice of every shard and counts the batches of
@@ -375,5 +376,5 @@ def encode_to_stores(encoder: torch.nn.Module, jobs: list[EncodeJob], trainer: L
             raise RuntimeError(f"encoding finished but {store.path!r} still misses shards {store.missing_shards()[:5]}")
         if store.meta.get("dim") is None:  # record the dimension once, now that a shard exists
             store.meta["dim"] = int(store.read_shard(0, mmap=True).shape[1])
-            _atomic_json(os.path.join(store.path, META), store.meta)
+            write_json(os.path.join(store.path, META), store.meta)
     return stores

@@ -17,7 +17,6 @@ written for other texts or another model is never silently reused.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -25,8 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from embedder.atomic import atomic_open, write_json
-from embedder.errors import DataError
+from embedder.atomic import atomic_open, read_json, write_json
 
 FORMAT = 1
 META = "meta.json"
@@ -38,10 +36,6 @@ class StoreMismatch(ValueError):
 
 def _shard_name(s: int) -> str:
     return f"shard-{s:05d}.npy"
-
-
-def _atomic_json(path: str, obj: Any) -> None:
-    write_json(path, obj)
 
 
 class EmbeddingStore:
@@ -59,12 +53,8 @@ class EmbeddingStore:
         if not os.path.isfile(meta_path):
             raise FileNotFoundError(f"{self.path!r} is not an embedding store (no {META}); encode the texts first "
                                     f"(embedder.retrieval.encode.encode_to_stores) or check the path")
-        try:
-            with open(meta_path, encoding="utf-8") as f:
-                self.meta: dict[str, Any] = json.load(f)
-        except ValueError as e:  # a 0-byte or cut meta.json (disk full, a killed copy)
-            raise DataError(f"corrupt embedding-store metadata ({e})", path=meta_path,
-                            hint=f"delete the folder {self.path}; the next run encodes it again") from None
+        self.meta: dict[str, Any] = read_json(meta_path, "embedding-store metadata",
+                                              f"delete the folder {self.path}; the next run encodes it again")
         if self.meta.get("format") != FORMAT:
             raise StoreMismatch(f"{meta_path}: unsupported store format {self.meta.get('format')!r} "
                                 f"(expected {FORMAT})")
@@ -93,7 +83,7 @@ class EmbeddingStore:
                                     f"delete the folder or choose another output_dir")
             return store
         os.makedirs(path, exist_ok=True)
-        _atomic_json(meta_path, {"format": FORMAT, "num_rows": int(num_rows), "shard_size": int(shard_size),
+        write_json(meta_path, {"format": FORMAT, "num_rows": int(num_rows), "shard_size": int(shard_size),
                                  "num_shards": math.ceil(num_rows / shard_size), "dim": None,
                                  "fingerprint": fingerprint, "info": dict(info or {})})
         return cls(path)
