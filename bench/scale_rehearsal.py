@@ -100,7 +100,7 @@ def main() -> None:
            "+eval.synth.key_template='{text}'", "+eval.synth.metrics=[ndcg,recall]", "+eval.synth.cutoffs=[10,100]",
            "+eval.synth.hits=100", "+eval.synth.mode=retrieval", "+eval.synth.batch_size=256",
            f"+eval.synth.shard_size={args.shard_size}",
-           "task_metric=val/synth/ndcg@10", "model=tiny_bert", f"model.model_name_or_path={model}",
+           "recipe_metric=val/synth/ndcg@10", "model=tiny_bert", f"model.model_name_or_path={model}",
            "trainer=ddp_sim", f"trainer.max_steps={args.steps}", "trainer.max_epochs=-1",
            f"trainer.val_check_interval={args.steps + 1000}", "trainer.check_val_every_n_epoch=null", "logger=csv", f"output_dir={out}", "data.batch_size=16",
            "data.group_size=8", "query_max_length=32", "key_max_length=128", "export=false",

@@ -9,6 +9,7 @@ composed config, so tests call it directly. What it returns is a metrics dict; a
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -31,7 +32,7 @@ def run_entry(config_name: str, run: Callable[[Any], Any]) -> None:
     import hydra
 
     from embedder.bundled import register_resolvers
-    from embedder.config_check import apply_deprecated_aliases, exit_on_unknown_keys
+    from embedder.config_check import apply_deprecated_aliases, exit_on_unknown_keys, migrate_renamed_keys
     from embedder.errors import reported_input_errors
 
     register_resolvers()
@@ -40,6 +41,8 @@ def run_entry(config_name: str, run: Callable[[Any], Any]) -> None:
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name=config_name)
     def main(cfg) -> float | None:
+        for warning in migrate_renamed_keys(cfg, config_name):  # old names in a user's own YAML, for one release
+            print(warning, file=sys.stderr)
         with reported_input_errors():
             result = run(cfg)
         return optimized_value(cfg, result)

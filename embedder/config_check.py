@@ -82,30 +82,84 @@ def exit_on_unknown_keys(config_name: str) -> None:
         sys.exit(problem)
 
 
-# Renamed config keys, per command: {old: new}. The old spelling keeps working on the command line for one release
-# (0.2), with a warning; configs in this repository use the new names. See README "Renamed settings".
+# Renamed config keys, per command: {old: new}. `*` stands for one dotted segment (an eval set's name), and a key
+# under a renamed one is renamed with it (`tasks.qa.loss.x` -> `record_kinds.qa.loss.x`). The old spelling keeps
+# working for one release (0.2), with a warning: on the command line, and in a user's own task YAML (see
+# `migrate_renamed_keys`). Configs in this repository use the new names. See README "Renamed settings".
+_RECIPE_KEYS = {"task_label": "recipe_name", "task_metric": "recipe_metric", "tasks": "record_kinds",
+                "task_name": "command_name"}
 DEPRECATED_KEYS = {
-    "mine": {"eval_data": "input_data", "task": "instruction_task", "index.metric": "index.similarity"},
-    "score": {"eval_data": "input_data", "default_task": "default_record_kind"},
-    "train": {"default_task": "default_record_kind"},
-    "eval": {"eval_task": "instruction_task", "index.metric": "index.similarity"},
+    "train": {**_RECIPE_KEYS, "default_task": "default_record_kind", "eval.*.task": "eval.*.record_kind",
+              "export_default_task": "export_record_kind"},
+    "eval": {**_RECIPE_KEYS, "eval_task": "instruction_kind", "instruction_task": "instruction_kind",
+             "eval.*.task": "eval.*.record_kind", "index.metric": "index.similarity"},
+    "mine": {"eval_data": "input_data", "task": "instruction_kind", "instruction_task": "instruction_kind",
+             "index.metric": "index.similarity", "task_name": "command_name"},
+    "score": {"eval_data": "input_data", "default_task": "default_record_kind", "task_name": "command_name"},
 }
+
+
+def renamed_key(config_name: str, key: str) -> str | None:
+    """The new spelling of dotted `key` for this command, or None when it is not a deprecated one."""
+    parts = key.split(".")
+    for old, new in DEPRECATED_KEYS.get(config_name, {}).items():
+        pattern = old.split(".")
+        if len(parts) < len(pattern) or any(p != "*" and p != k for p, k in zip(pattern, parts)):
+            continue
+        wild = iter(k for p, k in zip(pattern, parts) if p == "*")
+        head = [next(wild) if p == "*" else p for p in new.split(".")]
+        return ".".join(head + parts[len(pattern):])
+    return None
+
+
+def _warning(old: str, new: str, where: str = "") -> str:
+    return (f"warning: `{old}`{where} is deprecated and will be removed in 0.3; use `{new}` (same meaning)")
 
 
 def rename_deprecated(config_name: str, overrides: list[str]) -> tuple[list[str], list[str]]:
     """`(overrides with old keys renamed, one warning per renamed key)`; `+old=`, `~old` and `old=` are handled."""
-    renames = DEPRECATED_KEYS.get(config_name, {})
     out, warnings = [], []
     for raw in overrides:
         prefix = raw[:2] if raw.startswith("++") else raw[:1] if raw[:1] in "+~" else ""
         key, sep, value = raw[len(prefix):].partition("=")
-        if key in renames and (sep or prefix == "~"):
-            new = renames[key]
-            warnings.append(f"warning: `{key}` is deprecated for this command and will be removed in 0.3; "
-                            f"use `{new}` (same meaning)")
+        new = renamed_key(config_name, key) if (sep or prefix == "~") else None
+        if new:
+            warnings.append(_warning(key, new))
             raw = f"{prefix}{new}{sep}{value}"
         out.append(raw)
     return out, warnings
+
+
+def migrate_renamed_keys(cfg: DictConfig, config_name: str) -> list[str]:
+    """Move old top-level keys a user's own YAML still sets (e.g. `task_label:`, `tasks:` or an eval set's `task:`
+    in configs/task/my_faq.yaml) to their new names, in place; returns one warning per moved key.
+
+    A mapping (`tasks:`) is merged over what the new key already holds (the included task files' kinds)."""
+    from omegaconf import OmegaConf, open_dict
+
+    moves = []
+    for old in DEPRECATED_KEYS.get(config_name, {}):
+        if "." not in old and old in cfg:
+            moves.append(old)
+        elif old.startswith("eval.*.") and isinstance(cfg.get("eval"), DictConfig):
+            leaf = old.split(".")[-1]
+            moves += [f"eval.{name}.{leaf}" for name, spec in cfg.eval.items()
+                      if isinstance(spec, DictConfig) and leaf in spec]
+    warnings = []
+    with open_dict(cfg):
+        for old in moves:
+            new = renamed_key(config_name, old)
+            parent_key, _, leaf = old.rpartition(".")
+            parent = OmegaConf.select(cfg, parent_key) if parent_key else cfg
+            value = OmegaConf.to_container(parent._get_node(leaf), resolve=False) \
+                if isinstance(parent._get_node(leaf), DictConfig) else parent._get_node(leaf)._value()
+            new_parent_key, _, new_leaf = new.rpartition(".")
+            new_parent = OmegaConf.select(cfg, new_parent_key) if new_parent_key else cfg
+            current = new_parent.get(new_leaf) if isinstance(value, dict) else None
+            new_parent[new_leaf] = OmegaConf.merge(current, value) if isinstance(current, DictConfig) else value
+            del parent[leaf]
+            warnings.append(_warning(old, new, " in a config file"))
+    return warnings
 
 
 def apply_deprecated_aliases(config_name: str) -> None:

@@ -4,7 +4,7 @@ What is evaluated:
 
 - by default, the `eval:` sets of the chosen `task=` config (the same sets `train.py` evaluates), with that task's
   instructions from the `version=` table;
-- or one file: `eval_data=<file or BEIR folder> corpus=<file> instruction_task=<task for instructions>`.
+- or one file: `eval_data=<file or BEIR folder> corpus=<file> instruction_kind=<task for instructions>`.
 
 Which encoder: `model=` (minilm = the bundled all-MiniLM-L6-v2, bge_base_en, ...) and/or `model_path=` (a
 `train.py` output folder, a sentence-transformers folder, or a hub name). `retriever=bm25` evaluates BM25 instead.
@@ -46,7 +46,7 @@ MODES = {"retrieval": "retrieve", "retrieve": "retrieve", "rerank": "rerank"}
 def eval_specs(cfg: DictConfig) -> list[dict[str, Any]]:
     """The eval sets to run: `eval_data=...` alone, else the task config's `eval:` entries (nulls skipped)."""
     defaults = {"key_template": cfg.key_template, "metrics": list(cfg.metrics), "cutoffs": list(cfg.cutoffs),
-                "hits": cfg.hits, "mode": cfg.mode, "task": cfg.get("instruction_task")}
+                "hits": cfg.hits, "mode": cfg.mode, "record_kind": cfg.get("instruction_kind")}
     if cfg.get("eval_data"):
         path = str(cfg.eval_data).rstrip("/")
         name = cfg.get("eval_name") or os.path.splitext(os.path.basename(path))[0]
@@ -69,7 +69,7 @@ def _run_mteb(cfg: DictConfig) -> dict[str, float]:
 
     tasks = tasks_by_name([str(t) for t in cfg.mteb_tasks])  # an unknown name fails before the model loads
     path = cfg.get("model_path") or cfg.model.model_name_or_path
-    q_inst, k_inst = resolve_instruction(cfg, cfg.get("instruction_task"))
+    q_inst, k_inst = resolve_instruction(cfg, cfg.get("instruction_kind"))
     model = sentence_transformer(str(path), q_inst, k_inst)
     metrics = run_mteb(model, tasks, cfg.output_dir, batch_size=int(cfg.retriever.get("batch_size", 64)))
     write_json(os.path.join(cfg.output_dir, "metrics.json"), {"mteb": metrics, "model": str(path)})
@@ -127,7 +127,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
 
     results: dict[str, dict[str, float]] = {}
     for spec, evaluator, corpus_ids, graded in prepared:
-        q_inst, k_inst = resolve_instruction(cfg, spec.get("task")) if encoder is not None else ("", "")
+        q_inst, k_inst = resolve_instruction(cfg, spec.get("record_kind")) if encoder is not None else ("", "")
         if evaluator.mode == "rerank":
             if encoder is None:
                 raise ValueError(f"eval {spec['name']}: rerank mode needs a dense encoder (retriever=dense)")

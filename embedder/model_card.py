@@ -25,7 +25,7 @@ def model_card(config: dict[str, Any], prompts: dict[str, str], before: dict[str
     loss = config.get("loss") or {}
     trainer = config.get("trainer") or {}
     base = model.get("model_name_or_path", "?")
-    label = config.get("task_label") or config.get("task_name") or "embedder"
+    label = config.get("recipe_name") or config.get("command_name") or "embedder"
     parts = ["---", "library_name: sentence-transformers", "pipeline_tag: sentence-similarity",
              "tags: [sentence-transformers, feature-extraction, embedder, llm-embedder]", f"base_model: {base}", "---",
              "", f"# {label}: a task-aware dense retriever fine-tuned with embedder", "",
@@ -63,4 +63,4 @@ def model_card(config: dict[str, Any], prompts: dict[str, str], before: dict[str
 
 
 def _task_losses(config: dict[str, Any]) -> list[dict[str, Any]]:
-    return [t.get("loss") or {} for t in (config.get("tasks") or {}).values() if isinstance(t, dict)]
+    return [t.get("loss") or {} for t in (config.get("record_kinds") or {}).values() if isinstance(t, dict)]

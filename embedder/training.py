@@ -33,7 +33,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     """Train (and evaluate before/after), export the encoder, return the final metrics."""
     L.seed_everything(cfg.seed, workers=True)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.output_dir)
-    tasks = build_task_settings(OmegaConf.to_container(cfg.tasks, resolve=True), cfg.data.group_size,
+    tasks = build_task_settings(OmegaConf.to_container(cfg.record_kinds, resolve=True), cfg.data.group_size,
                                 OmegaConf.to_container(cfg.version.table, resolve=True), cfg.version.add_instruction)
     # Data first: bad records fail here, before any model is loaded.
     datamodule = RetrievalDataModule(
@@ -100,7 +100,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         hub = cfg.get("hub") or {}
         if cfg.export and hub.get("repo_id"):
             push_export(cfg.output_dir, hub["repo_id"], private=bool(hub.get("private", True)),
-                        commit_message=hub.get("commit_message") or f"embedder: {cfg.get('task_label', 'train')}")
+                        commit_message=hub.get("commit_message") or f"embedder: {cfg.get('recipe_name', 'train')}")
         with atomic_open(os.path.join(cfg.output_dir, "config.yaml"), suffix=".yaml") as f:
             f.write(OmegaConf.to_yaml(cfg, resolve=False))
         if cfg.get("report", True):  # the loggers were finalised (flushed) at the end of each loop
@@ -146,17 +146,17 @@ def push_export(out_dir: str, repo_id: str, private: bool = True, commit_message
 
 
 def _default_export_task(cfg: DictConfig, tasks: dict) -> str | None:
-    """The task whose instructions become the export's `query`/`document` prompts: `export_default_task`, else the
+    """The task whose instructions become the export's `query`/`document` prompts: `export_record_kind`, else the
     only task, else qa when the run has it (the LLM-Embedder recipe), else none (a warning says so)."""
-    name = cfg.get("export_default_task")
+    name = cfg.get("export_record_kind")
     if name:
         return str(name)
     if len(tasks) == 1:
         return next(iter(tasks))
     if "qa" in tasks:
         return "qa"
-    log.warning("no export_default_task and no qa task: the export has <task>_query/<task>_key prompts only, so "
-                "encode_query/encode_document apply no instruction; set export_default_task=<one of %s>", sorted(tasks))
+    log.warning("no export_record_kind and no qa task: the export has <task>_query/<task>_key prompts only, so "
+                "encode_query/encode_document apply no instruction; set export_record_kind=<one of %s>", sorted(tasks))
     return None
 
 

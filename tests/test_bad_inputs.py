@@ -116,7 +116,7 @@ def _command(entry: str, data: str, out: str) -> list[str]:
     if entry == "score":
         return [sys.executable, "score.py", f"input_data={data}", "lm=tiny", f"output_dir={out}/run", *common]
     return [sys.executable, "-m", "embedder.evaluate", f"eval_data={data}", f"corpus={QA_CORPUS}", "model=tiny_bert",
-            "instruction_task=qa", f"output_dir={out}/run", *common]
+            "instruction_kind=qa", f"output_dir={out}/run", *common]
 
 
 def _snapshot(folder: str) -> dict[str, float]:

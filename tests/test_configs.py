@@ -6,7 +6,7 @@ from pathlib import Path
 
 import hydra
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
 from embedder.data.tasks import build_task_settings
 from tests.conftest import ROOT, compose
@@ -17,24 +17,24 @@ GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in (ROOT / "con
 @pytest.mark.parametrize("task", GROUPS["task"])
 def test_every_task_composes_and_builds_settings(task):
     cfg = compose([f"task={task}"])
-    tasks = build_task_settings(OmegaConf.to_container(cfg.tasks, resolve=True), cfg.data.group_size,
+    tasks = build_task_settings(OmegaConf.to_container(cfg.record_kinds, resolve=True), cfg.data.group_size,
                                 OmegaConf.to_container(cfg.version.table), cfg.version.add_instruction)
     assert tasks and cfg.train_data
     for spec in (cfg.eval or {}).values():
         if spec is not None:
-            assert spec.task in tasks
+            assert spec.record_kind in tasks
 
 
 def test_task_aliases_match_reference_spellings():
     for alias, target in [("chat", "msc"), ("convsearch", "qrecc"), ("qa", "msmarco"), ("toolbench", "tool")]:
         a, b = compose([f"task={alias}"]), compose([f"task={target}"])
-        assert OmegaConf.to_container(a.tasks) == OmegaConf.to_container(b.tasks)
+        assert OmegaConf.to_container(a.record_kinds) == OmegaConf.to_container(b.record_kinds)
         assert list(a.train_data) == list(b.train_data)
 
 
 def test_reference_per_task_settings():
     t = compose(["task=llm-embedder"])
-    s = build_task_settings(OmegaConf.to_container(t.tasks, resolve=True), 8)
+    s = build_task_settings(OmegaConf.to_container(t.record_kinds, resolve=True), 8)
     assert set(s) == {"qa", "convsearch", "chat", "lrlm", "icl", "tool"}
     assert s["qa"].loss.stable_distill and s["qa"].loss.contrastive_weight == 0
     assert s["icl"].sampling.select_positive == "random" and s["icl"].loss.stable_distill
@@ -53,7 +53,7 @@ def test_reference_per_task_settings():
 @pytest.mark.parametrize("version", GROUPS["version"])
 def test_versions(version):
     cfg = compose([f"version={version}", "task=tool"])
-    s = build_task_settings(OmegaConf.to_container(cfg.tasks), 8, OmegaConf.to_container(cfg.version.table),
+    s = build_task_settings(OmegaConf.to_container(cfg.record_kinds), 8, OmegaConf.to_container(cfg.version.table),
                             cfg.version.add_instruction)["tool"]
     expected = {"bge": "Represent this sentence for searching relevant passages: ", "e5": "query: ", "none": "",
                 "llm-embedder": "Transform this user request for fetching helpful tool descriptions: "}
@@ -121,10 +121,10 @@ def test_misspelt_key_lists_valid_keys():
     msg = check_overrides(str(ROOT / "configs"), "train", ["task=tool", "data.batchsize=3"])
     assert "Unknown config key 'data.batchsize'" in msg and "Did you mean 'data.batch_size'" in msg
     assert "batch_size, group_size" in msg
-    msg = check_overrides(str(ROOT / "configs"), "train", ["task=tool", "tasks.tool.loss.distil_weight=0"])
+    msg = check_overrides(str(ROOT / "configs"), "train", ["task=tool", "record_kinds.tool.loss.distil_weight=0"])
     assert "distill_weight" in msg
     assert check_overrides(str(ROOT / "configs"), "train", ["task=tool", "data.batch_size=3",
-                                                            "tasks.tool.loss.distill_weight=0.5"]) is None
+                                                            "record_kinds.tool.loss.distill_weight=0.5"]) is None
 
 
 @pytest.mark.parametrize("experiment", GROUPS["experiment"])
@@ -166,18 +166,45 @@ def test_renamed_keys_keep_their_old_spelling_for_one_release():
     from embedder.config_check import DEPRECATED_KEYS, rename_deprecated
 
     out, warnings = rename_deprecated("mine", ["eval_data=a.json", "task=qa", "+index.metric=ip", "hits=5"])
-    assert out == ["input_data=a.json", "instruction_task=qa", "+index.similarity=ip", "hits=5"]
+    assert out == ["input_data=a.json", "instruction_kind=qa", "+index.similarity=ip", "hits=5"]
     assert len(warnings) == 3 and "`eval_data` is deprecated" in warnings[0] and "`input_data`" in warnings[0]
-    assert rename_deprecated("eval", ["eval_data=x", "eval_task=qa"])[0] == ["eval_data=x", "instruction_task=qa"]
+    assert rename_deprecated("eval", ["eval_data=x", "eval_task=qa"])[0] == ["eval_data=x", "instruction_kind=qa"]
     assert rename_deprecated("score", ["default_task=qa"])[0] == ["default_record_kind=qa"]
     assert rename_deprecated("train", ["task=tool", "default_task=tool"])[0] == ["task=tool", "default_record_kind=tool"]
+    # the "task" names that were not the config group: a recipe's name and metric, record kinds, an eval set's kind
+    out, warnings = rename_deprecated("train", ["task_label=x", "task_metric=val/qa/mrr@10", "~tasks.qa.instruction",
+                                                "+eval.qa.task=qa", "tasks.chat.loss.distill_weight=0"])
+    assert out == ["recipe_name=x", "recipe_metric=val/qa/mrr@10", "~record_kinds.qa.instruction",
+                   "+eval.qa.record_kind=qa", "record_kinds.chat.loss.distill_weight=0"] and len(warnings) == 5
+    assert rename_deprecated("eval", ["instruction_task=qa", "task=tool"])[0] == ["instruction_kind=qa", "task=tool"]
     for name, renames in DEPRECATED_KEYS.items():  # every new name exists in its config
         cfg = compose([], name)
         for new in renames.values():
             node = cfg
             for part in new.split("."):
+                part = next(iter(node)) if part == "*" else part  # an eval set's name: the first set
                 assert part in node, (name, new)
                 node = node[part]
+
+
+def test_a_users_own_task_yaml_with_old_names_still_runs():
+    """Old names in a config file (task_label:, task_metric:, tasks:, an eval set's task:) move to the new keys."""
+    from embedder.config_check import migrate_renamed_keys
+
+    cfg = compose(["task=sample"])
+    with open_dict(cfg):  # what Hydra composes from an old-style configs/task/my_faq.yaml
+        cfg.merge_with(OmegaConf.create({
+            "task_label": "my_faq", "task_metric": "val/faq/ndcg@10",
+            "tasks": {"faq": {"instruction": {"query": "q: ", "key": "k: "}}, "qa": {"loss": {"distill_weight": 0.0}}},
+            "eval": {"faq": {"eval_data": "faq.json", "corpus": "c.json", "task": "faq"}}}))
+    warnings = migrate_renamed_keys(cfg, "train")
+    assert len(warnings) == 4 and all("deprecated" in w for w in warnings)
+    assert "task_label" not in cfg and "tasks" not in cfg and "task" not in cfg.eval.faq
+    assert cfg.recipe_name == "my_faq" and cfg.recipe_metric == "val/faq/ndcg@10"
+    assert cfg.eval.faq.record_kind == "faq" and cfg.record_kinds.faq.instruction.query == "q: "
+    assert cfg.record_kinds.qa.loss.distill_weight == 0.0  # merged over the included kind, which keeps the rest
+    assert cfg.record_kinds.qa.sampling is not None and "tool" in cfg.record_kinds
+    assert cfg.output_dir.endswith("my_faq")  # interpolations see the moved value
 
 
 @pytest.mark.slow

@@ -21,7 +21,10 @@ from pathlib import Path
 import pytest
 from huggingface_hub.hf_api import RepoFile, RepoFolder
 
-import embedder.data.download as dl
+import embedder.data.download.archive as dl_archive
+import embedder.data.download.cli as dl_cli
+import embedder.data.download.fetch as dl_fetch
+import embedder.data.download.hub as dl_hub
 
 ROOT = Path(__file__).resolve().parents[1]
 TARBALL = ("namespace-Pt/projects", "llm-embedder.tar.gz")
@@ -96,8 +99,8 @@ class FakeApi:
 @pytest.fixture
 def hub(tmp_path, monkeypatch) -> FakeHub:
     fake = FakeHub(tmp_path / "hub")
-    monkeypatch.setattr(dl, "hf_hub_download", fake.hf_hub_download)
-    monkeypatch.setattr(dl, "HfApi", fake.api)
+    monkeypatch.setattr(dl_hub, "hf_hub_download", fake.hf_hub_download)
+    monkeypatch.setattr(dl_hub, "HfApi", fake.api)
     monkeypatch.setattr(sys.stderr, "isatty", lambda: False, raising=False)  # the log-line progress, as in SLURM
     return fake
 
@@ -125,20 +128,20 @@ LLM_FILES = {"qa/msmarco/train.json": b'{"query": "q", "pos": ["p"]}\n',
 
 def run_cli(*args: str) -> int:
     try:
-        return dl.main(list(args))
+        return dl_cli.main(list(args))
     except SystemExit as e:
         return int(e.code)
 
 
 def count_extractions(monkeypatch) -> list[Path]:
     calls: list[Path] = []
-    real = dl.extract_archive
+    real = dl_archive.extract_archive
 
     def spy(archive, dest, label):
         calls.append(archive)
         return real(archive, dest, label)
 
-    monkeypatch.setattr(dl, "extract_archive", spy)
+    monkeypatch.setattr(dl_fetch, "extract_archive", spy)  # where fetch looks it up
     return calls
 
 
@@ -338,8 +341,8 @@ def test_dry_run_makes_no_hub_call(tmp_path, monkeypatch, capsys):
     def no_network(*args, **kwargs):
         raise AssertionError("--dry-run called the Hub")
 
-    monkeypatch.setattr(dl, "hf_hub_download", no_network)
-    monkeypatch.setattr(dl, "HfApi", no_network)
+    monkeypatch.setattr(dl_hub, "hf_hub_download", no_network)
+    monkeypatch.setattr(dl_hub, "HfApi", no_network)
     root = tmp_path / "data"
     assert run_cli("llm-embedder", "qrecc-corpus", "beir:scifact", "--to", str(root), "--dry-run") == 0
     out = capsys.readouterr().out
@@ -395,7 +398,7 @@ def test_disk_full_is_reported(hub, tmp_path, monkeypatch, capsys):
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "somewhere")
 
-    monkeypatch.setattr(dl, "hf_hub_download", full)
+    monkeypatch.setattr(dl_hub, "hf_hub_download", full)
     assert run_cli("llm-embedder", "--to", str(tmp_path / "data")) == 1
     err = capsys.readouterr().err
     assert "no space left on the device" in err and "--to" in err and "Traceback" not in err

@@ -28,7 +28,7 @@ def eval_cfg(tmp_path, tiny_bert, extra=()):
                     "eval_name=toy", f"output_dir={tmp_path}/out", "model=tiny_bert",
                     f"model.model_name_or_path={tiny_bert}", "trainer=cpu", "+trainer.enable_progress_bar=false",
                     "query_max_length=32", "key_max_length=32", "metrics=[mrr,recall,ndcg,map,nq]", "cutoffs=[1,5,10]",
-                    "hits=10", "instruction_task=tool", "task=tool", "retriever.batch_size=8", *extra], "eval")
+                    "hits=10", "instruction_kind=tool", "task=tool", "retriever.batch_size=8", *extra], "eval")
 
 
 def test_standalone_equals_in_training_evaluation(tmp_path, tiny_bert):

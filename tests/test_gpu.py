@@ -76,7 +76,7 @@ def test_zero3_in_training_evaluation(tmp_path, tiny_bert):
 
     cfg = compose(quick_overrides(tmp_path, tiny_bert, [
         "task=sample", "train_data=[llm-embedder:tool/train.json]", "eval.qa=null", "eval.convsearch=null",
-        "task_metric=val/tool/ndcg@5", "trainer=deepspeed_stage_3", "trainer.devices=1",
+        "recipe_metric=val/tool/ndcg@5", "trainer=deepspeed_stage_3", "trainer.devices=1",
         "trainer.precision=bf16-mixed", "trainer.max_steps=2", "+eval.tool.shard_size=50"]))
     after = run_train(cfg)
     before = json.load(open(tmp_path / "out" / "metrics.json"))["before"]

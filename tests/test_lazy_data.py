@@ -127,7 +127,7 @@ def test_a_fit_reads_the_lazy_records_through_dataloader_workers(tmp_path, tiny_
     path = _write(tmp_path / "data" / "qa" / "train.json", [_record(i, n_neg=6, words=12) for i in range(12)])
     cfg = compose(quick_overrides(tmp_path, tiny_bert, [
         "task=msmarco", f"train_data=[{path}]", "data.num_workers=2", "eval={}", "export=false",
-        "tasks.qa.loss.stable_distill=false"]))
+        "record_kinds.qa.loss.stable_distill=false"]))
     run_train(cfg)
     assert os.path.isfile(f"{tmp_path}/out/metrics.json")
 
@@ -215,7 +215,7 @@ def test_evaluating_on_a_parquet_corpus_equals_jsonl(tmp_path, tiny_bert):
                        f"output_dir={tmp_path}/{kind}", "model=tiny_bert", f"model.model_name_or_path={tiny_bert}",
                        "trainer=cpu", "+trainer.enable_progress_bar=false", "query_max_length=32",
                        "key_max_length=32", "metrics=[mrr,recall,ndcg,nq]", "cutoffs=[1,5,10]", "hits=10",
-                       "instruction_task=tool", "task=tool", "retriever.batch_size=8"], "eval")
+                       "instruction_kind=tool", "task=tool", "retriever.batch_size=8"], "eval")
         results[kind] = (run_evaluate(cfg), read_jsonl(f"{tmp_path}/{kind}/toy.result.json"))
     assert results["jsonl"][0] and results["jsonl"] == results["parquet"]
 

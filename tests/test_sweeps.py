@@ -21,7 +21,7 @@ def _common(tiny_bert, tmp_path):
     return ["model=tiny_bert", f"model.model_name_or_path={tiny_bert}", "trainer=cpu", "trainer.max_steps=2",
             "data.batch_size=4", "data.group_size=2", "query_max_length=32", "key_max_length=32",
             "task=sample", "train_data=[llm-embedder:tool/train.json]", "eval.qa=null", "eval.convsearch=null",
-            "task_metric=val/tool/ndcg@5", "callbacks.rich_progress_bar=null", "export=false"]
+            "recipe_metric=val/tool/ndcg@5", "callbacks.rich_progress_bar=null", "export=false"]
 
 
 @pytest.mark.slow

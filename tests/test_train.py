@@ -184,7 +184,7 @@ def test_validation_during_training_and_best_checkpoint(tmp_path, tiny_bert):
     """val/<set>/<metric>@k is logged every val_check_interval steps and best.ckpt follows the task metric."""
     cfg = compose(quick_overrides(tmp_path, tiny_bert, [
         "task=sample", "train_data=[llm-embedder:tool/train.json]", "eval.qa=null", "eval.convsearch=null",
-        "task_metric=val/tool/ndcg@5", "trainer.max_steps=4", "trainer.val_check_interval=2",
+        "recipe_metric=val/tool/ndcg@5", "trainer.max_steps=4", "trainer.val_check_interval=2",
         "evaluate_before=false", "export=false"]))
     after = run_train(cfg)
     assert set(after) >= {"val/tool/ndcg@5", "val/tool/mrr@1", "val/tool/recall@3"}
@@ -199,7 +199,7 @@ def test_ddp_evaluation_equals_single_process(tmp_path, tiny_bert):
     def before(sub, extra):
         cfg = compose(quick_overrides(tmp_path / sub, tiny_bert, [
             "task=sample", "train_data=[llm-embedder:tool/train.json]", "eval.qa=null", "eval.convsearch=null",
-            "task_metric=val/tool/ndcg@5", "export=false", "data.batch_size=2", *extra]))
+            "recipe_metric=val/tool/ndcg@5", "export=false", "data.batch_size=2", *extra]))
         after = run_train(cfg)
         assert after  # metrics come back from the spawned workers too
         return json.load(open(tmp_path / sub / "out" / "metrics.json"))["before"]
@@ -220,7 +220,7 @@ def test_untrained_eval_embeddings_are_cached_and_step_stores_removed(tmp_path, 
 
     caplog.set_level(logging.INFO, logger="embedder.evaluation")
     overrides = ["task=sample", "train_data=[llm-embedder:tool/train.json]", "eval.qa=null", "eval.convsearch=null",
-                 "task_metric=val/tool/ndcg@5", "export=false", "+eval.tool.shard_size=50"]
+                 "recipe_metric=val/tool/ndcg@5", "export=false", "+eval.tool.shard_size=50"]
     first = run_train(compose(quick_overrides(tmp_path / "a", tiny_bert, overrides)))
     shards = sorted((os.path.join(d, f), os.path.getmtime(os.path.join(d, f)))
                     for d, _, files in os.walk(os.path.join(cache_root(), "eval-encode")) for f in files
@@ -245,7 +245,7 @@ def test_ddp_metrics_after_training_equal_standalone_evaluation_of_the_export(tm
 
     sets = ["eval.qa=null", "eval.convsearch=null"]
     cfg = compose([
-        "task=sample", "train_data=[llm-embedder:tool/train.json]", *sets, "task_metric=val/tool/ndcg@5",
+        "task=sample", "train_data=[llm-embedder:tool/train.json]", *sets, "recipe_metric=val/tool/ndcg@5",
         "trainer=ddp_sim", "+eval.tool.shard_size=25", "trainer.max_steps=4", "trainer.max_epochs=-1",
         "optimizer.lr=1e-4", "logger=csv", f"output_dir={tmp_path}/out", "data.batch_size=4", "data.group_size=4",
         "query_max_length=64", "key_max_length=64", "callbacks.rich_progress_bar=null"])
@@ -395,7 +395,7 @@ def test_report_with_plots_from_the_csv_logs(tmp_path, tiny_bert, monkeypatch):
     pytest.importorskip("matplotlib")
     run_train(compose(quick_overrides(tmp_path, tiny_bert, [
         "task=sample", "train_data=[llm-embedder:tool/train.json]", "eval.qa=null", "eval.convsearch=null",
-        "task_metric=val/tool/ndcg@5", "trainer.max_steps=3", "export=false"])))
+        "recipe_metric=val/tool/ndcg@5", "trainer.max_steps=3", "export=false"])))
     report = (tmp_path / "out" / "report.md").read_text()
     for stem in ("loss", "lr", "throughput", "eval"):
         png = tmp_path / "out" / "report" / f"{stem}.png"

@@ -171,8 +171,8 @@ def check_train_record(record: Mapping[str, Any], path: str, line: int, settings
             f"task '{settings.name}' enables distillation (distill_weight={settings.loss.distill_weight}) "
             f"but this record has no teacher_scores", path=path, line=line, field="teacher_scores",
             hint=f"run score.py on this file to add teacher scores, or use a contrastive config: "
-                 f"tasks.{settings.name}.loss.distill_weight=0 tasks.{settings.name}.loss.stable_distill=false "
-                 f"tasks.{settings.name}.loss.contrastive_weight=1")
+                 f"record_kinds.{settings.name}.loss.distill_weight=0 record_kinds.{settings.name}.loss.stable_distill=false "
+                 f"record_kinds.{settings.name}.loss.contrastive_weight=1")
     if settings.sampling.select_positive == "random" and not pos:
         raise DataError("select_positive=random needs at least one positive", path=path, line=line, field="pos")
 
@@ -189,7 +189,7 @@ def record_task(record: Mapping[str, Any], default_task: str | None, path: str, 
         raise DataError(f"'task' must be a string, got {type(task).__name__}", path=path, line=line, field="task")
     if valid is not None and task not in valid:
         raise DataError(f"unknown task {task!r}", path=path, line=line, field="task",
-                        hint=f"valid tasks: {', '.join(sorted(valid))}; add tasks.{task} in a task config to define it")
+                        hint=f"valid tasks: {', '.join(sorted(valid))}; add record_kinds.{task} in a task config to define it")
     return task
 
 

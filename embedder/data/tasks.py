@@ -30,7 +30,7 @@ class TaskSettings:
 
 def build_task_settings(tasks: Mapping[str, Any], group_size: int, version: Mapping[str, Any] | None = None,
                         add_instruction: bool = True) -> dict[str, TaskSettings]:
-    """Turn the `tasks:` config mapping into frozen settings.
+    """Turn the `record_kinds:` config mapping into frozen settings.
 
     `version` is the instruction table chosen by `version=` (bge, e5, instructor, none, llm-embedder). It maps a
     task name (or `default`) to `{query, key}`; a task it does not name keeps the instruction of its task config
@@ -65,7 +65,7 @@ def build_task_settings(tasks: Mapping[str, Any], group_size: int, version: Mapp
         )
         unknown = set(spec) - {"instruction", "sampling", "loss"}
         if unknown:
-            raise ValueError(f"tasks.{name}: unknown keys {sorted(unknown)}; valid: instruction, sampling, loss")
+            raise ValueError(f"record_kinds.{name}: unknown keys {sorted(unknown)}; valid: instruction, sampling, loss")
         out[name] = TaskSettings(name=name, instruction=instruction, sampling=sampling, loss=loss)
     return out
 
@@ -73,7 +73,7 @@ def build_task_settings(tasks: Mapping[str, Any], group_size: int, version: Mapp
 def export_prompts(tasks: dict[str, TaskSettings], default: str | None = None) -> dict[str, str]:
     """sentence-transformers prompts from the task instructions: `<task>_query` and `<task>_key` for every task, and
     `query`/`document` (what `encode_query`/`encode_document` and MTEB use) from the `default` task: the only one,
-    or the named one (`export_default_task`; qa in the LLM-Embedder recipe)."""
+    or the named one (`export_record_kind`; qa in the LLM-Embedder recipe)."""
     prompts: dict[str, str] = {}
     for name, t in tasks.items():
         prompts[f"{name}_query"] = t.instruction.query
@@ -82,6 +82,6 @@ def export_prompts(tasks: dict[str, TaskSettings], default: str | None = None) -
         default = next(iter(tasks))
     if default is not None:
         if default not in tasks:
-            raise ValueError(f"export_default_task={default!r} is not one of this run's tasks: {', '.join(sorted(tasks))}")
+            raise ValueError(f"export_record_kind={default!r} is not one of this run's tasks: {', '.join(sorted(tasks))}")
         prompts["query"], prompts["document"] = tasks[default].instruction.query, tasks[default].instruction.key
     return prompts

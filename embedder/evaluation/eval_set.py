@@ -223,9 +223,9 @@ def build_eval_sets(eval_cfg: Mapping[str, Any] | None, tasks: dict[str, TaskSet
         if spec is None:
             continue
         spec = dict(spec)
-        task = spec.pop("task", None)
+        task = spec.pop("record_kind", None)
         if task not in tasks:
-            raise ValueError(f"eval.{name}.task={task!r}; valid: {', '.join(sorted(tasks))}")
+            raise ValueError(f"eval.{name}.record_kind={task!r}; valid: {', '.join(sorted(tasks))}")
         out.append(EvalSet(name, instruction=tasks[task].instruction, data_root=data_root,
                            query_max_length=query_max_length, key_max_length=key_max_length, work_dir=work_dir,
                            **spec))

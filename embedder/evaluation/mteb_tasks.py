@@ -2,7 +2,7 @@
 
 The encoder goes to MTEB as a sentence-transformers model with its prompts: an embedder export already carries
 `query`/`document` prompts (the trained instructions); any other model gets the run's instructions (the `version`
-table for `instruction_task`) as those two prompts. MTEB's own wrapper picks `query`/`document` by prompt type, so queries
+table for `instruction_kind`) as those two prompts. MTEB's own wrapper picks `query`/`document` by prompt type, so queries
 and documents are encoded as they were in training. Results are cached by MTEB under `output_dir/mteb`.
 """
 

@@ -75,7 +75,7 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
     out_path, result_path = output_paths(eval_path, cfg)
     if os.path.abspath(out_path) == os.path.abspath(eval_path):
         raise ValueError(f"the output {out_path} would overwrite the input; set save_name")
-    task = cfg.get("instruction_task") or queries[0].record.get("task")
+    task = cfg.get("instruction_kind") or queries[0].record.get("task")
     q_inst, k_inst = resolve_instruction(cfg, task) if cfg.retriever.name == "dense" else ("", "")
     log.info("mining %s: %d queries against %s (%d documents), retriever=%s, hits=%d, rank_range=[%d, %d), "
              "max_neg_num=%d", eval_path, len(queries), corpus_path, len(corpus), cfg.retriever.name, hits,

@@ -21,7 +21,7 @@ def resolve_instruction(cfg: DictConfig, task: str | None) -> tuple[str, str]:
     """`(query instruction, key instruction)` for `task`.
 
     Order: an explicit `instruction.query/key` in the config; the `version` table's entry for the task, then its
-    `default`; the task config's `tasks.<task>.instruction` (llm-embedder version); else none, with a warning.
+    `default`; the task config's `record_kinds.<kind>.instruction` (llm-embedder version); else none, with a warning.
     `version.add_instruction=false` (version=none) means none.
     """
     explicit = cfg.get("instruction") or {}
@@ -33,10 +33,10 @@ def resolve_instruction(cfg: DictConfig, task: str | None) -> tuple[str, str]:
     table = version.get("table") or {}
     inst = table.get(task) if task else None
     inst = inst or table.get("default")
-    if inst is None and task and (cfg.get("tasks") or {}).get(task) is not None:
-        inst = cfg.tasks[task].get("instruction")
+    if inst is None and task and (cfg.get("record_kinds") or {}).get(task) is not None:
+        inst = cfg.record_kinds[task].get("instruction")
     if inst is None:
-        log.warning("version=%s has no instruction for task %r and no tasks.%s config is loaded: encoding without "
+        log.warning("version=%s has no instruction for task %r and no record_kinds.%s config is loaded: encoding without "
                     "instructions (set instruction.query/key, or add task=<config> for the llm-embedder ones)",
                     version.get("name"), task, task)
         return "", ""
