@@ -33,6 +33,10 @@ setup-gpu: setup ## on a CUDA 12 machine: replace faiss-cpu by faiss-gpu-cu12 (b
 demo: setup ## fine-tune the bundled MiniLM on the bundled sample data (offline, a few minutes on CPU)
 	$(PY) train.py
 
+finetune: setup ## your BEIR folder -> mined, fine-tuned, evaluated model: make finetune DATA=/data/beir/scifact [ARGS=...]
+	@test -n "$(DATA)" || { echo "usage: make finetune DATA=<BEIR folder: corpus.jsonl, queries.jsonl, qrels/>" >&2; exit 2; }
+	$(PY) train.py task=beir beir.folder=$(DATA) $(ARGS)
+
 train: setup ## train with overrides: make train ARGS="task=nq data_root=/data/llm-embedder trainer=gpu"
 	$(PY) train.py $(ARGS)
 

@@ -25,13 +25,16 @@ def smollm2_path() -> str:
 
 
 def register_resolvers() -> None:
-    """`${bundled:minilm}` and `${bundled:smollm2}` in configs resolve to the package folders."""
+    """`${bundled:minilm}` and `${bundled:smollm2}` resolve to the package folders; `${job_dir:...}`, `${basename:...}`
+    and `${sample_data:}` as documented at each."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("bundled"):
         OmegaConf.register_new_resolver("bundled", lambda name: {"minilm": minilm_path, "smollm2": smollm2_path}[name]())
     if not OmegaConf.has_resolver("job_dir"):
         OmegaConf.register_new_resolver("job_dir", job_dir)
+    if not OmegaConf.has_resolver("basename"):  # ${basename:/data/beir/scifact/} -> scifact (names a run after its data)
+        OmegaConf.register_new_resolver("basename", lambda path: os.path.basename(str(path).rstrip("/\\")) or "data")
     if not OmegaConf.has_resolver("sample_data"):
         OmegaConf.register_new_resolver("sample_data", lambda: os.path.join(os.path.dirname(__file__), "sample_data"))
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 
 from lightning import Callback
+
+log = logging.getLogger("embedder.progress")
 
 
 class QueriesPerSecond(Callback):
@@ -26,3 +30,66 @@ class QueriesPerSecond(Callback):
         dt = time.perf_counter() - self._t0
         n = batch["query"]["input_ids"].shape[0] * trainer.world_size
         pl_module.log("train/queries_per_sec", n / max(dt, 1e-9), prog_bar=True, batch_size=1)
+
+
+class LogProgress(Callback):
+    """A progress line in the log every `every_s` seconds where no progress bar can draw (nohup, SLURM, CI logs):
+    training (step, epoch, loss, queries/s, ETA) and predict-loop encoding (batches, texts/s, ETA).
+
+    Lightning's bars redraw a terminal line; written to a file they show nothing useful, so a 100-step fine-tune
+    logs nothing between its start and its final table. Active when stdout or stderr is not a terminal (or with
+    `always=true`); rank 0 only.
+    """
+
+    def __init__(self, every_s: float = 30.0, always: bool = False):
+        self.every_s, self.always = float(every_s), bool(always)
+        self._start = self._last = 0.0
+        self._last_step = 0
+        self._queries = 0
+
+    def _active(self, trainer) -> bool:
+        import sys
+
+        return trainer.is_global_zero and (self.always or not (sys.stdout.isatty() and sys.stderr.isatty()))
+
+    def on_train_start(self, trainer, pl_module):
+        self._start = self._last = time.monotonic()
+        self._last_step, self._queries = trainer.global_step, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._queries += batch["query"]["input_ids"].shape[0] * trainer.world_size
+        now = time.monotonic()
+        if not self._active(trainer) or now - self._last < self.every_s:
+            return
+        from embedder.progress import fmt_time
+
+        step, total = trainer.global_step, trainer.estimated_stepping_batches
+        total = int(total) if total is not None and math.isfinite(total) else None
+        rate = (step - self._last_step) / (now - self._last)  # steps/s since the last line (validation left out)
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        loss_text = f", loss {float(loss):.4f}" if loss is not None else ""
+        eta = fmt_time((total - step) / rate) if rate > 0 and total else "?"
+        total_text = f"/{total}" if total else ""
+        log.info("train: step %d%s, epoch %d%s, %.1f queries/s, %s elapsed, ETA %s", step, total_text,
+                 trainer.current_epoch + 1, loss_text, self._queries / (now - self._start),
+                 fmt_time(now - self._start), eta)
+        self._last, self._last_step = now, step
+
+    def on_predict_start(self, trainer, pl_module):
+        self._start = self._last = time.monotonic()
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        now = time.monotonic()
+        if not self._active(trainer) or now - self._last < self.every_s:
+            return
+        from embedder.progress import fmt_time
+
+        totals = trainer.num_predict_batches
+        total = totals[dataloader_idx] if dataloader_idx < len(totals) else None
+        total = int(total) if total is not None and math.isfinite(total) else None  # inf: an iterable dataset
+        done = batch_idx + 1
+        elapsed = now - self._start
+        eta = fmt_time(elapsed * (total - done) / done) if total else "?"
+        log.info("encoding: batch %d/%s (%s), %s elapsed, ETA %s", done, total or "?",
+                 f"{done / total:.0%}" if total else "?", fmt_time(elapsed), eta)
+        self._last = now

@@ -18,7 +18,7 @@ def unknown_key_message(cfg: DictConfig, key: str) -> str | None:
     for i, part in enumerate(parts):
         if not isinstance(node, DictConfig):
             return None  # inside a list or a value: leave it to Hydra
-        if part not in node:
+        if part not in node.keys():  # `in node` is False for a ??? (missing) value
             parent = ".".join(parts[:i]) or "<root>"
             valid = sorted(str(k) for k in node.keys())
             close = difflib.get_close_matches(part, valid, n=1)

@@ -32,6 +32,10 @@ def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
 def run_train(cfg: DictConfig) -> dict[str, float]:
     """Train (and evaluate before/after), export the encoder, return the final metrics."""
     L.seed_everything(cfg.seed, workers=True)
+    if (cfg.get("beir") or {}).get("folder"):  # task=beir: prepare the folder (split, mine; cached) into train/eval
+        from embedder.finetune import prepare_beir_run
+
+        cfg = prepare_beir_run(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.output_dir)
     tasks = build_task_settings(OmegaConf.to_container(cfg.record_kinds, resolve=True), cfg.data.group_size,
                                 OmegaConf.to_container(cfg.version.table, resolve=True), cfg.version.add_instruction)

@@ -36,12 +36,16 @@ class NegativeRule:
         max_neg_num: keep at most this many negatives (the reference default is 100).
         filter_answers: drop candidates that contain an answer.
         answer_match: `substring` (the reference) or `token` (DPR `has_answer`).
+        relative_margin: false-negative filter (sentence-transformers' `mine_hard_negatives` has the same): drop a
+            candidate whose retrieval score is above `(1 - relative_margin) ×` the best-ranked positive's score. It
+            applies to queries whose positive is among the retrieved hits; None = off.
     """
 
     rank_range: tuple[int, int | None] = (0, None)
     max_neg_num: int = 100
     filter_answers: bool = False
     answer_match: str = "substring"
+    relative_margin: float | None = None
 
     def __post_init__(self) -> None:
         lo, hi = self.rank_range
@@ -51,6 +55,8 @@ class NegativeRule:
             raise ValueError(f"max_neg_num must be >= 1, got {self.max_neg_num}")
         if self.answer_match not in ("substring", "token"):
             raise ValueError(f"answer_match must be 'substring' or 'token', got {self.answer_match!r}")
+        if self.relative_margin is not None and not 0 <= self.relative_margin < 1:
+            raise ValueError(f"relative_margin must be in [0, 1), got {self.relative_margin}")
 
 
 def _contains_answer(text: str, answers: Sequence[str], match: str) -> bool:
@@ -62,7 +68,8 @@ def _contains_answer(text: str, answers: Sequence[str], match: str) -> bool:
 
 def select_negatives(ranked: Sequence[int], corpus_texts: Sequence[str], rule: NegativeRule,
                      pos_index: Sequence[int] = (), pos: Sequence[str] = (),
-                     answers: Sequence[str] = ()) -> tuple[list[int], list[str], Counter]:
+                     answers: Sequence[str] = (), scores: Sequence[float] | None = None
+                     ) -> tuple[list[int], list[str], Counter]:
     """Pick negatives from one ranking.
 
     Args:
@@ -70,6 +77,7 @@ def select_negatives(ranked: Sequence[int], corpus_texts: Sequence[str], rule: N
         corpus_texts: row -> text (without instruction), the texts written to `neg`.
         rule: rank range, cap and answer filter.
         pos_index, pos, answers: the record's positives (rows and texts) and answers.
+        scores: the retrieval scores of `ranked` (needed by `rule.relative_margin`).
 
     Returns:
         `(neg_index, neg, dropped)`: the kept rows, their texts, and a Counter of drop reasons.
@@ -78,6 +86,12 @@ def select_negatives(ranked: Sequence[int], corpus_texts: Sequence[str], rule: N
     pos_rows = set(pos_index)
     pos_norm = {normalize_text(p) for p in pos}
     seen: set[str] = set()
+    ceiling = None
+    if rule.relative_margin is not None and scores is not None:
+        pos_scores = [float(s) for d, s in zip(ranked, scores) if int(d) in pos_rows]
+        if pos_scores:
+            best = max(pos_scores)
+            ceiling = best - rule.relative_margin * abs(best)
     neg_index: list[int] = []
     neg: list[str] = []
     dropped: Counter = Counter()
@@ -103,6 +117,9 @@ def select_negatives(ranked: Sequence[int], corpus_texts: Sequence[str], rule: N
             continue
         if rule.filter_answers and answers and _contains_answer(text, answers, rule.answer_match):
             dropped["contains an answer"] += 1
+            continue
+        if ceiling is not None and float(scores[position]) > ceiling:
+            dropped["within the margin of a positive (likely false negative)"] += 1
             continue
         seen.add(norm)
         neg_index.append(doc)

@@ -67,7 +67,8 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
     if hi > hits:
         raise ValueError(f"rank_range end {hi} is beyond hits={hits}: retrieve at least that many (hits={hi})")
     rule = NegativeRule(rank_range=(int(lo or 0), hi), max_neg_num=int(cfg.max_neg_num),
-                        filter_answers=bool(cfg.filter_answers), answer_match=cfg.answer_match)
+                        filter_answers=bool(cfg.filter_answers), answer_match=cfg.answer_match,
+                        relative_margin=cfg.get("relative_margin"))
 
     # 1. inputs, checked before any model work
     corpus = open_corpus(corpus_path, cfg.key_template)  # JSON lines or parquet, read on access
@@ -100,10 +101,11 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
     def mined_records():
         block, records = 1024, iter(queries)
         for start in range(0, len(queries), block):
-            rows = ids[start:start + block, :hi]
+            rows, row_scores = ids[start:start + block, :hi], scores[start:start + block, :hi]
             texts = corpus.take(int(i) for i in np.unique(rows) if i >= 0)
-            for rec, ranked in zip(itertools.islice(records, block), rows):
-                neg_index, neg, why = select_negatives(ranked, texts, rule, rec.pos_index, rec.pos, rec.answers)
+            for rec, ranked, ranked_scores in zip(itertools.islice(records, block), rows, row_scores):
+                neg_index, neg, why = select_negatives(ranked, texts, rule, rec.pos_index, rec.pos, rec.answers,
+                                                       ranked_scores)
                 dropped.update(why)
                 if not neg:
                     counts["no negatives"] += 1
@@ -125,7 +127,8 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
     meta = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "input_data": eval_path,
             "corpus": corpus_path, "key_template": cfg.key_template, "task": task, "query_instruction": q_inst,
             "key_instruction": k_inst, "hits": hits, "rank_range": [rule.rank_range[0], hi],
-            "max_neg_num": rule.max_neg_num, "filter_answers": rule.filter_answers, "answer_match": rule.answer_match,
+            "max_neg_num": rule.max_neg_num, "relative_margin": rule.relative_margin,
+            "filter_answers": rule.filter_answers, "answer_match": rule.answer_match,
             **retriever.describe(), **stats}
     meta_path = os.path.join(cfg.output_dir, os.path.basename(out_path)[:-len(".json")] + ".meta.json")
     write_json(meta_path, meta)

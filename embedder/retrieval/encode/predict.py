@@ -321,10 +321,13 @@ def encode_in_lockstep(encoder: torch.nn.Module, jobs: list[EncodeJob], units_pe
 def make_predict_trainer(trainer_cfg: Any = None, **overrides: Any) -> L.Trainer:
     """A Trainer for encoding from a `trainer:` config (the same group as training: cpu, gpu, ddp, ddp_sim, ...).
 
-    Logging, checkpointing and the model summary are switched off; the progress bar stays on.
+    Logging, checkpointing and the model summary are switched off; the progress bar stays on, and `LogProgress`
+    logs a line with an ETA every 30 s where the bar cannot draw (nohup, SLURM).
     """
+    from embedder.callbacks import LogProgress
+
     kwargs: dict[str, Any] = {"logger": False, "enable_checkpointing": False, "enable_model_summary": False,
-                              "callbacks": []}
+                              "callbacks": [LogProgress()]}
     kwargs.update(overrides)
     if trainer_cfg is None:
         return L.Trainer(**{"accelerator": "auto", "devices": 1, **kwargs})

@@ -1,0 +1,305 @@
+"""Fine-tune on your own BEIR folder in one command: `python train.py task=beir beir.folder=/data/beir/scifact`.
+
+`prepare_beir_run(cfg)` runs before training when `beir.folder` is set, and fills in `train_data` and `eval`:
+
+1. **split** (`<output_dir>/data/`): the BEIR folder (`corpus.jsonl` or `corpus.jsonl.gz`, `queries.jsonl`,
+   `qrels/<split>.tsv`) becomes `corpus.json` (row i = document i), `train.json` (one record per train query with
+   its positives' texts and rows), `dev.json` and, when `qrels/<test split>.tsv` exists, `test.json`. A folder
+   without a dev split gets one: a seeded `dev_fraction` of the train queries, held out from training.
+2. **mine** (`<output_dir>/data/mine-<retriever>/`): hard negatives for `train.json` with `mine.py`'s own code
+   (`run_mine`), from the dense model being fine-tuned and/or BM25, from ranks `rank_range`, with the
+   false-negative filter `relative_margin`. Two retrievers are merged into one list per query, alternating.
+3. train.py then trains on the mined file and evaluates dev (and test) before and after, as for any task.
+
+Every step writes atomically and records what it was made from (`prepare.json`, the mined files' `.meta.json`);
+a rerun with the same inputs and settings skips it. Memory follows the qrels (query texts and positive texts of
+the train split), never the corpus, which is streamed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import random
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from embedder.atomic import read_json, write_json
+from embedder.data.jsonl import write_jsonl_atomic
+from embedder.errors import DataError
+from embedder.evaluation.beir import read_qrels
+
+log = logging.getLogger("embedder.finetune")
+
+PREPARE_VERSION = 1  # bump when the prepared files change shape
+
+
+def split_query_ids(query_ids: list[str], dev_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """`(train ids, dev ids)`: a seeded `dev_fraction` of the ids held out; the same ids and seed give the same split
+    on every machine (the ids are sorted before the shuffle)."""
+    if not 0 < dev_fraction < 1:
+        raise ValueError(f"beir.dev_fraction must be between 0 and 1, got {dev_fraction}")
+    order = sorted(query_ids)
+    random.Random(seed).shuffle(order)
+    n_dev = max(1, round(len(order) * dev_fraction))
+    dev = set(order[:n_dev])
+    return [q for q in sorted(query_ids) if q not in dev], sorted(dev)
+
+
+def _open_text(path: str):
+    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+
+
+def _find(folder: str, name: str) -> str | None:
+    for candidate in (name, name + ".gz"):
+        path = os.path.join(folder, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def _iter_records(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
+    with _open_text(path) as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                rec = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(f"not valid JSON ({e.msg})", path=path, line=line,
+                                hint="each line must be one JSON object") from None
+            if not isinstance(rec, dict) or rec.get("_id") is None:
+                raise DataError("a BEIR record needs an '_id'", path=path, line=line, field="_id",
+                                hint='a line looks like {"_id": "4983", "title": ..., "text": ...}')
+            yield line, rec
+
+
+def _stat_key(paths: list[str | None]) -> list[Any]:
+    return [[p, os.path.getsize(p), int(os.path.getmtime(p))] for p in paths if p]
+
+
+def beir_inputs(folder: str, splits: dict[str, str | None]) -> dict[str, str | None]:
+    """The folder's files: corpus, queries and the qrels of each split (None where a split has no file)."""
+    corpus, queries = _find(folder, "corpus.jsonl"), _find(folder, "queries.jsonl")
+    if corpus is None or queries is None:
+        missing = "corpus.jsonl" if corpus is None else "queries.jsonl"
+        raise FileNotFoundError(f"beir.folder={folder!r}: {missing} (or {missing}.gz) not found; a BEIR folder holds "
+                                "corpus.jsonl, queries.jsonl and qrels/<split>.tsv")
+    out: dict[str, str | None] = {"corpus": corpus, "queries": queries}
+    for role, split in splits.items():
+        path = os.path.join(folder, "qrels", f"{split}.tsv") if split else None
+        out[role] = path if path and os.path.isfile(path) else None
+    if out["train"] is None:
+        have = sorted(os.listdir(os.path.join(folder, "qrels"))) if os.path.isdir(os.path.join(folder, "qrels")) else []
+        raise FileNotFoundError(f"beir.folder={folder!r}: qrels/{splits['train']}.tsv not found (qrels present: "
+                                f"{have}); set beir.train_split to the split to train on")
+    return out
+
+
+def prepare_beir(folder: str, out_dir: str, train_split: str = "train", dev_split: str | None = "dev",
+                 test_split: str | None = "test", dev_fraction: float = 0.2, seed: int = 42) -> dict[str, Any]:
+    """Step 1 (see the module docstring); returns the written paths and counts, from the cache when unchanged."""
+    inputs = beir_inputs(folder, {"train": train_split, "dev": dev_split, "test": test_split})
+    key = {"version": PREPARE_VERSION, "files": _stat_key(list(inputs.values())), "dev_fraction": dev_fraction,
+           "seed": seed, "splits": [train_split, dev_split, test_split]}
+    manifest_path = os.path.join(out_dir, "prepare.json")
+    if os.path.isfile(manifest_path):
+        manifest = read_json(manifest_path)
+        if manifest.get("key") == key and all(os.path.isfile(p) for p in manifest["paths"].values()):
+            log.info("beir: %s already prepared in %s (%s); reusing it", folder, out_dir, manifest["counts"])
+            return manifest
+    os.makedirs(out_dir, exist_ok=True)
+
+    qrels = {role: read_qrels(path) for role, path in inputs.items() if role in ("train", "dev", "test") and path}
+    held_out = None
+    if "dev" not in qrels:
+        train_ids, dev_ids = split_query_ids(list(qrels["train"]), dev_fraction, seed)
+        qrels["dev"] = {q: qrels["train"][q] for q in dev_ids}
+        qrels["train"] = {q: qrels["train"][q] for q in train_ids}
+        held_out = len(dev_ids)
+        log.info("beir: no qrels/%s.tsv: held out %d of %d train queries as dev (seed %d, fraction %.2f)",
+                 dev_split, len(dev_ids), len(dev_ids) + len(train_ids), seed, dev_fraction)
+    train_docs = {d for docs in qrels["train"].values() for d, g in docs.items() if g > 0}
+    wanted = {d for split in qrels.values() for docs in split.values() for d in docs}
+
+    # the corpus, streamed once: corpus.json rows, and the rows (and, for train positives, texts) the qrels need
+    row_of: dict[str, int] = {}
+    pos_text: dict[str, str] = {}
+
+    def documents() -> Iterator[dict[str, str]]:
+        row = 0
+        for line, rec in _iter_records(inputs["corpus"]):
+            did = str(rec["_id"])
+            if did in row_of:
+                raise DataError(f"duplicate document id {did!r}", path=inputs["corpus"], line=line, field="_id")
+            title, text = str(rec.get("title") or ""), str(rec.get("text") or "")
+            if did in wanted:
+                row_of[did] = row
+                if did in train_docs:
+                    pos_text[did] = f"{title} {text}".strip()
+            row += 1
+            yield {"id": did, "title": title, "text": text}
+
+    paths = {"corpus": os.path.join(out_dir, "corpus.json")}
+    n_docs = write_jsonl_atomic(paths["corpus"], documents())
+    wanted_queries = {q for split in qrels.values() for q in split}
+    query_text = {str(rec["_id"]): str(rec.get("text") or "") for _, rec in _iter_records(inputs["queries"])
+                  if str(rec["_id"]) in wanted_queries}
+
+    counts: dict[str, Any] = {"documents": n_docs}
+    skipped: Counter = Counter()
+    for role, split in qrels.items():
+        records = []
+        for qid, docs in split.items():
+            text = query_text.get(qid, "").strip()
+            if not text:
+                skipped[f"{role}: query missing from queries.jsonl or empty"] += 1
+                continue
+            pos = [(row_of[d], g, d) for d, g in docs.items() if g > 0 and d in row_of]
+            skipped[f"{role}: qrels document not in the corpus"] += sum(1 for d in docs if d not in row_of)
+            if not pos:
+                skipped[f"{role}: query without a relevant document"] += 1
+                continue
+            if role == "train":
+                records.append({"query_id": qid, "query": text, "pos": [pos_text[d] for _, _, d in pos],
+                                "pos_index": [r for r, _, _ in pos]})
+            else:
+                records.append({"query_id": qid, "query": text, "pos_index": [r for r, _, _ in pos],
+                                "pos_relevance": [g for _, g, _ in pos]})
+        paths[role] = os.path.join(out_dir, f"{role}.json")
+        counts[role] = write_jsonl_atomic(paths[role], records)
+    skipped = Counter({k: v for k, v in skipped.items() if v})
+    if skipped:
+        log.warning("beir: skipped %s", ", ".join(f"{n} ({why})" for why, n in sorted(skipped.items())))
+    manifest = {"key": key, "folder": os.path.abspath(folder), "paths": paths, "counts": counts,
+                "dev_held_out_from_train": held_out, "skipped": dict(skipped)}
+    write_json(manifest_path, manifest)  # last: it marks the step done
+    log.info("beir: prepared %s -> %s: %s", folder, out_dir, counts)
+    return manifest
+
+
+def _compose(config_name: str, overrides: list[str]) -> DictConfig:
+    """Compose another command's config (mine.yaml) inside this run, with or without a running Hydra app."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from embedder.cli import CONFIG_DIR
+
+    if GlobalHydra.instance().is_initialized():
+        return compose(config_name=config_name, overrides=overrides)
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> str:
+    """Step 2: mine `train.json` with each retriever of `beir.negatives.retrievers`; returns the training file."""
+    from embedder.mining.run import run_mine
+
+    neg = cfg.beir.negatives
+    retrievers = list(neg.retrievers or [])
+    if not retrievers:
+        return prepared["paths"]["train"]
+    mined = []
+    for name in retrievers:
+        if name not in ("dense", "bm25"):
+            raise ValueError(f"beir.negatives.retrievers: {name!r} is not one of dense, bm25")
+        folder = os.path.join(out_dir, f"mine-{name}")
+        overrides = [f"retriever={name}", f"input_data={prepared['paths']['train']}",
+                     f"corpus={prepared['paths']['corpus']}", f"output_dir={folder}", "save_to_output=true",
+                     f"save_name={name}", f"hits={int(neg.hits)}",
+                     f"rank_range=[{int(neg.rank_range[0])},{int(neg.rank_range[1])}]",
+                     f"max_neg_num={int(neg.max_neg_num)}", f"relative_margin={neg.relative_margin}",
+                     "key_template='{title} {text}'", f"query_max_length={int(cfg.query_max_length)}",
+                     f"key_max_length={int(cfg.key_max_length)}", "version=none"]
+        mine_cfg = _compose("mine", overrides)
+        with open_dict(mine_cfg):
+            if name == "dense":  # the model being fine-tuned retrieves its own negatives
+                mine_cfg.model = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
+                mine_cfg.retriever.batch_size = int(neg.get("batch_size") or 64)
+        stats_path = os.path.join(folder, f"train.neg.{name}.stats.json")
+        key = _mine_key(prepared, OmegaConf.to_container(mine_cfg, resolve=True))
+        out_path = os.path.join(folder, f"train.neg.{name}.json")
+        if os.path.isfile(stats_path) and os.path.isfile(out_path) and read_json(stats_path).get("key") == key:
+            log.info("beir: negatives from %s already mined (%s); reusing them", name, out_path)
+        else:
+            stats = run_mine(mine_cfg)
+            write_json(stats_path, {"key": key, **{k: v for k, v in stats.items() if k != "key"}})
+        mined.append(out_path)
+    if len(mined) == 1:
+        return mined[0]
+    merged = os.path.join(out_dir, "train.neg." + "+".join(retrievers) + ".json")
+    n = write_jsonl_atomic(merged, merge_negatives(mined, int(neg.max_neg_num)))
+    log.info("beir: merged the negatives of %s into %s (%d records)", " and ".join(retrievers), merged, n)
+    return merged
+
+
+def _mine_key(prepared: dict[str, Any], mine_cfg: dict[str, Any]) -> str:
+    relevant = {k: mine_cfg.get(k) for k in ("retriever", "model", "hits", "rank_range", "max_neg_num",
+                                            "relative_margin", "key_template", "query_max_length", "key_max_length")}
+    blob = json.dumps([prepared["key"], relevant], sort_keys=True, default=str).encode()
+    return hashlib.blake2b(blob, digest_size=8).hexdigest()
+
+
+def merge_negatives(paths: list[str], max_neg_num: int) -> Iterator[dict[str, Any]]:
+    """One record per query with the negatives of every file, alternating (1st of each, 2nd of each, ...) and
+    de-duplicated by row. Queries a file has no negatives for keep the other files' ones."""
+    from embedder.data.jsonl import iter_jsonl
+
+    by_query: dict[str, dict[str, Any]] = {}
+    lists: dict[str, list[list[tuple[int, str]]]] = {}
+    for path in paths:  # the mined files are as large as the train split: one line per train query
+        for _, rec in iter_jsonl(path):
+            qid = str(rec["query_id"])
+            by_query.setdefault(qid, rec)
+            lists.setdefault(qid, []).append(list(zip(rec["neg_index"], rec["neg"])))
+    for qid, rec in by_query.items():
+        rows, neg_index, neg = set(), [], []
+        for i in range(max(len(x) for x in lists[qid])):
+            for per_file in lists[qid]:
+                if i < len(per_file) and per_file[i][0] not in rows and len(neg) < max_neg_num:
+                    rows.add(per_file[i][0])
+                    neg_index.append(per_file[i][0])
+                    neg.append(per_file[i][1])
+        yield {**rec, "neg": neg, "neg_index": neg_index}
+
+
+def prepare_beir_run(cfg: DictConfig) -> DictConfig:
+    """Steps 1 and 2 for `cfg.beir.folder`; sets `train_data` and the `eval` sets (dev, and test when present).
+
+    One process at a time per output folder (a file lock in `<output_dir>/.locks`): with Lightning's DDP launcher
+    rank 0 prepares before it starts the other ranks, which then find everything cached."""
+    from filelock import FileLock
+
+    b = cfg.beir
+    data_dir = os.path.join(cfg.output_dir, "data")
+    os.makedirs(os.path.join(cfg.output_dir, ".locks"), exist_ok=True)
+    lock = FileLock(os.path.join(cfg.output_dir, ".locks", "beir-prepare.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except TimeoutError:
+        log.info("beir: another process is preparing %s; waiting for it, then reusing its files", data_dir)
+        lock.acquire()
+    try:
+        prepared = prepare_beir(str(b.folder), data_dir, b.train_split, b.dev_split, b.test_split,
+                                float(b.dev_fraction), int(b.seed))
+        train_file = mine_negatives(cfg, prepared, data_dir)
+    finally:
+        lock.release()
+    template = OmegaConf.to_container(b.eval_set, resolve=True)
+    eval_sets = {}
+    for role in b.get("eval_splits") or []:
+        if role not in ("dev", "test"):
+            raise ValueError(f"beir.eval_splits: {role!r} is not one of dev, test")
+        if role in prepared["paths"]:
+            eval_sets[role] = {**template, "eval_data": prepared["paths"][role],
+                               "corpus": prepared["paths"]["corpus"]}
+    with open_dict(cfg):
+        cfg.train_data = [train_file]
+        cfg.eval = OmegaConf.merge(OmegaConf.create(eval_sets), cfg.get("eval") or {})
+    return cfg

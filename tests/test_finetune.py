@@ -1,0 +1,151 @@
+"""`task=beir`: one command from a BEIR folder to a mined, fine-tuned, evaluated model (embedder/finetune.py), on a
+BEIR folder built from the bundled sample data; the split, the cache, the negative merge and the margin filter."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+
+import pytest
+
+from embedder.finetune import merge_negatives, prepare_beir, split_query_ids
+from embedder.mining.negatives import NegativeRule, select_negatives
+from tests.conftest import compose, quick_overrides
+
+SAMPLE_QA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "embedder", "sample_data", "qa")
+
+
+def write_sample_beir(folder, n_train: int = 40, n_test: int = 12, with_test: bool = True) -> str:
+    """A BEIR folder (gzipped corpus, no dev split) from the bundled qa sample: its corpus, train and test queries."""
+    os.makedirs(os.path.join(folder, "qrels"), exist_ok=True)
+    with open(os.path.join(SAMPLE_QA, "corpus.json")) as f:
+        docs = [json.loads(line) for line in f]
+    with gzip.open(os.path.join(folder, "corpus.jsonl.gz"), "wt") as f:
+        f.writelines(json.dumps({"_id": f"doc{i}", "title": d["title"], "text": d["text"]}) + "\n"
+                     for i, d in enumerate(docs))
+    queries, qrels = [], {"train": [], "test": []}
+    for split, name, n in (("train", "train.json", n_train), ("test", "test.json", n_test)):
+        with open(os.path.join(SAMPLE_QA, name)) as f:
+            for line in list(f)[:n]:
+                rec = json.loads(line)
+                qid = f"{split}-{rec['query_id']}"
+                queries.append({"_id": qid, "text": rec["query"]})
+                qrels[split] += [f"{qid}\tdoc{row}\t1" for row in rec["pos_index"]]
+    with open(os.path.join(folder, "queries.jsonl"), "w") as f:
+        f.writelines(json.dumps(q) + "\n" for q in queries)
+    for split, rows in qrels.items():
+        if split == "test" and not with_test:
+            continue
+        with open(os.path.join(folder, "qrels", f"{split}.tsv"), "w") as f:
+            f.write("query-id\tcorpus-id\tscore\n" + "\n".join(rows) + "\n")
+    return str(folder)
+
+
+def test_the_dev_split_is_seeded_and_independent_of_input_order():
+    ids = [str(i) for i in range(100)]
+    train, dev = split_query_ids(ids, 0.2, seed=42)
+    assert len(dev) == 20 and len(train) == 80 and not set(train) & set(dev)
+    assert split_query_ids(list(reversed(ids)), 0.2, seed=42) == (train, dev)  # same split whatever the order
+    assert split_query_ids(ids, 0.2, seed=7)[1] != dev
+    with pytest.raises(ValueError, match="dev_fraction"):
+        split_query_ids(ids, 1.5, seed=42)
+
+
+def test_prepare_holds_out_dev_reads_gzip_and_is_cached(tmp_path, caplog):
+    folder = write_sample_beir(tmp_path / "beir")
+    caplog.set_level(logging.INFO, logger="embedder.finetune")
+    first = prepare_beir(folder, str(tmp_path / "data"), dev_fraction=0.25, seed=1)
+    assert first["counts"] == {"documents": 1280, "train": 30, "dev": 10, "test": 12}
+    assert first["dev_held_out_from_train"] == 10
+    with open(first["paths"]["train"]) as f:
+        rec = json.loads(f.readline())
+    with open(first["paths"]["corpus"]) as f:
+        corpus = [json.loads(line) for line in f]
+    row = rec["pos_index"][0]  # the positive's text is its corpus row's "{title} {text}"
+    assert rec["pos"][0] == f"{corpus[row]['title']} {corpus[row]['text']}" and corpus[row]["id"] == f"doc{row}"
+    with open(first["paths"]["dev"]) as f:
+        dev = [json.loads(line) for line in f]
+    assert all(d["query_id"].startswith("train-") and d["pos_relevance"] == [1] for d in dev)
+    stamps = {k: os.path.getmtime(p) for k, p in first["paths"].items()}
+    caplog.clear()
+    again = prepare_beir(folder, str(tmp_path / "data"), dev_fraction=0.25, seed=1)
+    assert again["paths"] == first["paths"] and "reusing it" in caplog.text
+    assert {k: os.path.getmtime(p) for k, p in again["paths"].items()} == stamps  # nothing rewritten
+    other = prepare_beir(folder, str(tmp_path / "data"), dev_fraction=0.5, seed=1)  # a new setting: redone
+    assert other["counts"]["dev"] == 20
+
+
+def test_a_folder_without_train_qrels_names_what_is_there(tmp_path):
+    folder = write_sample_beir(tmp_path / "beir")
+    os.remove(os.path.join(folder, "qrels", "train.tsv"))
+    with pytest.raises(FileNotFoundError, match=r"qrels/train.tsv not found \(qrels present: \['test.tsv'\]\)"):
+        prepare_beir(folder, str(tmp_path / "data"))
+
+
+def test_merged_negatives_alternate_between_retrievers_without_duplicates(tmp_path):
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"query_id": "1", "query": "q", "pos": ["p"], "neg": ["x", "y"], "neg_index": [5, 6]}) + "\n"
+                 + json.dumps({"query_id": "2", "query": "r", "pos": ["p"], "neg": ["u"], "neg_index": [1]}) + "\n")
+    b.write_text(json.dumps({"query_id": "1", "query": "q", "pos": ["p"], "neg": ["z", "x"], "neg_index": [7, 5]}) + "\n")
+    merged = list(merge_negatives([str(a), str(b)], max_neg_num=10))
+    assert merged[0]["neg_index"] == [5, 7, 6] and merged[0]["neg"] == ["x", "z", "y"]
+    assert merged[1]["neg_index"] == [1]  # only the first retriever found negatives for query 2
+    assert list(merge_negatives([str(a), str(b)], max_neg_num=2))[0]["neg_index"] == [5, 7]
+
+
+def test_the_relative_margin_drops_candidates_scoring_close_to_the_positive():
+    texts = {i: f"doc {i}" for i in range(6)}
+    ranked, scores = [3, 0, 4, 1, 5, 2], [0.90, 0.85, 0.83, 0.70, 0.50, 0.40]  # row 0 is the positive
+    rule = NegativeRule(max_neg_num=10, relative_margin=0.05)  # ceiling 0.85 * 0.95 = 0.8075
+    neg_index, _, dropped = select_negatives(ranked, texts, rule, pos_index=[0], scores=scores)
+    assert neg_index == [1, 5, 2]
+    assert dropped["within the margin of a positive (likely false negative)"] == 2  # rows 3 and 4
+    assert select_negatives(ranked, texts, NegativeRule(max_neg_num=10), pos_index=[0])[0] == [3, 4, 1, 5, 2]
+    # the positive was not retrieved: no score to compare with, nothing dropped by the margin
+    assert select_negatives([3, 4], texts, rule, pos_index=[0], scores=[0.9, 0.8])[0] == [3, 4]
+    with pytest.raises(ValueError, match="relative_margin"):
+        NegativeRule(relative_margin=1.0)
+
+
+@pytest.mark.slow
+def test_one_command_from_a_beir_folder_to_an_evaluated_model(tmp_path, tiny_bert, caplog):
+    """train.py task=beir: split, mine (dense + BM25, merged), train, evaluate dev and test before/after, export;
+    a rerun reuses the prepared and mined files."""
+    from embedder.training import run_train
+
+    folder = write_sample_beir(tmp_path / "beir")
+    overrides = quick_overrides(tmp_path, tiny_bert, [
+        "task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[dense,bm25]", "trainer.max_steps=4", "trainer.max_epochs=-1", "export=true", "report=false",
+        "callbacks.log_progress.every_s=0"])
+    caplog.set_level(logging.INFO)
+    metrics = run_train(compose(overrides))
+    out = tmp_path / "out"
+    data = out / "data"
+    mined = data / "train.neg.dense+bm25.json"
+    assert mined.is_file() and (data / "mine-dense" / "train.neg.dense.json").is_file()
+    with open(mined) as f:
+        records = [json.loads(line) for line in f]
+    assert len(records) == 32 and all(r["neg"] and not set(r["neg_index"]) & set(r["pos_index"]) for r in records)
+    saved = json.loads((out / "metrics.json").read_text())
+    for split in ("dev", "test"):  # both evaluated, before and after
+        assert f"val/{split}/ndcg@10" in saved["before"] and f"val/{split}/ndcg@10" in metrics
+    assert (out / "model.safetensors").is_file() and (out / "modules.json").is_file()  # the export
+    assert "train: step" in caplog.text  # the progress line outside a terminal (every_s=0: every step)
+
+    kept = (data / "corpus.json", data / "mine-dense" / "train.neg.dense.json", data / "mine-bm25" / "train.neg.bm25.json")
+    stamps = {p: os.path.getmtime(p) for p in kept}
+    caplog.clear()
+    run_train(compose(overrides))
+    assert "already prepared" in caplog.text and "already mined" in caplog.text
+    assert {p: os.path.getmtime(p) for p in kept} == stamps  # reused, not rewritten
+
+
+def test_the_beir_command_checks_its_keys():
+    from embedder.cli import CONFIG_DIR
+    from embedder.config_check import check_overrides
+
+    assert check_overrides(CONFIG_DIR, "train", ["task=beir", "beir.folder=/data/x"]) is None  # a ??? key is a key
+    msg = check_overrides(CONFIG_DIR, "train", ["task=beir", "beir.folderr=/data/x"])
+    assert "Did you mean 'beir.folder'" in msg
