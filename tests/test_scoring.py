@@ -590,7 +590,8 @@ def test_skip_bad_records_leaves_them_out_counts_them_and_resumes(tmp_path, tiny
     assert meta["skipped_bad_records"] == 3 and set(meta["skipped_examples"]) == {"2", "4", "7"}
     clean = write_jsonl(tmp_path / "clean" / "qa.json", recs)
     (ref,) = run_score(score_cfg(tiny_lm, clean, ["answer_choice=first"]))["files"]
-    assert [r["teacher_scores"] for r in read_jsonl(ref["output"])] == [r["teacher_scores"] for r in got]
+    for a, b in zip(read_jsonl(ref["output"]), got):  # other batches (part_size): equal up to float rounding
+        assert a["teacher_scores"] == pytest.approx(b["teacher_scores"], abs=1e-5)
 
 
 def test_scoring_defaults_live_in_one_place():

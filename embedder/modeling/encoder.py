@@ -134,7 +134,8 @@ class DualEncoder(nn.Module):
 
     def _run_packed(self, model, device: torch.device) -> bool:
         """Packed forward for this call? `auto`: on CUDA where the varlen kernel runs (fp16/bf16 weights or autocast),
-        and on CPU (the per-sequence loop skips the padding's compute); padded otherwise, said once."""
+        and on CPU (packed linears, attention padded per batch: it skips the padding's matrix work); padded
+        otherwise, said once."""
         if not getattr(model, "embedder_packed", False):
             return False
         unpadded_forward.register()  # a process that unpickled the model (ddp_spawn, DataLoader) registers it anew
