@@ -272,34 +272,62 @@ def merge_negatives(paths: list[str], max_neg_num: int) -> Iterator[dict[str, An
 def prepare_beir_run(cfg: DictConfig) -> DictConfig:
     """Steps 1 and 2 for `cfg.beir.folder`; sets `train_data` and the `eval` sets (dev, and test when present).
 
-    One process at a time per output folder (a file lock in `<output_dir>/.locks`): with Lightning's DDP launcher
-    rank 0 prepares before it starts the other ranks, which then find everything cached."""
+    One process prepares: with Lightning's DDP launcher, rank 0 does it before it starts the other ranks; under
+    torchrun or SLURM (all ranks started at once) the other ranks wait for rank 0's `data/run.json`. Two separate
+    runs on one output folder take turns (a file lock in `<output_dir>/.locks`) and the second reuses the files."""
     from filelock import FileLock
+
+    from embedder.distributed import launched_rank, launched_world_size
 
     b = cfg.beir
     data_dir = os.path.join(cfg.output_dir, "data")
-    os.makedirs(os.path.join(cfg.output_dir, ".locks"), exist_ok=True)
-    lock = FileLock(os.path.join(cfg.output_dir, ".locks", "beir-prepare.lock"))
-    try:
-        lock.acquire(timeout=0)
-    except TimeoutError:
-        log.info("beir: another process is preparing %s; waiting for it, then reusing its files", data_dir)
-        lock.acquire()
-    try:
-        prepared = prepare_beir(str(b.folder), data_dir, b.train_split, b.dev_split, b.test_split,
-                                float(b.dev_fraction), int(b.seed))
-        train_file = mine_negatives(cfg, prepared, data_dir)
-    finally:
-        lock.release()
+    run_path = os.path.join(data_dir, "run.json")
+    key = hashlib.blake2b(json.dumps([OmegaConf.to_container(b, resolve=True),
+                                      OmegaConf.to_container(cfg.model, resolve=True),
+                                      cfg.query_max_length, cfg.key_max_length], sort_keys=True, default=str).encode(),
+                          digest_size=8).hexdigest()
+    if launched_world_size() > 1 and launched_rank() > 0:
+        run = _wait_for_rank0(run_path, key)
+    else:
+        os.makedirs(os.path.join(cfg.output_dir, ".locks"), exist_ok=True)
+        lock = FileLock(os.path.join(cfg.output_dir, ".locks", "beir-prepare.lock"))
+        try:
+            lock.acquire(timeout=0)
+        except TimeoutError:
+            log.info("beir: another process is preparing %s; waiting for it, then reusing its files", data_dir)
+            lock.acquire()
+        try:
+            prepared = prepare_beir(str(b.folder), data_dir, b.train_split, b.dev_split, b.test_split,
+                                    float(b.dev_fraction), int(b.seed))
+            run = {"key": key, "train_file": mine_negatives(cfg, prepared, data_dir), "paths": prepared["paths"]}
+            write_json(run_path, run)
+        finally:
+            lock.release()
     template = OmegaConf.to_container(b.eval_set, resolve=True)
     eval_sets = {}
     for role in b.get("eval_splits") or []:
         if role not in ("dev", "test"):
             raise ValueError(f"beir.eval_splits: {role!r} is not one of dev, test")
-        if role in prepared["paths"]:
-            eval_sets[role] = {**template, "eval_data": prepared["paths"][role],
-                               "corpus": prepared["paths"]["corpus"]}
+        if role in run["paths"]:
+            eval_sets[role] = {**template, "eval_data": run["paths"][role], "corpus": run["paths"]["corpus"]}
     with open_dict(cfg):
-        cfg.train_data = [train_file]
+        cfg.train_data = [run["train_file"]]
         cfg.eval = OmegaConf.merge(OmegaConf.create(eval_sets), cfg.get("eval") or {})
     return cfg
+
+
+def _wait_for_rank0(run_path: str, key: str, poll_s: float = 5.0) -> dict[str, Any]:
+    """Rank > 0 of a torchrun/SLURM launch: wait until rank 0 has prepared this run's data (a line every minute)."""
+    import time
+
+    start = last = time.monotonic()
+    while True:
+        if os.path.isfile(run_path):
+            run = read_json(run_path)
+            if run.get("key") == key:
+                return run
+        if time.monotonic() - last >= 60:
+            log.info("beir: waiting for rank 0 to prepare %s (%.0f min so far)", os.path.dirname(run_path),
+                     (time.monotonic() - start) / 60)
+            last = time.monotonic()
+        time.sleep(poll_s)

@@ -149,3 +149,18 @@ def test_the_beir_command_checks_its_keys():
     assert check_overrides(CONFIG_DIR, "train", ["task=beir", "beir.folder=/data/x"]) is None  # a ??? key is a key
     msg = check_overrides(CONFIG_DIR, "train", ["task=beir", "beir.folderr=/data/x"])
     assert "Did you mean 'beir.folder'" in msg
+
+
+def test_other_ranks_wait_for_rank_0s_prepared_run(tmp_path):
+    """Under torchrun/SLURM rank > 0 waits for rank 0's data/run.json of the same settings (a stale one is ignored)."""
+    import threading
+
+    from embedder.atomic import write_json
+    from embedder.finetune import _wait_for_rank0
+
+    run_path = str(tmp_path / "run.json")
+    write_json(run_path, {"key": "stale", "train_file": "old.json", "paths": {}})
+    timer = threading.Timer(0.3, write_json, (run_path, {"key": "k1", "train_file": "t.json", "paths": {}}))
+    timer.start()
+    assert _wait_for_rank0(run_path, "k1", poll_s=0.05)["train_file"] == "t.json"
+    timer.join()
