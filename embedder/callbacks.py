@@ -32,6 +32,14 @@ class QueriesPerSecond(Callback):
         pl_module.log("train/queries_per_sec", n / max(dt, 1e-9), prog_bar=True, batch_size=1)
 
 
+def _peak_rss_gb() -> float:
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return peak / (1024 ** 3 if sys.platform == "darwin" else 1024 ** 2)
+
+
 class LogProgress(Callback):
     """A progress line in the log every `every_s` seconds where no progress bar can draw (nohup, SLURM, CI logs):
     training (step, epoch, loss, queries/s, ETA) and predict-loop encoding (batches, texts/s, ETA).
@@ -70,9 +78,9 @@ class LogProgress(Callback):
         loss_text = f", loss {float(loss):.4f}" if loss is not None else ""
         eta = fmt_time((total - step) / rate) if rate > 0 and total else "?"
         total_text = f"/{total}" if total else ""
-        log.info("train: step %d%s, epoch %d%s, %.1f queries/s, %s elapsed, ETA %s", step, total_text,
-                 trainer.current_epoch + 1, loss_text, self._queries / (now - self._start),
-                 fmt_time(now - self._start), eta)
+        log.info("train: step %d%s, epoch %d%s, %.1f queries/s, %s elapsed, ETA %s, peak RSS %.2f GB", step,
+                 total_text, trainer.current_epoch + 1, loss_text, self._queries / (now - self._start),
+                 fmt_time(now - self._start), eta, _peak_rss_gb())
         self._last, self._last_step = now, step
 
     def on_predict_start(self, trainer, pl_module):

@@ -161,3 +161,16 @@ def test_one_attention_fallback_for_encoder_and_lm(tiny_bert, caplog):
     assert "attn_implementation=flash_attention_2 is not available" in caplog.text
     with pytest.raises(OSError):
         from_pretrained_with_attention(AutoModel, tiny_bert + "-missing", "sdpa")
+
+
+def test_attention_dropout_can_be_switched_off_for_training(tiny_bert):
+    """model.attention_dropout=0: the self-attention dropout (what transformers passes to SDPA) is 0 in training,
+    hidden dropout is kept, the saved config keeps the checkpoint's value."""
+    enc = DualEncoder(tiny_bert, attention_dropout=0.0)
+    attn = [m for m in enc.query_model.modules() if type(m).__name__.endswith("SelfAttention")]
+    assert attn and all(m.dropout.p == 0.0 for m in attn)
+    default = DualEncoder(tiny_bert)
+    p = default.query_model.config.attention_probs_dropout_prob
+    assert all(m.dropout.p == p for m in default.query_model.modules() if type(m).__name__.endswith("SelfAttention"))
+    assert enc.query_model.config.attention_probs_dropout_prob == p
+    assert enc.query_model.embeddings.dropout.p == enc.query_model.config.hidden_dropout_prob

@@ -60,6 +60,20 @@ def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None
     return from_pretrained_with_attention(AutoModel, path, attn_implementation, **kwargs)
 
 
+def _set_attention_dropout(models: list[nn.Module], p: float) -> None:
+    """Set the attention-probability dropout of BERT-family self-attention modules (their `dropout` is applied to
+    the attention probabilities, and transformers passes its `p` to SDPA); an error for other architectures."""
+    changed = 0
+    for model in {id(m): m for m in models}.values():
+        for mod in model.modules():
+            if type(mod).__name__.endswith("SelfAttention") and isinstance(getattr(mod, "dropout", None), nn.Dropout):
+                mod.dropout.p = p
+                changed += 1
+    if not changed:
+        raise ValueError("model.attention_dropout is supported for the BERT family (MiniLM, BGE); set it to null "
+                         "for this architecture")
+
+
 class DualEncoder(nn.Module):
     """Query and key encoders (tied by default) with cls/mean pooling, an optional dense layer and L2 norm.
 
@@ -75,13 +89,18 @@ class DualEncoder(nn.Module):
         unpadded: run the BERT family packed, without padding (`embedder.modeling.unpadded`): `auto` where a
             variable-length kernel runs (CUDA, fp16/bf16) and on CPU; `true` always (the exact per-sequence SDPA
             loop where there is no kernel); `false` padded.
+        attention_dropout: the attention-probability dropout used in training (BERT family); None keeps the
+            checkpoint's. With dropout on those probabilities, SDPA cannot use a fused kernel in training and
+            materialises every layer's (N, heads, L, L) probabilities and dropout mask: for MiniLM with 16 queries
+            and 64 keys of 256 tokens on CPU, 0 instead of 0.1 cuts a step's peak RSS from ~7 GB to ~4 GB and its time
+            by ~1.8x. The exported config keeps the checkpoint's value.
     """
 
     def __init__(self, model_name_or_path: str, key_model_name_or_path: str | None = None, tie_encoders: bool = True,
                  pooling: str = "cls", dense: bool = False, normalize: bool = True,
                  gradient_checkpointing: bool = False, attn_implementation: str | None = "sdpa",
                  dtype: str | None = None, tokenizer_name_or_path: str | None = None,
-                 unpadded: bool | str = "auto"):
+                 unpadded: bool | str = "auto", attention_dropout: float | None = None):
         super().__init__()
         from transformers import AutoTokenizer
 
@@ -117,6 +136,8 @@ class DualEncoder(nn.Module):
             # gradients (the reference deletes it instead, which also drops it from saved weights).
             if getattr(m, "pooler", None) is not None:
                 m.pooler.requires_grad_(False)
+        if attention_dropout is not None:
+            _set_attention_dropout([self.query_model, self.key_model], float(attention_dropout))
         self.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes, so dropout would stay off
         if gradient_checkpointing:
             for m in {id(self.query_model): self.query_model, id(self.key_model): self.key_model}.values():
