@@ -103,17 +103,6 @@ def gather_with_grad(t: Tensor) -> Tensor:
     return _GatherWithGrad.apply(t)  # (W*N, ...)
 
 
-@torch.no_grad()
-def gather_no_grad(t: Tensor) -> Tensor:
-    """Like :func:`gather_with_grad` but detached (plain ``all_gather``); for teacher scores and metrics."""
-    if not is_distributed() or dist.get_world_size() == 1:
-        return t.detach()
-    t = t.detach().contiguous()
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return torch.cat(out, dim=0)  # (W*N, ...)
-
-
 def rank_offset(local_batch: int) -> int:
     """Index of this rank's first query in the gathered batch: ``rank * local_batch`` (0 when not distributed)."""
     return rank() * local_batch

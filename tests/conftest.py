@@ -20,6 +20,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["EMBEDDER_CACHE"] = tempfile.mkdtemp(prefix="embedder-test-cache-")
 
 
+def read_jsonl(path) -> list[dict]:
+    """Every record of a small JSON-lines file (the package reads large ones lazily: embedder.data.jsonl)."""
+    import json
+
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def toy_path(name: str) -> str:
     path = TOY / f"{name}.json"
     if not path.exists():

@@ -15,12 +15,12 @@ import pytest
 
 from embedder.data import index_cache
 from embedder.data.corpus import JsonlCorpus, ParquetCorpus, open_corpus, prefixed, texts_fingerprint
-from embedder.data.jsonl import JsonlRecords, read_jsonl
+from embedder.data.jsonl import JsonlRecords
 from embedder.data.queries import load_queries
 from embedder.data.tasks import build_task_settings
 from embedder.data.train_files import load_train_file
 from embedder.errors import DataError
-from tests.conftest import compose
+from tests.conftest import compose, read_jsonl
 from tests.test_mining import toy_corpus, write_toy
 
 TASKS = build_task_settings({"qa": {"loss": {"contrastive_weight": 1.0, "distill_weight": 0.0}}}, group_size=4)

@@ -16,7 +16,7 @@ import pytest
 
 from embedder.errors import DataError
 from embedder.mining import NegativeRule, load_queries, open_corpus, select_negatives
-from tests.conftest import compose
+from tests.conftest import compose, read_jsonl
 
 TOPICS = {
     "paris": ["Paris is the capital of France", "Paris hosts the Louvre museum", "Paris sits on the Seine river"],
@@ -58,11 +58,6 @@ def write_toy(folder) -> tuple[str, str]:
         with open(path, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
     return corpus, train
-
-
-def read_jsonl(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def mine_cfg(tmp_path, extra=(), tiny_bert=None):

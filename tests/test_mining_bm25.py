@@ -11,7 +11,8 @@ import zipfile
 import pytest
 
 from embedder.retrieval import bm25
-from tests.test_mining import _check_mined, mine_cfg, read_jsonl
+from tests.conftest import read_jsonl
+from tests.test_mining import _check_mined, mine_cfg
 
 
 def _fake_java(folder, version: str) -> str:

@@ -6,11 +6,10 @@ import math
 
 import pytest
 
-from embedder.data.jsonl import read_jsonl
 from embedder.mining.run import run_mine
 from embedder.scoring.run import run_score
 from embedder.training import run_train
-from tests.conftest import compose, quick_overrides
+from tests.conftest import compose, quick_overrides, read_jsonl
 from tests.test_train import _metrics_rows
 
 

@@ -7,7 +7,7 @@ import os
 import pytest
 
 import embedder
-from embedder.data.jsonl import read_jsonl
+from tests.conftest import read_jsonl
 
 ROOT = os.path.join(os.path.dirname(embedder.__file__), "sample_data")
 ROOT_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository (tools/)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from embedder.errors import DataError
-from tests.conftest import ROOT, compose, toy_path
+from tests.conftest import ROOT, compose, read_jsonl, toy_path
 
 QA = "Knowledge: {key}\n\nQuestion: {query}\n\nAnswer: {answer}"
 
@@ -38,11 +38,6 @@ def write_jsonl(path, records) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
     return str(path)
-
-
-def read_jsonl(path) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
 
 
 def score_cfg(tiny_lm: str, files, extra=()):

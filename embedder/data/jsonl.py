@@ -64,11 +64,6 @@ def iter_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
         yield lineno, record
 
 
-def read_jsonl(path: str) -> list[dict[str, Any]]:
-    """Every record of a (small) file in a list. Large files: `JsonlRecords`."""
-    return [record for _, record in iter_jsonl(path)]
-
-
 class JsonlRecords(Sequence):
     """The records of a JSON-lines file at the given byte offsets, parsed on access (nothing else is held).
 

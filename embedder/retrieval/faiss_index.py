@@ -75,12 +75,6 @@ def import_faiss() -> Any:
     return faiss
 
 
-def gpu_available(faiss: Any | None = None) -> bool:
-    """True when the installed faiss has GPU support and sees at least one GPU."""
-    faiss = faiss or import_faiss()
-    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
-
-
 def _check_metric(metric: str) -> str:
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; choose from {', '.join(METRICS)}")
