@@ -208,7 +208,8 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
     mined = []
     for name in retrievers:
         if name not in ("dense", "bm25"):
-            raise ValueError(f"beir.negatives.retrievers: {name!r} is not one of dense, bm25")
+            raise DataError(f"{name!r} is not a retriever here", field="beir.negatives.retrievers",
+                            hint="use bm25, dense, both ([dense,bm25]) or [] (in-batch negatives only)")
         folder = os.path.join(out_dir, f"mine-{name}")
         overrides = [f"retriever={name}", f"input_data={prepared['paths']['train']}",
                      f"corpus={prepared['paths']['corpus']}", f"output_dir={folder}", "save_to_output=true",
@@ -307,7 +308,7 @@ def prepare_beir_run(cfg: DictConfig) -> DictConfig:
     eval_sets = {}
     for role in b.get("eval_splits") or []:
         if role not in ("dev", "test"):
-            raise ValueError(f"beir.eval_splits: {role!r} is not one of dev, test")
+            raise DataError(f"{role!r} is not a prepared split", field="beir.eval_splits", hint="use dev and/or test")
         if role in run["paths"]:
             eval_sets[role] = {**template, "eval_data": run["paths"][role], "corpus": run["paths"]["corpus"]}
     with open_dict(cfg):

@@ -32,9 +32,15 @@ def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
 def run_train(cfg: DictConfig) -> dict[str, float]:
     """Train (and evaluate before/after), export the encoder, return the final metrics."""
     L.seed_everything(cfg.seed, workers=True)
-    if (cfg.get("beir") or {}).get("folder"):  # task=beir: prepare the folder (split, mine; cached) into train/eval
+    if "beir" in cfg:  # task=beir: prepare the folder (split, mine; cached) into train_data and eval
         from embedder.finetune import prepare_beir_run
 
+        if OmegaConf.is_missing(cfg.beir, "folder") or not cfg.beir.folder:
+            from embedder.errors import DataError
+
+            raise DataError("task=beir needs the BEIR folder", field="beir.folder",
+                            hint="python train.py task=beir beir.folder=<folder with corpus.jsonl, queries.jsonl, "
+                                 "qrels/train.tsv> (or make finetune DATA=<folder>)")
         cfg = prepare_beir_run(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.output_dir)
     tasks = build_task_settings(OmegaConf.to_container(cfg.record_kinds, resolve=True), cfg.data.group_size,

@@ -142,6 +142,18 @@ def test_one_command_from_a_beir_folder_to_an_evaluated_model(tmp_path, tiny_ber
     assert {p: os.path.getmtime(p) for p in kept} == stamps  # reused, not rewritten
 
 
+def test_task_beir_without_a_folder_says_what_to_pass(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run([sys.executable, "train.py", "task=beir", f"output_dir={tmp_path}/out"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "task=beir needs the BEIR folder" in proc.stderr and not (tmp_path / "out" / "model.safetensors").exists()
+
+
 def test_the_beir_command_checks_its_keys():
     from embedder.cli import CONFIG_DIR
     from embedder.config_check import check_overrides
