@@ -49,9 +49,10 @@ def evaluate(model_dir: str, data_dir: str, out_dir: str) -> float:
     cmd = [sys.executable, "-m", "embedder.evaluate", "model=minilm", f"model_path={model_dir}",
            f"eval_data={data_dir}/dev.json", f"corpus={data_dir}/corpus.json", "eval_name=dev", "metrics=[ndcg]",
            "cutoffs=[10]", f"output_dir={out_dir}", "trainer=cpu"]
-    run_child(cmd, out_dir + ".log")
+    if not os.path.isfile(os.path.join(out_dir, "metrics.json")):  # reused when a rerun finds it
+        run_child(cmd, out_dir + ".log")
     with open(os.path.join(out_dir, "metrics.json")) as f:
-        return json.load(f)["dev/ndcg@10"]
+        return json.load(f)["dev"]["ndcg@10"]
 
 
 def plain_finetune(data_dir: str, out_dir: str, epochs: int, batch_size: int, lr: float, seed: int) -> None:
@@ -148,7 +149,7 @@ def main() -> None:
     base = results.get("plain")
     for name, r in results.items():
         d = f"{r['ndcg@10'] - base['ndcg@10']:+.4f}" if base else ""
-        c = f"{r['cpu_s'] / base['cpu_s']:.2f}x" if base and r["cpu_s"] else ""
+        c = f"{r['cpu_s'] / base['cpu_s']:.2f}x" if base and r.get("cpu_s") else ""
         print(f"| {name} `{' '.join(r['overrides'])}` | {r['ndcg@10']:.4f} | {d} | {r['wall_s']} | {r['cpu_s']} | {c} "
               f"| {r['peak_rss_gb']} |")
 
