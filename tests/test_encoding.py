@@ -97,10 +97,10 @@ def test_resume_after_an_interrupted_shard(encoder, tmp_path, monkeypatch):
 def test_dataloader_workers_give_the_same_embeddings(encoder, tmp_path):
     encode_to_stores(encoder, [_job(tmp_path / "w0")], _trainer(), batch_size=4)
     encode_to_stores(encoder, [_job(tmp_path / "w2")], _trainer(), batch_size=4, num_workers=2)  # shards split
-    np.testing.assert_array_equal(load_encode(str(tmp_path / "w2")), load_encode(str(tmp_path / "w0")))
+    np.testing.assert_allclose(load_encode(str(tmp_path / "w2")), load_encode(str(tmp_path / "w0")), atol=1e-5)  # batches differ: float rounding
     # each worker tokenises a slice of every shard; with a token budget too
     encode_to_stores(encoder, [_job(tmp_path / "w3")], _trainer(), batch_size=4, num_workers=3, batch_tokens=64)
-    np.testing.assert_allclose(load_encode(str(tmp_path / "w3")), load_encode(str(tmp_path / "w0")), atol=1e-6)
+    np.testing.assert_allclose(load_encode(str(tmp_path / "w3")), load_encode(str(tmp_path / "w0")), atol=1e-5)
 
 
 def test_token_budget_batches_give_the_same_embeddings_in_order(encoder, tmp_path, caplog):
