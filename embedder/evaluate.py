@@ -34,8 +34,9 @@ from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
 from embedder.distributed import launched_rank
 from embedder.evaluation.beir import graded_ndcg, graded_qrels, load_beir
 from embedder.evaluation.retrieval import RetrievalEvaluator
+from embedder.fingerprint import fingerprint
 from embedder.paths import is_beir_folder, resolve_files, resolve_path
-from embedder.retrieval.base import fingerprint, search_in_shards
+from embedder.retrieval.base import search_in_shards
 from embedder.retrieval.build import build_retriever, resolve_instruction
 
 log = logging.getLogger("embedder.evaluation")

@@ -18,9 +18,6 @@ the train split), never the corpus, which is streamed.
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import json
 import logging
 import os
 import random
@@ -31,9 +28,11 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from embedder.atomic import read_json, write_json
-from embedder.data.jsonl import write_jsonl_atomic
+from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
+from embedder.data.records import format_key
 from embedder.errors import DataError
 from embedder.evaluation.beir import read_qrels
+from embedder.fingerprint import fingerprint
 
 log = logging.getLogger("embedder.finetune")
 
@@ -52,10 +51,6 @@ def split_query_ids(query_ids: list[str], dev_fraction: float, seed: int) -> tup
     return [q for q in sorted(query_ids) if q not in dev], sorted(dev)
 
 
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
-
-
 def _find(folder: str, name: str) -> str | None:
     for candidate in (name, name + ".gz"):
         path = os.path.join(folder, candidate)
@@ -65,19 +60,12 @@ def _find(folder: str, name: str) -> str | None:
 
 
 def _iter_records(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    with _open_text(path) as f:
-        for line, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
-            try:
-                rec = json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(f"not valid JSON ({e.msg})", path=path, line=line,
-                                hint="each line must be one JSON object") from None
-            if not isinstance(rec, dict) or rec.get("_id") is None:
-                raise DataError("a BEIR record needs an '_id'", path=path, line=line, field="_id",
-                                hint='a line looks like {"_id": "4983", "title": ..., "text": ...}')
-            yield line, rec
+    """A BEIR JSON-lines file (`.gz` too), each record checked for its `_id`."""
+    for line, rec in iter_jsonl(path):
+        if rec.get("_id") is None:
+            raise DataError("a BEIR record needs an '_id'", path=path, line=line, field="_id",
+                            hint='a line looks like {"_id": "4983", "title": ..., "text": ...}')
+        yield line, rec
 
 
 def _stat_key(paths: list[str | None]) -> list[Any]:
@@ -103,11 +91,13 @@ def beir_inputs(folder: str, splits: dict[str, str | None]) -> dict[str, str | N
 
 
 def prepare_beir(folder: str, out_dir: str, train_split: str = "train", dev_split: str | None = "dev",
-                 test_split: str | None = "test", dev_fraction: float = 0.2, seed: int = 42) -> dict[str, Any]:
-    """Step 1 (see the module docstring); returns the written paths and counts, from the cache when unchanged."""
+                 test_split: str | None = "test", dev_fraction: float = 0.2, seed: int = 42,
+                 key_template: str = "{title} {text}") -> dict[str, Any]:
+    """Step 1 (see the module docstring); returns the written paths and counts, from the cache when unchanged.
+    `key_template` makes a train positive's text from its document, as mining and evaluation make theirs."""
     inputs = beir_inputs(folder, {"train": train_split, "dev": dev_split, "test": test_split})
     key = {"version": PREPARE_VERSION, "files": _stat_key(list(inputs.values())), "dev_fraction": dev_fraction,
-           "seed": seed, "splits": [train_split, dev_split, test_split]}
+           "seed": seed, "splits": [train_split, dev_split, test_split], "key_template": key_template}
     manifest_path = os.path.join(out_dir, "prepare.json")
     if os.path.isfile(manifest_path):
         manifest = read_json(manifest_path)
@@ -138,13 +128,13 @@ def prepare_beir(folder: str, out_dir: str, train_split: str = "train", dev_spli
             did = str(rec["_id"])
             if did in row_of:
                 raise DataError(f"duplicate document id {did!r}", path=inputs["corpus"], line=line, field="_id")
-            title, text = str(rec.get("title") or ""), str(rec.get("text") or "")
+            doc = {"id": did, "title": str(rec.get("title") or ""), "text": str(rec.get("text") or "")}
             if did in wanted:
                 row_of[did] = row
                 if did in train_docs:
-                    pos_text[did] = f"{title} {text}".strip()
+                    pos_text[did] = format_key(doc, key_template, inputs["corpus"], line).strip()
             row += 1
-            yield {"id": did, "title": title, "text": text}
+            yield doc
 
     paths = {"corpus": os.path.join(out_dir, "corpus.json")}
     n_docs = write_jsonl_atomic(paths["corpus"], documents())
@@ -205,7 +195,7 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
     retrievers = list(neg.retrievers or [])
     if not retrievers:
         return prepared["paths"]["train"]
-    mined = []
+    mined, keys = [], []
     for name in retrievers:
         if name not in ("dense", "bm25"):
             raise DataError(f"{name!r} is not a retriever here", field="beir.negatives.retrievers",
@@ -216,10 +206,11 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
                      f"save_name={name}", f"hits={int(neg.hits)}",
                      f"rank_range=[{int(neg.rank_range[0])},{int(neg.rank_range[1])}]",
                      f"max_neg_num={int(neg.max_neg_num)}", f"relative_margin={neg.relative_margin}",
-                     "key_template='{title} {text}'", f"query_max_length={int(cfg.query_max_length)}",
+                     f"query_max_length={int(cfg.query_max_length)}",
                      f"key_max_length={int(cfg.key_max_length)}", "version=none"]
         mine_cfg = _compose("mine", overrides)
         with open_dict(mine_cfg):
+            mine_cfg.key_template = str(cfg.beir.eval_set.key_template)  # set, not overridden: any text is safe
             if name == "dense":  # the model being fine-tuned retrieves its own negatives
                 mine_cfg.model = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
                 mine_cfg.retriever.batch_size = int(neg.get("batch_size") or 64)
@@ -232,10 +223,17 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
             stats = run_mine(mine_cfg)
             write_json(stats_path, {"key": key, **{k: v for k, v in stats.items() if k != "key"}})
         mined.append(out_path)
+        keys.append(key)
     if len(mined) == 1:
         return mined[0]
     merged = os.path.join(out_dir, "train.neg." + "+".join(retrievers) + ".json")
-    n = write_jsonl_atomic(merged, merge_negatives(mined, int(neg.max_neg_num)))
+    merged_stats = merged[:-len(".json")] + ".stats.json"
+    key = fingerprint(keys, int(neg.max_neg_num))
+    if os.path.isfile(merged) and os.path.isfile(merged_stats) and read_json(merged_stats).get("key") == key:
+        log.info("beir: negatives of %s already merged (%s); reusing them", " and ".join(retrievers), merged)
+        return merged
+    n = write_jsonl_atomic(merged, merge_negatives(prepared["paths"]["train"], mined, int(neg.max_neg_num)))
+    write_json(merged_stats, {"key": key, "records": n, "from": mined})
     log.info("beir: merged the negatives of %s into %s (%d records)", " and ".join(retrievers), merged, n)
     return merged
 
@@ -243,31 +241,39 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
 def _mine_key(prepared: dict[str, Any], mine_cfg: dict[str, Any]) -> str:
     relevant = {k: mine_cfg.get(k) for k in ("retriever", "model", "hits", "rank_range", "max_neg_num",
                                             "relative_margin", "key_template", "query_max_length", "key_max_length")}
-    blob = json.dumps([prepared["key"], relevant], sort_keys=True, default=str).encode()
-    return hashlib.blake2b(blob, digest_size=8).hexdigest()
+    return fingerprint(prepared["key"], relevant)
 
 
-def merge_negatives(paths: list[str], max_neg_num: int) -> Iterator[dict[str, Any]]:
-    """One record per query with the negatives of every file, alternating (1st of each, 2nd of each, ...) and
-    de-duplicated by row. Queries a file has no negatives for keep the other files' ones."""
-    from embedder.data.jsonl import iter_jsonl
+def merge_negatives(train_path: str, paths: list[str], max_neg_num: int) -> Iterator[dict[str, Any]]:
+    """One record per train query with the negatives of every mined file, alternating (1st of each, 2nd of each,
+    ...) and de-duplicated by row, at most `max_neg_num`. Queries a file has no negatives for keep the other files'
+    ones; queries no file has negatives for are left out, as `mine.py` leaves them out.
 
-    by_query: dict[str, dict[str, Any]] = {}
-    lists: dict[str, list[list[tuple[int, str]]]] = {}
-    for path in paths:  # the mined files are as large as the train split: one line per train query
-        for _, rec in iter_jsonl(path):
-            qid = str(rec["query_id"])
-            by_query.setdefault(qid, rec)
-            lists.setdefault(qid, []).append(list(zip(rec["neg_index"], rec["neg"])))
-    for qid, rec in by_query.items():
+    Streamed: every mined file lists its queries in `train_path`'s order (mining keeps the input order and only
+    drops queries), so one pass over all the files at once pairs them up, holding one record per file."""
+    spine = (str(rec["query_id"]) for _, rec in iter_jsonl(train_path))
+    readers = [iter_jsonl(path) for path in paths]
+    heads: list[dict[str, Any] | None] = [next(r, (0, None))[1] for r in readers]
+    for qid in spine:
+        found = []
+        for i, head in enumerate(heads):
+            if head is not None and str(head["query_id"]) == qid:
+                found.append(head)
+                heads[i] = next(readers[i], (0, None))[1]
+        if not found:
+            continue
         rows, neg_index, neg = set(), [], []
-        for i in range(max(len(x) for x in lists[qid])):
-            for per_file in lists[qid]:
-                if i < len(per_file) and per_file[i][0] not in rows and len(neg) < max_neg_num:
-                    rows.add(per_file[i][0])
-                    neg_index.append(per_file[i][0])
-                    neg.append(per_file[i][1])
-        yield {**rec, "neg": neg, "neg_index": neg_index}
+        for rank in range(max(len(rec["neg_index"]) for rec in found)):
+            for rec in found:
+                if rank < len(rec["neg_index"]) and rec["neg_index"][rank] not in rows and len(neg) < max_neg_num:
+                    rows.add(rec["neg_index"][rank])
+                    neg_index.append(rec["neg_index"][rank])
+                    neg.append(rec["neg"][rank])
+        yield {**found[0], "neg": neg, "neg_index": neg_index}
+    left = [path for path, head in zip(paths, heads) if head is not None]
+    if left:  # a query out of order or not in the train file: the files were not mined from this train file
+        raise DataError("mined negatives out of step with the train file", path=left[0],
+                        hint=f"delete {os.path.dirname(left[0])} and run again; it is mined again from {train_path}")
 
 
 def prepare_beir_run(cfg: DictConfig) -> DictConfig:
@@ -283,10 +289,8 @@ def prepare_beir_run(cfg: DictConfig) -> DictConfig:
     b = cfg.beir
     data_dir = os.path.join(cfg.output_dir, "data")
     run_path = os.path.join(data_dir, "run.json")
-    key = hashlib.blake2b(json.dumps([OmegaConf.to_container(b, resolve=True),
-                                      OmegaConf.to_container(cfg.model, resolve=True),
-                                      cfg.query_max_length, cfg.key_max_length], sort_keys=True, default=str).encode(),
-                          digest_size=8).hexdigest()
+    key = fingerprint(OmegaConf.to_container(b, resolve=True), OmegaConf.to_container(cfg.model, resolve=True),
+                      cfg.query_max_length, cfg.key_max_length)
     if launched_world_size() > 1 and launched_rank() > 0:
         run = _wait_for_rank0(run_path, key)
     else:
@@ -299,7 +303,7 @@ def prepare_beir_run(cfg: DictConfig) -> DictConfig:
             lock.acquire()
         try:
             prepared = prepare_beir(str(b.folder), data_dir, b.train_split, b.dev_split, b.test_split,
-                                    float(b.dev_fraction), int(b.seed))
+                                    float(b.dev_fraction), int(b.seed), str(b.eval_set.key_template))
             run = {"key": key, "train_file": mine_negatives(cfg, prepared, data_dir), "paths": prepared["paths"]}
             write_json(run_path, run)
         finally:

@@ -10,6 +10,7 @@ import os
 
 import pytest
 
+from embedder.errors import DataError
 from embedder.finetune import merge_negatives, prepare_beir, split_query_ids
 from embedder.mining.negatives import NegativeRule, select_negatives
 from tests.conftest import compose, quick_overrides
@@ -84,15 +85,30 @@ def test_a_folder_without_train_qrels_names_what_is_there(tmp_path):
         prepare_beir(folder, str(tmp_path / "data"))
 
 
+def _jsonl(path, *records):
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
 def test_merged_negatives_alternate_between_retrievers_without_duplicates(tmp_path):
-    a, b = tmp_path / "a.json", tmp_path / "b.json"
-    a.write_text(json.dumps({"query_id": "1", "query": "q", "pos": ["p"], "neg": ["x", "y"], "neg_index": [5, 6]}) + "\n"
-                 + json.dumps({"query_id": "2", "query": "r", "pos": ["p"], "neg": ["u"], "neg_index": [1]}) + "\n")
-    b.write_text(json.dumps({"query_id": "1", "query": "q", "pos": ["p"], "neg": ["z", "x"], "neg_index": [7, 5]}) + "\n")
-    merged = list(merge_negatives([str(a), str(b)], max_neg_num=10))
+    train = _jsonl(tmp_path / "train.json", *({"query_id": q, "query": q, "pos": ["p"]} for q in "1234"))
+    a = _jsonl(tmp_path / "a.json", {"query_id": "1", "query": "q", "pos": ["p"], "neg": ["x", "y"], "neg_index": [5, 6]},
+               {"query_id": "2", "query": "r", "pos": ["p"], "neg": ["u"], "neg_index": [1]})
+    b = _jsonl(tmp_path / "b.json", {"query_id": "1", "query": "q", "pos": ["p"], "neg": ["z", "x"], "neg_index": [7, 5]},
+               {"query_id": "4", "query": "s", "pos": ["p"], "neg": ["v"], "neg_index": [2]})
+    merged = list(merge_negatives(train, [a, b], max_neg_num=10))
+    assert [m["query_id"] for m in merged] == ["1", "2", "4"]  # query 3 has no negatives anywhere: left out
     assert merged[0]["neg_index"] == [5, 7, 6] and merged[0]["neg"] == ["x", "z", "y"]
     assert merged[1]["neg_index"] == [1]  # only the first retriever found negatives for query 2
-    assert list(merge_negatives([str(a), str(b)], max_neg_num=2))[0]["neg_index"] == [5, 7]
+    assert merged[2]["neg_index"] == [2] and merged[2]["query"] == "s"  # only the second for query 4
+    assert list(merge_negatives(train, [a, b], max_neg_num=2))[0]["neg_index"] == [5, 7]
+
+
+def test_negatives_mined_from_another_train_file_are_refused(tmp_path):
+    train = _jsonl(tmp_path / "train.json", {"query_id": "1", "query": "q", "pos": ["p"]})
+    stale = _jsonl(tmp_path / "a.json", {"query_id": "9", "query": "q", "pos": ["p"], "neg": ["x"], "neg_index": [5]})
+    with pytest.raises(DataError, match="out of step with the train file"):
+        list(merge_negatives(train, [stale], max_neg_num=10))
 
 
 def test_the_relative_margin_drops_candidates_scoring_close_to_the_positive():

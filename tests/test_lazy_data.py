@@ -232,3 +232,22 @@ def test_progress_logs_plain_lines_with_an_eta_outside_a_terminal(caplog):
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0].startswith("validating train.json:  25% (1.0 MB / 4.0 MB)") and "ETA" in lines[0]
     assert lines[-1].startswith("validating train.json: 100%") and "\r" not in "".join(lines)
+
+
+def test_gzipped_jsonl_streams_but_is_never_read_by_offset(tmp_path):
+    import gzip
+
+    from embedder.data.jsonl import iter_jsonl
+
+    records = [{"query": f"q{i}", "pos": [f"p{i}"]} for i in range(50)]
+    path = str(tmp_path / "train.json.gz")
+    with gzip.open(path, "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in records))
+    assert [r for _, r in iter_jsonl(path)] == records
+    with pytest.raises(DataError, match=r"(?s)gzipped file is read by byte offset.*gunzip -k"):
+        load_train_file(path, TASKS, default_task="qa")
+    truncated = str(tmp_path / "cut.json.gz")
+    with open(path, "rb") as src, open(truncated, "wb") as dst:
+        dst.write(src.read()[:-30])
+    with pytest.raises(DataError, match=r"(?s)cut.json.gz.*not a readable gzip file"):
+        list(iter_jsonl(truncated))

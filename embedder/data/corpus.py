@@ -36,6 +36,7 @@ from embedder.data.index_cache import cached_index, file_identity
 from embedder.data.jsonl import JsonlRecords, LazyView, iter_jsonl_offsets
 from embedder.data.records import ID_FIELDS, format_key, key_fields
 from embedder.errors import DataError
+from embedder.fingerprint import fingerprint
 from embedder.progress import Progress
 
 log = logging.getLogger("embedder.data")
@@ -73,7 +74,7 @@ class Corpus(Sequence):
 
     def _fingerprint(self, digest: str) -> str:
         parts = [digest, self.key_template] + (["strip"] if self.strip else [])
-        return hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).hexdigest()
+        return fingerprint(*parts)
 
     @property
     def texts(self) -> Corpus:
@@ -119,9 +120,7 @@ class PrefixedTexts(Sequence):
         return self.prefix + self.base[i]
 
     def fingerprint(self) -> str:
-        h = hashlib.blake2b(digest_size=8)
-        h.update(json.dumps([self.prefix, texts_fingerprint(self.base)]).encode())
-        return h.hexdigest()
+        return fingerprint(self.prefix, texts_fingerprint(self.base))
 
 
 def prefixed(texts: Sequence[str], prefix: str) -> Sequence[str]:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import os
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import IO, Any
 
@@ -35,22 +37,42 @@ def parse_line(raw: bytes, path: str, lineno: int | None) -> dict[str, Any]:
     return record
 
 
-def iter_jsonl_offsets(path: str, progress: str | None = None,
-                       digest: Any = None) -> Iterator[tuple[int, int, dict[str, Any]]]:
+def iter_jsonl_offsets(path: str, progress: str | None = None, digest: Any = None,
+                       allow_gzip: bool = False) -> Iterator[tuple[int, int, dict[str, Any]]]:
     """Yield `(line_number, byte_offset, record)` for every non-blank line (1-based lines), streaming.
 
-    `progress`: a label; when set, progress with an ETA is shown for large files. `digest`: a hashlib object that
-    is fed every byte of the file on the way (a content fingerprint without a second pass).
+    `allow_gzip`: a `.gz` file is decompressed on the way (for a single pass: its offsets are positions in the
+    decompressed text, which `JsonlRecords` cannot seek to, so the offset readers refuse it). `progress`: a label; when set, progress with an ETA is shown for
+    large files (by bytes read from disk). `digest`: a hashlib object that is fed every (decompressed) byte on the
+    way (a content fingerprint without a second pass).
     """
+    gz = path.endswith(".gz")
+    if gz and not allow_gzip:
+        raise DataError("a gzipped file is read by byte offset here, which gzip does not allow", path=path,
+                        hint=f"decompress it once (gunzip -k {path}) and point to the .jsonl/.json file")
     bar = Progress(progress, os.path.getsize(path), logger=log) if progress else None
     offset = 0
-    with open(path, "rb") as f:
-        for lineno, raw in enumerate(f, start=1):
+    with open(path, "rb") as raw_file:
+        f = gzip.GzipFile(fileobj=raw_file, mode="rb") if gz else raw_file
+        bad_gzip = (gzip.BadGzipFile, EOFError, zlib.error) if gz else ()  # a truncated or corrupt .gz
+        read_before, lineno = 0, 0
+        lines = iter(f)
+        while True:
+            try:
+                raw = next(lines, None)
+            except bad_gzip as e:
+                raise DataError(f"not a readable gzip file ({e})", path=path, line=lineno + 1,
+                                hint="download it again, or decompress it and point to the .jsonl") from None
+            if raw is None:
+                break
+            lineno += 1
             start, offset = offset, offset + len(raw)
             if digest is not None:
                 digest.update(raw)
             if bar is not None:
-                bar.update(len(raw))
+                read_now = raw_file.tell()
+                bar.update(read_now - read_before)
+                read_before = read_now
             if not raw.strip():
                 continue
             yield lineno, start, parse_line(raw, path, lineno)
@@ -59,8 +81,9 @@ def iter_jsonl_offsets(path: str, progress: str | None = None,
 
 
 def iter_jsonl(path: str) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield `(line_number, record)` for every non-blank line; line numbers are 1-based."""
-    for lineno, _, record in iter_jsonl_offsets(path):
+    """Yield `(line_number, record)` for every non-blank line; line numbers are 1-based. `.gz` files are read
+    through gzip."""
+    for lineno, _, record in iter_jsonl_offsets(path, allow_gzip=True):
         yield lineno, record
 
 

@@ -31,9 +31,10 @@ from embedder.data.corpus import open_corpus, texts_fingerprint
 from embedder.data.jsonl import write_jsonl_atomic
 from embedder.data.queries import load_queries
 from embedder.distributed import launched_rank
+from embedder.fingerprint import fingerprint
 from embedder.mining.negatives import NegativeRule, mined_record, select_negatives
 from embedder.paths import resolve_files
-from embedder.retrieval.base import fingerprint, search_in_shards
+from embedder.retrieval.base import search_in_shards
 from embedder.retrieval.build import build_retriever, resolve_instruction
 
 log = logging.getLogger("embedder.mining")

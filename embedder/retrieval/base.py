@@ -13,8 +13,6 @@ mining or evaluation run resumes without redoing finished shards.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -44,13 +42,6 @@ class Retriever(ABC):
     def describe(self) -> dict[str, Any]:
         """Everything that changes the results (goes into result-cache fingerprints and the run's meta file)."""
         return {"retriever": self.name}
-
-
-def fingerprint(*parts: Any) -> str:
-    """A short stable hash of JSON-serialisable parts."""
-    h = hashlib.blake2b(digest_size=8)
-    h.update(json.dumps(parts, sort_keys=True, default=str).encode())
-    return h.hexdigest()
 
 
 def pad_results(scores: list[list[float]], ids: list[list[int]], k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -33,8 +33,9 @@ import numpy as np
 
 from embedder.atomic import atomic_dir
 from embedder.data.corpus import texts_fingerprint
+from embedder.fingerprint import fingerprint
 from embedder.progress import Progress
-from embedder.retrieval.base import Retriever, fingerprint, pad_results
+from embedder.retrieval.base import Retriever, pad_results
 
 log = logging.getLogger("embedder.mining")
 
