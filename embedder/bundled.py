@@ -26,7 +26,8 @@ def smollm2_path() -> str:
 
 def register_resolvers() -> None:
     """`${bundled:minilm}` and `${bundled:smollm2}` resolve to the package folders; `${job_dir:...}`, `${basename:...}`
-    and `${sample_data:}` as documented at each."""
+    and `${sample_data:}` as documented at each. Also stores the structured configs the YAML files extend
+    (`score_schema`), so every place that composes a config calls this one function first."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("bundled"):
@@ -37,6 +38,9 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("basename", lambda path: os.path.basename(str(path).rstrip("/\\")) or "data")
     if not OmegaConf.has_resolver("sample_data"):
         OmegaConf.register_new_resolver("sample_data", lambda: os.path.join(os.path.dirname(__file__), "sample_data"))
+    from embedder.scoring.settings import register_schema
+
+    register_schema()  # score.yaml's structured config
 
 
 def job_dir(base: str) -> str:

@@ -139,7 +139,7 @@ def migrate_renamed_keys(cfg: DictConfig, config_name: str) -> list[str]:
 
     moves = []
     for old in DEPRECATED_KEYS.get(config_name, {}):
-        if "." not in old and old in cfg:
+        if "." not in old and old in cfg and not _is_unset(cfg, old):  # a schema's deprecated field: None
             moves.append(old)
         elif old.startswith("eval.*.") and isinstance(cfg.get("eval"), DictConfig):
             leaf = old.split(".")[-1]
@@ -160,6 +160,11 @@ def migrate_renamed_keys(cfg: DictConfig, config_name: str) -> list[str]:
             del parent[leaf]
             warnings.append(_warning(old, new, " in a config file"))
     return warnings
+
+
+def _is_unset(cfg: DictConfig, key: str) -> bool:
+    node = cfg._get_node(key)
+    return not isinstance(node, DictConfig) and node._value() is None
 
 
 def apply_deprecated_aliases(config_name: str) -> None:

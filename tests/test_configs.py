@@ -216,3 +216,29 @@ def test_an_old_spelling_still_runs_from_the_command_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "input_data: /nonexistent.json" in proc.stdout
     assert "`eval_data` is deprecated" in proc.stderr
+
+
+def test_score_yaml_is_checked_against_its_structured_config(tmp_path):
+    """score.yaml extends ScoreConfig (ConfigStore `score_schema`): its values are typed and a wrong type is one
+    error naming the key; the schema's defaults are ScoreSettings' (the one place they live)."""
+    import dataclasses
+    import subprocess
+    import sys
+
+    from hydra.errors import ConfigCompositionException
+
+    from embedder.scoring.settings import ScoreConfig, ScoreSettings
+
+    cfg = compose([], "score")
+    assert OmegaConf.get_type(cfg) is ScoreConfig and isinstance(cfg.batch_size, int)
+    settings = {f.name: f.default for f in dataclasses.fields(ScoreSettings)}
+    for f in dataclasses.fields(ScoreConfig):
+        if settings.get(f.name, dataclasses.MISSING) is not dataclasses.MISSING and f.name not in ("output_dir", "data_root"):
+            assert f.default == settings[f.name], f.name
+    with pytest.raises(ConfigCompositionException, match="max_tokens_per_batch"):
+        compose(["max_tokens_per_batch=lots"], "score")
+    with pytest.raises(Exception, match="Key 'batchsize' not in 'ScoreConfig'"):  # as a user's YAML would add it
+        OmegaConf.merge(OmegaConf.structured(ScoreConfig), {"batchsize": 3})
+    proc = subprocess.run([sys.executable, "score.py", "part_size=many"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1 and "full_key: part_size" in proc.stderr and "Traceback" not in proc.stderr

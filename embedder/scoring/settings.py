@@ -1,10 +1,16 @@
 """Scoring settings: `ScoreSettings` (the one place the scoring defaults live; `configs/score.yaml` states the same
-values and a test checks they agree), resolved from the Hydra config, and the scorer they build."""
+values and a test checks they agree), resolved from the Hydra config, and the scorer they build.
+
+`ScoreConfig` is the structured config (Hydra's ConfigStore, name `score_schema`) that `configs/score.yaml` extends:
+Hydra checks the YAML, a user's `local` overrides and the command line against its keys and types when it composes
+(`batch_size=abc` or a misspelt key in a YAML file is one error before anything loads). Its defaults are
+ScoreSettings'.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -45,6 +51,64 @@ class ScoreSettings:
     overwrite: bool = False
     dry_run: bool = False
     merge_poll_s: float = 5.0
+
+
+_D = {name: f.default for name, f in ScoreSettings.__dataclass_fields__.items()}
+
+
+@dataclass
+class SampleConfig:
+    """`sample:` in score.yaml: what `python score.py` with no input_data scores."""
+
+    files: list[str] = field(default_factory=list)
+    data_root: str | None = None
+    output_dir: str | None = None
+    max_records: int | None = None
+    max_candidates: int | None = None
+
+
+@dataclass
+class ScoreConfig:
+    """The schema of configs/score.yaml (one-line meanings are there). `lm` and `templates` are config groups whose
+    keys the run checks itself (LM_KEYS, templates.py); the three deprecated spellings are accepted for one release
+    (config_check.DEPRECATED_KEYS moves them)."""
+
+    lm: dict[str, Any] = field(default_factory=dict)
+    templates: dict[str, Any] = field(default_factory=dict)
+    command_name: str = "score"
+    input_data: Any = None  # a path, a glob or a list of them
+    data_root: str | None = None
+    output_dir: str | None = None
+    save_name: str | None = None
+    default_record_kind: str | None = None
+    seed: int = _D["seed"]
+    normalize: str = _D["normalize"]
+    answer_choice: str = _D["answer_choice"]
+    key_max_length: int | None = _D["key_max_length"]
+    max_candidates: int | None = _D["max_candidates"]
+    skip_bad_records: bool = _D["skip_bad_records"]
+    max_records: int | None = _D["max_records"]
+    batch_size: int = _D["batch_size"]
+    max_tokens_per_batch: int | None = _D["max_tokens_per_batch"]
+    packed: str = _D["packed"]  # auto, true or false (a YAML bool is read as "True"/"False")
+    part_size: int = _D["part_size"]
+    num_shards: int = _D["num_shards"]
+    shard_id: int = _D["shard_id"]
+    devices: int = _D["devices"]
+    keep_parts: bool = _D["keep_parts"]
+    overwrite: bool = _D["overwrite"]
+    dry_run: bool = _D["dry_run"]
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    eval_data: Any = None  # deprecated: input_data
+    default_task: str | None = None  # deprecated: default_record_kind
+    task_name: str | None = None  # deprecated: command_name
+
+
+def register_schema() -> None:
+    """Store ScoreConfig as `score_schema`, the first entry of score.yaml's defaults (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="score_schema", node=ScoreConfig)
 
 
 def settings_from_cfg(cfg: DictConfig) -> ScoreSettings:
