@@ -9,7 +9,11 @@
 2. **mine** (`<output_dir>/data/mine-<retriever>/`): hard negatives for `train.json` with `mine.py`'s own code
    (`run_mine`), from the dense model being fine-tuned and/or BM25, from ranks `rank_range`, with the
    false-negative filter `relative_margin`. Two retrievers are merged into one list per query, alternating.
-3. train.py then trains on the mined file and evaluates dev (and test) before and after, as for any task.
+3. **score** (optional, `beir.teacher.lm`; `<output_dir>/data/score-<lm>/`): an LM's query likelihood
+   log p(query | candidate) for each train query's positives and first negatives (`score.py`'s code, `run_score`,
+   with the `beir` template: UPR, Sachan et al. 2022), which train.py distils with `beir.teacher.distill_weight`.
+4. train.py then trains on the mined (and scored) file and evaluates dev (and test) before and after, as for any
+   task.
 
 Every step writes atomically and records what it was made from (`prepare.json`, the mined files' `.meta.json`);
 a rerun with the same inputs and settings skips it. Memory follows the qrels (query texts and positive texts of
@@ -21,6 +25,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -36,7 +41,7 @@ from embedder.fingerprint import fingerprint
 
 log = logging.getLogger("embedder.finetune")
 
-PREPARE_VERSION = 1  # bump when the prepared files change shape
+PREPARE_VERSION = 2  # bump when the prepared files change shape (2: train records carry `answers`)
 
 
 def split_query_ids(query_ids: list[str], dev_fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -158,7 +163,8 @@ def prepare_beir(folder: str, out_dir: str, train_split: str = "train", dev_spli
                 continue
             if role == "train":
                 records.append({"query_id": qid, "query": text, "pos": [pos_text[d] for _, _, d in pos],
-                                "pos_index": [r for r, _, _ in pos]})
+                                "pos_index": [r for r, _, _ in pos],
+                                "answers": [text]})  # what an LM teacher scores: the query, given each candidate
             else:
                 records.append({"query_id": qid, "query": text, "pos_index": [r for r, _, _ in pos],
                                 "pos_relevance": [g for _, g, _ in pos]})
@@ -276,6 +282,34 @@ def merge_negatives(train_path: str, paths: list[str], max_neg_num: int) -> Iter
                         hint=f"delete {os.path.dirname(left[0])} and run again; it is mined again from {train_path}")
 
 
+def score_candidates(cfg: DictConfig, train_file: str, out_dir: str) -> str:
+    """Step 3: teacher scores for `train_file` with the LM `beir.teacher.lm`; returns the scored file (or
+    `train_file` itself when there is no teacher). Reused when the input and the teacher settings are unchanged;
+    an interrupted scoring run resumes from its cached parts."""
+    from embedder.scoring.run import run_score
+
+    teacher = cfg.beir.get("teacher") or {}
+    if not teacher.get("lm"):
+        return train_file
+    folder = os.path.join(out_dir, f"score-{teacher.lm}")
+    overrides = [f"lm={teacher.lm}", f"input_data={train_file}", f"output_dir={folder}", "default_record_kind=beir",
+                 f"max_candidates={int(teacher.max_candidates)}", f"batch_size={int(teacher.batch_size)}"]
+    score_cfg = _compose("score", overrides)
+    key = fingerprint(_stat_key([train_file]), OmegaConf.to_container(score_cfg, resolve=True))
+    stats_path = os.path.join(folder, "scored.stats.json")
+    if os.path.isfile(stats_path):
+        stats = read_json(stats_path)
+        if stats.get("key") == key and os.path.isfile(stats.get("output", "")):
+            log.info("beir: candidates already scored by %s (%s); reusing them", teacher.lm, stats["output"])
+            return stats["output"]
+        log.info("beir: the candidates or the teacher changed since %s was scored; scoring again", folder)
+        shutil.rmtree(folder)  # this step's own folder: the stale scores and their part cache
+    (result,) = run_score(score_cfg)["files"]  # an interrupted run (no stats yet) resumes from its parts
+    write_json(stats_path, {"key": key, "output": result["output"], "records": result.get("records")})
+    log.info("beir: %s scored the candidates of %s -> %s", teacher.lm, train_file, result["output"])
+    return result["output"]
+
+
 def prepare_beir_run(cfg: DictConfig) -> DictConfig:
     """Steps 1 and 2 for `cfg.beir.folder`; sets `train_data` and the `eval` sets (dev, and test when present).
 
@@ -304,7 +338,8 @@ def prepare_beir_run(cfg: DictConfig) -> DictConfig:
         try:
             prepared = prepare_beir(str(b.folder), data_dir, b.train_split, b.dev_split, b.test_split,
                                     float(b.dev_fraction), int(b.seed), str(b.eval_set.key_template))
-            run = {"key": key, "train_file": mine_negatives(cfg, prepared, data_dir), "paths": prepared["paths"]}
+            train_file = score_candidates(cfg, mine_negatives(cfg, prepared, data_dir), data_dir)
+            run = {"key": key, "train_file": train_file, "paths": prepared["paths"]}
             write_json(run_path, run)
         finally:
             lock.release()
@@ -317,6 +352,9 @@ def prepare_beir_run(cfg: DictConfig) -> DictConfig:
             eval_sets[role] = {**template, "eval_data": run["paths"][role], "corpus": run["paths"]["corpus"]}
     with open_dict(cfg):
         cfg.train_data = [run["train_file"]]
+        teacher = b.get("teacher") or {}
+        if teacher.get("lm"):  # the scored file's teacher_scores are distilled
+            cfg.record_kinds[cfg.default_record_kind].loss.distill_weight = float(teacher.distill_weight)
         cfg.eval = OmegaConf.merge(OmegaConf.create(eval_sets), cfg.get("eval") or {})
     return cfg
 

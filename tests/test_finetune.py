@@ -8,12 +8,14 @@ import json
 import logging
 import os
 
+import numpy as np
 import pytest
 
 from embedder.errors import DataError
 from embedder.finetune import merge_negatives, prepare_beir, split_query_ids
 from embedder.mining.negatives import NegativeRule, select_negatives
 from tests.conftest import compose, quick_overrides
+from tests.test_train import _metrics_rows
 
 SAMPLE_QA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "embedder", "sample_data", "qa")
 
@@ -156,6 +158,34 @@ def test_one_command_from_a_beir_folder_to_an_evaluated_model(tmp_path, tiny_ber
     run_train(compose(overrides))
     assert "already prepared" in caplog.text and "already mined" in caplog.text
     assert {p: os.path.getmtime(p) for p in kept} == stamps  # reused, not rewritten
+
+
+def test_a_teacher_scores_the_candidates_and_training_distils_them(tmp_path, tiny_bert, caplog):
+    """beir.teacher.lm: the mined candidates get the LM's query likelihoods (positives first, cut to max_candidates),
+    the beir kind's distillation weight is set, a rerun reuses the scores and new teacher settings rescore."""
+    from embedder.finetune import prepare_beir_run
+    from embedder.training import run_train
+
+    folder = write_sample_beir(tmp_path / "beir", n_train=12, n_test=0, with_test=False)
+    overrides = quick_overrides(tmp_path, tiny_bert, [
+        "task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[dense]", "beir.teacher.lm=tiny",
+        "beir.teacher.max_candidates=3", "beir.eval_splits=[]", "evaluate_before=false", "export=false",
+        "report=false", "data.group_size=3"])
+    caplog.set_level(logging.INFO)
+    cfg = prepare_beir_run(compose(overrides))
+    (scored,) = cfg.train_data
+    assert "score-tiny" in scored and cfg.record_kinds.beir.loss.distill_weight == 1.0
+    with open(scored) as f:
+        records = [json.loads(line) for line in f]
+    assert records and all(len(r["teacher_scores"]) == len(r["pos"]) + len(r["neg"]) <= 3 for r in records)
+    assert all(r["answers"] == [r["query"]] for r in records)  # query likelihood: the query is what is scored
+    assert all(np.isfinite(r["teacher_scores"]).all() for r in records)
+    run_train(compose(overrides))  # a real fit with the distillation loss on
+    distill = [float(r["train/loss_distill"]) for r in _metrics_rows(tmp_path) if r.get("train/loss_distill")]
+    assert "already scored" in caplog.text and distill and np.isfinite(distill).all() and max(distill) > 0
+    caplog.clear()
+    prepare_beir_run(compose([*overrides, "beir.teacher.max_candidates=2"]))
+    assert "scoring again" in caplog.text
 
 
 def test_task_beir_without_a_folder_says_what_to_pass(tmp_path):
