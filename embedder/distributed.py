@@ -16,7 +16,9 @@ data module guarantees this (equal per-rank batches, padded or dropped last batc
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -41,6 +43,21 @@ def launched_world_size() -> int:
     """How many processes torchrun started (WORLD_SIZE); 1 otherwise. SLURM_NTASKS is not read: a batch script with
     several tasks that runs one process would otherwise wait for ranks that never start."""
     return _env_int(("WORLD_SIZE",), 1)
+
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_PROCID", "SLURM_LOCALID")
+
+
+@contextlib.contextmanager
+def as_single_process() -> Iterator[None]:
+    """Inside the block the launcher's rank variables are hidden, so a step that one rank runs alone (task=beir's
+    preparation on rank 0, while the other ranks wait for it) does not split its work across ranks that are not
+    there. Restored afterwards."""
+    saved = {var: os.environ.pop(var) for var in LAUNCH_VARS if var in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
 
 
 def local_rank() -> int:

@@ -318,7 +318,7 @@ def prepare_beir_run(cfg: DictConfig) -> DictConfig:
     runs on one output folder take turns (a file lock in `<output_dir>/.locks`) and the second reuses the files."""
     from filelock import FileLock
 
-    from embedder.distributed import launched_rank, launched_world_size
+    from embedder.distributed import as_single_process, launched_rank, launched_world_size
 
     b = cfg.beir
     data_dir = os.path.join(cfg.output_dir, "data")
@@ -336,9 +336,10 @@ def prepare_beir_run(cfg: DictConfig) -> DictConfig:
             log.info("beir: another process is preparing %s; waiting for it, then reusing its files", data_dir)
             lock.acquire()
         try:
-            prepared = prepare_beir(str(b.folder), data_dir, b.train_split, b.dev_split, b.test_split,
-                                    float(b.dev_fraction), int(b.seed), str(b.eval_set.key_template))
-            train_file = score_candidates(cfg, mine_negatives(cfg, prepared, data_dir), data_dir)
+            with as_single_process():  # mining and scoring must not wait for ranks that are waiting for this one
+                prepared = prepare_beir(str(b.folder), data_dir, b.train_split, b.dev_split, b.test_split,
+                                        float(b.dev_fraction), int(b.seed), str(b.eval_set.key_template))
+                train_file = score_candidates(cfg, mine_negatives(cfg, prepared, data_dir), data_dir)
             run = {"key": key, "train_file": train_file, "paths": prepared["paths"]}
             write_json(run_path, run)
         finally:

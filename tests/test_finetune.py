@@ -160,9 +160,10 @@ def test_one_command_from_a_beir_folder_to_an_evaluated_model(tmp_path, tiny_ber
     assert {p: os.path.getmtime(p) for p in kept} == stamps  # reused, not rewritten
 
 
-def test_a_teacher_scores_the_candidates_and_training_distils_them(tmp_path, tiny_bert, caplog):
+def test_a_teacher_scores_the_candidates_and_training_distils_them(tmp_path, tiny_bert, caplog, monkeypatch):
     """beir.teacher.lm: the mined candidates get the LM's query likelihoods (positives first, cut to max_candidates),
-    the beir kind's distillation weight is set, a rerun reuses the scores and new teacher settings rescore."""
+    the beir kind's distillation weight is set, a rerun reuses the scores and new teacher settings rescore. Rank 0
+    of a torchrun launch prepares alone: its mining and scoring do not split work across the waiting ranks."""
     from embedder.finetune import prepare_beir_run
     from embedder.training import run_train
 
@@ -172,7 +173,12 @@ def test_a_teacher_scores_the_candidates_and_training_distils_them(tmp_path, tin
         "beir.teacher.max_candidates=3", "beir.eval_splits=[]", "evaluate_before=false", "export=false",
         "report=false", "data.group_size=3"])
     caplog.set_level(logging.INFO)
-    cfg = prepare_beir_run(compose(overrides))
+    cfg = compose(overrides)
+    with monkeypatch.context() as env:  # as torchrun sets it on rank 0 of 2
+        env.setenv("WORLD_SIZE", "2")
+        env.setenv("RANK", "0")
+        cfg = prepare_beir_run(cfg)
+        assert os.environ["WORLD_SIZE"] == "2"  # restored after the preparation
     (scored,) = cfg.train_data
     assert "score-tiny" in scored and cfg.record_kinds.beir.loss.distill_weight == 1.0
     with open(scored) as f:

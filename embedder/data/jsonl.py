@@ -69,8 +69,8 @@ def iter_jsonl_offsets(path: str, progress: str | None = None, digest: Any = Non
             start, offset = offset, offset + len(raw)
             if digest is not None:
                 digest.update(raw)
-            if bar is not None:
-                read_now = raw_file.tell()
+            if bar is not None:  # bytes from disk: the line's own (no syscall per line), or gzip's compressed input
+                read_now = raw_file.tell() if gz else offset
                 bar.update(read_now - read_before)
                 read_before = read_now
             if not raw.strip():
