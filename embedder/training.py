@@ -17,6 +17,7 @@ from embedder.data.datamodule import RetrievalDataModule
 from embedder.data.tasks import build_task_settings, export_prompts
 from embedder.errors import DataError, model_load_errors
 from embedder.evaluation.eval_set import build_eval_sets
+from embedder.host_memory import tune_malloc
 from embedder.lit_module import RetrieverModule
 from embedder.model_card import model_card
 from embedder.report import write_report
@@ -32,6 +33,8 @@ def _instantiate_dict(cfg: DictConfig | None) -> list[Any]:
 def run_train(cfg: DictConfig) -> dict[str, float]:
     """Train (and evaluate before/after), export the encoder, return the final metrics."""
     L.seed_everything(cfg.seed, workers=True)
+    malloc = cfg.get("host_malloc") or {}
+    tune_malloc(malloc.get("mmap_threshold"), malloc.get("arena_max"))  # before the first large allocation
     if "beir" in cfg:  # task=beir: prepare the folder (split, mine; cached) into train_data and eval
         from embedder.finetune import prepare_beir_run
 

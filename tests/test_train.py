@@ -433,3 +433,17 @@ def test_lr_schedule_is_hf_trainers_linear_warmup(tmp_path, tiny_bert):
         opt.step()
         sched.step()
     assert logged == pytest.approx(want) and logged[0] == 0.0 and max(logged.values()) == pytest.approx(1e-3)
+
+
+def test_host_malloc_settings_reach_glibc():
+    """train.yaml's host_malloc is applied with glibc's mallopt (where the C library is glibc)."""
+    import platform
+
+    from embedder.host_memory import tune_malloc
+
+    cfg = compose([])
+    assert cfg.host_malloc.mmap_threshold == 65536 and cfg.host_malloc.arena_max == 2
+    assert tune_malloc(None, None) is False  # nothing asked: nothing changed
+    if platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt is glibc's")
+    assert tune_malloc(cfg.host_malloc.mmap_threshold, cfg.host_malloc.arena_max) is True
