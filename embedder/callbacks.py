@@ -85,19 +85,31 @@ class LogProgress(Callback):
 
     def on_predict_start(self, trainer, pl_module):
         self._start = self._last = time.monotonic()
+        self._texts_done = 0
+        loaders = trainer.predict_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        self._texts_total = getattr(getattr(loader, "dataset", None), "num_texts", None)  # embedder's encode stream
 
     def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
         now = time.monotonic()
+        positions = batch.get("positions") if isinstance(batch, dict) else None
+        self._texts_done += len(positions) if positions is not None else 0
         if not self._active(trainer) or now - self._last < self.every_s:
             return
         from embedder.progress import fmt_time
 
-        totals = trainer.num_predict_batches
-        total = totals[dataloader_idx] if dataloader_idx < len(totals) else None
-        total = int(total) if total is not None and math.isfinite(total) else None  # inf: an iterable dataset
-        done = batch_idx + 1
         elapsed = now - self._start
-        eta = fmt_time(elapsed * (total - done) / done) if total else "?"
-        log.info("encoding: batch %d/%s (%s), %s elapsed, ETA %s", done, total or "?",
-                 f"{done / total:.0%}" if total else "?", fmt_time(elapsed), eta)
+        done, total = self._texts_done, self._texts_total
+        if done and total:  # texts: token-budget batches have no count in advance
+            rate = done / max(elapsed, 1e-9)
+            log.info("encoding: %s/%s texts (%.0f%%), %.0f texts/s, %s elapsed, ETA %s", f"{done:,}", f"{total:,}",
+                     100 * done / total, rate, fmt_time(elapsed), fmt_time((total - done) / rate))
+        else:
+            totals = trainer.num_predict_batches
+            total = totals[dataloader_idx] if dataloader_idx < len(totals) else None
+            total = int(total) if total is not None and math.isfinite(total) else None  # inf: an iterable dataset
+            done = batch_idx + 1
+            eta = fmt_time(elapsed * (total - done) / done) if total else "?"
+            log.info("encoding: batch %d/%s (%s), %s elapsed, ETA %s", done, total or "?",
+                     f"{done / total:.0%}" if total else "?", fmt_time(elapsed), eta)
         self._last = now

@@ -212,3 +212,16 @@ def test_one_dtype_resolver_takes_every_spelling(names, want):
     assert resolve_dtype("auto", "cpu") == torch.float32 and resolve_dtype("model") is None
     with pytest.raises(ValueError, match="valid: auto, model, bf16"):
         resolve_dtype("int8")
+
+
+def test_token_budget_encoding_logs_texts_done_with_an_eta(encoder, tmp_path, caplog):
+    """Outside a terminal LogProgress counts texts (token-budget batches have no count in advance), with an ETA."""
+    from embedder.callbacks import LogProgress
+
+    trainer = make_predict_trainer(None, accelerator="cpu", devices=1, enable_progress_bar=False,
+                                   callbacks=[LogProgress(every_s=0, always=True)])
+    with caplog.at_level(logging.INFO, logger="embedder.progress"):
+        encode_to_stores(encoder, [_job(tmp_path / "p")], trainer, batch_size=4, batch_tokens=64)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("encoding: ")]
+    assert lines and all("/37 texts" in line and "ETA" in line and "?" not in line for line in lines)
+    assert lines[-1].startswith("encoding: 37/37 texts (100%)")

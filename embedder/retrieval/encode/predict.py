@@ -106,6 +106,12 @@ class _BatchStream(IterableDataset):
         self.tokenizer, self.batch_size, self.batch_tokens = tokenizer, batch_size, int(batch_tokens)
         self.num_workers = max(1, int(num_workers))  # the DataLoader's workers: each takes a slice of every shard
 
+    @property
+    def num_texts(self) -> int:
+        """The texts this stream encodes (all its workers together): what progress counts, as the number of
+        token-budget batches is not known in advance."""
+        return sum(len(self.shard_rows[j][s]) for j, s in self.units)
+
     def __len__(self) -> int:
         if self.batch_tokens:  # batch boundaries depend on token counts, known once a shard is tokenised
             raise TypeError("token-budget batches have no length before tokenisation")
