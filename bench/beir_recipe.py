@@ -1,7 +1,8 @@
 """The BEIR fine-tuning recipe (`task=beir`) against a plain sentence-transformers fine-tune, on one dev split.
 
-    python bench/beir_recipe.py --data ../shared/data/scifact-train --out /tmp/beir-bench            # everything
-    python bench/beir_recipe.py --data ... --out ... --only plain recipe "no-bm25:beir.negatives.retrievers=[dense]"
+    python bench/beir_recipe.py --data ../shared/data/scifact-train --out /tmp/beir-bench    # base, recipe, plain
+    python bench/beir_recipe.py --data ... --out ... --only recipe dropout group2 inbatch nomargin hybrid
+    python bench/beir_recipe.py --data ... --out ... --only "tau02:loss.temperature=0.02"    # any name:overrides
 
 Both sides train the same model (the bundled all-MiniLM-L6-v2) on the same train queries for the same epochs and
 batch size, and are scored by the same evaluator (`python -m embedder.evaluate`, nDCG@10 on the same dev queries):
@@ -26,8 +27,13 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = {  # name -> overrides of task=beir; each is measured on its own
-    "recipe": [],
+VARIANTS = {  # name -> overrides of task=beir; each is measured on its own (the table in docs/benchmarks.md)
+    "recipe": [],                                                   # the defaults of configs/task/beir.yaml
+    "dropout": ["model.attention_dropout=null"],                    # the checkpoint's attention dropout (0.1)
+    "group2": ["data.group_size=2"],                                # 1 hard negative per query instead of 2
+    "inbatch": ["beir.negatives.retrievers=[]", "data.group_size=1"],  # no mined negatives: in-batch only
+    "nomargin": ["beir.negatives.relative_margin=null"],            # no false-negative filter
+    "hybrid": ["beir.negatives.retrievers=[bm25,dense]"],           # BM25 and the model's own negatives, merged
 }
 
 
