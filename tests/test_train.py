@@ -442,8 +442,12 @@ def test_host_malloc_settings_reach_glibc():
     from embedder.host_memory import tune_malloc
 
     cfg = compose([])
-    assert cfg.host_malloc.mmap_threshold == 65536 and cfg.host_malloc.arena_max == 2
+    assert cfg.host_malloc.mmap_threshold is None and cfg.host_malloc.arena_max == 2
+    assert cfg.callbacks.malloc_trim.every_n_steps == 1
     assert tune_malloc(None, None) is False  # nothing asked: nothing changed
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
-    assert tune_malloc(cfg.host_malloc.mmap_threshold, cfg.host_malloc.arena_max) is True
+    assert tune_malloc(65536, cfg.host_malloc.arena_max) is True
+    from embedder.host_memory import MallocTrim
+
+    assert MallocTrim()._libc is not None
