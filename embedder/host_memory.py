@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 
 from lightning.pytorch.callbacks import Callback
@@ -26,7 +27,9 @@ log = logging.getLogger("embedder.host_memory")
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameter numbers (malloc.h)
 
 
+@functools.lru_cache(maxsize=1)
 def _glibc():
+    """glibc's handle, or None; cached here, never stored on a callback (a CDLL cannot be pickled for DDP spawn)."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         libc.mallopt, libc.malloc_trim  # noqa: B018  (both exist only in glibc)
@@ -40,11 +43,11 @@ class MallocTrim(Callback):
 
     def __init__(self, every_n_steps: int = 1):
         self.every_n_steps = max(1, int(every_n_steps))
-        self._libc = _glibc()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if self._libc is not None and trainer.global_step % self.every_n_steps == 0:
-            self._libc.malloc_trim(0)
+        libc = _glibc()
+        if libc is not None and trainer.global_step % self.every_n_steps == 0:
+            libc.malloc_trim(0)
 
 
 def tune_malloc(mmap_threshold: int | None, arena_max: int | None) -> bool:

@@ -468,7 +468,7 @@ def test_score_configs_compose():
     cfg = compose(["lm=llama2-7b-chat"], config_name="score")
     assert cfg.lm.model_name_or_path == "meta-llama/Llama-2-7b-chat-hf" and cfg.key_max_length == 512
     t = build_templates(dict(cfg.templates))
-    assert set(t) == {"qa", "convsearch", "icl", "chat", "lrlm"}
+    assert set(t) == {"qa", "convsearch", "icl", "chat", "lrlm", "beir"}  # beir: query likelihood for task=beir
     assert t["qa"].text == QA and t["lrlm"].fields == ["context", "query"]
     sample = compose([], config_name="score")
     if all(os.path.exists(os.path.join(ROOT, "embedder", "sample_data", f.split(":")[1]))

@@ -448,6 +448,8 @@ def test_host_malloc_settings_reach_glibc():
     if platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt is glibc's")
     assert tune_malloc(65536, cfg.host_malloc.arena_max) is True
-    from embedder.host_memory import MallocTrim
+    import pickle
 
-    assert MallocTrim()._libc is not None
+    from embedder.host_memory import MallocTrim, _glibc
+
+    assert _glibc() is not None and pickle.loads(pickle.dumps(MallocTrim(4))).every_n_steps == 4  # DDP spawn pickles it
