@@ -5,8 +5,8 @@ mmap threshold adapts upwards after every large free (up to 32 MB), so a trainin
 the heap, and each intra-op thread's arena keeps what it freed. The resident size then grows above what is live
 (MiniLM on SciFact, 16 queries × 3 keys × 256 tokens on 2 cores: 4.3 GB after 5 steps, 5.4 GB after 160).
 Measured fixes (docs/benchmarks.md, "Fine-tuning on a BEIR folder"):
-- `MallocTrim` (the default, `callbacks.malloc_trim`): `malloc_trim(0)` after every step hands the freed heap back;
-  the heap is reused within a step, so it costs little;
+- `MallocTrim` (the default, `callbacks.malloc_trim`): `malloc_trim(0)` after every step hands the freed heap back
+  (3.98 GB peak after 160 steps), but the next step faults those pages in again: +23% CPU time on that run;
 - `host_malloc.mmap_threshold`: every allocation above it gets its own mapping, returned on free. The lowest peak
   (3.4 GB), but every step faults its activations in afresh: +33% CPU time on that run, so it is off by default;
 - `host_malloc.arena_max`: fewer per-thread arenas.
