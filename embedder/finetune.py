@@ -223,7 +223,7 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
         stats_path = os.path.join(folder, f"train.neg.{name}.stats.json")
         key = _mine_key(prepared, OmegaConf.to_container(mine_cfg, resolve=True))
         out_path = os.path.join(folder, f"train.neg.{name}.json")
-        if os.path.isfile(stats_path) and os.path.isfile(out_path) and read_json(stats_path).get("key") == key:
+        if _step_done(stats_path, key, out_path):
             log.info("beir: negatives from %s already mined (%s); reusing them", name, out_path)
         else:
             stats = run_mine(mine_cfg)
@@ -235,13 +235,23 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
     merged = os.path.join(out_dir, "train.neg." + "+".join(retrievers) + ".json")
     merged_stats = merged[:-len(".json")] + ".stats.json"
     key = fingerprint(keys, int(neg.max_neg_num))
-    if os.path.isfile(merged) and os.path.isfile(merged_stats) and read_json(merged_stats).get("key") == key:
+    if _step_done(merged_stats, key, merged):
         log.info("beir: negatives of %s already merged (%s); reusing them", " and ".join(retrievers), merged)
         return merged
     n = write_jsonl_atomic(merged, merge_negatives(prepared["paths"]["train"], mined, int(neg.max_neg_num)))
     write_json(merged_stats, {"key": key, "records": n, "from": mined})
     log.info("beir: merged the negatives of %s into %s (%d records)", " and ".join(retrievers), merged, n)
     return merged
+
+
+def _step_done(stats_path: str, key: str, output: str | None = None) -> dict[str, Any] | None:
+    """The cache check of steps 2 and 3: the step's stats (written last, so an interrupted step has none) when
+    they record this `key` (inputs and settings) and its `output` (default: the stats' own "output") exists."""
+    if not os.path.isfile(stats_path):
+        return None
+    stats = read_json(stats_path)
+    output = output or stats.get("output") or ""
+    return stats if stats.get("key") == key and os.path.isfile(output) else None
 
 
 def _mine_key(prepared: dict[str, Any], mine_cfg: dict[str, Any]) -> str:
@@ -292,16 +302,17 @@ def score_candidates(cfg: DictConfig, train_file: str, out_dir: str) -> str:
     if not teacher.get("lm"):
         return train_file
     folder = os.path.join(out_dir, f"score-{teacher.lm}")
-    overrides = [f"lm={teacher.lm}", f"input_data={train_file}", f"output_dir={folder}", "default_record_kind=beir",
+    overrides = [f"lm={teacher.lm}", f"input_data={train_file}", f"output_dir={folder}",
+                 f"default_record_kind={cfg.default_record_kind}",
                  f"max_candidates={int(teacher.max_candidates)}", f"batch_size={int(teacher.batch_size)}"]
     score_cfg = _compose("score", overrides)
     key = fingerprint(_stat_key([train_file]), OmegaConf.to_container(score_cfg, resolve=True))
     stats_path = os.path.join(folder, "scored.stats.json")
+    stats = _step_done(stats_path, key)
+    if stats:
+        log.info("beir: candidates already scored by %s (%s); reusing them", teacher.lm, stats["output"])
+        return stats["output"]
     if os.path.isfile(stats_path):
-        stats = read_json(stats_path)
-        if stats.get("key") == key and os.path.isfile(stats.get("output", "")):
-            log.info("beir: candidates already scored by %s (%s); reusing them", teacher.lm, stats["output"])
-            return stats["output"]
         log.info("beir: the candidates or the teacher changed since %s was scored; scoring again", folder)
         shutil.rmtree(folder)  # this step's own folder: the stale scores and their part cache
     (result,) = run_score(score_cfg)["files"]  # an interrupted run (no stats yet) resumes from its parts

@@ -10,7 +10,7 @@ from typing import Any
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from embedder.atomic import MANIFEST, atomic_open, read_json, staged_export, write_json
 from embedder.data.datamodule import RetrievalDataModule
@@ -77,6 +77,10 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     run_info = describe_run(cfg, datamodule)
     # CSV hparams.yaml, TensorBoard hparams, the W&B run config: logged by a callback, in the process that runs the
     # loop (a ddp_spawn worker), so the main process never opens the loggers' files before the workers do
+    if not eval_sets and cfg.get("optimized_metric"):  # nothing is validated: best_checkpoint keeps the latest
+        log.info("no eval set: %s is not computed; best_checkpoint keeps the latest state", cfg.optimized_metric)
+        with open_dict(cfg):
+            cfg.optimized_metric = None
     callbacks = _instantiate_dict(cfg.get("callbacks")) + [LogRunInfo(run_info)]
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer_kwargs = {}

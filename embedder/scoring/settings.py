@@ -126,10 +126,7 @@ def settings_from_cfg(cfg: DictConfig) -> ScoreSettings:
         raise ValueError("nothing to score: set input_data=<file or glob> (and data_root for `llm-embedder:` paths)")
     files = resolve_files(raw_files, data_root, what="input_data")
     pick = (lambda k: c.get(k) if c.get(k) is not None else sample.get(k)) if use_sample else c.get
-    fields = ScoreSettings.__dataclass_fields__
-
-    def d(key: str) -> Any:  # the config's value, else ScoreSettings' default (the one place defaults live)
-        return c[key] if key in c else fields[key].default
+    # every key is present: score_schema (ScoreConfig, whose defaults are ScoreSettings') fills what YAML leaves out
     lm = {k: v for k, v in (c.get("lm") or {}).items() if k in LM_KEYS}
     unknown = set(c.get("lm") or {}) - set(LM_KEYS)
     if unknown:
@@ -138,13 +135,13 @@ def settings_from_cfg(cfg: DictConfig) -> ScoreSettings:
         raise ValueError("lm.model_name_or_path is not set; pick an lm config, e.g. lm=smollm2 or lm=llama2-7b-chat")
     s = ScoreSettings(
         files=files, lm=lm, templates=c.get("templates") or {}, save_name=str(c.get("save_name") or lm.get("name")),
-        output_dir=pick("output_dir"), data_root=data_root, task=c.get("default_record_kind"), seed=int(d("seed")),
-        normalize=d("normalize"), answer_choice=d("answer_choice"),
-        key_max_length=d("key_max_length"), max_candidates=pick("max_candidates"), max_records=pick("max_records"),
-        batch_size=int(d("batch_size")), max_tokens_per_batch=d("max_tokens_per_batch"),
-        packed=str(d("packed")).lower(), skip_bad_records=bool(d("skip_bad_records")), part_size=int(d("part_size")),
-        num_shards=int(d("num_shards")), shard_id=int(d("shard_id")), devices=int(d("devices")),
-        keep_parts=bool(d("keep_parts")), overwrite=bool(d("overwrite")), dry_run=bool(d("dry_run")))
+        output_dir=pick("output_dir"), data_root=data_root, task=c.get("default_record_kind"), seed=int(c["seed"]),
+        normalize=c["normalize"], answer_choice=c["answer_choice"],
+        key_max_length=c["key_max_length"], max_candidates=pick("max_candidates"), max_records=pick("max_records"),
+        batch_size=int(c["batch_size"]), max_tokens_per_batch=c["max_tokens_per_batch"],
+        packed=str(c["packed"]).lower(), skip_bad_records=bool(c["skip_bad_records"]), part_size=int(c["part_size"]),
+        num_shards=int(c["num_shards"]), shard_id=int(c["shard_id"]), devices=int(c["devices"]),
+        keep_parts=bool(c["keep_parts"]), overwrite=bool(c["overwrite"]), dry_run=bool(c["dry_run"]))
     if s.part_size < 1:
         raise ValueError(f"part_size must be >= 1, got {s.part_size}")
     if not 0 <= s.shard_id < s.num_shards:
