@@ -38,7 +38,7 @@ VARIANTS = {  # name -> overrides of task=beir; each is measured on its own (the
 
 
 def run_child(cmd: list[str], log_path: str) -> dict[str, float]:
-    """Run `cmd`, its output to `log_path`; wall seconds, CPU seconds and peak RSS (GB) of that process tree's
+    """Run `cmd`, its output to `log_path`; wall seconds, CPU seconds and peak RSS (GiB) of that process tree's
     largest process."""
     start = time.time()
     with open(log_path, "w") as log:
@@ -47,7 +47,7 @@ def run_child(cmd: list[str], log_path: str) -> dict[str, float]:
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}; see {log_path}")
     return {"wall_s": round(time.time() - start, 1), "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
-            "peak_rss_gb": round(usage.ru_maxrss / 1024 ** 2, 2)}
+            "peak_rss_gib": round(usage.ru_maxrss / 1024 ** 2, 2)}  # ru_maxrss: KiB
 
 
 def evaluate(model_dir: str, data_dir: str, out_dir: str) -> float:
@@ -147,17 +147,17 @@ def main() -> None:
         json.dump(results, open(results_path, "w"), indent=1)
     if "base" in variants:  # the untrained model
         data = _prepared(args.out, variants)
-        results["base"] = {"overrides": ["no fine-tuning"], "wall_s": 0, "cpu_s": 0, "peak_rss_gb": 0,
+        results["base"] = {"overrides": ["no fine-tuning"], "wall_s": 0, "cpu_s": 0, "peak_rss_gib": 0,
                            "ndcg@10": evaluate(minilm(), data, os.path.join(args.out, "base-eval"))}
         json.dump(results, open(results_path, "w"), indent=1)
-    print("| run | dev nDCG@10 | vs plain | wall s | CPU s | CPU vs plain | peak RSS GB |")
+    print("| run | dev nDCG@10 | vs plain | wall s | CPU s | CPU vs plain | peak RSS GiB |")
     print("|---|---|---|---|---|---|---|")
     base = results.get("plain")
     for name, r in results.items():
         d = f"{r['ndcg@10'] - base['ndcg@10']:+.4f}" if base else ""
         c = f"{r['cpu_s'] / base['cpu_s']:.2f}x" if base and r.get("cpu_s") else ""
         print(f"| {name} `{' '.join(r['overrides'])}` | {r['ndcg@10']:.4f} | {d} | {r['wall_s']} | {r['cpu_s']} | {c} "
-              f"| {r['peak_rss_gb']} |")
+              f"| {r.get('peak_rss_gib', r.get('peak_rss_gb'))} |")  # peak_rss_gb: older results
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ class QueriesPerSecond(Callback):
         pl_module.log("train/queries_per_sec", n / max(dt, 1e-9), prog_bar=True, batch_size=1)
 
 
-def _peak_rss_gb() -> float:
+def _peak_rss_gib() -> float:
     import resource
     import sys
 
@@ -78,9 +78,9 @@ class LogProgress(Callback):
         loss_text = f", loss {float(loss):.4f}" if loss is not None else ""
         eta = fmt_time((total - step) / rate) if rate > 0 and total else "?"
         total_text = f"/{total}" if total else ""
-        log.info("train: step %d%s, epoch %d%s, %.1f queries/s, %s elapsed, ETA %s, peak RSS %.2f GB", step,
+        log.info("train: step %d%s, epoch %d%s, %.1f queries/s, %s elapsed, ETA %s, peak RSS %.2f GiB", step,
                  total_text, trainer.current_epoch + 1, loss_text, self._queries / (now - self._start),
-                 fmt_time(now - self._start), eta, _peak_rss_gb())
+                 fmt_time(now - self._start), eta, _peak_rss_gib())
         self._last, self._last_step = now, step
 
     def on_predict_start(self, trainer, pl_module):

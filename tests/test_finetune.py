@@ -189,6 +189,7 @@ def test_a_teacher_scores_the_candidates_and_training_distils_them(tmp_path, tin
     run_train(compose(overrides))  # a real fit with the distillation loss on
     distill = [float(r["train/loss_distill"]) for r in _metrics_rows(tmp_path) if r.get("train/loss_distill")]
     assert "already scored" in caplog.text and distill and np.isfinite(distill).all() and max(distill) > 0
+    assert "no eval set: val/dev/ndcg@10 is not computed" in caplog.text  # best_checkpoint monitors nothing
     caplog.clear()
     prepare_beir_run(compose([*overrides, "beir.teacher.max_candidates=2"]))
     assert "scoring again" in caplog.text
