@@ -2,15 +2,20 @@
 
 Hand-written because no library exposes `mallopt`/`malloc_trim`: PyTorch CPU tensors come from glibc's malloc. Its
 mmap threshold adapts upwards after every large free (up to 32 MB), so a training step's activations soon come from
-the heap, and each intra-op thread's arena keeps what it freed. The resident size then grows above what is live
-(MiniLM on SciFact, 16 queries × 3 keys × 256 tokens on 2 cores: 4.3 GB after 5 steps, 5.4 GB after 160).
-Measured fixes (docs/benchmarks.md, "Fine-tuning on a BEIR folder"):
-- `MallocTrim` (the default, `callbacks.malloc_trim`): `malloc_trim(0)` after every step hands the freed heap back
-  (3.98 GB peak after 160 steps), but the next step faults those pages in again: +23% CPU time on that run;
+the heap, and each intra-op thread's arena keeps what it freed. When tensor sizes change from step to step (packed
+batches: every batch has its own token count), the freed pieces do not fit the next step's tensors and the resident
+size grows above what is live (MiniLM on SciFact, 16 queries × 3 keys × 256 tokens, packed, 2 cores: 4.3 GiB after
+5 steps, 5.4 GiB after 80). The first fix is upstream: on CPU, `model.unpadded=auto` pads batches with little
+padding, whose shapes repeat (3.9 GiB, flat). Measured knobs for the rest (docs/benchmarks.md, "Fine-tuning on a
+BEIR folder"):
+- `MallocTrim` (`callbacks.malloc_trim.every_n_steps`, off by default): `malloc_trim(0)` after every step hands the
+  freed heap back (3.98 GiB on that packed run), but the next step faults those pages in again: +23% CPU time.
+  Every 4 steps: +9% CPU, but 4.81 GiB: the heap regrows within a few steps;
 - `host_malloc.mmap_threshold`: every allocation above it gets its own mapping, returned on free. The lowest peak
-  (3.4 GB), but every step faults its activations in afresh: +33% CPU time on that run, so it is off by default;
+  (3.4 GiB), but every step faults its activations in afresh: +33% CPU time, so it is off by default;
 - `host_malloc.arena_max`: fewer per-thread arenas.
-On other C libraries (macOS, musl) nothing is changed.
+Transparent huge pages for PyTorch's allocations (`THP_MEM_ALLOC_ENABLE=1`, read once before the first tensor)
+did not help that run: 5.05 GiB and +14% CPU. On other C libraries (macOS, musl) nothing is changed.
 """
 
 from __future__ import annotations
@@ -39,15 +44,16 @@ def _glibc():
 
 
 class MallocTrim(Callback):
-    """`malloc_trim(0)` every `every_n_steps` training steps (glibc only; elsewhere nothing)."""
+    """`malloc_trim(0)` every `every_n_steps` training steps; 0 = never (glibc only; elsewhere nothing)."""
 
-    def __init__(self, every_n_steps: int = 1):
-        self.every_n_steps = max(1, int(every_n_steps))
+    def __init__(self, every_n_steps: int = 0):
+        self.every_n_steps = max(0, int(every_n_steps))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        libc = _glibc()
-        if libc is not None and trainer.global_step % self.every_n_steps == 0:
-            libc.malloc_trim(0)
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            libc = _glibc()
+            if libc is not None:
+                libc.malloc_trim(0)
 
 
 def tune_malloc(mmap_threshold: int | None, arena_max: int | None) -> bool:

@@ -97,11 +97,19 @@ def test_pack_layout():
     assert unpadded.pool_packed(hidden, p, "mean").tolist() == [[1.5, 1.5], [5, 5]]
 
 
-def test_auto_runs_packed_on_cpu_and_config_key(tiny_bert):
+def test_auto_on_cpu_packs_batches_with_much_padding_and_config_key(tiny_bert):
+    from embedder.modeling.encoder import CPU_PACK_MIN_PADDING
+
+    cpu = torch.device("cpu")
+    ragged = torch.tensor([[1] * 10, [1] * 2 + [0] * 8])  # 40% padding
+    full = torch.tensor([[1] * 10, [1] * 9 + [0]])  # 5% padding: padded attention costs nothing to skip
+    assert 0.05 < CPU_PACK_MIN_PADDING <= 0.4
     enc = DualEncoder(tiny_bert, unpadded="auto")
-    assert enc._run_packed(enc.query_model, torch.device("cpu"))
+    assert enc._run_packed(enc.query_model, cpu, ragged) and not enc._run_packed(enc.query_model, cpu, full)
+    always = DualEncoder(tiny_bert, unpadded="true")
+    assert always._run_packed(always.query_model, cpu, full)
     off = DualEncoder(tiny_bert, unpadded="false")
-    assert not off._run_packed(off.query_model, torch.device("cpu"))
+    assert not off._run_packed(off.query_model, cpu, ragged)
     with pytest.raises(ValueError, match="unpadded"):
         DualEncoder(tiny_bert, unpadded="sometimes")
 
