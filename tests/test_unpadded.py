@@ -98,14 +98,16 @@ def test_pack_layout():
 
 
 def test_auto_on_cpu_packs_batches_with_much_padding_and_config_key(tiny_bert):
-    from embedder.modeling.encoder import CPU_PACK_MIN_PADDING
+    from embedder.modeling.encoder import CPU_PACK_MIN_PADDED_TOKENS, CPU_PACK_MIN_PADDING
 
     cpu = torch.device("cpu")
-    ragged = torch.tensor([[1] * 10, [1] * 2 + [0] * 8])  # 40% padding
-    full = torch.tensor([[1] * 10, [1] * 9 + [0]])  # 5% padding: padded attention costs nothing to skip
-    assert 0.05 < CPU_PACK_MIN_PADDING <= 0.4
+    ragged = torch.tensor([[1] * 256, [1] * 64 + [0] * 192] * 24)  # 48 keys, 37.5% padding (4,608 slots)
+    full = torch.tensor([[1] * 256, [1] * 224 + [0] * 32] * 24)  # 6% padding: little work to skip
+    small = torch.tensor([[1] * 40, [1] * 10 + [0] * 30] * 8)  # 16 queries, 37.5% padding, but 240 slots
+    assert 0.06 < CPU_PACK_MIN_PADDING <= 0.375 and 240 < CPU_PACK_MIN_PADDED_TOKENS <= 4608
     enc = DualEncoder(tiny_bert, unpadded="auto")
-    assert enc._run_packed(enc.query_model, cpu, ragged) and not enc._run_packed(enc.query_model, cpu, full)
+    assert enc._run_packed(enc.query_model, cpu, ragged)
+    assert not enc._run_packed(enc.query_model, cpu, full) and not enc._run_packed(enc.query_model, cpu, small)
     always = DualEncoder(tiny_bert, unpadded="true")
     assert always._run_packed(always.query_model, cpu, full)
     off = DualEncoder(tiny_bert, unpadded="false")

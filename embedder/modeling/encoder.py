@@ -18,12 +18,15 @@ from embedder.modeling import unpadded as unpadded_forward
 log = logging.getLogger(__name__)
 
 POOLING = ("cls", "mean")
-# `unpadded=auto` on CPU packs a batch only when at least this share of its (N, L) token slots is padding. The CPU
-# packed path saves the linears' work on padding but pads attention again around every layer (a scatter and a
-# gather), and its tensor sizes follow each batch's token count, so glibc's heap grows step after step where padded
-# shapes repeat. Measured (docs/benchmarks.md): MS MARCO-like lengths (~64% padding) train 3.35x faster packed;
-# SciFact (abstracts cut at 256 tokens, 6% padding) trains faster padded, and its peak RSS stays flat.
+# `unpadded=auto` on CPU packs a batch only when at least CPU_PACK_MIN_PADDING of its (N, L) token slots, and at
+# least CPU_PACK_MIN_PADDED_TOKENS slots, are padding. The CPU packed path saves the linears' work on padding but
+# pads attention again around every layer (a scatter and a gather), and its tensor sizes follow each batch's token
+# count, so glibc's heap grows step after step where padded shapes repeat. Measured (docs/benchmarks.md, MiniLM, 2
+# cores): MS MARCO-like keys (~64% padding) train 3.35x faster packed; SciFact (abstracts cut at 256 tokens, 6%
+# padding) trains padded at 3.90 GiB, flat, against 5.44 GiB packed, and at 4.31 GiB with only its 16-query
+# batches (~40% padding, a few hundred slots: little work to save) packed.
 CPU_PACK_MIN_PADDING = 0.2
+CPU_PACK_MIN_PADDED_TOKENS = 2048
 
 
 def from_pretrained_with_attention(auto_cls: Any, path: str, attn_implementation: str | None, **kwargs: Any):
@@ -93,7 +96,8 @@ class DualEncoder(nn.Module):
         attn_implementation: `sdpa` where the architecture supports it; falls back to the default otherwise.
         dtype: weight dtype for loading (`fp32` for training; mixed precision comes from the trainer).
         unpadded: run the BERT family packed, without padding (`embedder.modeling.unpadded`): `auto` where a
-            variable-length kernel runs (CUDA, fp16/bf16) and on CPU; `true` always (the exact per-sequence SDPA
+            variable-length kernel runs (CUDA, fp16/bf16) and on CPU for batches with much padding
+            (CPU_PACK_MIN_PADDING); `true` always (the exact per-sequence SDPA
             loop where there is no kernel); `false` padded.
         attention_dropout: the attention-probability dropout used in training (BERT family); None keeps the
             checkpoint's. With dropout on those probabilities, SDPA cannot use a fused kernel in training and
@@ -161,8 +165,8 @@ class DualEncoder(nn.Module):
 
     def _run_packed(self, model, device: torch.device, attention_mask: torch.Tensor | None = None) -> bool:
         """Packed forward for this call? `auto`: on CUDA where the varlen kernel runs (fp16/bf16 weights or autocast),
-        padded otherwise (said once); on CPU (packed linears, attention padded per batch) when at least
-        CPU_PACK_MIN_PADDING of the batch's `attention_mask` is padding (see there)."""
+        padded otherwise (said once); on CPU (packed linears, attention padded per batch) when enough of the batch's
+        `attention_mask` is padding (CPU_PACK_MIN_PADDING, CPU_PACK_MIN_PADDED_TOKENS: see there)."""
         if not getattr(model, "embedder_packed", False):
             return False
         unpadded_forward.register()  # a process that unpickled the model (ddp_spawn, DataLoader) registers it anew
@@ -171,8 +175,9 @@ class DualEncoder(nn.Module):
         if device.type == "cpu":
             if attention_mask is None:
                 return True
-            padding = 1.0 - float(attention_mask.sum()) / max(attention_mask.numel(), 1)
-            return padding >= CPU_PACK_MIN_PADDING
+            padded_slots = attention_mask.numel() - int(attention_mask.sum())
+            return (padded_slots >= CPU_PACK_MIN_PADDED_TOKENS
+                    and padded_slots >= CPU_PACK_MIN_PADDING * attention_mask.numel())
         half = (torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) != torch.float32) \
             or next(model.parameters()).dtype in (torch.float16, torch.bfloat16)
         if unpadded_forward.kernel_available(device) and half:
