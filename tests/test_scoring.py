@@ -112,6 +112,9 @@ def test_sum_normalisation_is_mean_times_answer_tokens(tiny_scorer):
     finally:
         tiny_scorer.normalize = "mean"
     np.testing.assert_allclose(total, mean * np.array([e.n_answer for e in enc]), rtol=1e-5)
+    batches: list[int] = []  # score() reports each batch (the scoring progress line advances inside a part)
+    np.testing.assert_allclose(tiny_scorer.score(jobs, batches.append), mean, rtol=1e-6)
+    assert sum(batches) == len(jobs) and len(batches) == len(tiny_scorer.batches(enc, packed=tiny_scorer.run_packed()))
 
 
 @pytest.mark.parametrize("packed", ["true", "false"])
@@ -257,11 +260,11 @@ def test_shards_and_resume_give_the_identical_file(tmp_path, tiny_lm, monkeypatc
     calls = {"n": 0}
     real = lm_scorer.LMScorer.score_encoded
 
-    def crashing(self, encoded):
+    def crashing(self, encoded, on_batch=None):
         calls["n"] += 1
         if calls["n"] > 2:
             raise RuntimeError("simulated crash")
-        return real(self, encoded)
+        return real(self, encoded, on_batch)
 
     monkeypatch.setattr(lm_scorer.LMScorer, "score_encoded", crashing)
     out = f"output_dir={tmp_path}/crash"

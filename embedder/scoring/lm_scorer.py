@@ -27,7 +27,7 @@ import logging
 import os
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -324,8 +324,9 @@ class LMScorer:
             out.append(cur)
         return out
 
-    def score_encoded(self, encoded: Sequence[Encoded]) -> np.ndarray:
-        """Answer log-likelihood (mean per token, or sum) for each input, in input order."""
+    def score_encoded(self, encoded: Sequence[Encoded], on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        """Answer log-likelihood (mean per token, or sum) for each input, in input order; `on_batch(n)` after each
+        batch of n inputs (progress)."""
         import torch
 
         if self.model is None:
@@ -338,6 +339,8 @@ class LMScorer:
                 logp = self._answer_logp_packed(rows) if packed else self._answer_logp_padded(rows)  # (N,) summed
                 n_answer = np.array([r.n_answer for r in rows], dtype=np.float64)
                 scores[batch] = logp / n_answer if self.normalize == "mean" else logp
+                if on_batch is not None:
+                    on_batch(len(batch))
         return scores
 
     def _sum_answer_logp(self, logits, targets, row_of_target, n_rows: int) -> np.ndarray:
@@ -398,8 +401,8 @@ class LMScorer:
         targets = ids[r_t, pos_t + 1]  # (K,)
         return self._sum_answer_logp(logits[r_t, pos_t - offset], targets, r_t, len(rows))
 
-    def score(self, jobs: Sequence[Job]) -> np.ndarray:
-        return self.score_encoded(self.encode(jobs))
+    def score(self, jobs: Sequence[Job], on_batch: Callable[[int], None] | None = None) -> np.ndarray:
+        return self.score_encoded(self.encode(jobs), on_batch)
 
     def describe(self) -> dict[str, Any]:
         """What the meta sidecar records about the scorer."""

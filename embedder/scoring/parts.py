@@ -151,7 +151,9 @@ def score_parts(s: ScoreSettings, jobs: list[FileJob], tasks: list[PartTask]) ->
                 keys = candidate_list(record)
                 shape.append((len(keys), len(answers)))
                 lm_jobs.extend(Job(template, record, key, ans) for key in keys for ans in answers)
-            flat = scorer.score(lm_jobs) if lm_jobs else np.zeros(0)
+            # progress in records, advanced batch by batch inside the part (a part can take minutes on a CPU)
+            per_input = (task.end - task.start) / max(len(lm_jobs), 1)
+            flat = scorer.score(lm_jobs, lambda n: progress.update(n * per_input)) if lm_jobs else np.zeros(0)
             scores, i = [], 0
             for n_keys, n_ans in shape:
                 block = flat[i: i + n_keys * n_ans].reshape(n_keys, n_ans).mean(axis=1)
@@ -164,7 +166,8 @@ def score_parts(s: ScoreSettings, jobs: list[FileJob], tasks: list[PartTask]) ->
                 "lines": [line for line, _ in rows], "teacher_scores": scores, "stats": stats,
                 "seconds": round(seconds, 3), "scorer": describe}, indent=1)
             done += 1
-            progress.update(task.end - task.start)
+            if not lm_jobs:
+                progress.update(task.end - task.start)
             log.info("%s part %d/%d: %d records, %d LM inputs, %d tokens in %.1f s (%.1f inputs/s) [%d/%d parts here]",
                      job.plan.path, task.part + 1, job.n_parts, len(rows), len(lm_jobs),
                      stats.get("tokens", 0), seconds, len(lm_jobs) / max(seconds, 1e-9), done, len(tasks))
