@@ -75,12 +75,12 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         weight_decay=cfg.weight_decay, eval_sets=eval_sets,
         stop_on_nonfinite_loss=cfg.get("stop_on_nonfinite_loss", True))
     run_info = describe_run(cfg, datamodule)
-    # CSV hparams.yaml, TensorBoard hparams, the W&B run config: logged by a callback, in the process that runs the
-    # loop (a ddp_spawn worker), so the main process never opens the loggers' files before the workers do
     if not eval_sets and cfg.get("optimized_metric"):  # nothing is validated: best_checkpoint keeps the latest
         log.info("no eval set: %s is not computed; best_checkpoint keeps the latest state", cfg.optimized_metric)
         with open_dict(cfg):
             cfg.optimized_metric = None
+    # CSV hparams.yaml, TensorBoard hparams, the W&B run config: logged by a callback, in the process that runs the
+    # loop (a ddp_spawn worker), so the main process never opens the loggers' files before the workers do
     callbacks = _instantiate_dict(cfg.get("callbacks")) + [LogRunInfo(run_info)]
     loggers = _instantiate_dict(cfg.get("logger"))
     trainer_kwargs = {}

@@ -97,8 +97,8 @@ class DualEncoder(nn.Module):
         dtype: weight dtype for loading (`fp32` for training; mixed precision comes from the trainer).
         unpadded: run the BERT family packed, without padding (`embedder.modeling.unpadded`): `auto` where a
             variable-length kernel runs (CUDA, fp16/bf16) and on CPU for batches with much padding
-            (CPU_PACK_MIN_PADDING); `true` always (the exact per-sequence SDPA
-            loop where there is no kernel); `false` padded.
+            (CPU_PACK_MIN_PADDING, CPU_PACK_MIN_PADDED_TOKENS); `true` always (packed linears around padded attention
+            where there is no kernel); `false` padded.
         attention_dropout: the attention-probability dropout used in training (BERT family); None keeps the
             checkpoint's. With dropout on those probabilities, SDPA cannot use a fused kernel in training and
             materialises every layer's (N, heads, L, L) probabilities and dropout mask: for MiniLM with 16 queries
@@ -172,10 +172,8 @@ class DualEncoder(nn.Module):
         unpadded_forward.register()  # a process that unpickled the model (ddp_spawn, DataLoader) registers it anew
         if self.unpadded == "true":
             return True
-        if device.type == "cpu":
-            if attention_mask is None:
-                return True
-            padded_slots = attention_mask.numel() - int(attention_mask.sum())
+        if device.type == "cpu":  # packing needs the mask; without one there is no padding to skip
+            padded_slots = 0 if attention_mask is None else attention_mask.numel() - int(attention_mask.sum())
             return (padded_slots >= CPU_PACK_MIN_PADDED_TOKENS
                     and padded_slots >= CPU_PACK_MIN_PADDING * attention_mask.numel())
         half = (torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) != torch.float32) \
