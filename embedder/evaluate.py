@@ -165,7 +165,8 @@ def _text_encoder(encoder: Any, q_inst: str, k_inst: str, cfg: DictConfig):
     def encode(texts: list[str], kind: str):
         prefix, max_len = (q_inst, cfg.query_max_length) if kind == "query" else (k_inst, cfg.key_max_length)
         return encoder.encode_texts([prefix + t for t in texts], kind=kind, max_length=max_len,
-                                    batch_size=cfg.retriever.get("batch_size", 128)).numpy()
+                                    batch_size=cfg.retriever.get("batch_size", 128),
+                                    batch_tokens=cfg.retriever.get("batch_tokens", 0)).numpy()
     return encode
 
 

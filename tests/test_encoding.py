@@ -225,3 +225,86 @@ def test_token_budget_encoding_logs_texts_done_with_an_eta(encoder, tmp_path, ca
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("encoding: ")]
     assert lines and all("/37 texts" in line and "ETA" in line and "?" not in line for line in lines)
     assert lines[-1].startswith("encoding: 37/37 texts (100%)")
+
+
+def test_pad_batch_equals_the_tokenizers_own_padding(tiny_bert):
+    """The array-built batches equal `tokenizer(..., padding=True)` for the same rows, on either padding side."""
+    from transformers import AutoTokenizer
+
+    from embedder.data.encode_batches import pad_batch, pad_id_of, tokenize_compact
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    texts = TEXTS[:9]
+    ids, types = tokenize_compact(tok, texts, 24, chunk=4)  # three chunks
+    assert types is not None and all(x.dtype == np.int32 for x in ids)
+    pos = np.array([7, 2, 5, 0])
+    for side in ("right", "left"):
+        tok.padding_side = side
+        ref = tok([texts[p] for p in pos], padding=True, truncation=True, max_length=24, return_tensors="pt")
+        got = pad_batch(ids, types, pos, *pad_id_of(tok))
+        assert set(got) == {"input_ids", "attention_mask", "token_type_ids"}
+        for k in got:
+            assert torch.equal(got[k], ref[k]), (side, k)
+
+
+def test_sorted_batches_take_every_row_once_longest_first():
+    from embedder.data.encode_batches import sorted_batches
+
+    lengths = np.random.default_rng(0).integers(1, 200, size=101)
+    for batch_size, batch_tokens in ((8, 0), (8, 512)):
+        batches = list(sorted_batches(lengths, batch_size, batch_tokens))
+        assert sorted(np.concatenate(batches).tolist()) == list(range(101))
+        flat = lengths[np.concatenate(batches)]
+        assert (np.diff(flat) <= 0).all()  # longest first, across and within batches
+        if batch_tokens:
+            assert all(len(b) * lengths[b].max() <= batch_tokens or len(b) == 1 for b in batches)
+            assert len(batches[-1]) > len(batches[0])
+        else:
+            assert [len(b) for b in batches] == [8] * 12 + [5]
+
+
+def test_encode_texts_with_a_token_budget_keeps_the_order(encoder):
+    fixed = encoder.encode_texts(TEXTS, kind="key", max_length=24, batch_size=4)
+    budget = encoder.encode_texts(TEXTS, kind="key", max_length=24, batch_tokens=64)
+    np.testing.assert_allclose(budget.numpy(), fixed.numpy(), atol=1e-5)
+    alone = encoder.encode_texts([TEXTS[5]], kind="key", max_length=24)
+    np.testing.assert_allclose(alone[0].numpy(), fixed[5].numpy(), atol=1e-5)
+    assert encoder.encode_texts([], kind="key").shape == (0, encoder.dim)
+
+
+def _lockstep(encoder, path, units_per_rank, rank, **kw):
+    from embedder.retrieval.encode.predict import encode_in_lockstep
+
+    job = _job(path)
+    EmbeddingStore.create(job.store_path, len(job.texts), job.shard_size, job.fingerprint())
+    encode_in_lockstep(encoder, [job], units_per_rank, rank, **kw)
+
+
+def test_in_training_encoding_with_a_token_budget_and_workers(encoder, tmp_path):
+    """In-training evaluation's encoder (`encode_in_lockstep`): token-budget batches tokenised by DataLoader workers
+    give the embeddings of `encode_to_stores`' fixed batches, in order."""
+    encoder.train()
+    encode_to_stores(encoder, [_job(tmp_path / "ref")], _trainer(), batch_size=4)
+    assert encoder.training  # the caller's mode is restored
+    units = [(0, s) for s in range(4)]
+    _lockstep(encoder, tmp_path / "budget", [units], 0, batch_size=4, batch_tokens=64, num_workers=2)
+    np.testing.assert_allclose(load_encode(str(tmp_path / "budget")), load_encode(str(tmp_path / "ref")), atol=1e-5)
+    assert encoder.training  # the caller's mode is restored
+
+
+def test_zero3_lockstep_pads_to_the_busiest_rank(tiny_bert, tmp_path, caplog):
+    """Under ZeRO-3 (parameters marked as DeepSpeed partitions) every rank runs as many forward passes as the rank
+    with the most batches, with batch_size batches even when a token budget is asked for."""
+    enc = DualEncoder(tiny_bert, pooling="mean")
+    for i, p in enumerate(enc.parameters()):
+        p.ds_id = i  # what DeepSpeed ZeRO-3 sets on a partitioned parameter
+    calls = []
+    enc.key_model.register_forward_hook(lambda *a: calls.append(1))
+    units = [[(0, 0), (0, 2)], [(0, 1), (0, 3)]]  # 20 rows = 6 batches of 4, and 17 rows = 5 batches
+    with caplog.at_level(logging.INFO, logger="embedder"):
+        _lockstep(enc, tmp_path / "z", units, 1, batch_size=4, batch_tokens=64)
+        assert len(calls) == 6 and "ZeRO-3" in caplog.text  # 5 batches + 1 padding pass
+        _lockstep(enc, tmp_path / "z", units, 0, batch_size=4, batch_tokens=64)
+        assert len(calls) == 12
+    ref = enc.encode_texts(TEXTS, kind="key", max_length=24, batch_size=4).numpy()
+    np.testing.assert_allclose(load_encode(str(tmp_path / "z")), ref, atol=1e-5)

@@ -77,6 +77,9 @@ class EvalSet:
         instruction: the task's query/key instructions.
         index_factory, search_params, use_gpu, train_sample: the faiss index each rank builds over its shards.
         shard_size: corpus rows per store shard (the unit of work across ranks).
+        batch_size, batch_tokens: texts per forward pass, or with `batch_tokens` as many length-sorted texts as fit
+            that many padded tokens (not under ZeRO-3, whose ranks must run equal numbers of forward passes).
+        num_workers: DataLoader workers tokenising corpus slices while the model runs (0: in the training process).
         work_dir: where the stores of trained steps go (`output_dir`); None: a folder under `$EMBEDDER_CACHE`.
     """
 
@@ -84,13 +87,15 @@ class EvalSet:
                  data_root: str | None, key_template: str = "{title} {text}",
                  metrics: list[str] = ("mrr", "recall", "ndcg"), cutoffs: list[int] = (1, 5, 10, 100),
                  hits: int = 100, mode: str = "retrieval", query_max_length: int = 256, key_max_length: int = 256,
-                 batch_size: int = 128, index_factory: str = "Flat", search_params: Mapping[str, float] | None = None,
+                 batch_size: int = 128, batch_tokens: int = 32768, num_workers: int = 0, index_factory: str = "Flat",
+                 search_params: Mapping[str, float] | None = None,
                  use_gpu: bool | str = "auto", train_sample: int = 100_000, shard_size: int = 100_000,
                  work_dir: str | None = None):
         if mode not in MODES:
             raise ValueError(f"eval.{name}.mode={mode!r}; valid: retrieval, rerank")
         self.name, self.instruction = name, instruction
         self.query_max_length, self.key_max_length, self.batch_size = query_max_length, key_max_length, batch_size
+        self.batch_tokens, self.num_workers = int(batch_tokens), int(num_workers)
         self.index_factory, self.search_params, self.use_gpu = index_factory, dict(search_params or {}), use_gpu
         self.train_sample, self.shard_size, self.work_dir = int(train_sample), int(shard_size), work_dir
         (queries_path,) = resolve_files(eval_data, data_root, what=f"eval.{name}.eval_data")
@@ -161,7 +166,8 @@ class EvalSet:
             log.info("eval %s: encoding %d shard(s) on %d rank(s)%s", self.name, len(pending), W,
                      f" ({done} reused from {folder})" if done else "")
         t0 = time.monotonic()
-        encode_in_lockstep(encoder, jobs, units_per_rank, r, batch_size=self.batch_size)
+        encode_in_lockstep(encoder, jobs, units_per_rank, r, batch_size=self.batch_size, batch_tokens=self.batch_tokens,
+                           num_workers=self.num_workers)
         t_encode = time.monotonic() - t0
         _barrier()  # every shard is on disk
 
@@ -203,12 +209,14 @@ class EvalSet:
         texts = [prefix + t for t in texts]
         world = world_size()
         if world == 1 or len(texts) < world:
-            return self._encoder.encode_texts(texts, kind=kind, max_length=max_len, batch_size=self.batch_size).numpy()
+            return self._encoder.encode_texts(texts, kind=kind, max_length=max_len, batch_size=self.batch_size,
+                                              batch_tokens=self.batch_tokens).numpy()
         bounds = [len(texts) * i // world for i in range(world + 1)]  # contiguous shards, sizes differ by <= 1
         sizes = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
         shard = texts[bounds[rank()]:bounds[rank() + 1]]
         shard = shard + [shard[-1]] * (max(sizes) - len(shard))
         device = next(self._encoder.parameters()).device
+        # batch_size batches: every rank runs the same number of forward passes (ZeRO-3 gathers inside each)
         local = self._encoder.encode_texts(shard, kind=kind, max_length=max_len, batch_size=self.batch_size).to(device)
         gathered = [torch.empty_like(local) for _ in range(world)]
         torch.distributed.all_gather(gathered, local)

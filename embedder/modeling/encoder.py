@@ -205,18 +205,21 @@ class DualEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], kind: str = "query", max_length: int = 256, batch_size: int = 64,
-                     device: torch.device | str | None = None) -> torch.Tensor:
-        """Encode raw texts in length-sorted batches (no compute wasted on padding); returns (N, d) float32 on CPU."""
+                     device: torch.device | str | None = None, batch_tokens: int = 0) -> torch.Tensor:
+        """Encode raw texts in the length-sorted batches of every encode path (`embedder.data.encode_batches`):
+        `batch_size` texts each, or with `batch_tokens` as many as fit that many padded tokens. Returns (N, d) float32
+        on the CPU, in the order of `texts`."""
+        from embedder.data.encode_batches import pad_batch, pad_id_of, sorted_batches, token_lengths, tokenize_compact
+
         was_training = self.training
         self.eval()
         device = device or next(self.parameters()).device
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        out = torch.empty(len(texts), self.dim, dtype=torch.float32)
-        for s in range(0, len(order), batch_size):
-            idx = order[s:s + batch_size]
-            tok = self.tokenizer([texts[i] for i in idx], padding=True, truncation=True, max_length=max_length,
-                                 return_tensors="pt").to(device)
-            out[idx] = self.encode(tok, kind).float().cpu()
+        ids, types = tokenize_compact(self.tokenizer, texts, max_length)
+        pad_id, left = pad_id_of(self.tokenizer)
+        out = torch.empty(len(texts), self.dim, dtype=torch.float32)  # (N, d)
+        for pos in sorted_batches(token_lengths(ids), batch_size, batch_tokens):
+            batch = {k: v.to(device) for k, v in pad_batch(ids, types, pos, pad_id, left).items()}
+            out[torch.from_numpy(pos)] = self.encode(batch, kind).float().cpu()
         self.train(was_training)
         return out
 

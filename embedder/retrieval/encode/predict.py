@@ -34,7 +34,9 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from embedder.atomic import write_json
 from embedder.data.corpus import texts_fingerprint
+from embedder.data.encode_batches import pad_batch, pad_id_of, sorted_batches, token_lengths, tokenize_compact
 from embedder.dtypes import resolve_dtype
+from embedder.modeling.unpadded import say_once
 from embedder.progress import Progress
 from embedder.retrieval.encode.store import META, EmbeddingStore
 
@@ -42,8 +44,6 @@ log = logging.getLogger("embedder.retrieval.encode")
 # our IterableDataset gives each DataLoader worker its own slice of every shard and counts the batches of
 # those slices, so its __len__ is exact
 warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
-
-_TOKENIZE_CHUNK = 4096  # texts tokenised at once inside a shard (bounds the tokenizer's transient memory)
 
 
 @dataclass
@@ -119,23 +119,6 @@ class _BatchStream(IterableDataset):
         return sum(math.ceil((n * (w + 1) // nw - n * w // nw) / self.batch_size)
                    for j, s in self.units for n in [len(self.shard_rows[j][s])] for w in range(nw))
 
-    def _tokenize(self, job: EncodeJob, rows: range) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
-        """Token ids (and token types) of a shard's texts as compact int32 arrays, tokenised in chunks: the fast
-        tokenizer's per-text objects and Python int lists cost ~20x the ids, so holding them for a whole shard
-        (100k texts) would make a rank's memory follow the shard size many times over."""
-        ids: list[np.ndarray] = []
-        types: list[np.ndarray] | None = None
-        for c in range(rows.start, rows.stop, _TOKENIZE_CHUNK):
-            part = range(c, min(c + _TOKENIZE_CHUNK, rows.stop))
-            texts = job.texts[part.start:part.stop] if rows.step == 1 else [job.texts[r] for r in part]
-            tok = self.tokenizer(list(texts), truncation=True, max_length=job.max_length, padding=False,
-                                 return_attention_mask=False)
-            ids.extend(np.asarray(x, dtype=np.int32) for x in tok["input_ids"])
-            if tok.get("token_type_ids") is not None:
-                types = [] if types is None else types
-                types.extend(np.asarray(x, dtype=np.int32) for x in tok["token_type_ids"])
-        return ids, types
-
     def __iter__(self):
         # With DataLoader workers, every worker takes its own contiguous slice of every shard (not whole shards), so
         # W workers tokenise one shard W times faster (tokenisation, not the GPU, bounded encoding: 3.1k passages/s
@@ -143,49 +126,17 @@ class _BatchStream(IterableDataset):
         # position, whichever worker's batch they come in.
         info = get_worker_info()
         w, nw = (0, 1) if info is None else (info.id, info.num_workers)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        left = getattr(self.tokenizer, "padding_side", "right") == "left"
+        pad_id, left = pad_id_of(self.tokenizer)
         for j, s in self.units:
             job, shard_rows = self.jobs[j], self.shard_rows[j][s]
             lo, hi = len(shard_rows) * w // nw, len(shard_rows) * (w + 1) // nw
             if lo == hi:
                 continue
-            rows = shard_rows[lo:hi]
-            ids, types = self._tokenize(job, rows)
-            lengths = np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
-            order = np.argsort(-lengths, kind="stable")  # longest first; ties keep row order
-            for pos in self._batches(order, lengths):
-                width = int(lengths[pos[0]])
-                input_ids = np.full((len(pos), width), pad_id, dtype=np.int64)  # (n, L)
-                mask = np.zeros((len(pos), width), dtype=np.int64)  # (n, L)
-                tt = np.zeros((len(pos), width), dtype=np.int64) if types is not None else None
-                for i, p in enumerate(pos):
-                    n = int(lengths[p])
-                    cols = slice(width - n, width) if left else slice(0, n)
-                    input_ids[i, cols] = ids[p]
-                    mask[i, cols] = 1
-                    if tt is not None:
-                        tt[i, cols] = types[p]
-                batch = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask),
-                         "positions": torch.from_numpy(pos + lo), "job": j, "shard": s, "rows": len(shard_rows)}
-                if tt is not None:
-                    batch["token_type_ids"] = torch.from_numpy(tt)
+            ids, types = tokenize_compact(self.tokenizer, job.texts, job.max_length, rows=shard_rows[lo:hi])
+            for pos in sorted_batches(token_lengths(ids), self.batch_size, self.batch_tokens):
+                batch = pad_batch(ids, types, pos, pad_id, left)
+                batch.update(positions=torch.from_numpy(pos + lo), job=j, shard=s, rows=len(shard_rows))
                 yield batch
-
-    def _batches(self, order: np.ndarray, lengths: np.ndarray):
-        """Row positions of each batch: `batch_size` rows, or with `batch_tokens` as many rows as fit that many padded
-        tokens (rows x the batch's longest), so short texts go in large batches and long ones in small: the work
-        per forward pass is even, and 32-token passages fill a 65,536 budget with 2,048 rows."""
-        if not self.batch_tokens:
-            for b in range(0, len(order), self.batch_size):
-                yield order[b:b + self.batch_size]
-            return
-        start = 0
-        while start < len(order):
-            width = int(lengths[order[start]])  # longest first: the first row sets the batch's width
-            n = max(1, self.batch_tokens // max(1, width))
-            yield order[start:start + n]
-            start += n
 
 
 class EncodeDataModule(L.LightningDataModule):
@@ -244,8 +195,9 @@ class ShardWriter:
 
 
 def model_inputs(batch: dict[str, Any], device: torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The model's tensors of a batch, copied to `device` (without blocking where the batch is in pinned memory)."""
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
-    return inputs if device is None else {k: v.to(device) for k, v in inputs.items()}
+    return inputs if device is None else {k: v.to(device, non_blocking=True) for k, v in inputs.items()}
 
 
 class EncodeModule(L.LightningModule):
@@ -259,9 +211,11 @@ class EncodeModule(L.LightningModule):
         self.dtype_name = dtype
         self._writer: ShardWriter | None = None
         self._orig_dtype: torch.dtype | None = None
+        self._was_training = False
 
     def on_predict_start(self) -> None:
         self._writer = ShardWriter(self.store_paths)
+        self._was_training = self.encoder.training
         self._orig_dtype = next(self.encoder.parameters()).dtype
         dtype = resolve_dtype(self.dtype_name, self.device)
         if dtype is not None and dtype != self._orig_dtype:
@@ -272,6 +226,7 @@ class EncodeModule(L.LightningModule):
     def on_predict_end(self) -> None:
         if self._orig_dtype is not None and next(self.encoder.parameters()).dtype != self._orig_dtype:
             self.encoder.to(self._orig_dtype)  # leave the caller's encoder as it was
+        self.encoder.train(self._was_training)
         self._writer.check_done()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> int:
@@ -280,43 +235,56 @@ class EncodeModule(L.LightningModule):
         return emb.shape[0]  # not collected (return_predictions=False); None would make Lightning warn
 
 
-def batches_for(jobs: list[EncodeJob], units: list[tuple[int, int]], batch_size: int) -> int:
-    """How many batches `_BatchStream` yields for `units` (known without tokenising: rows per shard)."""
-    stores = {j: EmbeddingStore(jobs[j].store_path) for j in {j for j, _ in units}}
-    return sum(math.ceil(len(stores[j].shard_rows(s)) / batch_size) for j, s in units)
+def zero3_partitioned(encoder: torch.nn.Module) -> bool:
+    """Whether DeepSpeed ZeRO-3 partitions the encoder's parameters (each forward then gathers them: a collective)."""
+    return any(hasattr(p, "ds_id") for p in encoder.parameters())
 
 
 @torch.no_grad()
 def encode_in_lockstep(encoder: torch.nn.Module, jobs: list[EncodeJob], units_per_rank: list[list[tuple[int, int]]],
-                       rank: int, batch_size: int = 128) -> None:
-    """Encode this rank's `(job, shard)` units in this process, with the batching of `encode_to_stores`.
+                       rank: int, batch_size: int = 128, batch_tokens: int = 0, num_workers: int = 0) -> None:
+    """Encode this rank's `(job, shard)` units in this process, with the batches of `encode_to_stores`.
 
     For a loop that is already running on every rank (a fit's validation), where Lightning's predict loop cannot
-    start. Every rank runs the same number of forward passes per job, padding with a one-text batch when it has
-    fewer (DeepSpeed ZeRO-3 gathers parameters inside each forward, so the ranks must stay in step), and jobs run
-    one after the other (an untied encoder's query and key models are gathered separately).
+    start. `num_workers` DataLoader workers tokenise slices of each shard while the model runs, as in
+    `encode_to_stores`. Under DeepSpeed ZeRO-3 each forward gathers the parameters (a collective), so every rank must
+    run the same number of forward passes per job: batches are then `batch_size` texts, whose count is known before
+    tokenising, a rank with fewer pads with one-text batches, and jobs run one after the other (an untied encoder's
+    query and key models are gathered separately). Elsewhere a forward has no collective, and batches fill
+    `batch_tokens`.
     """
     device = next(encoder.parameters()).device
+    zero3 = zero3_partitioned(encoder)
+    if zero3 and batch_tokens:
+        say_once("lockstep-zero3", "ZeRO-3: in-training evaluation encodes batches of %d texts, not of %d tokens (every "
+                 "rank must run the same number of forward passes)", batch_size, batch_tokens)
+        batch_tokens = 0
     writer = ShardWriter([job.store_path for job in jobs])
     was_training = encoder.training
     encoder.eval()
     for j, job in enumerate(jobs):
-        mine = [u for u in units_per_rank[rank] if u[0] == j]
-        target = max(batches_for(jobs, [u for u in units if u[0] == j], batch_size) for units in units_per_rank)
         store = EmbeddingStore(job.store_path)
         shard_rows = [[store.shard_rows(s) for s in range(store.num_shards)] if i == j else []
                       for i in range(len(jobs))]
-        done = 0
-        rows = sum(len(shard_rows[j][s]) for _, s in mine)
+
+        def stream(units: list[tuple[int, int]]) -> _BatchStream:
+            return _BatchStream([u for u in units if u[0] == j], jobs, shard_rows, encoder.tokenizer, batch_size,
+                                batch_tokens, num_workers)
+
+        mine = stream(units_per_rank[rank])
+        batches: Any = mine if not num_workers else DataLoader(
+            mine, batch_size=None, num_workers=num_workers, pin_memory=device.type == "cuda", prefetch_factor=4)
         # progress with an ETA in logs too (nohup, SLURM): in-training evaluation of a large corpus takes a while
-        progress = Progress(f"encoding {job.name} (rank {rank})", rows, unit="texts", logger=log)
-        for batch in _BatchStream(mine, jobs, shard_rows, encoder.tokenizer, batch_size):
+        progress = Progress(f"encoding {job.name} (rank {rank})", mine.num_texts, unit="texts", logger=log)
+        done = 0
+        for batch in batches:
             emb = encoder.encode(model_inputs(batch, device), job.kind).float().cpu().numpy()  # (b, D)
             writer.add(batch, emb)
             progress.update(len(emb))
             done += 1
         progress.finish()
-        if done < target:  # keep in step with the ranks that have more batches
+        if zero3:  # keep in step with the ranks that have more batches
+            target = max(len(stream(units)) for units in units_per_rank)
             pad = {k: v.to(device) for k, v in encoder.tokenizer([""], return_tensors="pt").items()}
             for _ in range(target - done):
                 encoder.encode(pad, job.kind)
