@@ -1,4 +1,4 @@
-"""Where encoding time goes: tokenisation alone, the GPU forward alone on pre-tokenised length-sorted batches, and
+"""Where encoding time goes: tokenisation alone (and batches from cached token ids), the GPU forward alone on pre-tokenised length-sorted batches, and
 `encode_to_stores` end to end under cProfile (top functions by own time). For the host-side work of issue 9.
 
     python bench/profile_encode.py --model bert-base --device cuda --passages 30000
@@ -34,7 +34,7 @@ def main() -> None:
 
     from embedder.modeling.encoder import DualEncoder
     from embedder.retrieval.encode import EncodeJob, encode_to_stores, make_predict_trainer
-    from embedder.retrieval.encode.predict import _BatchStream, model_inputs
+    from embedder.retrieval.encode.predict import _BatchStream, model_inputs, token_keys
 
     path = model_folder(args.model)
     enc = DualEncoder(path, pooling="cls").to(args.device)
@@ -42,9 +42,20 @@ def main() -> None:
     # the batches encode_to_stores makes (tokenised, length-sorted, filled to the token budget), built up front
     job = EncodeJob("c", texts, os.path.join(tempfile.mkdtemp(), "s"), kind="key", max_length=256)
     stream = _BatchStream([(0, 0)], [job], [[range(len(texts))]], enc.tokenizer, 256, args.batch_tokens)
+    os.environ["EMBEDDER_CACHE"] = tempfile.mkdtemp()  # a fresh token cache: the first pass tokenises and caches
+    keys = token_keys(enc.tokenizer, [job])
+    cached = _BatchStream([(0, 0)], [job], [[range(len(texts))]], enc.tokenizer, 256, args.batch_tokens,
+                          token_keys=keys)
     t = time.perf_counter()
     batches = [model_inputs(b) for b in stream]
     t_tok = time.perf_counter() - t
+    t = time.perf_counter()
+    n_cached = sum(len(b["input_ids"]) for b in cached)  # tokenises and writes the cache
+    t_write = time.perf_counter() - t
+    t = time.perf_counter()
+    n_cached = sum(len(b["input_ids"]) for b in cached)  # reads it
+    t_read = time.perf_counter() - t
+    assert n_cached == len(texts)
     dev = torch.device(args.device)
     half = dev.type == "cuda"
     gpu_batches = [{k: v.to(dev) for k, v in b.items()} for b in batches]
@@ -59,8 +70,9 @@ def main() -> None:
         if half:
             torch.cuda.synchronize()
         t_fwd = time.perf_counter() - t
-    print(f"{len(texts)} passages: tokenise and batch (one process) {len(texts) / t_tok:,.0f}/s; forward only (pre-tokenised, on device, "
-          f"{len(batches)} batches) {len(texts) / t_fwd:,.0f}/s")
+    print(f"{len(texts)} passages, one process: tokenise and batch {len(texts) / t_tok:,.0f}/s; the same writing the "
+          f"token cache {len(texts) / t_write:,.0f}/s; batch from cached token ids {len(texts) / t_read:,.0f}/s; forward "
+          f"only (pre-tokenised, on device, {len(batches)} batches) {len(texts) / t_fwd:,.0f}/s")
     prof = cProfile.Profile()
     work = tempfile.mkdtemp()
     trainer = make_predict_trainer(None, accelerator="gpu" if half else "cpu", devices=1, enable_progress_bar=False)

@@ -308,3 +308,68 @@ def test_zero3_lockstep_pads_to_the_busiest_rank(tiny_bert, tmp_path, caplog):
         assert len(calls) == 12
     ref = enc.encode_texts(TEXTS, kind="key", max_length=24, batch_size=4).numpy()
     np.testing.assert_allclose(load_encode(str(tmp_path / "z")), ref, atol=1e-5)
+
+
+def test_token_cache_skips_tokenising_the_same_texts_again(encoder, tmp_path, monkeypatch):
+    """The second encode of the same texts (here: by other weights, so into another store) reads the cached token
+    ids; the embeddings equal an encode without the cache. Another length limit is another cache entry."""
+    import embedder.data.encode_batches as eb
+
+    calls = []
+    real = eb.tokenize_compact
+    monkeypatch.setattr(eb, "tokenize_compact", lambda *a, **k: calls.append(1) or real(*a, **k))
+    texts = [t + " cached" for t in TEXTS]  # texts no other test has cached
+    encode_to_stores(encoder, [_job(tmp_path / "first", texts=texts)], _trainer(), batch_size=4, batch_tokens=64)
+    assert len(calls) == 4  # one chunk per shard
+    other = DualEncoder(encoder.model_name_or_path, pooling="mean")
+    with torch.no_grad():
+        for p in other.parameters():
+            p.add_(0.01)
+    encode_to_stores(other, [_job(tmp_path / "again", texts=texts)], _trainer(), batch_size=4, batch_tokens=64)
+    assert len(calls) == 4  # read, not tokenised
+    encode_to_stores(other, [_job(tmp_path / "plain", texts=texts)], _trainer(), batch_size=4, batch_tokens=64,
+                     token_cache=False)
+    assert len(calls) == 8
+    np.testing.assert_array_equal(load_encode(str(tmp_path / "again")), load_encode(str(tmp_path / "plain")))
+    encode_to_stores(other, [EncodeJob("corpus", texts, str(tmp_path / "short"), kind="key", max_length=8,
+                                       shard_size=10)], _trainer(), batch_size=4)
+    assert len(calls) == 12  # another max_length: tokenised (and cached) anew
+
+
+def test_cached_tokens_equal_the_tokenizer(tiny_bert):
+    from transformers import AutoTokenizer
+
+    from embedder.data.encode_batches import cached_tokens, token_cache_key, tokenize_compact
+
+    tok = AutoTokenizer.from_pretrained(tiny_bert)
+    texts = [t + " types" for t in TEXTS]
+    key = token_cache_key(tok, texts, 24)
+    ref_ids, ref_types = tokenize_compact(tok, texts, 24, rows=range(3, 20))
+    for _ in range(2):  # built, then read back memory-mapped
+        ids, types = cached_tokens(tok, texts, 24, range(3, 20), key)
+        assert [x.tolist() for x in ids] == [x.tolist() for x in ref_ids]
+        assert [x.tolist() for x in types] == [x.tolist() for x in ref_types]
+    assert ids[0].dtype == np.uint16  # a 109-token vocabulary fits 16 bits
+    assert token_cache_key(tok, texts, 32) != key and token_cache_key(tok, texts[:-1], 24) != key
+    tok(texts, truncation=True, max_length=5, padding="max_length")  # leaves its settings in the backend's state
+    assert token_cache_key(tok, texts, 24) == key
+
+
+def test_chunks_are_dealt_to_workers_and_counted(encoder, tmp_path, monkeypatch):
+    """Shards cut into several token chunks, dealt round-robin to 3 DataLoader workers: every row once, the batch
+    count known in advance (fixed-count batches), the embeddings those of one process."""
+    from torch.utils.data import DataLoader
+
+    import embedder.retrieval.encode.predict as predict
+
+    monkeypatch.setattr(predict, "TOKEN_CHUNK", 4)  # 10-row shards: chunks of 4, 4 and 2 rows
+    encode_to_stores(encoder, [_job(tmp_path / "one")], _trainer(), batch_size=3)
+    encode_to_stores(encoder, [_job(tmp_path / "three")], _trainer(), batch_size=3, num_workers=3)
+    np.testing.assert_allclose(load_encode(str(tmp_path / "three")), load_encode(str(tmp_path / "one")), atol=1e-5)
+    job = _job(tmp_path / "x")
+    rows = [range(s * 10, min(s * 10 + 10, 37)) for s in range(4)]
+    stream = predict._BatchStream([(0, s) for s in range(4)], [job], [rows], encoder.tokenizer, 3, num_workers=3)
+    batches = list(DataLoader(stream, batch_size=None, num_workers=3))
+    assert len(batches) == len(stream)
+    seen = sorted((int(b["shard"]), int(p)) for b in batches for p in b["positions"])
+    assert seen == [(s, p) for s in range(4) for p in range(len(rows[s]))]

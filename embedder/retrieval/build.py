@@ -68,4 +68,5 @@ def build_retriever(cfg: DictConfig, work_dir: str, query_instruction: str = "",
         batch_size=rcfg.batch_size, shard_size=rcfg.shard_size, index_factory=icfg.factory, metric=icfg.similarity,
         use_gpu=icfg.use_gpu, search_params=OmegaConf.to_container(icfg.search_params) if icfg.search_params else None,
         train_sample=icfg.train_sample, save_index=icfg.save, dtype=rcfg.dtype, search_batch=rcfg.search_batch,
-        num_workers=rcfg.get("num_workers", 0), batch_tokens=rcfg.get("batch_tokens", 0))
+        num_workers=rcfg.get("num_workers", 0), batch_tokens=rcfg.get("batch_tokens", 0),
+        token_cache=rcfg.get("token_cache", True))

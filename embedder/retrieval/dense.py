@@ -49,6 +49,8 @@ class DenseRetriever(Retriever):
         search_batch: queries per faiss search call.
         num_workers: DataLoader workers that tokenise shards while the model runs (0 = in the main process).
         batch_tokens: fill each batch up to this many padded tokens instead of `batch_size` texts (0 = off).
+        token_cache: keep the texts' token ids under `$EMBEDDER_CACHE/tokens`, so encoding them again (another
+            model, the next mining round) skips tokenising.
     """
 
     name = "dense"
@@ -58,7 +60,7 @@ class DenseRetriever(Retriever):
                  batch_size: int = 128, shard_size: int = 100_000, index_factory: str = "Flat",
                  metric: str = "auto", use_gpu: bool | str = "auto", search_params: dict | None = None,
                  train_sample: int = 100_000, save_index: bool = True, dtype: str = "auto",
-                 search_batch: int = 4096, num_workers: int = 0, batch_tokens: int = 0):
+                 search_batch: int = 4096, num_workers: int = 0, batch_tokens: int = 0, token_cache: bool = True):
         self.encoder, self.work_dir, self.trainer = encoder, work_dir, trainer
         self.query_instruction, self.key_instruction = query_instruction or "", key_instruction or ""
         self.query_max_length, self.key_max_length = int(query_max_length), int(key_max_length)
@@ -70,6 +72,7 @@ class DenseRetriever(Retriever):
         self.use_gpu, self.search_params = use_gpu, dict(search_params or {})
         self.train_sample, self.save_index, self.dtype = int(train_sample), bool(save_index), dtype
         self.search_batch, self.num_workers, self.batch_tokens = int(search_batch), int(num_workers), int(batch_tokens)
+        self.token_cache = bool(token_cache)
         self.index: FaissIndex | None = None
         self.q_emb: np.ndarray | None = None
         self.corpus_store_path: str | None = None
@@ -119,7 +122,8 @@ class DenseRetriever(Retriever):
 
     def _prepare_locked(self, corpus_job, query_job, corpus_fp: str, n_corpus: int) -> bool:
         stores = encode_to_stores(self.encoder, [corpus_job, query_job], self.trainer, batch_size=self.batch_size,
-                                  dtype=self.dtype, num_workers=self.num_workers, batch_tokens=self.batch_tokens)
+                                  dtype=self.dtype, num_workers=self.num_workers, batch_tokens=self.batch_tokens,
+                                  token_cache=self.token_cache)
         if stores is None:  # a non-zero rank of a ddp run: its shards are written, rank 0 does the rest
             return False
         corpus_store, query_store = stores
