@@ -228,7 +228,10 @@ def main() -> None:
         import yaml
 
         with open(os.path.join(os.path.dirname(HERE), "configs", "retriever", "dense.yaml")) as f:
-            args.batch_tokens = int(yaml.safe_load(f).get("batch_tokens") or 0)
+            args.batch_tokens = yaml.safe_load(f).get("batch_tokens") or 0  # `auto`: resolved per device
+        from embedder.data.encode_batches import resolve_batch_tokens
+
+        args.batch_tokens = resolve_batch_tokens(args.batch_tokens, args.device)
 
     import torch
 

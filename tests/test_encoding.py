@@ -373,3 +373,15 @@ def test_chunks_are_dealt_to_workers_and_counted(encoder, tmp_path, monkeypatch)
     assert len(batches) == len(stream)
     seen = sorted((int(b["shard"]), int(p)) for b in batches for p in b["positions"])
     assert seen == [(s, p) for s in range(4) for p in range(len(rows[s]))]
+
+
+def test_batch_tokens_auto_is_per_device():
+    from embedder.data.encode_batches import CPU_BATCH_TOKENS, GPU_BATCH_TOKENS, resolve_batch_tokens
+
+    assert resolve_batch_tokens("auto", "cpu") == CPU_BATCH_TOKENS == 4096
+    assert resolve_batch_tokens("auto", torch.device("cuda", 1)) == GPU_BATCH_TOKENS == 32768
+    assert resolve_batch_tokens(None, "cpu") == CPU_BATCH_TOKENS
+    assert resolve_batch_tokens(0, "cuda") == 0 and resolve_batch_tokens("8192", "cpu") == 8192
+    for bad in ("lots", -1):
+        with pytest.raises(ValueError, match="valid: auto"):
+            resolve_batch_tokens(bad, "cpu")

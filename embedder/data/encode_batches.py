@@ -33,6 +33,12 @@ from embedder.data.corpus import texts_fingerprint
 from embedder.data.index_cache import cached_index
 
 TOKENIZE_CHUNK = 4096  # texts tokenised at once (bounds the tokenizer's transient memory)
+# `batch_tokens=auto`: the token budget per batch on each device. On an H200 a bert-base forward wants large
+# batches (32,768 tokens: ~350 MS MARCO passages). On a CPU large batches are slower: MiniLM, 2 cores, 1,000
+# MS MARCO-like passages: 4,096 tokens ~80-90 passages/s, 32,768 ~55-63/s, 64 texts per batch ~66-83/s,
+# sentence-transformers (64 texts) ~70-77/s (docs/benchmarks.md).
+GPU_BATCH_TOKENS = 32768
+CPU_BATCH_TOKENS = 4096
 
 
 def tokenize_compact(tokenizer: Any, texts: Sequence[str], max_length: int, rows: range | None = None,
@@ -121,6 +127,20 @@ def cached_tokens(tokenizer: Any, texts: Sequence[str], max_length: int, rows: r
 def token_lengths(ids: Sequence[np.ndarray]) -> np.ndarray:
     """(n,) int64 token count of each row."""
     return np.fromiter((len(x) for x in ids), dtype=np.int64, count=len(ids))
+
+
+def resolve_batch_tokens(batch_tokens: int | str | None, device: torch.device | str) -> int:
+    """The token budget per batch: `auto` (or None) is GPU_BATCH_TOKENS on CUDA and CPU_BATCH_TOKENS elsewhere;
+    0 means `batch_size` texts per batch."""
+    if batch_tokens is None or str(batch_tokens).lower() == "auto":
+        return GPU_BATCH_TOKENS if torch.device(device).type == "cuda" else CPU_BATCH_TOKENS
+    try:
+        value = int(batch_tokens)
+    except ValueError:
+        raise ValueError(f"batch_tokens={batch_tokens!r}; valid: auto, 0 (batch_size texts) or a token count") from None
+    if value < 0:
+        raise ValueError(f"batch_tokens={batch_tokens!r}; valid: auto, 0 (batch_size texts) or a token count")
+    return value
 
 
 def sorted_batches(lengths: np.ndarray, batch_size: int, batch_tokens: int = 0) -> Iterator[np.ndarray]:

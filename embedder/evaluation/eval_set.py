@@ -78,7 +78,8 @@ class EvalSet:
         index_factory, search_params, use_gpu, train_sample: the faiss index each rank builds over its shards.
         shard_size: corpus rows per store shard (the unit of work across ranks).
         batch_size, batch_tokens: texts per forward pass, or with `batch_tokens` as many length-sorted texts as fit
-            that many padded tokens (not under ZeRO-3, whose ranks must run equal numbers of forward passes).
+            that many padded tokens (`auto`: 32,768 on a GPU, 4,096 on a CPU; not under ZeRO-3, whose ranks must run
+            equal numbers of forward passes).
         num_workers: DataLoader workers tokenising corpus slices while the model runs (0: in the training process).
         token_cache: keep the corpus's token ids under `$EMBEDDER_CACHE/tokens`: every evaluation after the first
             reads them instead of tokenising.
@@ -89,7 +90,7 @@ class EvalSet:
                  data_root: str | None, key_template: str = "{title} {text}",
                  metrics: list[str] = ("mrr", "recall", "ndcg"), cutoffs: list[int] = (1, 5, 10, 100),
                  hits: int = 100, mode: str = "retrieval", query_max_length: int = 256, key_max_length: int = 256,
-                 batch_size: int = 128, batch_tokens: int = 32768, num_workers: int = 0, token_cache: bool = True,
+                 batch_size: int = 128, batch_tokens: int | str = "auto", num_workers: int = 0, token_cache: bool = True,
                  index_factory: str = "Flat",
                  search_params: Mapping[str, float] | None = None,
                  use_gpu: bool | str = "auto", train_sample: int = 100_000, shard_size: int = 100_000,
@@ -98,7 +99,7 @@ class EvalSet:
             raise ValueError(f"eval.{name}.mode={mode!r}; valid: retrieval, rerank")
         self.name, self.instruction = name, instruction
         self.query_max_length, self.key_max_length, self.batch_size = query_max_length, key_max_length, batch_size
-        self.batch_tokens, self.num_workers, self.token_cache = int(batch_tokens), int(num_workers), bool(token_cache)
+        self.batch_tokens, self.num_workers, self.token_cache = batch_tokens, int(num_workers), bool(token_cache)
         self.index_factory, self.search_params, self.use_gpu = index_factory, dict(search_params or {}), use_gpu
         self.train_sample, self.shard_size, self.work_dir = int(train_sample), int(shard_size), work_dir
         (queries_path,) = resolve_files(eval_data, data_root, what=f"eval.{name}.eval_data")

@@ -205,11 +205,18 @@ class DualEncoder(nn.Module):
 
     @torch.no_grad()
     def encode_texts(self, texts: list[str], kind: str = "query", max_length: int = 256, batch_size: int = 64,
-                     device: torch.device | str | None = None, batch_tokens: int = 0) -> torch.Tensor:
+                     device: torch.device | str | None = None, batch_tokens: int | str = 0) -> torch.Tensor:
         """Encode raw texts in the length-sorted batches of every encode path (`embedder.data.encode_batches`):
-        `batch_size` texts each, or with `batch_tokens` as many as fit that many padded tokens. Returns (N, d) float32
-        on the CPU, in the order of `texts`."""
-        from embedder.data.encode_batches import pad_batch, pad_id_of, sorted_batches, token_lengths, tokenize_compact
+        `batch_size` texts each, or with `batch_tokens` as many as fit that many padded tokens (`auto`: per device).
+        Returns (N, d) float32 on the CPU, in the order of `texts`."""
+        from embedder.data.encode_batches import (
+            pad_batch,
+            pad_id_of,
+            resolve_batch_tokens,
+            sorted_batches,
+            token_lengths,
+            tokenize_compact,
+        )
 
         was_training = self.training
         self.eval()
@@ -217,7 +224,7 @@ class DualEncoder(nn.Module):
         ids, types = tokenize_compact(self.tokenizer, texts, max_length)
         pad_id, left = pad_id_of(self.tokenizer)
         out = torch.empty(len(texts), self.dim, dtype=torch.float32)  # (N, d)
-        for pos in sorted_batches(token_lengths(ids), batch_size, batch_tokens):
+        for pos in sorted_batches(token_lengths(ids), batch_size, resolve_batch_tokens(batch_tokens, device)):
             batch = {k: v.to(device) for k, v in pad_batch(ids, types, pos, pad_id, left).items()}
             out[torch.from_numpy(pos)] = self.encode(batch, kind).float().cpu()
         self.train(was_training)

@@ -48,7 +48,8 @@ class DenseRetriever(Retriever):
         dtype: encoding dtype (`auto`: bf16 on GPU, fp32 on CPU).
         search_batch: queries per faiss search call.
         num_workers: DataLoader workers that tokenise shards while the model runs (0 = in the main process).
-        batch_tokens: fill each batch up to this many padded tokens instead of `batch_size` texts (0 = off).
+        batch_tokens: fill each batch up to this many padded tokens instead of `batch_size` texts (0 = off; `auto`:
+            32,768 on a GPU, 4,096 on a CPU).
         token_cache: keep the texts' token ids under `$EMBEDDER_CACHE/tokens`, so encoding them again (another
             model, the next mining round) skips tokenising.
     """
@@ -60,7 +61,8 @@ class DenseRetriever(Retriever):
                  batch_size: int = 128, shard_size: int = 100_000, index_factory: str = "Flat",
                  metric: str = "auto", use_gpu: bool | str = "auto", search_params: dict | None = None,
                  train_sample: int = 100_000, save_index: bool = True, dtype: str = "auto",
-                 search_batch: int = 4096, num_workers: int = 0, batch_tokens: int = 0, token_cache: bool = True):
+                 search_batch: int = 4096, num_workers: int = 0, batch_tokens: int | str = 0,
+                 token_cache: bool = True):
         self.encoder, self.work_dir, self.trainer = encoder, work_dir, trainer
         self.query_instruction, self.key_instruction = query_instruction or "", key_instruction or ""
         self.query_max_length, self.key_max_length = int(query_max_length), int(key_max_length)
@@ -71,7 +73,7 @@ class DenseRetriever(Retriever):
         self.metric = metric
         self.use_gpu, self.search_params = use_gpu, dict(search_params or {})
         self.train_sample, self.save_index, self.dtype = int(train_sample), bool(save_index), dtype
-        self.search_batch, self.num_workers, self.batch_tokens = int(search_batch), int(num_workers), int(batch_tokens)
+        self.search_batch, self.num_workers, self.batch_tokens = int(search_batch), int(num_workers), batch_tokens
         self.token_cache = bool(token_cache)
         self.index: FaissIndex | None = None
         self.q_emb: np.ndarray | None = None

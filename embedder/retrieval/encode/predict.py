@@ -38,6 +38,7 @@ from embedder.data.encode_batches import (
     cached_tokens,
     pad_batch,
     pad_id_of,
+    resolve_batch_tokens,
     sorted_batches,
     token_cache_key,
     token_lengths,
@@ -179,10 +180,10 @@ class EncodeDataModule(L.LightningDataModule):
     """Deals the missing shards of all jobs to the ranks, when Lightning asks each rank for its dataloader."""
 
     def __init__(self, jobs: list[EncodeJob], tokenizer: Any, batch_size: int = 128, num_workers: int = 0,
-                 batch_tokens: int = 0, token_cache: bool = True):
+                 batch_tokens: int | str = 0, token_cache: bool = True):
         super().__init__()
         self.jobs, self.tokenizer = jobs, tokenizer
-        self.batch_size, self.num_workers, self.batch_tokens = int(batch_size), int(num_workers), int(batch_tokens)
+        self.batch_size, self.num_workers, self.batch_tokens = int(batch_size), int(num_workers), batch_tokens
         self.token_cache = bool(token_cache)
 
     def pending_units(self) -> list[tuple[int, int]]:
@@ -196,10 +197,12 @@ class EncodeDataModule(L.LightningDataModule):
         for job in self.jobs:
             store = EmbeddingStore(job.store_path)
             shard_rows.append([store.shard_rows(s) for s in range(store.num_shards)])
-        stream = _BatchStream(units, self.jobs, shard_rows, self.tokenizer, self.batch_size, self.batch_tokens,
+        device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
+        batch_tokens = resolve_batch_tokens(self.batch_tokens, device)
+        stream = _BatchStream(units, self.jobs, shard_rows, self.tokenizer, self.batch_size, batch_tokens,
                               self.num_workers, token_keys(self.tokenizer, self.jobs, self.token_cache))
         log.info("rank %d/%d encodes %d shard(s) in %s", rank, world, len(units),
-                 f"batches of up to {self.batch_tokens} tokens" if self.batch_tokens else f"{len(stream)} batches")
+                 f"batches of up to {batch_tokens} tokens" if batch_tokens else f"{len(stream)} batches")
         # workers tokenise the next shard while the model runs; pinned host memory lets Lightning copy each batch
         # to the GPU without blocking (it passes non_blocking=True for CUDA)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
@@ -284,7 +287,7 @@ def zero3_partitioned(encoder: torch.nn.Module) -> bool:
 
 @torch.no_grad()
 def encode_in_lockstep(encoder: torch.nn.Module, jobs: list[EncodeJob], units_per_rank: list[list[tuple[int, int]]],
-                       rank: int, batch_size: int = 128, batch_tokens: int = 0, num_workers: int = 0,
+                       rank: int, batch_size: int = 128, batch_tokens: int | str = 0, num_workers: int = 0,
                        token_cache: bool = True) -> None:
     """Encode this rank's `(job, shard)` units in this process, with the batches of `encode_to_stores`.
 
@@ -297,6 +300,7 @@ def encode_in_lockstep(encoder: torch.nn.Module, jobs: list[EncodeJob], units_pe
     `batch_tokens`. `token_cache`: read the texts' token ids from the token cache, caching them the first time.
     """
     device = next(encoder.parameters()).device
+    batch_tokens = resolve_batch_tokens(batch_tokens, device)
     zero3 = zero3_partitioned(encoder)
     if zero3 and batch_tokens:
         say_once("lockstep-zero3", "ZeRO-3: in-training evaluation encodes batches of %d texts, not of %d tokens (every "
@@ -356,7 +360,7 @@ def make_predict_trainer(trainer_cfg: Any = None, **overrides: Any) -> L.Trainer
 
 def encode_to_stores(encoder: torch.nn.Module, jobs: list[EncodeJob], trainer: L.Trainer | None = None,
                      batch_size: int = 128, dtype: str = "auto", num_workers: int = 0,
-                     batch_tokens: int = 0, token_cache: bool = True) -> list[EmbeddingStore] | None:
+                     batch_tokens: int | str = 0, token_cache: bool = True) -> list[EmbeddingStore] | None:
     """Encode every job into its store (resuming finished shards); returns the stores on global rank 0.
 
     Other ranks of a `ddp` (non-spawn) run get None once all shards are written: they have nothing left to do.
