@@ -184,3 +184,38 @@ def test_attention_dropout_can_be_switched_off_for_training(tiny_bert):
     assert all(m.dropout.p == p for m in default.query_model.modules() if type(m).__name__.endswith("SelfAttention"))
     assert enc.query_model.config.attention_probs_dropout_prob == p
     assert enc.query_model.embeddings.dropout.p == enc.query_model.config.hidden_dropout_prob
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_grouped_attention_equals_attention_per_sequence(causal, monkeypatch):
+    """The CPU packed attention (sequences grouped by length, padded per group) against plain SDPA on each sequence
+    alone: outputs and gradients, with grouped-query heads, a group of equal lengths (run without a mask), groups
+    with padding, and a one-token sequence."""
+    torch.manual_seed(0)
+    lens = [5, 37, 1, 30, 37, 12, 29, 5]  # out of order: the grouping sorts them
+    T, H, Hkv, Dh = sum(lens), 4, 2, 8
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    leaves = [torch.randn(T, h, Dh, requires_grad=True) for h in (H, Hkv, Hkv)]
+    calls = []
+    sdpa = unpadded.F.scaled_dot_product_attention
+    monkeypatch.setattr(unpadded.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: calls.append((q.shape[0], q.shape[2], kw["attn_mask"] is None))
+                        or sdpa(q, *a, **kw))
+    out = unpadded.grouped_padded_attention(*leaves, cu, scale=Dh ** -0.5, causal=causal)  # (T, H, Dh)
+    monkeypatch.undo()
+    # (sequences, width, without a mask): 37 37 30 29 | 12 | 5 5 (equal: the fused kernel) | 1
+    assert calls == [(4, 37, False), (1, 12, True), (2, 5, True), (1, 1, True)]
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    parts = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        q, k, v = (t[a:b].transpose(0, 1)[None] for t in ref_leaves)  # (1, h, L, Dh)
+        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=Dh ** -0.5,
+                                                             enable_gqa=True)
+        parts.append(o[0].transpose(0, 1))  # (L, H, Dh)
+    ref = torch.cat(parts)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    w = torch.randn_like(ref)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-4)

@@ -9,8 +9,8 @@ function with its `AttentionInterface`, so only attention is ours (causal where 
 
 - a packed call (`cu_seqlens` in the kwargs) runs `torch.nn.attention.varlen.varlen_attn` (Flash Attention kernels,
   CUDA, fp16/bf16), or `flash_attn_varlen_func` when flash-attn is installed (it also applies attention dropout);
-  elsewhere (CPU, fp32) the linears stay packed and attention alone is padded (one SDPA call with a key mask),
-  which gives the same numbers, so packing is tested without a GPU;
+  elsewhere (CPU, fp32) the linears stay packed and attention alone is padded, per group of similar-length
+  sequences (`grouped_padded_attention`), which gives the same numbers, so packing is tested without a GPU;
 - a padded call (no `cu_seqlens`) is transformers' own SDPA attention, so one loaded model serves both paths.
 
 `pack(inputs)` turns a padded, right-padded tokenizer batch into the packed form; `pool_packed` pools it.
@@ -122,27 +122,70 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torc
                          dropout, level=logging.WARNING)
             return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, enable_gqa=gqa,
                                window_size=(-1, 0) if causal else (-1, -1))
-    # elsewhere (CPU, fp32): the linears stay packed and only attention is padded, as one batched SDPA call with a
-    # key-padding mask: (N, H, Lmax, Dh). Scattering in and gathering out are single index ops, whose backward is
-    # one gather/scatter. A per-sequence loop measured 2-3x slower than fully padded SDPA on CPU for a MiniLM
-    # training step (slice and split backwards fill a full (T, H, Dh) gradient per sequence).
-    n = cu.numel() - 1
-    lengths = cu[1:] - cu[:-1]  # (N,)
-    seq = torch.repeat_interleave(torch.arange(n, device=q.device), lengths)  # (T,) sequence of each token
+    return grouped_padded_attention(q, k, v, cu, scale, dropout, causal)
+
+
+# The CPU path groups sequences of similar length: a group starts at its longest sequence and takes the next
+# (shorter) ones while they are at least GROUP_MIN_FILL of it, so padding within a group stays under 1/0.75^2 of
+# its attention work, and attention costs about sum(L_i^2) rather than N * Lmax^2.
+GROUP_MIN_FILL = 0.75
+
+
+def grouped_padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float,
+                             dropout: float = 0.0, causal: bool = False) -> torch.Tensor:
+    """Attention within each packed sequence without a variable-length kernel (CPU, fp32): the linears stay packed
+    and attention alone is padded, per group of similar-length sequences (GROUP_MIN_FILL). q: (T, H, Dh); k, v:
+    (T, Hkv, Dh); cu: (N+1,) int32. Returns (T, H, Dh).
+
+    Why this shape, measured on CPU (MiniLM training step, 2 cores): a per-sequence SDPA loop was 2-3x slower than
+    fully padded SDPA on long texts (slicing q, k, v per sequence makes every backward fill a full (T, H, Dh)
+    gradient), and one SDPA call padded to the batch's longest gave only 1.19x padded SDPA at MS MARCO lengths
+    (attention stayed N * Lmax^2; with attention dropout CPU SDPA materialises those probabilities). Here all
+    groups share one flat padded buffer: one index_copy in, `split` into the groups (its backward is one `cat`),
+    one SDPA call per group (without a mask where every sequence fills the group: the fused kernel), one `cat` and
+    one index_select out.
+    """
+    gqa = k.shape[1] != q.shape[1]
+    lengths = (cu[1:] - cu[:-1]).long()  # (N,)
+    lens = lengths.tolist()  # on the host already (a CPU tensor): no device sync
+    groups: list[tuple[list[int], int]] = []  # (sequence indices, padded length)
+    for i in sorted(range(len(lens)), key=lambda i: -lens[i]):
+        if groups and lens[i] >= GROUP_MIN_FILL * groups[-1][1]:
+            groups[-1][0].append(i)
+        else:
+            groups.append(([i], lens[i]))
+    base = [0] * len(lens)  # where each sequence starts in the flat (sum_g n_g * L_g) buffer
+    sizes, off = [], 0
+    for seqs, width in groups:
+        for j, i in enumerate(seqs):
+            base[i] = off + j * width
+        sizes.append(len(seqs) * width)
+        off += len(seqs) * width
+    seq = torch.repeat_interleave(torch.arange(len(lens), device=q.device), lengths)  # (T,) sequence of each token
     pos = torch.arange(q.shape[0], device=q.device) - cu[:-1].long()[seq]  # (T,) position within its sequence
-    dest = seq * max_len + pos  # (T,) row in the (N * Lmax) padded layout
+    dest = torch.tensor(base, dtype=torch.long, device=q.device)[seq] + pos  # (T,) row in the flat buffer
 
-    def padded(t: torch.Tensor) -> torch.Tensor:  # (T, h, Dh) -> (N, h, Lmax, Dh)
-        out = t.new_zeros(n * max_len, *t.shape[1:]).index_copy(0, dest, t)
-        return out.view(n, max_len, *t.shape[1:]).transpose(1, 2)
+    def padded(t: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (T, h, Dh) -> per group (n_g * L_g, h, Dh)
+        return t.new_zeros(off, *t.shape[1:]).index_copy(0, dest, t).split(sizes)
 
-    keep = torch.arange(max_len, device=q.device)[None, :] < lengths[:, None]  # (N, Lmax) real tokens
-    mask = keep[:, None, None, :]  # (N, 1, 1, Lmax): attend to real keys only
-    if causal:
-        mask = mask & torch.ones(max_len, max_len, dtype=torch.bool, device=q.device).tril()[None, None]
-    out = F.scaled_dot_product_attention(padded(q), padded(k), padded(v), attn_mask=mask, dropout_p=dropout,
-                                         scale=scale, enable_gqa=gqa)  # (N, H, Lmax, Dh)
-    return out.transpose(1, 2).reshape(n * max_len, *out.shape[1:2], out.shape[-1]).index_select(0, dest)
+    outs = []
+    for (seqs, width), qg, kg, vg in zip(groups, padded(q), padded(k), padded(v)):
+        m = len(seqs)
+
+        def view(t: torch.Tensor) -> torch.Tensor:  # (m * L, h, Dh) -> (m, h, L, Dh)
+            return t.view(m, width, *t.shape[1:]).transpose(1, 2)
+
+        glen = lengths[seqs]  # (m,)
+        mask = None
+        if int(glen.min()) < width:  # some sequence is shorter than the group's width: mask its padding keys
+            mask = (torch.arange(width, device=q.device)[None, :] < glen[:, None])[:, None, None, :]  # (m,1,1,L)
+            if causal:
+                mask = mask & torch.ones(width, width, dtype=torch.bool, device=q.device).tril()[None, None]
+        o = F.scaled_dot_product_attention(view(qg), view(kg), view(vg), attn_mask=mask, dropout_p=dropout,
+                                           scale=scale, is_causal=causal and mask is None,
+                                           enable_gqa=gqa)  # (m, H, L, Dh)
+        outs.append(o.transpose(1, 2).reshape(m * width, *o.shape[1:2], o.shape[-1]))
+    return torch.cat(outs).index_select(0, dest)  # (T, H, Dh)
 
 
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
