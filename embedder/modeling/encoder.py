@@ -19,10 +19,11 @@ log = logging.getLogger(__name__)
 
 POOLING = ("cls", "mean")
 # `unpadded=auto` on CPU packs a batch only when at least CPU_PACK_MIN_PADDING of its (N, L) token slots, and at
-# least CPU_PACK_MIN_PADDED_TOKENS slots, are padding. The CPU packed path saves the linears' work on padding but
-# pads attention again around every layer (a scatter and a gather), and its tensor sizes follow each batch's token
-# count, so glibc's heap grows step after step where padded shapes repeat. Measured (docs/benchmarks.md, MiniLM, 2
-# cores): MS MARCO-like keys (~64% padding) train 3.35x faster packed; SciFact (abstracts cut at 256 tokens, 6%
+# least CPU_PACK_MIN_PADDED_TOKENS slots, are padding. The CPU packed path saves the linears' work on padding and
+# most of attention's (padded per group of similar lengths, with a scatter and a gather around every layer), but its
+# tensor sizes follow each batch's token count, so glibc's heap grows step after step where padded shapes repeat.
+# Measured (docs/benchmarks.md, MiniLM, 2 cores): MS MARCO-like keys (~64% padding) train 3.42x faster packed than
+# padded SDPA; SciFact (abstracts cut at 256 tokens, 6%
 # padding) trains padded at 3.90 GiB, flat, against 5.44 GiB packed, and at 4.31 GiB with only its 16-query
 # batches (~40% padding, a few hundred slots: little work to save) packed.
 CPU_PACK_MIN_PADDING = 0.2
@@ -97,8 +98,8 @@ class DualEncoder(nn.Module):
         dtype: weight dtype for loading (`fp32` for training; mixed precision comes from the trainer).
         unpadded: run the BERT family packed, without padding (`embedder.modeling.unpadded`): `auto` where a
             variable-length kernel runs (CUDA, fp16/bf16) and on CPU for batches with much padding
-            (CPU_PACK_MIN_PADDING, CPU_PACK_MIN_PADDED_TOKENS); `true` always (packed linears around padded attention
-            where there is no kernel); `false` padded.
+            (CPU_PACK_MIN_PADDING, CPU_PACK_MIN_PADDED_TOKENS); `true` always (packed linears around attention padded
+            per group of similar-length sequences where there is no kernel); `false` padded.
         attention_dropout: the attention-probability dropout used in training (BERT family); None keeps the
             checkpoint's. With dropout on those probabilities, SDPA cannot use a fused kernel in training and
             materialises every layer's (N, heads, L, L) probabilities and dropout mask: for MiniLM with 16 queries

@@ -101,7 +101,7 @@ def _torch_varlen():
 
 
 def kernel_available(device: torch.device | str) -> bool:
-    """Whether packed attention has a GPU kernel on `device` (else the per-sequence SDPA loop runs)."""
+    """Whether packed attention has a GPU kernel on `device` (else `grouped_padded_attention` runs)."""
     return torch.device(device).type == "cuda" and (_torch_varlen() is not None or _flash_attn() is not None)
 
 
