@@ -4,7 +4,8 @@
 #      padded SDPA (embeddings and gradients), an unpadded bf16 fit with gradient checkpointing;
 #   2. training throughput at the recipe's shape: bert-base size, B=100, G=8, gradient checkpointing, bf16,
 #      MS MARCO-like lengths: embedder (unpadded) vs padded SDPA vs the reference-like eager step;
-#   3. encoding throughput: 30k MS MARCO-like passages, embedder encode_to_stores vs sentence-transformers;
+#   3. encoding throughput: 30k MS MARCO-like passages, embedder encode_to_stores (a first encode, and one from cached
+#      token ids) vs sentence-transformers; then the host side alone (tokenising vs cached ids vs the forward);
 #   4. LM scoring throughput: 1,000 MS MARCO-like pairs on a random Llama-2-7B shape, packed vs padded vs the
 #      reference's batch-4 left-padded full-logits approach.
 # Carried: .whl (wheels the GPU image lacks: hydra, omegaconf, antlr4, deepspeed built with DS_BUILD_OPS=0, faiss-cpu,
@@ -34,6 +35,8 @@ timeout 240 python3 bench/train_throughput.py --model bert-base --device cuda --
 timeout 150 python3 bench/encode_search.py --model bert-base --device cuda --passages 30000 --batch-size 256 \
     --lengths msmarco --num-workers 8 --repeats 2 --skip faiss bm25 --json "$OUT/encode_bench_gpu.json" 2>&1 \
     | grep -v -i warn | tee "$OUT/encode_bench_gpu.log" | tail -8
+timeout 90 python3 bench/profile_encode.py --model bert-base --device cuda --passages 30000 2>&1 | grep -v -i warn \
+    | tee "$OUT/profile_encode_gpu.log" | grep -E "one process|end to end"
 timeout 200 python3 bench/score_throughput.py --lm .gpu/lmtok --random-init --shape llama2-7b --device cuda \
     --lengths msmarco --pairs 1000 --batch-size 128 --max-tokens 32768 --rounds 2 --json "$OUT/score_bench_gpu.json" \
     2>&1 | grep -v -i warn | tee "$OUT/score_bench_gpu.log" | tail -8

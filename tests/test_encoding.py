@@ -385,3 +385,14 @@ def test_batch_tokens_auto_is_per_device():
     for bad in ("lots", -1):
         with pytest.raises(ValueError, match="valid: auto"):
             resolve_batch_tokens(bad, "cpu")
+
+
+def test_an_unwritable_token_cache_warns_once_and_encodes(encoder, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder would go")
+    monkeypatch.setenv("EMBEDDER_CACHE", str(blocker / "cache"))
+    with caplog.at_level(logging.WARNING, logger="embedder.data"):
+        encode_to_stores(encoder, [_job(tmp_path / "a")], _trainer(), batch_size=4)  # 4 chunks, none cached
+        encode_to_stores(encoder, [_job(tmp_path / "b")], _trainer(), batch_size=4, token_cache=False)
+    assert caplog.text.count("could not cache token ids") == 1
+    np.testing.assert_array_equal(load_encode(str(tmp_path / "a")), load_encode(str(tmp_path / "b")))

@@ -26,6 +26,7 @@ from embedder.atomic import atomic_open, write_json
 log = logging.getLogger("embedder.data")
 
 VERSION = 1  # bump when the validation rules change, so stale entries are not trusted
+_unwritable: set[str] = set()  # cache folders that could not be written (warned once each)
 
 
 def cache_root() -> str:
@@ -67,8 +68,10 @@ def cached_index(kind: str, key: dict[str, Any], build: Callable[[], tuple[dict[
                     np.save(f, np.ascontiguousarray(arr))
             write_json(meta_path, meta, indent=None)  # last: an entry with its meta is complete
         except OSError as e:
-            log.warning("could not cache the index of %s under %s (%s); continuing without the cache",
-                        key.get("file", {}).get("path", kind), folder, e)
+            if folder not in _unwritable:  # once per folder: the token cache asks once per chunk
+                _unwritable.add(folder)
+                what = "token ids" if kind == "tokens" else f"the index of {key.get('file', {}).get('path', kind)}"
+                log.warning("could not cache %s under %s (%s); continuing without the cache", what, folder, e)
     return arrays, meta
 
 
