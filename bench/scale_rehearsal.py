@@ -127,8 +127,9 @@ def main() -> None:
         seen[r] = seen.get(r, 0) + 1
         label = {1: "before (untrained)", 2: "after training"}.get(seen[r], f"#{seen[r]}")
         print(f"| {label} | {r}/{w} | {shards} | {enc} s | {idx} s ({int(rows):,} rows) | {search} s | {rss} MB |")
-    print(f"\ndisk: cached stores of the untrained model {du(os.path.join(cache, 'eval-encode')) / 1e6:.0f} MB; "
-          f"index cache {du(cache) / 1e6 - du(os.path.join(cache, 'eval-encode')) / 1e6:.0f} MB; "
+    stores, tokens = du(os.path.join(cache, "eval-encode")), du(os.path.join(cache, "tokens"))
+    print(f"\ndisk: cached stores of the untrained model {stores / 1e6:.0f} MB; token cache {tokens / 1e6:.0f} MB; "
+          f"index cache {(du(cache) - stores - tokens) / 1e6:.0f} MB; "
           f"step stores left in output_dir {du(os.path.join(out, 'eval-encode')) / 1e6:.0f} MB")
     metrics = json.load(open(os.path.join(out, "metrics.json")))
     print(f"metrics before -> after: {metrics['before']} -> {metrics['after']}")
