@@ -339,20 +339,22 @@ def test_token_cache_skips_tokenising_the_same_texts_again(encoder, tmp_path, mo
 def test_cached_tokens_equal_the_tokenizer(tiny_bert):
     from transformers import AutoTokenizer
 
+    from embedder.data.corpus import texts_fingerprint
     from embedder.data.encode_batches import cached_tokens, token_cache_key, tokenize_compact
 
     tok = AutoTokenizer.from_pretrained(tiny_bert)
     texts = [t + " types" for t in TEXTS]
-    key = token_cache_key(tok, texts, 24)
+    key = token_cache_key(tok, texts_fingerprint(texts), 24)
     ref_ids, ref_types = tokenize_compact(tok, texts, 24, rows=range(3, 20))
     for _ in range(2):  # built, then read back memory-mapped
         ids, types = cached_tokens(tok, texts, 24, range(3, 20), key)
         assert [x.tolist() for x in ids] == [x.tolist() for x in ref_ids]
         assert [x.tolist() for x in types] == [x.tolist() for x in ref_types]
     assert ids[0].dtype == np.uint16  # a 109-token vocabulary fits 16 bits
-    assert token_cache_key(tok, texts, 32) != key and token_cache_key(tok, texts[:-1], 24) != key
+    assert token_cache_key(tok, texts_fingerprint(texts), 32) != key
+    assert token_cache_key(tok, texts_fingerprint(texts[:-1]), 24) != key
     tok(texts, truncation=True, max_length=5, padding="max_length")  # leaves its settings in the backend's state
-    assert token_cache_key(tok, texts, 24) == key
+    assert token_cache_key(tok, texts_fingerprint(texts), 24) == key
 
 
 def test_chunks_are_dealt_to_workers_and_counted(encoder, tmp_path, monkeypatch):

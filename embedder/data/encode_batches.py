@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from embedder.data.corpus import texts_fingerprint
 from embedder.data.index_cache import cached_index
 
 TOKENIZE_CHUNK = 4096  # texts tokenised at once (bounds the tokenizer's transient memory)
@@ -61,15 +60,15 @@ def tokenize_compact(tokenizer: Any, texts: Sequence[str], max_length: int, rows
     return ids, types
 
 
-def token_cache_key(tokenizer: Any, texts: Sequence[str], max_length: int) -> dict[str, Any] | None:
-    """What determines the token ids of `texts`: their fingerprint, the tokenizer (a hash of its whole serialised
-    pipeline: normaliser, pre-tokeniser, vocabulary, post-processor) and the truncation. None for a tokenizer without
-    a serialisable backend (a slow, Python tokenizer): its ids are not cached."""
+def token_cache_key(tokenizer: Any, texts_fp: str, max_length: int) -> dict[str, Any] | None:
+    """What determines the token ids of some texts: their fingerprint (`texts_fingerprint`), the tokenizer (a hash
+    of its whole serialised pipeline: normaliser, pre-tokeniser, vocabulary, post-processor) and the truncation.
+    None for a tokenizer without a serialisable backend (a slow, Python tokenizer): its ids are not cached."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
     pipeline = _pipeline_hash(tokenizer, backend)
-    return {"texts": texts_fingerprint(texts), "tokenizer": pipeline, "class": type(tokenizer).__name__,
+    return {"texts": texts_fp, "tokenizer": pipeline, "class": type(tokenizer).__name__,
             "max_length": int(max_length), "truncation_side": getattr(tokenizer, "truncation_side", "right")}
 
 
@@ -120,7 +119,8 @@ def cached_tokens(tokenizer: Any, texts: Sequence[str], max_length: int, rows: r
     if meta.get("types") == "stored":
         types = [arrays["types"][a:b] for a, b in split]
     elif meta.get("types") == "zeros":
-        types = [np.zeros(b - a, np.uint8) for a, b in split]
+        zeros = np.zeros(int(off[-1]), np.uint8)  # one array; each row a view of it
+        types = [zeros[a:b] for a, b in split]
     return ids, types
 
 
@@ -137,7 +137,7 @@ def resolve_batch_tokens(batch_tokens: int | str | None, device: torch.device | 
     try:
         value = int(batch_tokens)
     except ValueError:
-        raise ValueError(f"batch_tokens={batch_tokens!r}; valid: auto, 0 (batch_size texts) or a token count") from None
+        value = -1
     if value < 0:
         raise ValueError(f"batch_tokens={batch_tokens!r}; valid: auto, 0 (batch_size texts) or a token count")
     return value

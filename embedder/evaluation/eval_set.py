@@ -91,8 +91,7 @@ class EvalSet:
                  metrics: list[str] = ("mrr", "recall", "ndcg"), cutoffs: list[int] = (1, 5, 10, 100),
                  hits: int = 100, mode: str = "retrieval", query_max_length: int = 256, key_max_length: int = 256,
                  batch_size: int = 128, batch_tokens: int | str = "auto", num_workers: int = 0, token_cache: bool = True,
-                 index_factory: str = "Flat",
-                 search_params: Mapping[str, float] | None = None,
+                 index_factory: str = "Flat", search_params: Mapping[str, float] | None = None,
                  use_gpu: bool | str = "auto", train_sample: int = 100_000, shard_size: int = 100_000,
                  work_dir: str | None = None):
         if mode not in MODES:

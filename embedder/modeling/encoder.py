@@ -23,9 +23,9 @@ POOLING = ("cls", "mean")
 # most of attention's (padded per group of similar lengths, with a scatter and a gather around every layer), but its
 # tensor sizes follow each batch's token count, so glibc's heap grows step after step where padded shapes repeat.
 # Measured (docs/benchmarks.md, MiniLM, 2 cores): MS MARCO-like keys (~64% padding) train 3.42x faster packed than
-# padded SDPA; SciFact (abstracts cut at 256 tokens, 6%
-# padding) trains padded at 3.90 GiB, flat, against 5.44 GiB packed, and at 4.31 GiB with only its 16-query
-# batches (~40% padding, a few hundred slots: little work to save) packed.
+# padded SDPA; SciFact (abstracts cut at 256 tokens, 6% padding) trains padded at 3.90 GiB, flat, against 5.44 GiB
+# packed, and at 4.31 GiB with only its 16-query batches (~40% padding, a few hundred slots: little work to save)
+# packed.
 CPU_PACK_MIN_PADDING = 0.2
 CPU_PACK_MIN_PADDED_TOKENS = 2048
 

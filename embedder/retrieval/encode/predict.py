@@ -17,6 +17,7 @@ processes once.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -76,13 +77,18 @@ class EncodeJob:
     shard_size: int = 100_000
     identity: dict[str, Any] = field(default_factory=dict)
 
+    @functools.cached_property
+    def texts_fingerprint(self) -> str:
+        """A hash of the texts (a corpus answers from its cached fingerprint), computed once per job: the store's
+        fingerprint and the token cache's key both use it."""
+        return texts_fingerprint(self.texts)
+
     def fingerprint(self) -> str:
-        """A hash of the texts (a corpus answers from its cached fingerprint), the kind, the length limit and
-        `identity`."""
+        """A hash of the texts, the kind, the length limit and `identity`."""
         h = hashlib.blake2b(digest_size=16)
         h.update(json.dumps({"kind": self.kind, "max_length": self.max_length, **self.identity}, sort_keys=True,
                             default=str).encode())
-        h.update(texts_fingerprint(self.texts).encode())
+        h.update(self.texts_fingerprint.encode())
         return h.hexdigest()
 
 
@@ -277,7 +283,7 @@ class EncodeModule(L.LightningModule):
 
 def token_keys(tokenizer: Any, jobs: list[EncodeJob], token_cache: bool = True) -> list[dict[str, Any] | None]:
     """Each job's token-cache key (`token_cache_key`), or None for every job when the cache is off."""
-    return [token_cache_key(tokenizer, job.texts, job.max_length) if token_cache else None for job in jobs]
+    return [token_cache_key(tokenizer, job.texts_fingerprint, job.max_length) if token_cache else None for job in jobs]
 
 
 def zero3_partitioned(encoder: torch.nn.Module) -> bool:
