@@ -32,7 +32,7 @@ from embedder.atomic import write_json
 from embedder.data.corpus import open_corpus, texts_fingerprint
 from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
 from embedder.distributed import launched_rank
-from embedder.evaluation.beir import graded_ndcg, graded_qrels, load_beir
+from embedder.evaluation.beir import load_beir
 from embedder.evaluation.retrieval import RetrievalEvaluator
 from embedder.fingerprint import fingerprint
 from embedder.paths import is_beir_folder, resolve_files, resolve_path
@@ -113,8 +113,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
         evaluator = RetrievalEvaluator(
             None, queries, corpus_texts, metrics=spec["metrics"], cutoffs=spec["cutoffs"],
             hits=int(spec["hits"]), mode=MODES[spec["mode"]], corpus_path=corpus_path, queries_path=queries_path)
-        records = [rec for _, rec in queries]
-        prepared.append((spec, evaluator, corpus_ids, graded_qrels(records, [q.qid for q in evaluator.queries])))
+        prepared.append((spec, evaluator, corpus_ids))
 
     encoder = trainer = None
     if cfg.retriever.name != "dense" and launched_rank() > 0:  # BM25 under torchrun/SLURM: rank 0 does it all
@@ -127,7 +126,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
         trainer = make_predict_trainer(cfg.get("trainer"))
 
     results: dict[str, dict[str, float]] = {}
-    for spec, evaluator, corpus_ids, graded in prepared:
+    for spec, evaluator, corpus_ids in prepared:
         q_inst, k_inst = resolve_instruction(cfg, spec.get("record_kind")) if encoder is not None else ("", "")
         if evaluator.mode == "rerank":
             if encoder is None:
@@ -142,7 +141,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
             if out is None:  # a non-zero rank of a ddp run
                 continue
             preds, scores = out
-            metrics = _score(evaluator, preds, graded)
+            metrics = evaluator.score(preds)  # graded nDCG where the records carry grades
         results[spec["name"]] = metrics
         write_jsonl_atomic(os.path.join(cfg.output_dir, f"{spec['name']}.result.json"), (
             {"query_id": q.qid, "pred": preds.get(q.qid, []),
@@ -191,13 +190,6 @@ def _retrieve(spec: dict[str, Any], evaluator: RetrievalEvaluator, corpus_ids: l
         preds[q.qid] = [i for i, _ in keep]
         pred_scores[q.qid] = [round(s, 6) for _, s in keep]
     return preds, pred_scores
-
-
-def _score(evaluator: RetrievalEvaluator, preds: dict, graded: dict | None) -> dict[str, float]:
-    metrics = evaluator.score(preds)
-    if graded is not None and "ndcg" in evaluator.ranking_metrics:  # BEIR graded qrels: trec_eval's graded nDCG
-        metrics.update(graded_ndcg(preds, graded, evaluator.cutoffs))
-    return metrics
 
 
 def metrics_table(results: dict[str, dict[str, float]]) -> str:

@@ -116,3 +116,46 @@ def test_rerank_mode_and_bm25(tmp_path, tiny_bert):
 def test_nothing_to_evaluate_is_explained(tmp_path):
     with pytest.raises(ValueError, match="nothing to evaluate"):
         run_evaluate(compose(["task=msmarco", f"output_dir={tmp_path}"], "eval"))
+
+
+def test_graded_qrels_give_one_ndcg_in_training_and_standalone(tmp_path, tiny_bert):
+    """Graded qrels (BEIR scores 1 and 2): the in-training EvalSet and `embedder.evaluate` both report trec_eval's
+    graded nDCG, the same number; it is not the binary nDCG of the same rankings."""
+    from embedder.evaluation.metrics import compute_metrics, graded_ndcg
+
+    cfg = eval_cfg(tmp_path, tiny_bert, extra=["metrics=[ndcg,recall]"])
+    path = f"{cfg.data_root}/toy/train.json"
+    records = [json.loads(x) for x in open(path)]
+    n_corpus = sum(1 for _ in open(f"{cfg.data_root}/toy/corpus.json"))
+    for i, rec in enumerate(records):  # several relevant rows per query, graded 2 (directly relevant) or 1
+        rec["pos_index"] = sorted({*rec["pos_index"], (i * 7 + 3) % n_corpus, (i * 5 + 11) % n_corpus})
+        rec["pos_relevance"] = [2 if j % 2 == 0 else 1 for j in range(len(rec["pos_index"]))]
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+
+    standalone = run_evaluate(cfg)
+    in_training = EvalSet("toy", path, f"{cfg.data_root}/toy/corpus.json", Instruction(TOOL_QUERY, TOOL_KEY),
+                          data_root=None, metrics=["ndcg", "recall"], cutoffs=[1, 5, 10], hits=10,
+                          query_max_length=32, key_max_length=32, batch_size=8)
+    metrics = in_training.evaluate(DualEncoder(tiny_bert, pooling="cls"))
+    for k, v in metrics.items():
+        assert standalone[f"toy/{k}"] == pytest.approx(v, abs=1e-9), k
+    qrels = {r["query_id"]: dict(zip(r["pos_index"], r["pos_relevance"])) for r in records}
+    graded = graded_ndcg(in_training.preds, qrels, [1, 5, 10])
+    binary = compute_metrics(in_training.preds, {q: list(g) for q, g in qrels.items()}, ["ndcg"], [1, 5, 10])
+    assert metrics["ndcg@10"] == pytest.approx(graded["ndcg@10"], abs=1e-12)
+    assert abs(metrics["ndcg@10"] - binary["ndcg@10"]) > 1e-4  # the grades change the number
+
+
+def test_bad_pos_relevance_is_one_line_with_file_and_line(tmp_path, tiny_bert):
+    from embedder.errors import DataError
+
+    cfg = eval_cfg(tmp_path, tiny_bert)
+    path = f"{cfg.data_root}/toy/train.json"
+    records = [json.loads(x) for x in open(path)]
+    records[2]["pos_relevance"] = [1] * (len(records[2]["pos_index"]) + 1)
+    with open(path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    with pytest.raises(DataError) as err:
+        EvalSet("toy", path, f"{cfg.data_root}/toy/corpus.json", Instruction("", ""), data_root=None)
+    assert "pos_relevance" in str(err.value) and "train.json, line 3" in str(err.value)

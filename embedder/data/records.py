@@ -212,6 +212,7 @@ class QueryRecord:
     has_answers: bool = False  # the record has `answers` (answer recall needs it)
     keys: list[str] | None = None  # rerank candidates (`key`)
     key_index: list[int] | None = None  # their corpus rows (`key_index`)
+    pos_relevance: list[float] | None = None  # graded qrels: the grade of each `pos_index` row (BEIR's scores)
 
     @property
     def query_id(self) -> Hashable:
@@ -253,6 +254,16 @@ def check_query_record(rec: Any, path: str | None, line: int, row: int, corpus_s
         raise _fail(f"pos_index {bad} outside {where}", "pos_index outside the corpus", path=path, line=line,
                     field="pos_index", hint="pos_index holds 0-based row numbers of the corpus file; check that "
                                             "the two files belong together")
+    relevance = rec.get("pos_relevance")
+    if relevance is not None:
+        if not (isinstance(relevance, list) and all(isinstance(g, (int, float)) and not isinstance(g, bool)
+                                                    for g in relevance)):
+            raise _fail("pos_relevance must be a list of numbers (the grade of each pos_index row)",
+                        "malformed pos_relevance", path=path, line=line, field="pos_relevance")
+        if len(relevance) != len(pos_index):
+            raise _fail(f"pos_relevance has {len(relevance)} grades but pos_index {len(pos_index)} rows",
+                        "malformed pos_relevance", path=path, line=line, field="pos_relevance",
+                        hint="give one grade per pos_index row, in the same order")
     pos = check_str_list(rec, "pos", path, line) or []
     answers = rec.get("answers")
     has_answers = answers is not None
@@ -262,7 +273,7 @@ def check_query_record(rec: Any, path: str | None, line: int, row: int, corpus_s
         raise _fail("answers must be a list of strings", "malformed answers", path=path, line=line, field="answers")
     return QueryRecord(line=line, row=row, record=rec, query=text, pos_index=list(pos_index), pos=list(pos),
                        answers=list(answers or []), has_labels=has_labels, has_answers=has_answers, keys=keys,
-                       key_index=key_index)
+                       key_index=key_index, pos_relevance=None if relevance is None else [float(g) for g in relevance])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ queries of that split as eval records: `query_id`, `query`, `pos_index` (rows wi
     python -m embedder.evaluation.beir /data/beir/scifact /data/beir-converted/scifact --split test
 
 Graded relevance: `ndcg` over records that carry `pos_relevance` with grades other than 1 is the graded nDCG of
-trec_eval's `ndcg_cut` (gain = grade), which is what BEIR and MTEB report; `graded_ndcg` computes it.
+trec_eval's `ndcg_cut` (gain = grade), which is what BEIR and MTEB report; `metrics.graded_ndcg` computes it, and the
+RetrievalEvaluator uses it wherever records carry grades (in training and in `embedder.evaluate` alike).
 """
 
 from __future__ import annotations
@@ -166,53 +167,6 @@ def convert_beir(folder: str, out_dir: str, split: str = "test") -> dict[str, st
     log.info("converted %s: %d documents -> %s, %d %s queries -> %s", folder, n_docs, corpus_out,
              len(data.queries), split, eval_out)
     return {"corpus": corpus_out, "eval_data": eval_out}
-
-
-def graded_ndcg(preds: Mapping[Hashable, Sequence[int]], qrels: Mapping[Hashable, Mapping[int, float]],
-                cutoffs: Sequence[int]) -> dict[str, float]:
-    """trec_eval `ndcg_cut_k` with graded gains: `Σ_{i≤k} g_i/log2(i+1)` over the ideal ordering of all grades.
-
-    `preds`: ranked doc ids (-1 dropped, repeats keep their first occurrence); `qrels`: `{qid: {doc: grade}}`.
-    Queries without a positive grade are excluded from the mean (trec_eval convention). Returns `{"ndcg@k": ...}`.
-    """
-    cutoffs = sorted({int(k) for k in cutoffs})
-    max_k = cutoffs[-1]
-    discount = 1.0 / np.log2(np.arange(2, max_k + 2, dtype=np.float64))  # (K,)
-    per_k: dict[int, list[float]] = {k: [] for k in cutoffs}
-    for qid, grades in qrels.items():
-        positive = sorted((float(g) for g in grades.values() if g > 0), reverse=True)
-        if not positive:
-            continue
-        seen: dict[int, None] = {}
-        for d in preds.get(qid, ()):
-            if d != -1 and d not in seen:
-                seen[d] = None
-                if len(seen) == max_k:
-                    break
-        gains = np.array([float(grades.get(d, 0)) for d in seen] + [0.0] * (max_k - len(seen)))  # (K,)
-        ideal = np.array(positive[:max_k] + [0.0] * max(0, max_k - len(positive)))  # (K,)
-        for k in cutoffs:
-            idcg = float((ideal[:k] * discount[:k]).sum())
-            per_k[k].append(float((gains[:k] * discount[:k]).sum()) / idcg)
-    return {f"ndcg@{k}": (float(np.mean(v)) if v else math.nan) for k, v in per_k.items()}
-
-
-def graded_qrels(records: Sequence[dict[str, Any]], qids: Sequence[Hashable]) -> dict[Hashable, dict[int, int]] | None:
-    """`{qid: {row: grade}}` when the eval records carry non-binary `pos_relevance`, else None (binary is exact)."""
-    if not any("pos_relevance" in rec for rec in records):
-        return None
-    out: dict[Hashable, dict[int, int]] = {}
-    graded = False
-    for qid, rec in zip(qids, records):
-        rel = rec.get("pos_relevance")
-        pos = rec.get("pos_index") or []
-        if rel is None:
-            rel = [1] * len(pos)
-        if len(rel) != len(pos):
-            raise DataError(f"pos_relevance has {len(rel)} entries but pos_index {len(pos)}", field="pos_relevance")
-        graded |= any(g != 1 for g in rel)
-        out[qid] = dict(zip(pos, rel))
-    return out if graded else None
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -198,3 +198,32 @@ def _check_cutoffs(cutoffs: Sequence[int]) -> list[int]:
     if not out or out[0] < 1:
         raise ValueError(f"cutoffs must be positive integers, got {list(cutoffs)!r}")
     return out
+
+
+def graded_ndcg(preds: Mapping[Hashable, Sequence[int]], qrels: Mapping[Hashable, Mapping[int, float]],
+                cutoffs: Sequence[int]) -> dict[str, float]:
+    """trec_eval `ndcg_cut_k` with graded gains: `Σ_{i≤k} g_i/log2(i+1)` over the ideal ordering of all grades.
+
+    `preds`: ranked doc ids (-1 dropped, repeats keep their first occurrence); `qrels`: `{qid: {doc: grade}}`.
+    Queries without a positive grade are excluded from the mean (trec_eval convention). Returns `{"ndcg@k": ...}`.
+    """
+    cutoffs = sorted({int(k) for k in cutoffs})
+    max_k = cutoffs[-1]
+    discount = 1.0 / np.log2(np.arange(2, max_k + 2, dtype=np.float64))  # (K,)
+    per_k: dict[int, list[float]] = {k: [] for k in cutoffs}
+    for qid, grades in qrels.items():
+        positive = sorted((float(g) for g in grades.values() if g > 0), reverse=True)
+        if not positive:
+            continue
+        seen: dict[int, None] = {}
+        for d in preds.get(qid, ()):
+            if d != -1 and d not in seen:
+                seen[d] = None
+                if len(seen) == max_k:
+                    break
+        gains = np.array([float(grades.get(d, 0)) for d in seen] + [0.0] * (max_k - len(seen)))  # (K,)
+        ideal = np.array(positive[:max_k] + [0.0] * max(0, max_k - len(positive)))  # (K,)
+        for k in cutoffs:
+            idcg = float((ideal[:k] * discount[:k]).sum())
+            per_k[k].append(float((gains[:k] * discount[:k]).sum()) / idcg)
+    return {f"ndcg@{k}": (float(np.mean(v)) if v else math.nan) for k, v in per_k.items()}

@@ -11,7 +11,8 @@ in-training `retrieval` / `rerank` evaluation (§2.10) on one process, with thes
 
 Record fields (eval file, one JSON object per line):
     query (str, required), query_id / qid (optional; default: the 0-based row index, as in the reference),
-    pos_index (relevant corpus rows; needed by mrr/recall/ndcg/map/precision), answers (needed by `nq`),
+    pos_index (relevant corpus rows; needed by mrr/recall/ndcg/map/precision), pos_relevance (optional: their grades;
+    where any grade is not 1, ndcg is graded), answers (needed by `nq`),
     key + key_index (rerank mode: the candidates' texts and, optionally, their corpus rows).
 Corpus: one record per row; a document's id is its 0-based row. Its text is `key_template.format(**record)`.
 """
@@ -29,7 +30,7 @@ from embedder.data.corpus import Corpus
 from embedder.data.records import check_query_record, format_key
 from embedder.errors import DataError, no_records_error
 from embedder.evaluation.metrics import METRICS as RANKING_METRICS
-from embedder.evaluation.metrics import compute_metrics
+from embedder.evaluation.metrics import compute_metrics, graded_ndcg
 from embedder.retrieval.faiss_index import METRICS as DENSE_METRICS
 from embedder.retrieval.faiss_index import FaissIndex
 from embedder.retrieval.nq_answer import answer_recall
@@ -48,6 +49,7 @@ class _Query:
     answers: list[str] | None
     keys: list[str] | None = None
     key_index: list[int] | None = None
+    relevance: list[float] | None = None  # the grade of each label (graded qrels), None: binary
 
 
 class RetrievalEvaluator:
@@ -127,6 +129,12 @@ class RetrievalEvaluator:
                             hint="pass corpus=[...] (or use mode='rerank' for records that carry their own 'key')")
         self.queries = self._parse_queries(queries)
         self._check_required_fields()
+        # graded qrels (a grade other than 1): nDCG uses the grades as gains (trec_eval's ndcg_cut, what BEIR and MTEB
+        # report), for every caller alike: in-training evaluation and `embedder.evaluate` give one number
+        self.graded: dict[Hashable, dict[int, float]] | None = None
+        if any(q.relevance and any(g != 1 for g in q.relevance) for q in self.queries):
+            self.graded = {q.qid: dict(zip(q.labels, q.relevance or [1.0] * len(q.labels)))
+                           for q in self.queries if q.labels is not None}
 
     @classmethod
     def from_files(cls, encode: EncodeFn, queries_path: str, corpus_path: str | None = None,
@@ -168,6 +176,8 @@ class RetrievalEvaluator:
         if self.ranking_metrics:
             labels = {q.qid: q.labels for q in self.queries if q.labels is not None}
             metrics.update(compute_metrics(preds, labels, self.ranking_metrics, self.cutoffs))
+            if self.graded is not None and "ndcg" in self.ranking_metrics:
+                metrics.update(graded_ndcg(preds, self.graded, self.cutoffs))
         if self.use_nq:
             nq_preds = preds if nq_preds is None else nq_preds
             answers = {q.qid: q.answers for q in self.queries if q.answers is not None}
@@ -258,7 +268,7 @@ class RetrievalEvaluator:
                                 field="query_id", hint="query ids must be unique; predictions are keyed by them")
             seen[qid] = line
             out.append(_Query(qid, line, q.query, q.pos_index if q.has_labels else None,
-                              q.answers if q.has_answers else None, q.keys, q.key_index))
+                              q.answers if q.has_answers else None, q.keys, q.key_index, q.pos_relevance))
         if not out:
             raise no_records_error(path, "eval records")
         return out
