@@ -25,14 +25,11 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import math
 import os
 from collections import Counter
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
-
-import numpy as np
 
 from embedder.data.corpus import Corpus, open_corpus
 from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
