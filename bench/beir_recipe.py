@@ -1,48 +1,113 @@
-"""The BEIR fine-tuning recipe (`task=beir`) against a plain sentence-transformers fine-tune, on one dev split.
+"""The BEIR fine-tuning recipe (`task=beir`) against a plain sentence-transformers fine-tune, over several datasets
+and seeded splits: the protocol every recipe decision is judged by (issue 22).
 
-    python bench/beir_recipe.py --data ../shared/data/scifact-train --out /tmp/beir-bench    # base, recipe, plain
-    python bench/beir_recipe.py --data ... --out ... --only recipe dropout group2 inbatch nomargin hybrid
-    python bench/beir_recipe.py --data ... --out ... --only "tau02:loss.temperature=0.02"    # any name:overrides
+    python bench/beir_recipe.py --data ../shared/data/scifact-train ../shared/data/toollens-train \\
+        ../shared/data/nfcorpus-lossy-train --seeds 1 2 3 --out /tmp/beir-bench      # base, plain, plain-inbatch, recipe
+    python bench/beir_recipe.py ... --only recipe "group2:data.group_size=2"          # more variants: name:overrides
+    python bench/beir_recipe.py ... --table                                           # the table of what has run
 
-Both sides train the same model (the bundled all-MiniLM-L6-v2) on the same train queries for the same epochs and
-batch size, and are scored by the same evaluator (`python -m embedder.evaluate`, nDCG@10 on the same dev queries):
+For each dataset and seed, the queries that have qrels (every split the folder has) are split, seeded, into train
+(70%), dev (10%) and test (20%), written as a BEIR folder (`qrels/{train,dev,test}.tsv`) beside symlinks to the
+corpus and queries. Every side trains on the same train queries with the same model (the bundled
+all-MiniLM-L6-v2), epochs and batch size; dev is there for the recipe to select on; test is touched by nothing
+but the final scoring, which is the same for every side: `python -m embedder.evaluate` (nDCG@10 over the whole
+corpus, graded where the qrels are).
 
-- `plain`: sentence-transformers' own trainer with `MultipleNegativesRankingLoss` (in-batch negatives, scale 20),
-  one (query, positive) row per relevant pair, the no-duplicates batch sampler, lr 2e-5, warmup 10%.
-- `recipe` and its variants: `python train.py task=beir beir.folder=<data>` with overrides, the command users run.
-  Each variant is `name:override override ...`; its mining cache is its own output folder.
+Sides:
+- `base`: the untrained model.
+- `plain`: what a competent sentence-transformers user does: `mine_hard_negatives` with the base model (3 negatives
+  from ranks 10-60; no margin filter: with relative_margin=0.05 the rows short of 3 negatives were dropped, and
+  ToolLens trained 68 steps instead of 175), then `MultipleNegativesRankingLoss` (scale 20 =
+  tau 0.05) with the no-duplicates sampler, lr 2e-5, warmup 10%; its job also evaluates test before and after with
+  sentence-transformers' `InformationRetrievalEvaluator`, as the one-command run does.
+- `plain-inbatch`: the same without mined negatives.
+- `recipe` and its variants: `python train.py task=beir beir.folder=<split folder>` with overrides, the command
+  users run, with its own dev/test evaluation before and after.
+Both plain sides and the recipe see the same (query, positive) examples per epoch: one per train query, the
+positive drawn at random every epoch (the recipe's `select_positive: random`; for plain, one row per query and epoch).
 
-Every run is a child process, timed with `os.wait4`: wall clock, CPU seconds (user + system, the cost on a
-shared machine) and peak RSS. The dev split comes from the recipe's first run (`output_dir/data/prepare.json`):
-the plain fine-tune trains on exactly its `train.json` and is evaluated on its `dev.json`.
+Every job is a child process, timed with `os.wait4` (wall, CPU = user + system, peak RSS), each with its own empty
+`$EMBEDDER_CACHE`, so no side reuses another's (or an earlier run's) encodings. Results go to `<out>/results.json`
+(a rerun skips what is there); `--table` prints per dataset: mean and spread (sample std over seeds) of test
+nDCG@10, the paired difference against `plain` (mean +- spread), and the CPU and wall ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import os
+import random
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-VARIANTS = {  # name -> overrides of task=beir; each is measured on its own (the table in docs/benchmarks.md)
-    "recipe": [],                                                   # the defaults of configs/task/beir.yaml
-    "dropout": ["model.attention_dropout=null"],                    # the checkpoint's attention dropout (0.1)
-    "group2": ["data.group_size=2"],                                # 1 hard negative per query instead of 2
-    "inbatch": ["beir.negatives.retrievers=[]", "data.group_size=1"],  # no mined negatives: in-batch only
-    "nomargin": ["beir.negatives.relative_margin=null"],            # no false-negative filter
-    "hybrid": ["beir.negatives.retrievers=[bm25,dense]"],           # BM25 and the model's own negatives, merged
+VARIANTS = {  # name -> overrides of task=beir
+    "recipe": [],                                                      # configs/task/beir.yaml as it is
+    "last": ["export_state=last"],                                     # export the last state, not the best by dev
+    "group2": ["data.group_size=2"],                                   # 1 hard negative per query instead of 2
+    "hybrid": ["beir.negatives.retrievers=[bm25,dense]"],              # BM25 and the model's own negatives, merged
+    "epochs4": ["trainer.max_epochs=4"],                               # twice the passes (best by dev exported)
 }
+PLAIN_SIDES = ("plain", "plain-inbatch")
+DEV_FRACTION, TEST_FRACTION = 0.1, 0.2
 
 
-def run_child(cmd: list[str], log_path: str) -> dict[str, float]:
-    """Run `cmd`, its output to `log_path`; wall seconds, CPU seconds and peak RSS (GiB) of that process tree's
-    largest process."""
+# ------------------------------------------------------------------------------------------------ the splits
+def _read_qrels(path: str) -> list[tuple[str, str, str]]:
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t"))
+    if rows and not rows[0][-1].lstrip("-").isdigit():  # the header
+        rows = rows[1:]
+    return [(r[0], r[1], r[2]) for r in rows if len(r) >= 3]
+
+
+def split_folder(src: str, seed: int, dst: str) -> str:
+    """`dst`: a BEIR folder with src's corpus and queries (symlinks) and qrels/{train,dev,test}.tsv, the queries of
+    every split src has, shuffled with `seed` and cut 70/10/20. Written once (qrels last, atomically)."""
+    qrels_dir = os.path.join(dst, "qrels")
+    if os.path.isfile(os.path.join(qrels_dir, "test.tsv")):
+        return dst
+    rows = []
+    for name in sorted(os.listdir(os.path.join(src, "qrels"))):
+        rows += _read_qrels(os.path.join(src, "qrels", name))
+    qids = sorted({q for q, _, _ in rows})
+    random.Random(seed).shuffle(qids)
+    n_dev, n_test = round(len(qids) * DEV_FRACTION), round(len(qids) * TEST_FRACTION)
+    role = {q: "test" for q in qids[:n_test]} | {q: "dev" for q in qids[n_test:n_test + n_dev]}
+    os.makedirs(qrels_dir, exist_ok=True)
+    for name in os.listdir(src):
+        if name != "qrels" and not os.path.exists(os.path.join(dst, name)):
+            os.symlink(os.path.abspath(os.path.join(src, name)), os.path.join(dst, name))
+    for split in ("train", "dev", "test"):  # test last: it marks the folder done
+        with tempfile.NamedTemporaryFile("w", dir=qrels_dir, delete=False, newline="") as f:
+            f.write("query-id\tcorpus-id\tscore\n")
+            f.writelines(f"{q}\t{d}\t{s}\n" for q, d, s in rows if role.get(q, "train") == split)
+        os.replace(f.name, os.path.join(qrels_dir, f"{split}.tsv"))
+    return dst
+
+
+def prepared_split(folder: str, out: str) -> dict[str, str]:
+    """corpus.json, train.json, dev.json, test.json of the split folder, by the recipe's own code (the files every
+    side is scored on)."""
+    sys.path.insert(0, ROOT)
+    from embedder.finetune import prepare_beir
+
+    return prepare_beir(folder, out)["paths"]
+
+
+# ------------------------------------------------------------------------------------------------ the jobs
+def run_child(cmd: list[str], log_path: str, cache: str | None = None) -> dict[str, float]:
+    """Run `cmd` (output to `log_path`, its own `$EMBEDDER_CACHE`): wall seconds, CPU seconds of the process tree
+    (user + system of every waited-for descendant) and the peak RSS (GiB) of its largest process."""
+    env = dict(os.environ, **({"EMBEDDER_CACHE": cache} if cache else {}))
     start = time.time()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     if os.waitstatus_to_exitcode(status) != 0:
         sys.exit(f"failed ({os.waitstatus_to_exitcode(status)}): {' '.join(cmd)}; see {log_path}")
@@ -50,114 +115,169 @@ def run_child(cmd: list[str], log_path: str) -> dict[str, float]:
             "peak_rss_gib": round(usage.ru_maxrss / 1024 ** 2, 2)}  # ru_maxrss: KiB
 
 
-def evaluate(model_dir: str, data_dir: str, out_dir: str) -> float:
-    """nDCG@10 on dev.json with embedder's evaluator (the same for every side)."""
+def test_ndcg(model_dir: str, paths: dict[str, str], out_dir: str) -> float:
+    """nDCG@10 on test.json with embedder's evaluator (the same for every side; graded where the qrels are)."""
     cmd = [sys.executable, "-m", "embedder.evaluate", "model=minilm", f"model_path={model_dir}",
-           f"eval_data={data_dir}/dev.json", f"corpus={data_dir}/corpus.json", "eval_name=dev", "metrics=[ndcg]",
+           f"eval_data={paths['test']}", f"corpus={paths['corpus']}", "eval_name=test", "metrics=[ndcg]",
            "cutoffs=[10]", f"output_dir={out_dir}", "trainer=cpu"]
     if not os.path.isfile(os.path.join(out_dir, "metrics.json")):  # reused when a rerun finds it
-        run_child(cmd, out_dir + ".log")
+        run_child(cmd, out_dir + ".log", cache=os.path.join(os.path.dirname(out_dir), "score-cache"))
     with open(os.path.join(out_dir, "metrics.json")) as f:
-        return json.load(f)["dev"]["ndcg@10"]
+        return json.load(f)["test"]["ndcg@10"]
 
 
-def plain_finetune(data_dir: str, out_dir: str, epochs: int, batch_size: int, lr: float, seed: int) -> None:
-    """The child process of `plain`: sentence-transformers' trainer with MultipleNegativesRankingLoss."""
+def _jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plain_finetune(paths: dict[str, str], out_dir: str, hard_negatives: bool, epochs: int, batch_size: int,
+                   seed: int) -> None:
+    """The plain side's whole job (its own process): evaluate test, mine, train, evaluate test, save."""
+    import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, losses
+    from sentence_transformers.evaluation import InformationRetrievalEvaluator
     from sentence_transformers.training_args import BatchSamplers, SentenceTransformerTrainingArguments
+    from sentence_transformers.util import mine_hard_negatives
 
     from embedder.bundled import minilm_path
 
-    rows = {"anchor": [], "positive": []}
-    with open(os.path.join(data_dir, "train.json")) as f:
-        for line in f:
-            rec = json.loads(line)
-            for pos in rec["pos"]:
-                rows["anchor"].append(rec["query"])
-                rows["positive"].append(pos)
+    torch.manual_seed(seed)
+    corpus = [f"{d['title']} {d['text']}".strip() for d in _jsonl(paths["corpus"])]
+    test = _jsonl(paths["test"])
+    evaluator = InformationRetrievalEvaluator(
+        {r["query_id"]: r["query"] for r in test}, {str(i): t for i, t in enumerate(corpus)},
+        {r["query_id"]: {str(i) for i in r["pos_index"]} for r in test}, ndcg_at_k=[10], name="test",
+        show_progress_bar=False)
     model = SentenceTransformer(minilm_path(), device="cpu")
     model.max_seq_length = 256
+    print("before", evaluator(model), flush=True)
+    rng = random.Random(seed)
+    train = _jsonl(paths["train"])
+    rows = {"anchor": [], "positive": []}
+    for _ in range(epochs):  # one (query, positive) row per query and epoch, the positive drawn at random
+        for rec in train:
+            rows["anchor"].append(rec["query"])
+            rows["positive"].append(rng.choice(rec["pos"]))
+    dataset = Dataset.from_dict(rows)
+    if hard_negatives:
+        dataset = mine_hard_negatives(dataset, model, corpus=corpus, range_min=10, range_max=60,
+                                      num_negatives=3, sampling_strategy="top",
+                                      output_format="n-tuple", batch_size=64, use_faiss=False, verbose=False)
     args = SentenceTransformerTrainingArguments(
-        output_dir=out_dir + "-ckpt", num_train_epochs=epochs, per_device_train_batch_size=batch_size,
-        learning_rate=lr, warmup_ratio=0.1, seed=seed, batch_sampler=BatchSamplers.NO_DUPLICATES,
+        output_dir=out_dir + "-ckpt", num_train_epochs=1, per_device_train_batch_size=batch_size,
+        learning_rate=2e-5, warmup_ratio=0.1, seed=seed, batch_sampler=BatchSamplers.NO_DUPLICATES,
         save_strategy="no", report_to="none", logging_steps=10, use_cpu=True)
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(rows),
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
                                          loss=losses.MultipleNegativesRankingLoss(model))
-    trainer.train()
+    trainer.train()  # epochs: the dataset holds one draw per epoch
+    print("after", evaluator(model), flush=True)
     model.save(out_dir)
 
 
-def minilm() -> str:
-    from embedder.bundled import minilm_path
+# ------------------------------------------------------------------------------------------------ the table
+def table(results: dict) -> str:
+    """Per dataset and on average: test nDCG@10 (mean +- spread over seeds), the paired gain over plain, cost ratios."""
+    out = ["| dataset | run | seeds | test nDCG@10 | vs plain (paired) | CPU vs plain | wall vs plain | peak RSS GiB |",
+           "|---|---|---|---|---|---|---|---|"]
+    sides = sorted({s for d in results.values() for r in d.values() for s in r},
+                   key=lambda s: (["base", "plain-inbatch", "plain"] + [s]).index(s))
+    gains: dict[str, list[float]] = {}
+    for ds, by_seed in sorted(results.items()):
+        for side in sides:
+            seeds = [s for s in sorted(by_seed) if side in by_seed[s]]
+            if not seeds:
+                continue
+            vals = [by_seed[s][side]["ndcg@10"] for s in seeds]
+            paired = [by_seed[s][side]["ndcg@10"] - by_seed[s]["plain"]["ndcg@10"] for s in seeds
+                      if "plain" in by_seed[s]]
+            cpu = [by_seed[s][side]["cpu_s"] / by_seed[s]["plain"]["cpu_s"] for s in seeds
+                   if "plain" in by_seed[s] and by_seed[s][side].get("cpu_s")]
+            wall = [by_seed[s][side]["wall_s"] / by_seed[s]["plain"]["wall_s"] for s in seeds
+                    if "plain" in by_seed[s] and by_seed[s][side].get("wall_s")]
+            rss = max((by_seed[s][side].get("peak_rss_gib") or 0) for s in seeds)
+            if side != "plain" and paired:
+                gains.setdefault(side, []).append(statistics.mean(paired))
+            out.append(f"| {ds} | {side} | {len(seeds)} | {_ms(vals)} | {_ms(paired) if side != 'plain' else ''} | "
+                       f"{f'{statistics.mean(cpu):.2f}x' if cpu else ''} | "
+                       f"{f'{statistics.mean(wall):.2f}x' if wall else ''} | {rss or ''} |")
+    for side, g in gains.items():
+        out.append(f"| mean of the {len(g)} datasets | {side} | | | {statistics.mean(g):+.4f} | | | |")
+    return "\n".join(out)
 
-    return minilm_path()
+
+def _ms(vals: list[float]) -> str:
+    if not vals:
+        return ""
+    spread = f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""
+    return f"{statistics.mean(vals):.4f}{spread}"
 
 
-def _prepared(out: str, variants: dict) -> str:
-    """The data folder of the first recipe run (every variant prepares the same split: same folder, same seed)."""
-    for name in [n for n in variants if n not in ("plain", "base")] + ["recipe"]:
-        data = os.path.join(out, name, "data")
-        if os.path.isfile(os.path.join(data, "dev.json")):
-            return data
-    sys.exit(f"run a recipe variant first: plain and base use its split (under {out})")
-
-
+# ------------------------------------------------------------------------------------------------ main
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", required=True, help="a BEIR folder (e.g. ../shared/data/scifact-train)")
-    parser.add_argument("--out", required=True, help="work folder; each run gets a subfolder")
-    parser.add_argument("--only", nargs="*", help="plain, recipe, or name:override ... variants")
+    parser.add_argument("--data", nargs="+", help="BEIR folders (e.g. ../shared/data/scifact-train)")
+    parser.add_argument("--out", required=True, help="work folder; each dataset and seed gets a subfolder")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--only", nargs="*", help="base, plain, plain-inbatch, recipe, or name:override ... variants")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--child-plain", help=argparse.SUPPRESS)  # internal: the plain fine-tune's own process
+    parser.add_argument("--table", action="store_true", help="print the table of results.json and stop")
+    parser.add_argument("--child-plain", help=argparse.SUPPRESS)  # internal: a plain side's own process
     args = parser.parse_args()
     if args.child_plain:
-        plain_finetune(args.child_plain, os.path.join(args.out, "plain"), args.epochs, args.batch_size, 2e-5, 42)
+        spec = json.loads(args.child_plain)
+        plain_finetune(spec["paths"], spec["out"], spec["hard_negatives"], args.epochs, args.batch_size, spec["seed"])
         return
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
-    wanted = args.only or ["base", "recipe", "plain"]
+    if args.table:
+        print(table(results))
+        return
     variants = {}
-    for item in wanted:
+    for item in args.only or ["base", "plain", "plain-inbatch", "recipe"]:
         name, _, rest = item.partition(":")
         variants[name] = rest.split() if rest else VARIANTS.get(name, [])
-    common = [f"beir.folder={os.path.abspath(args.data)}", f"trainer.max_epochs={args.epochs}",
-              f"data.batch_size={args.batch_size}", "trainer=cpu", "report=false", "logger=csv",
-              "beir.eval_splits=[]", "evaluate_before=false"]  # evaluated afterwards like plain: training cost only
-    for name, overrides in variants.items():
-        if name in ("plain", "base"):
-            continue
-        out = os.path.join(args.out, name)
-        cost = run_child([sys.executable, "train.py", "task=beir", f"output_dir={out}", *common, *overrides],
-                         out + ".log")
-        score = evaluate(out, os.path.join(out, "data"), out + "-eval")
-        results[name] = {"overrides": overrides, **cost, "ndcg@10": score}
-        print(name, results[name], flush=True)
-        json.dump(results, open(results_path, "w"), indent=1)
-    if "plain" in variants:
-        prepared = _prepared(args.out, variants)
-        cost = run_child([sys.executable, __file__, "--data", args.data, "--out", args.out, "--epochs",
-                          str(args.epochs), "--batch-size", str(args.batch_size), "--child-plain", prepared],
-                         os.path.join(args.out, "plain.log"))
-        score = evaluate(os.path.join(args.out, "plain"), prepared, os.path.join(args.out, "plain-eval"))
-        results["plain"] = {"overrides": ["sentence-transformers MNRL"], **cost, "ndcg@10": score}
-        print("plain", results["plain"], flush=True)
-        json.dump(results, open(results_path, "w"), indent=1)
-    if "base" in variants:  # the untrained model
-        data = _prepared(args.out, variants)
-        results["base"] = {"overrides": ["no fine-tuning"], "wall_s": 0, "cpu_s": 0, "peak_rss_gib": 0,
-                           "ndcg@10": evaluate(minilm(), data, os.path.join(args.out, "base-eval"))}
-        json.dump(results, open(results_path, "w"), indent=1)
-    print("| run | dev nDCG@10 | vs plain | wall s | CPU s | CPU vs plain | peak RSS GiB |")
-    print("|---|---|---|---|---|---|---|")
-    base = results.get("plain")
-    for name, r in results.items():
-        d = f"{r['ndcg@10'] - base['ndcg@10']:+.4f}" if base else ""
-        c = f"{r['cpu_s'] / base['cpu_s']:.2f}x" if base and r.get("cpu_s") else ""
-        print(f"| {name} `{' '.join(r['overrides'])}` | {r['ndcg@10']:.4f} | {d} | {r['wall_s']} | {r['cpu_s']} | {c} "
-              f"| {r.get('peak_rss_gib', r.get('peak_rss_gb'))} |")  # peak_rss_gb: older results
+    for seed in args.seeds:  # seed-major: every dataset gets its first seed before any gets its second
+        for data in args.data:
+            ds = os.path.basename(os.path.normpath(data))
+            work = os.path.join(args.out, ds, f"seed{seed}")
+            folder = split_folder(data, seed, os.path.join(work, "folder"))
+            paths = prepared_split(folder, os.path.join(work, "prepared"))
+            done = results.setdefault(ds, {}).setdefault(str(seed), {})
+            for name, overrides in variants.items():
+                if name in done:
+                    continue
+                run = os.path.join(work, name)
+                if name == "base":
+                    from embedder.bundled import minilm_path
+
+                    cost = {"wall_s": 0, "cpu_s": 0, "peak_rss_gib": 0}
+                    model_dir = minilm_path()
+                elif name in PLAIN_SIDES:
+                    spec = {"paths": paths, "out": run, "hard_negatives": name == "plain", "seed": seed}
+                    cost = run_child([sys.executable, __file__, "--out", args.out, "--epochs", str(args.epochs),
+                                      "--batch-size", str(args.batch_size), "--child-plain", json.dumps(spec)],
+                                     run + ".log", cache=os.path.join(work, f"cache-{name}"))
+                    model_dir = run
+                else:
+                    common = [f"beir.folder={folder}", f"output_dir={run}", f"trainer.max_epochs={args.epochs}",
+                              f"data.batch_size={args.batch_size}", f"seed={seed}", "trainer=cpu", "report=false",
+                              "logger=csv"]
+                    keys = {o.split("=")[0] for o in overrides}  # a variant's own value wins over the common one
+                    cmd = [sys.executable, "train.py", "task=beir", *[o for o in common if o.split("=")[0] not in keys],
+                           *overrides]
+                    cost = run_child(cmd, run + ".log", cache=os.path.join(work, f"cache-{name}"))
+                    model_dir = run
+                score = test_ndcg(model_dir, paths, run + "-test")
+                done[name] = {"overrides": overrides, **cost, "ndcg@10": score}
+                print(ds, seed, name, done[name], flush=True)
+                with tempfile.NamedTemporaryFile("w", dir=args.out, delete=False) as f:
+                    json.dump(results, f, indent=1)
+                os.replace(f.name, results_path)
+    print(table(results))
 
 
 if __name__ == "__main__":

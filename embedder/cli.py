@@ -32,7 +32,7 @@ def run_entry(config_name: str, run: Callable[[Any], Any]) -> None:
     import hydra
 
     from embedder.bundled import register_resolvers
-    from embedder.config_check import apply_deprecated_aliases, exit_on_unknown_keys, migrate_renamed_keys
+    from embedder.config_check import apply_deprecated_aliases, check_values, exit_on_unknown_keys, migrate_renamed_keys
     from embedder.errors import reported_input_errors
 
     register_resolvers()
@@ -44,6 +44,7 @@ def run_entry(config_name: str, run: Callable[[Any], Any]) -> None:
         for warning in migrate_renamed_keys(cfg, config_name):  # old names in a user's own YAML, for one release
             print(warning, file=sys.stderr)
         with reported_input_errors():
+            check_values(cfg)  # bad values: one line naming the key, before any data or model is read
             result = run(cfg)
         return optimized_value(cfg, result)
 

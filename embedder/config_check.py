@@ -174,3 +174,80 @@ def apply_deprecated_aliases(config_name: str) -> None:
     sys.argv[1:], warnings = rename_deprecated(config_name, sys.argv[1:])
     for w in warnings:
         print(w, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# values: one pass over the composed config, before any data or model is read
+# ---------------------------------------------------------------------------------------------------------------------
+# Hand-written because Hydra's structured configs check types but not ranges or choices, and a bad value otherwise
+# surfaces deep inside the optimizer, the DataLoader or after training (`__len__() should return >= 0`). A rule
+# applies where its key exists in the command's config (train, eval, mine, score share this table).
+def _int(lo: int | None = None, hi: int | None = None):
+    def check(v):
+        return isinstance(v, int) and not isinstance(v, bool) and (lo is None or v >= lo) and (hi is None or v <= hi)
+    return check
+
+
+def _num(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            return False
+        return (lo is None or (v > lo if lo_open else v >= lo)) and (hi is None or (v < hi if hi_open else v <= hi))
+    return check
+
+
+def _choice(*options):
+    return lambda v: v in options
+
+
+def _optional(check):
+    return lambda v: v is None or check(v)
+
+
+VALUE_RULES: dict[str, tuple] = {  # key -> (check, what is allowed)
+    "data.batch_size": (_int(1), "an integer >= 1 (queries per device)"),
+    "data.group_size": (_int(1), "an integer >= 1 (1 positive + group_size-1 negatives per query)"),
+    "data.num_workers": (_int(0), "an integer >= 0 (DataLoader workers; 0 = in the main process)"),
+    "loss.temperature": (_num(0, lo_open=True), "a number > 0 (the InfoNCE temperature tau, e.g. 0.02)"),
+    "loss.combine_rule": (_choice("reference", "weighted"), "reference or weighted"),
+    "optimizer.lr": (_num(0, lo_open=True), "a number > 0 (e.g. 2e-5)"),
+    "warmup_ratio": (_num(0, 1), "a number from 0 to 1 (the share of steps spent warming up)"),
+    "weight_decay": (_num(0), "a number >= 0"),
+    "query_max_length": (_int(1), "an integer >= 1 (tokens)"),
+    "key_max_length": (_int(1), "an integer >= 1 (tokens)"),
+    "trainer.max_epochs": (_optional(_int(-1)), "an integer >= 1, or -1 (no limit: max_steps decides)"),
+    "trainer.max_steps": (_int(-1), "an integer >= 1, or -1 (no limit: max_epochs decides)"),
+    "trainer.accumulate_grad_batches": (_int(1), "an integer >= 1"),
+    "model.pooling": (_choice("cls", "mean"), "cls or mean"),
+    "export_state": (_choice("best", "last"), "best or last"),
+    "seed": (_int(0), "an integer >= 0"),
+    "hits": (_int(1), "an integer >= 1 (documents retrieved per query)"),
+    "max_neg_num": (_int(0), "an integer >= 0"),
+    "retriever.batch_size": (_int(1), "an integer >= 1 (texts per forward pass)"),
+    "beir.dev_fraction": (_num(0, 1, lo_open=True, hi_open=True), "a number between 0 and 1 (exclusive)"),
+    "beir.negatives.hits": (_int(1), "an integer >= 1"),
+    "beir.negatives.max_neg_num": (_int(1), "an integer >= 1"),
+    "beir.negatives.relative_margin": (_optional(_num(0, 1, hi_open=True)), "null, or a number from 0 to below 1"),
+    "beir.teacher.max_candidates": (_int(1), "an integer >= 1"),
+}
+
+
+def check_values(cfg: DictConfig) -> None:
+    """Raise one DataError naming the first bad value's key, the value and what is allowed."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from embedder.errors import DataError
+
+    for key, (check, allowed) in VALUE_RULES.items():
+        try:
+            value = OmegaConf.select(cfg, key, throw_on_missing=False)
+        except OmegaConfBaseException:
+            continue  # an interpolation that needs the running job: checked where it is used
+        if value is None and OmegaConf.select(cfg, key, default="__absent__") == "__absent__":
+            continue
+        if isinstance(value, DictConfig):
+            continue
+        if not check(value):
+            raise DataError(f"config value {key}={value!r} is not allowed", field=key,
+                            hint=f"{key} must be {allowed}")

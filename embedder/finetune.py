@@ -361,7 +361,8 @@ def prepare_beir_run(cfg: DictConfig) -> DictConfig:
         if role not in ("dev", "test"):
             raise DataError(f"{role!r} is not a prepared split", field="beir.eval_splits", hint="use dev and/or test")
         if role in run["paths"]:
-            eval_sets[role] = {**template, "eval_data": run["paths"][role], "corpus": run["paths"]["corpus"]}
+            eval_sets[role] = {**template, "eval_data": run["paths"][role], "corpus": run["paths"]["corpus"],
+                               "during_fit": role == "dev" or bool(b.get("test_during_fit", False))}
     with open_dict(cfg):
         cfg.train_data = [run["train_file"]]
         teacher = b.get("teacher") or {}

@@ -13,6 +13,7 @@ from lightning import LightningModule
 
 from embedder.data.tasks import TaskSettings
 from embedder.errors import DataError
+from embedder.evaluation.eval_set import release_trained_stores
 from embedder.losses import InfoNCELoss, KLDistillLoss, StableDistillLoss, active_losses, combine_losses
 from embedder.modeling.encoder import DualEncoder
 
@@ -133,12 +134,21 @@ class RetrieverModule(LightningModule):
     # ------------------------------------------------------------------------------------------ evaluation
     def validation_step(self, batch: list[int], batch_idx: int) -> None:
         """One batch = one evaluation set index. Under DDP every rank takes part (each encodes and searches its
-        share of the corpus, see EvalSet) and ends with the same metrics."""
+        share of the corpus, see EvalSet) and ends with the same metrics. During training, sets with
+        `during_fit: false` (a test split) are skipped: they are evaluated before and after, never selected on."""
+        fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         for i in batch:
             es = self.eval_sets[int(i)]
+            if fitting and not es.during_fit:
+                continue
             metrics = es.evaluate(self.encoder, step=self.global_step)
             for name, value in metrics.items():
                 self.log(f"val/{es.name}/{name}", float(value), batch_size=1, sync_dist=False)
+
+    def on_validation_epoch_end(self) -> None:
+        # every set of this validation is scored: older trained stores go, the latest stay for a later evaluation
+        # of the same weights (the final state's `after`); sets that share a corpus shared its encoding until here
+        release_trained_stores(self.eval_sets, keep_latest=True)
 
     # ------------------------------------------------------------------------------------------ resume
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

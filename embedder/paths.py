@@ -32,7 +32,9 @@ def resolve_files(paths: str | Iterable[str] | None, data_root: str | None, what
 
     Repeats are kept on purpose: the reference lists `tool/toolbench/train.json` twice to double its weight.
     A missing file raises FileNotFoundError that shows what the prefix resolved to. `allow_dirs`: a folder counts
-    too (a corpus given as a folder of parquet shards).
+    too (a corpus given as a folder of parquet shards), and a missing `<name>.json` falls back to the folder
+    `<name>` beside it: the reference saves the QReCC corpus as `corpus.json`, `embedder.data.download
+    qrecc-corpus` as parquet shards in `corpus/`, and `corpus: .../corpus.json` reads whichever is there.
     """
     if paths is None:
         return []
@@ -48,11 +50,17 @@ def resolve_files(paths: str | Iterable[str] | None, data_root: str | None, what
             out.extend(matches)
         elif os.path.isfile(resolved) or (allow_dirs and os.path.isdir(resolved)):
             out.append(resolved)
+        elif allow_dirs and resolved.endswith(".json") and os.path.isdir(resolved[:-len(".json")]):
+            out.append(resolved[:-len(".json")])  # the parquet shards' folder beside the missing corpus.json
         elif os.path.isdir(resolved):
             raise DataError(f"{what} '{raw}' is a directory, not a file", path=resolved,
                             hint=f"point {what} at a JSON-lines file inside it, or at a glob such as {resolved}/*.json")
         else:
-            raise FileNotFoundError(_missing_message(raw, resolved, data_root, what))
+            msg = _missing_message(raw, resolved, data_root, what)
+            if allow_dirs and resolved.endswith(".json"):
+                msg = msg.replace(". Check the path", f", nor a folder of parquet shards at {resolved[:-len('.json')]!r}"
+                                                     ". Check the path", 1)
+            raise FileNotFoundError(msg)
     return out
 
 

@@ -6,6 +6,7 @@ import contextlib
 import glob
 import logging
 import os
+import shutil
 from typing import Any
 
 import hydra
@@ -16,7 +17,7 @@ from embedder.atomic import MANIFEST, atomic_open, read_json, staged_export, wri
 from embedder.data.datamodule import RetrievalDataModule
 from embedder.data.tasks import build_task_settings, export_prompts
 from embedder.errors import DataError, model_load_errors
-from embedder.evaluation.eval_set import build_eval_sets
+from embedder.evaluation.eval_set import TRAINED_STORES, build_eval_sets
 from embedder.host_memory import tune_malloc
 from embedder.lit_module import RetrieverModule
 from embedder.model_card import model_card
@@ -75,8 +76,13 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         weight_decay=cfg.weight_decay, eval_sets=eval_sets,
         stop_on_nonfinite_loss=cfg.get("stop_on_nonfinite_loss", True))
     run_info = describe_run(cfg, datamodule)
-    if not eval_sets and cfg.get("optimized_metric"):  # nothing is validated: best_checkpoint keeps the latest
-        log.info("no eval set: %s is not computed; best_checkpoint keeps the latest state", cfg.optimized_metric)
+    selected_on = {f"val/{es.name}/" for es in eval_sets if es.during_fit}
+    monitored = cfg.get("optimized_metric")
+    if monitored and not any(str(monitored).startswith(prefix) for prefix in selected_on):
+        # nothing computes it during training (no eval set, or its set has during_fit: false, e.g.
+        # beir.eval_splits=[test]): best_checkpoint keeps the latest state instead of failing at the first save
+        log.info("%s is not computed during training (sets evaluated then: %s); best_checkpoint keeps the latest state",
+                 monitored, sorted(p[4:-1] for p in selected_on) or "none")
         with open_dict(cfg):
             cfg.optimized_metric = None
     # CSV hparams.yaml, TensorBoard hparams, the W&B run config: logged by a callback, in the process that runs the
@@ -101,9 +107,13 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     if cfg.train_data:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         _drop_zero3_hooks(trainer)
+        if cfg.get("export_state", "last") == "best":
+            load_best_state(module, callbacks, cfg.get("optimized_metric"), cfg.output_dir)
     after: dict[str, float] = {}
     if eval_sets:
         after = _validate(trainer, module, datamodule)
+    if trainer.is_global_zero:  # the trained weights' eval stores (kept for `after`) are not needed any more
+        shutil.rmtree(os.path.join(cfg.output_dir, TRAINED_STORES), ignore_errors=True)
 
     if cfg.export:
         # Under ZeRO-3 every rank holds a shard: gather the full weights on all ranks, write from rank 0.
@@ -261,6 +271,33 @@ def _check_checkpoint(path: str) -> str:
     if broken:
         raise DataError(f"the checkpoint is corrupt or truncated ({broken})", path=path, field="ckpt_path",
                         hint="resume from an earlier checkpoint (ckpt_path=<file>), or ckpt_path=null to start fresh")
+    return path
+
+
+def load_best_state(module: RetrieverModule, callbacks: list[Any], monitor: str | None, output_dir: str) -> str | None:
+    """`export_state=best`: load the weights of the best checkpoint by `monitor` into `module` (the `after`
+    evaluation and the export then use them); the last state stays when nothing was monitored or the checkpoint is
+    a DeepSpeed folder. Returns the checkpoint loaded, or None."""
+    import torch
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    if not monitor:
+        log.info("export_state=best: nothing was monitored during training; the last state is exported")
+        return None
+    cb = next((c for c in callbacks if isinstance(c, ModelCheckpoint) and c.monitor == monitor), None)
+    path = cb.best_model_path if cb is not None else ""
+    if not path and cb is not None and cb.dirpath:  # a ddp_spawn parent: its callback copy saw no save
+        found = sorted(glob.glob(os.path.join(cb.dirpath, f"{cb.filename or 'best'}*.ckpt")), key=os.path.getmtime)
+        path = found[-1] if found else ""
+    if not path or os.path.isdir(path):
+        log.info("export_state=best: no best checkpoint file for %s%s; the last state is exported", monitor,
+                 f" ({path} is a DeepSpeed folder)" if path else "")
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    module.load_state_dict(state["state_dict"])
+    score = cb.best_model_score if cb is not None else None
+    log.info("export_state=best: loaded %s (step %s, %s = %s); evaluating and exporting it", path,
+             state.get("global_step"), monitor, f"{float(score):.4f}" if score is not None else "?")
     return path
 
 

@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny random BERT (no download), the reference toy data, Hydra config composition."""
+"""Shared fixtures: a tiny random BERT (no download), toy data in the reference's formats, Hydra config composition."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-TOY = ROOT.parent / "shared" / "data" / "llm-embedder-toy"
 TOY_FILES = ["qa", "convsearch", "chat", "lrlm", "icl", "tool"]
+TOY_RECORDS = 8  # records per task, as many as the reference's toy files (research/llm_embedder/data/toy) hold
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -28,10 +28,22 @@ def read_jsonl(path) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+_TOY_DIR = Path(tempfile.mkdtemp(prefix="embedder-test-toy-"))
+
+
 def toy_path(name: str) -> str:
-    path = TOY / f"{name}.json"
+    """A toy training file in the reference's format for task family `name` (qa, convsearch, chat, lrlm, icl, tool):
+    the first 8 records of the bundled sample data's `<name>/train.json`, which has the reference toy files' fields
+    (pos/neg texts, pos_index/neg_index, teacher_scores, answers, history, task). Generated, so every clone runs the
+    tests that use it; the reference's own toy files are not needed."""
+    path = _TOY_DIR / f"{name}.json"
     if not path.exists():
-        pytest.skip(f"reference toy data not found at {path}")
+        src = ROOT / "embedder" / "sample_data" / name / "train.json"
+        with open(src) as f:
+            lines = [line for line in f if line.strip()][:TOY_RECORDS]
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(lines))
+        tmp.replace(path)
     return str(path)
 
 

@@ -129,11 +129,9 @@ def _snapshot(folder: str) -> dict[str, float]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("entry", ENTRY_POINTS)
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
-def test_bad_input_gives_one_clear_message(tmp_path, entry, case):
-    if entry not in case.entries:
-        pytest.skip(f"{case.name} does not apply to {entry}")
+@pytest.mark.parametrize("case,entry", [(c, e) for c in CASES for e in ENTRY_POINTS if e in c.entries],
+                         ids=[f"{c.name}-{e}" for c in CASES for e in ENTRY_POINTS if e in c.entries])
+def test_bad_input_gives_one_clear_message(tmp_path, entry, case):  # only the pairs a case applies to: no skips
     data = str(tmp_path / "data" / "input.json")
     os.makedirs(os.path.dirname(data))
     if case.content == "dir":
@@ -212,3 +210,31 @@ def test_other_errors_keep_their_traceback():
     with pytest.raises(KeyError):
         with reported_input_errors():
             raise KeyError("a bug")
+
+
+BAD_VALUES = [  # (command, override): each must stop at start with one line naming the key
+    ("train", "data.batch_size=-1"), ("train", "data.batch_size=0"), ("train", "data.group_size=0"),
+    ("train", "data.num_workers=-2"), ("train", "loss.temperature=0"), ("train", "loss.temperature=-0.5"),
+    ("train", "optimizer.lr=abc"), ("train", "optimizer.lr=0"), ("train", "loss.combine_rule=bogus"),
+    ("train", "trainer.max_epochs=-5"), ("train", "model.pooling=bogus"), ("train", "query_max_length=0"),
+    ("train", "key_max_length=-3"), ("train", "warmup_ratio=1.5"), ("train", "weight_decay=-1"),
+    ("train", "export_state=middle"), ("train", "data.batch_size=eight"), ("train", "trainer.max_steps=-7"),
+    ("mine", "hits=0"), ("mine", "max_neg_num=-1"), ("evaluate", "hits=-1"), ("evaluate", "retriever.batch_size=0"),
+]
+
+
+@pytest.mark.parametrize("entry,override", BAD_VALUES, ids=[f"{e}-{o}" for e, o in BAD_VALUES])
+def test_a_bad_config_value_is_one_line_naming_the_key(tmp_path, entry, override):
+    """Negative, zero, wrong type, unknown choice, out of range: exit 1 before any data or model is read, no
+    traceback, the key and what it allows named."""
+    data = str(tmp_path / "input.json")
+    with open(data, "w", encoding="utf-8") as f:
+        f.writelines(_base(entry))
+    cmd = _command(entry, data, str(tmp_path / "out")) + [override]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    key = override.split("=")[0]
+    assert proc.returncode == 1, f"exit {proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr and "Error in call to target" not in proc.stderr, proc.stderr[-3000:]
+    assert f"field '{key}'" in proc.stderr and f"{key} must be" in proc.stderr, proc.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "out" / "run"), "a run folder was made before the check"

@@ -189,7 +189,7 @@ def test_a_teacher_scores_the_candidates_and_training_distils_them(tmp_path, tin
     run_train(compose(overrides))  # a real fit with the distillation loss on
     distill = [float(r["train/loss_distill"]) for r in _metrics_rows(tmp_path) if r.get("train/loss_distill")]
     assert "already scored" in caplog.text and distill and np.isfinite(distill).all() and max(distill) > 0
-    assert "no eval set: val/dev/ndcg@10 is not computed" in caplog.text  # best_checkpoint monitors nothing
+    assert "val/dev/ndcg@10 is not computed during training" in caplog.text  # best_checkpoint monitors nothing
     caplog.clear()
     prepare_beir_run(compose([*overrides, "beir.teacher.max_candidates=2"]))
     assert "scoring again" in caplog.text
@@ -229,3 +229,70 @@ def test_other_ranks_wait_for_rank_0s_prepared_run(tmp_path):
     timer.start()
     assert _wait_for_rank0(run_path, "k1", poll_s=0.05)["train_file"] == "t.json"
     timer.join()
+
+
+def test_evaluation_costs_what_it_must_and_the_best_state_is_exported(tmp_path, tiny_bert, monkeypatch):
+    """task=beir over 2 epochs: dev and test share one corpus encoding per set of weights; test is evaluated before
+    and after training only; the final state's `after` re-encodes nothing (3 corpus encodings in all, not 7); with
+    export_state=best the export holds the best checkpoint's weights and `after` reports its dev score."""
+    import torch
+    from safetensors.torch import load_file
+
+    import embedder.evaluation.eval_set as eval_set
+    from embedder.training import run_train
+
+    encoded, evaluated = [], []
+    real_encode, real_retrieve = eval_set.encode_in_lockstep, eval_set.EvalSet._retrieve
+
+    def count_encode(encoder, jobs, units_per_rank, r, **kw):
+        encoded.extend(jobs[j].name for j, _ in units_per_rank[r])
+        return real_encode(encoder, jobs, units_per_rank, r, **kw)
+
+    def count_retrieve(self, encoder, metric, step, ident):
+        evaluated.append((self.name, step))
+        return real_retrieve(self, encoder, metric, step, ident)
+
+    monkeypatch.setenv("EMBEDDER_CACHE", str(tmp_path / "cache"))  # the untrained stores of no earlier test
+    monkeypatch.setattr(eval_set, "encode_in_lockstep", count_encode)
+    monkeypatch.setattr(eval_set.EvalSet, "_retrieve", count_retrieve)
+    folder = write_sample_beir(tmp_path / "beir")
+
+    def run(out: str, export_state: str):
+        encoded.clear()
+        evaluated.clear()
+        overrides = quick_overrides(tmp_path, tiny_bert, [
+            "task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[]", "data.group_size=1",
+            "trainer.max_steps=-1", "trainer.max_epochs=2", "+trainer.limit_train_batches=3", "optimizer.lr=1e-3",
+            "export=true", "report=false", f"output_dir={out}", f"export_state={export_state}"])
+        return run_train(compose(overrides))
+
+    after = run(str(tmp_path / "last"), "last")
+    # before: dev encodes the corpus, test reuses it; epochs 1 and 2: dev only; after: the last epoch's stores
+    assert encoded.count("dev corpus") + encoded.count("test corpus") == 3, encoded
+    names = [name for name, _ in evaluated]
+    assert names.count("test") == 2  # before and after only, never at a validation during training
+    assert names.count("dev") == 3  # before, epochs 1 and 2; `after` of the same weights reuses epoch 2's metrics
+    assert "val/test/ndcg@10" in after and not os.path.exists(tmp_path / "last" / "eval-encode")
+
+    best = run(str(tmp_path / "best"), "best")
+    rows = _metrics_rows_at(tmp_path / "best")
+    trained_dev = [float(r["val/dev/ndcg@10"]) for r in rows if r.get("val/dev/ndcg@10") and int(r["step"]) > 0]
+    ckpt = torch.load(tmp_path / "best" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    exported = load_file(str(tmp_path / "best" / "model.safetensors"))
+    prefix = "encoder.query_model."  # one model for queries and keys (shared weights)
+    state = {k[len(prefix):]: v for k, v in ckpt["state_dict"].items() if k.startswith(prefix)}
+    common = [k for k in exported if k in state]
+    assert common and all(torch.equal(exported[k], state[k]) for k in common)
+    last = torch.load(tmp_path / "best" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] < last["global_step"]  # dev ties keep the first best: an earlier state than the last
+    assert any(not torch.equal(exported[k], last["state_dict"][prefix + k]) for k in common)
+    assert best["val/dev/ndcg@10"] == pytest.approx(max(trained_dev), abs=1e-9)  # the best epoch's dev score
+
+
+def _metrics_rows_at(out):
+    import csv
+    import glob
+
+    (path,) = glob.glob(str(out / "csv" / "version_*" / "metrics.csv"))
+    with open(path) as f:
+        return list(csv.DictReader(f))

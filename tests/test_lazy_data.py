@@ -251,3 +251,25 @@ def test_gzipped_jsonl_streams_but_is_never_read_by_offset(tmp_path):
         dst.write(src.read()[:-30])
     with pytest.raises(DataError, match=r"(?s)cut.json.gz.*not a readable gzip file"):
         list(iter_jsonl(truncated))
+
+
+def test_a_corpus_json_path_reads_the_reference_file_else_the_parquet_folder(tmp_path):
+    """task=qrecc names `convsearch/qrecc/corpus.json` (the reference's layout); a download of parquet shards in
+    `corpus/` is read when there is no corpus.json; neither: the message names both."""
+    from embedder.paths import resolve_files
+
+    folder = tmp_path / "convsearch" / "qrecc"
+    (folder / "corpus").mkdir(parents=True)
+    pq.write_table(pa.table({"id": ["p0", "p1"], "text": ["parquet zero", "parquet one"]}),
+                   folder / "corpus" / "part-0.parquet")
+    with pytest.raises(FileNotFoundError) as err:
+        resolve_files("llm-embedder:convsearch/qrecc/corpus.txt.json", str(tmp_path), what="corpus", allow_dirs=True)
+    assert "corpus.txt.json" in str(err.value) and "parquet shards" in str(err.value)
+    (found,) = resolve_files("llm-embedder:convsearch/qrecc/corpus.json", str(tmp_path), what="corpus",
+                             allow_dirs=True)
+    assert found == str(folder / "corpus") and open_corpus(found, "{text}")[1] == "parquet one"
+    (folder / "corpus.json").write_text("".join(json.dumps({"id": f"j{i}", "text": f"json {i}"}) + "\n"
+                                                for i in range(3)))
+    (found,) = resolve_files("llm-embedder:convsearch/qrecc/corpus.json", str(tmp_path), what="corpus",
+                             allow_dirs=True)
+    assert found == str(folder / "corpus.json") and len(open_corpus(found, "{text}")) == 3

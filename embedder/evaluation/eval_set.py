@@ -13,8 +13,18 @@ How a retrieval eval set is evaluated on W ranks (W = 1 outside a process group)
 
 The stores of the untrained encoder are cached under `$EMBEDDER_CACHE/eval-encode`, keyed by a hash of its weights,
 the texts, the instruction and the length limit: `evaluate_before` costs one corpus encode per model, not one per run.
-Stores of trained weights go to `work_dir/eval-encode/step-<n>` and are deleted once scored. A rerank set (`mode: rerank`) scores
-each record's own candidates and needs no corpus.
+Stores of trained weights go to `work_dir/eval-encode/<hash of the weights>` (`step-<n>` under ZeRO-3, whose
+partitioned weights cannot be hashed on one rank). What each evaluation costs is what it must:
+
+- eval sets that share a corpus, key template, instruction and length limit (a BEIR folder's dev and test) share
+  one corpus encoding per set of weights: the second set finds the first one's stores complete;
+- the stores of the latest trained weights are kept until the next validation (`keep_stores`) and deleted at the
+  end of the run (`release_trained_stores`), so evaluating the final state again after training (`after`, the
+  export's numbers) encodes nothing; with `keep_stores: false` (a 54M-passage corpus) they go after each validation;
+- a set evaluated twice with the same weights returns its first metrics (no search, no scoring);
+- a set with `during_fit: false` (a test split) is evaluated before and after training, never for selection.
+
+A rerank set (`mode: rerank`) scores each record's own candidates and needs no corpus.
 """
 
 from __future__ import annotations
@@ -43,6 +53,7 @@ from embedder.retrieval.faiss_index import FaissIndex, merge_topk
 log = logging.getLogger("embedder.evaluation")
 
 MODES = {"retrieval": "retrieve", "retrieve": "retrieve", "rerank": "rerank"}
+TRAINED_STORES = "eval-encode"  # work_dir/<this>: the stores of trained weights, deleted at the end of the run
 
 
 def _peak_rss_mb() -> int:
@@ -84,6 +95,10 @@ class EvalSet:
         token_cache: keep the corpus's token ids under `$EMBEDDER_CACHE/tokens`: every evaluation after the first
             reads them instead of tokenising.
         work_dir: where the stores of trained steps go (`output_dir`); None: a folder under `$EMBEDDER_CACHE`.
+        during_fit: evaluate this set at the validations during training (false: only before and after, e.g. a test
+            split that nothing may be selected on).
+        keep_stores: keep the latest trained weights' stores until the next validation (the final state's
+            evaluation after training then encodes nothing); false: delete them after each validation (disk).
     """
 
     def __init__(self, name: str, eval_data: str, corpus: str | None, instruction: Instruction,
@@ -93,7 +108,7 @@ class EvalSet:
                  batch_size: int = 128, batch_tokens: int | str = "auto", num_workers: int = 0, token_cache: bool = True,
                  index_factory: str = "Flat", search_params: Mapping[str, float] | None = None,
                  use_gpu: bool | str = "auto", train_sample: int = 100_000, shard_size: int = 100_000,
-                 work_dir: str | None = None):
+                 work_dir: str | None = None, during_fit: bool = True, keep_stores: bool = True):
         if mode not in MODES:
             raise ValueError(f"eval.{name}.mode={mode!r}; valid: retrieval, rerank")
         self.name, self.instruction = name, instruction
@@ -101,6 +116,7 @@ class EvalSet:
         self.batch_tokens, self.num_workers, self.token_cache = batch_tokens, int(num_workers), bool(token_cache)
         self.index_factory, self.search_params, self.use_gpu = index_factory, dict(search_params or {}), use_gpu
         self.train_sample, self.shard_size, self.work_dir = int(train_sample), int(shard_size), work_dir
+        self.during_fit, self.keep_stores = bool(during_fit), bool(keep_stores)
         (queries_path,) = resolve_files(eval_data, data_root, what=f"eval.{name}.eval_data")
         corpus_path = resolve_files(corpus, data_root, what=f"eval.{name}.corpus", allow_dirs=True)[0] if corpus else None
         self.corpus = open_corpus(corpus_path, key_template) if corpus_path else None  # read on access
@@ -110,6 +126,8 @@ class EvalSet:
             metrics=list(metrics), cutoffs=list(cutoffs), hits=int(hits), index_factory=index_factory,
             metric="cos", mode=MODES[mode], corpus_path=corpus_path, queries_path=queries_path)
         self.preds: dict | None = None
+        self._scored: tuple[str, dict[str, float], dict] | None = None  # (weights hash, metrics, preds) of the last call
+        self.trained_folders: set[str] = set()  # trained weights' store folders this set used (release_trained_stores)
         self.training_run = False  # set by run_train: only the untrained weights' stores are kept
         self.initial_identity: dict[str, Any] | None = None  # set by run_train: the untrained weights' identity
 
@@ -119,37 +137,50 @@ class EvalSet:
         corpus stores are cached across runs when `initial_identity` is set)."""
         metric = "cos" if encoder.normalize else "ip"
         self.evaluator.metric = metric
+        ident = encoder_identity(encoder)  # None under ZeRO-3: every rank gets None, so every rank takes one path
+        if ident is not None and self._scored is not None and self._scored[0] == ident["weights"]:
+            log.info("eval %s: these weights were evaluated already (step %s); reusing their metrics", self.name, step)
+            self.preds = self._scored[2]
+            return dict(self._scored[1])
         if self.evaluator.mode == "rerank":
             self._encoder = encoder
             try:
                 metrics, self.preds = self.evaluator.evaluate()
             finally:
                 self._encoder = None
-            return metrics
-        self.preds = self._retrieve(encoder, metric, step)
-        return self.evaluator.score(self.preds)
+        else:
+            self.preds = self._retrieve(encoder, metric, step, ident)
+            metrics = self.evaluator.score(self.preds)
+        self._scored = (ident["weights"], dict(metrics), self.preds) if ident is not None else None
+        return metrics
 
-    def _stores(self, encoder, step: int | None) -> tuple[str, dict[str, Any], bool]:
+    def _stores(self, ident: dict[str, Any] | None, step: int | None) -> tuple[str, dict[str, Any], bool]:
         """(folder, identity of the weights, whether the folder is a cache to keep).
 
         Keyed by a hash of the weights (not the step, which a `ddp_spawn` parent does not see): the untrained
         encoder's stores (`initial_identity`) and those of an encoder evaluated outside training are cached; a
-        trained step's stores go to `work_dir` and are deleted once scored, as are all stores under ZeRO-3, whose
-        partitioned weights cannot be hashed on one rank.
+        trained state's stores go to `work_dir/eval-encode/<weights hash>`, shared by the sets of a validation and
+        kept for a later evaluation of the same weights until `release_trained_stores`. Under ZeRO-3 (no hash) the
+        folder is named by the step.
         """
-        ident = encoder_identity(encoder)
         if ident is not None and (not self.training_run or ident == self.initial_identity):
             return os.path.join(cache_root(), "eval-encode"), ident, True
-        base = self.work_dir or os.path.join(cache_root(), "eval-runs")
-        return os.path.join(base, "eval-encode", f"step-{step}"), ident or {"step": step}, False
+        base = os.path.join(self.work_dir or os.path.join(cache_root(), "eval-runs"), TRAINED_STORES)
+        if ident is not None:
+            return os.path.join(base, ident["weights"][:16]), ident, False
+        return os.path.join(base, f"step-{step}"), {"step": step}, False
 
-    def _retrieve(self, encoder, metric: str, step: int | None) -> dict:
+    def _retrieve(self, encoder, metric: str, step: int | None, ident: dict[str, Any] | None) -> dict:
         W, r = world_size(), rank()
-        folder, identity, cached = self._stores(encoder, step)
-        if not cached:  # a crash may have left a half-written folder of the same name: start clean
+        folder, identity, cached = self._stores(ident, step)
+        if not cached and ident is None and folder not in self.trained_folders:
+            # a step folder (no weights hash) may hold a crashed run's half-written stores of other weights: start
+            # clean. A hash-named folder only ever holds these weights' stores, and its finished shards are reused.
             if r == 0:
                 shutil.rmtree(folder, ignore_errors=True)
             _barrier()
+        if not cached:
+            self.trained_folders.add(folder)
         inst = self.instruction
         queries = [inst.query + q.text for q in self.evaluator.queries]
         jobs = [EncodeJob(f"{self.name} corpus", prefixed(self.corpus, inst.key), "", kind="key",
@@ -198,9 +229,6 @@ class EvalSet:
         log.info("eval %s rank %d/%d step %s: encoded %d shard(s) in %.1f s, indexed %d rows in %.1f s, searched %d "
                  "queries in %.1f s, peak RSS %d MB", self.name, r, W, step, len(units_per_rank[r]), t_encode, n_rows,
                  t_index, len(q_emb), time.monotonic() - t0 - t_index, _peak_rss_mb())
-        _barrier()  # every rank has searched before the step stores go
-        if not cached and r == 0:
-            shutil.rmtree(folder, ignore_errors=True)
         return {q.qid: [int(i) for i in row if i >= 0] for q, row in zip(self.evaluator.queries, ids)}
 
     # ------------------------------------------------------------------------------------------------ rerank
@@ -224,6 +252,22 @@ class EvalSet:
         gathered = [torch.empty_like(local) for _ in range(world)]
         torch.distributed.all_gather(gathered, local)
         return torch.cat([g[:n] for g, n in zip(gathered, sizes)]).cpu().numpy()  # (N, d)
+
+
+def release_trained_stores(eval_sets: list[EvalSet], keep_latest: bool = False) -> None:
+    """Delete the trained weights' store folders the sets used (rank 0, after every rank is done with them); with
+    `keep_latest`, the folders of the validation that just ended stay for a later evaluation of the same weights,
+    for the sets whose `keep_stores` allows it. Called at each validation's end and at the end of the run."""
+    _barrier()
+    keep = {f for es in eval_sets if keep_latest and es.keep_stores and es._scored is not None
+            for f in es.trained_folders if f.endswith(es._scored[0][:16])}
+    for es in eval_sets:
+        gone = es.trained_folders - keep
+        if rank() == 0:
+            for folder in gone:
+                shutil.rmtree(folder, ignore_errors=True)
+        es.trained_folders -= gone
+    _barrier()
 
 
 def build_eval_sets(eval_cfg: Mapping[str, Any] | None, tasks: dict[str, TaskSettings], data_root: str | None,
