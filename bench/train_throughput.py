@@ -205,6 +205,27 @@ def worker(side: str, args: dict, queue) -> None:
     queue.put({"side": side, **out})
 
 
+def side_result(side: str, proc, q) -> dict:
+    """The side's result, or exit with the child's status when it died without one (OOM-killed, a crash): never a
+    parent blocked forever on the queue of a dead child."""
+    import queue
+
+    while True:
+        try:
+            result = q.get(timeout=1.0)
+            proc.join()
+            return result
+        except queue.Empty:
+            if not proc.is_alive():
+                try:  # it may have put its result just before exiting
+                    return q.get(timeout=1.0)
+                except queue.Empty:
+                    code = proc.exitcode
+                    why = f"killed by signal {-code}" if code is not None and code < 0 else f"exit status {code}"
+                    sys.exit(f"error: the {side} side's process died without a result ({why}; an OOM kill shows "
+                             f"as signal 9)")
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="minilm", help="`minilm` (bundled), `bert-base` (random weights) or a folder")
@@ -228,8 +249,7 @@ def main(argv=None) -> dict:
         q = ctx.Queue()
         proc = ctx.Process(target=worker, args=(side, args, q))
         proc.start()
-        results[side] = q.get()
-        proc.join()
+        results[side] = side_result(side, proc, q)
     shape = (f"model={args['model']} device={args['device']} precision={args['precision']} B={args['batch']} "
              f"G={args['group']} max_len={args['qlen']}/{args['klen']} lengths={args['lengths']} "
              f"grad_ckpt={args['grad_ckpt']} warmup={args['warmup']} steps={args['steps']}")

@@ -31,11 +31,13 @@ def run_entry(config_name: str, run: Callable[[Any], Any]) -> None:
     """Run `run(cfg)` as a Hydra command on configs/<config_name>.yaml (see the module docstring)."""
     import hydra
 
+    from embedder import stopping
     from embedder.bundled import register_resolvers
     from embedder.config_check import apply_deprecated_aliases, check_values, exit_on_unknown_keys, migrate_renamed_keys
     from embedder.errors import reported_input_errors
 
     register_resolvers()
+    stopping.install()  # SIGTERM: stop between units of work, exit 143 (Lightning chains this handler)
     apply_deprecated_aliases(config_name)  # renamed keys: the old spelling works for one release, with a warning
     exit_on_unknown_keys(config_name)
 

@@ -104,6 +104,18 @@ def _reportable(exc: BaseException | None) -> BaseException | None:
     return None
 
 
+def _is_stop(exc: BaseException) -> bool:
+    """A stop on SIGTERM: ours (embedder.stopping), or Lightning's at a batch boundary (SIGTERMException)."""
+    from embedder.stopping import StopRequested
+
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, StopRequested) or type(exc).__name__ == "SIGTERMException":
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
 def _message(exc: BaseException) -> str:
     import errno
 
@@ -133,6 +145,14 @@ class reported_input_errors:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if exc is not None and _is_stop(exc):  # SIGTERM: one line, exit 143 (embedder.stopping)
+            import sys
+
+            from embedder.stopping import EXIT_STATUS
+
+            print(f"stopped: {exc if str(exc) else 'stopped on SIGTERM'}; finished work is kept on disk (rerun to "
+                  "reuse it; ckpt_path=last resumes training)", file=sys.stderr)
+            raise SystemExit(EXIT_STATUS) from None
         found = _reportable(exc)
         if found is not None:
             import sys

@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from embedder import stopping
 from embedder.errors import model_load_errors
 from embedder.scoring.templates import Template
 
@@ -335,6 +336,7 @@ class LMScorer:
         scores = np.zeros(len(encoded), dtype=np.float64)
         with torch.inference_mode():
             for batch in self.batches(encoded, packed=packed):
+                stopping.check("scoring")  # between batches: finished parts stay and are reused
                 rows = [encoded[i] for i in batch]
                 logp = self._answer_logp_packed(rows) if packed else self._answer_logp_padded(rows)  # (N,) summed
                 n_answer = np.array([r.n_answer for r in rows], dtype=np.float64)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from embedder import stopping
 from embedder.atomic import write_json
 from embedder.data.corpus import texts_fingerprint
 from embedder.data.encode_batches import (
@@ -276,6 +277,7 @@ class EncodeModule(L.LightningModule):
         self._writer.check_done()
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> int:
+        stopping.check("encoding")  # between batches: finished shards stay and are reused
         emb = self.encoder.encode(model_inputs(batch), self.kinds[int(batch["job"])]).float().cpu().numpy()  # (b, D)
         self._writer.add(batch, emb)
         return emb.shape[0]  # not collected (return_predictions=False); None would make Lightning warn
@@ -332,6 +334,7 @@ def encode_in_lockstep(encoder: torch.nn.Module, jobs: list[EncodeJob], units_pe
         progress = Progress(f"encoding {job.name} (rank {rank})", mine.num_texts, unit="texts", logger=log)
         done = 0
         for batch in batches:
+            stopping.check(f"encoding {job.name}")  # between batches: finished shards stay and are reused
             emb = encoder.encode(model_inputs(batch, device), job.kind).float().cpu().numpy()  # (b, D)
             writer.add(batch, emb)
             progress.update(len(emb))
