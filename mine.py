@@ -7,7 +7,6 @@ Composes the config (`embedder.cli.run_entry`: key check, Hydra, one-line errors
 """
 
 from embedder.cli import run_entry
-from embedder.mining.run import run_mine
 
 if __name__ == "__main__":
-    run_entry("mine", run_mine)
+    run_entry("mine", "embedder.mining.run:run_mine")  # imported once the config is checked

@@ -7,7 +7,6 @@ With no arguments it scores a few records of the bundled sample data with the bu
 """
 
 from embedder.cli import run_entry
-from embedder.scoring.run import run_score
 
 if __name__ == "__main__":
-    run_entry("score", run_score)
+    run_entry("score", "embedder.scoring.run:run_score")  # imported once the config is checked

@@ -5,7 +5,6 @@ Composes the config (`embedder.cli.run_entry`: key check, Hydra, one-line errors
 """
 
 from embedder.cli import run_entry
-from embedder.training import run_train
 
 if __name__ == "__main__":
-    run_entry("train", run_train)
+    run_entry("train", "embedder.training:run_train")  # imported once the config is checked

@@ -27,8 +27,10 @@ def optimized_value(cfg: Any, result: Any) -> float | None:
     return result.get(key[len("val/"):] if key.startswith("val/") else key)
 
 
-def run_entry(config_name: str, run: Callable[[Any], Any]) -> None:
-    """Run `run(cfg)` as a Hydra command on configs/<config_name>.yaml (see the module docstring)."""
+def run_entry(config_name: str, run: Callable[[Any], Any] | str) -> None:
+    """Run `run(cfg)` as a Hydra command on configs/<config_name>.yaml (see the module docstring). `run` may be named
+    as `"module:function"`: it is imported after the config is checked, so a bad key or value is reported in a
+    second, without importing torch and the model stack first."""
     import hydra
 
     from embedder import stopping
@@ -47,7 +49,22 @@ def run_entry(config_name: str, run: Callable[[Any], Any]) -> None:
             print(warning, file=sys.stderr)
         with reported_input_errors():
             check_values(cfg)  # bad values: one line naming the key, before any data or model is read
-            result = run(cfg)
+            if isinstance(run, str):
+                import importlib
+                import logging
+
+                module, _, name = run.partition(":")
+                fn = getattr(importlib.import_module(module), name)
+                # Lightning imported after Hydra set up logging propagates its records to Hydra's root handlers,
+                # and the `lightning` package logger also prints them with its own console handler: each line
+                # would show twice. Hydra's handlers (console and the job's log file) are the ones to keep.
+                if logging.getLogger().handlers:
+                    lg = logging.getLogger("lightning")
+                    for h in [h for h in lg.handlers if type(h) is logging.StreamHandler]:
+                        lg.removeHandler(h)
+                result = fn(cfg)
+            else:
+                result = run(cfg)
         return optimized_value(cfg, result)
 
     main()

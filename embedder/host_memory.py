@@ -44,10 +44,19 @@ def _glibc():
 
 
 class MallocTrim(Callback):
-    """`malloc_trim(0)` every `every_n_steps` training steps; 0 = never (glibc only; elsewhere nothing)."""
+    """`malloc_trim(0)` every `every_n_steps` training steps (0 = never) and, with `after_validation`, once after each
+    evaluation, whose encode batches (length-sorted, every one its own shape) leave the heap fragmented before
+    training resumes; once per evaluation costs nothing measurable. glibc only; elsewhere nothing."""
 
-    def __init__(self, every_n_steps: int = 0):
+    def __init__(self, every_n_steps: int = 0, after_validation: bool = True):
         self.every_n_steps = max(0, int(every_n_steps))
+        self.after_validation = bool(after_validation)
+
+    def on_validation_end(self, trainer, pl_module):
+        if self.after_validation:
+            libc = _glibc()
+            if libc is not None:
+                libc.malloc_trim(0)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
