@@ -116,10 +116,13 @@ def run_child(cmd: list[str], log_path: str, cache: str | None = None) -> dict[s
 
 
 def test_ndcg(model_dir: str, paths: dict[str, str], out_dir: str) -> float:
-    """nDCG@10 on test.json with embedder's evaluator (the same for every side; graded where the qrels are)."""
+    """nDCG@10 on test.json with embedder's evaluator (the same for every side; graded where the qrels are), at the
+    lengths every side trains with (256/256: without them `embedder.evaluate` takes its default task's 64/128)."""
+    out_dir += "-256"
     cmd = [sys.executable, "-m", "embedder.evaluate", "model=minilm", f"model_path={model_dir}",
            f"eval_data={paths['test']}", f"corpus={paths['corpus']}", "eval_name=test", "metrics=[ndcg]",
-           "cutoffs=[10]", f"output_dir={out_dir}", "trainer=cpu"]
+           "cutoffs=[10]", f"output_dir={out_dir}", "trainer=cpu", "version=none", "query_max_length=256",
+           "key_max_length=256"]
     if not os.path.isfile(os.path.join(out_dir, "metrics.json")):  # reused when a rerun finds it
         run_child(cmd, out_dir + ".log", cache=os.path.join(os.path.dirname(out_dir), "score-cache"))
     with open(os.path.join(out_dir, "metrics.json")) as f:
@@ -215,6 +218,12 @@ def _ms(vals: list[float]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def _save(results: dict, out: str, path: str) -> None:
+    with tempfile.NamedTemporaryFile("w", dir=out, delete=False) as f:
+        json.dump(results, f, indent=1)
+    os.replace(f.name, path)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", nargs="+", help="BEIR folders (e.g. ../shared/data/scifact-train)")
@@ -224,6 +233,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--table", action="store_true", help="print the table of results.json and stop")
+    parser.add_argument("--rescore", action="store_true", help="score every finished run again with test_ndcg")
     parser.add_argument("--child-plain", help=argparse.SUPPRESS)  # internal: a plain side's own process
     args = parser.parse_args()
     if args.child_plain:
@@ -234,6 +244,20 @@ def main() -> None:
     results_path = os.path.join(args.out, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
     if args.table:
+        print(table(results))
+        return
+    if args.rescore:  # after a change to the scoring: every recorded run's export, scored again
+        for ds, by_seed in results.items():
+            for seed, runs in by_seed.items():
+                work = os.path.join(args.out, ds, f"seed{seed}")
+                paths = prepared_split(os.path.join(work, "folder"), os.path.join(work, "prepared"))
+                for name, r in runs.items():
+                    from embedder.bundled import minilm_path
+
+                    model_dir = minilm_path() if name == "base" else os.path.join(work, name)
+                    r["ndcg@10"] = test_ndcg(model_dir, paths, os.path.join(work, name) + "-test")
+                    print(ds, seed, name, r["ndcg@10"], flush=True)
+                    _save(results, args.out, results_path)
         print(table(results))
         return
     variants = {}
@@ -274,9 +298,7 @@ def main() -> None:
                 score = test_ndcg(model_dir, paths, run + "-test")
                 done[name] = {"overrides": overrides, **cost, "ndcg@10": score}
                 print(ds, seed, name, done[name], flush=True)
-                with tempfile.NamedTemporaryFile("w", dir=args.out, delete=False) as f:
-                    json.dump(results, f, indent=1)
-                os.replace(f.name, results_path)
+                _save(results, args.out, results_path)
     print(table(results))
 
 
