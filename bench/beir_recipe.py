@@ -52,6 +52,9 @@ VARIANTS = {  # name -> overrides of task=beir
     "group2": ["data.group_size=2"],                                   # 1 hard negative per query instead of 2
     "hybrid": ["beir.negatives.retrievers=[bm25,dense]"],              # BM25 and the model's own negatives, merged
     "epochs4": ["trainer.max_epochs=4"],                               # twice the passes (best by dev exported)
+    "dropout": ["model.attention_dropout=null"],                       # the checkpoint's attention dropout (0.1)
+    "inbatch": ["beir.negatives.retrievers=[]", "data.group_size=1"],  # no mined negatives: in-batch only
+    "nomargin": ["beir.negatives.relative_margin=null"],               # no false-negative filter
 }
 PLAIN_SIDES = ("plain", "plain-inbatch")
 DEV_FRACTION, TEST_FRACTION = 0.1, 0.2
@@ -263,6 +266,9 @@ def main() -> None:
     variants = {}
     for item in args.only or ["base", "plain", "plain-inbatch", "recipe"]:
         name, _, rest = item.partition(":")
+        if not rest and name not in VARIANTS and name not in ("base", *PLAIN_SIDES):
+            sys.exit(f"unknown variant {name!r}: use one of {sorted(VARIANTS)}, base, {', '.join(PLAIN_SIDES)}, "
+                     f"or name:override ...")
         variants[name] = rest.split() if rest else VARIANTS.get(name, [])
     for seed in args.seeds:  # seed-major: every dataset gets its first seed before any gets its second
         for data in args.data:
