@@ -29,6 +29,7 @@ A rerank set (`mode: rerank`) scores each record's own candidates and needs no c
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -126,7 +127,7 @@ class EvalSet:
             metrics=list(metrics), cutoffs=list(cutoffs), hits=int(hits), index_factory=index_factory,
             metric="cos", mode=MODES[mode], corpus_path=corpus_path, queries_path=queries_path)
         self.preds: dict | None = None
-        self._scored: tuple[str, dict[str, float], dict] | None = None  # (weights hash, metrics, preds) of the last call
+        self._scored: tuple[str, dict[str, float], dict] | None = None  # (identity, metrics, preds) of the last call
         self.trained_folders: set[str] = set()  # trained weights' store folders this set used (release_trained_stores)
         self.training_run = False  # set by run_train: only the untrained weights' stores are kept
         self.initial_identity: dict[str, Any] | None = None  # set by run_train: the untrained weights' identity
@@ -138,7 +139,8 @@ class EvalSet:
         metric = "cos" if encoder.normalize else "ip"
         self.evaluator.metric = metric
         ident = encoder_identity(encoder)  # None under ZeRO-3: every rank gets None, so every rank takes one path
-        if ident is not None and self._scored is not None and self._scored[0] == ident["weights"]:
+        key = json.dumps(ident, sort_keys=True, default=str) if ident is not None else None  # weights and settings
+        if key is not None and self._scored is not None and self._scored[0] == key:
             log.info("eval %s: these weights were evaluated already (step %s); reusing their metrics", self.name, step)
             self.preds = self._scored[2]
             return dict(self._scored[1])
@@ -151,7 +153,7 @@ class EvalSet:
         else:
             self.preds = self._retrieve(encoder, metric, step, ident)
             metrics = self.evaluator.score(self.preds)
-        self._scored = (ident["weights"], dict(metrics), self.preds) if ident is not None else None
+        self._scored = (key, dict(metrics), self.preds) if key is not None else None
         return metrics
 
     def _stores(self, ident: dict[str, Any] | None, step: int | None) -> tuple[str, dict[str, Any], bool]:
@@ -260,7 +262,7 @@ def release_trained_stores(eval_sets: list[EvalSet], keep_latest: bool = False) 
     for the sets whose `keep_stores` allows it. Called at each validation's end and at the end of the run."""
     _barrier()
     keep = {f for es in eval_sets if keep_latest and es.keep_stores and es._scored is not None
-            for f in es.trained_folders if f.endswith(es._scored[0][:16])}
+            for f in es.trained_folders if f.endswith(json.loads(es._scored[0])["weights"][:16])}
     for es in eval_sets:
         gone = es.trained_folders - keep
         if rank() == 0:
