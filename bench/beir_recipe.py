@@ -236,7 +236,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--table", action="store_true", help="print the table of results.json and stop")
-    parser.add_argument("--rescore", action="store_true", help="score every finished run again with test_ndcg")
+    parser.add_argument("--rescore", action="store_true", help="score finished runs again with test_ndcg (--only: "
+                        "those sides)")
     parser.add_argument("--child-plain", help=argparse.SUPPRESS)  # internal: a plain side's own process
     args = parser.parse_args()
     if args.child_plain:
@@ -255,6 +256,8 @@ def main() -> None:
                 work = os.path.join(args.out, ds, f"seed{seed}")
                 paths = prepared_split(os.path.join(work, "folder"), os.path.join(work, "prepared"))
                 for name, r in runs.items():
+                    if args.only and name not in args.only:
+                        continue
                     from embedder.bundled import minilm_path
 
                     model_dir = minilm_path() if name == "base" else os.path.join(work, name)
