@@ -159,18 +159,24 @@ def plain_finetune(paths: dict[str, str], out_dir: str, hard_negatives: bool, ep
     model = SentenceTransformer(minilm_path(), device="cpu")
     model.max_seq_length = 256
     print("before", evaluator(model), flush=True)
-    rng = random.Random(seed)
     train = _jsonl(paths["train"])
-    rows = {"anchor": [], "positive": []}
-    for _ in range(epochs):  # one (query, positive) row per query and epoch, the positive drawn at random
-        for rec in train:
-            rows["anchor"].append(rec["query"])
-            rows["positive"].append(rng.choice(rec["pos"]))
-    dataset = Dataset.from_dict(rows)
+    # every (query, positive) pair once: mine_hard_negatives de-duplicates queries (a query's other positives are
+    # never its negatives) and collapses repeated pairs, so the epochs are drawn after mining, not before
+    pairs = Dataset.from_dict({"anchor": [r["query"] for r in train for _ in r["pos"]],
+                               "positive": [p for r in train for p in r["pos"]]})
     if hard_negatives:
-        dataset = mine_hard_negatives(dataset, model, corpus=corpus, range_min=10, range_max=60,
-                                      num_negatives=3, sampling_strategy="top",
-                                      output_format="n-tuple", batch_size=64, use_faiss=False, verbose=False)
+        pairs = mine_hard_negatives(pairs, model, corpus=corpus, range_min=10, range_max=60, num_negatives=3,
+                                    sampling_strategy="top", output_format="n-tuple", batch_size=64, use_faiss=False,
+                                    verbose=False)
+    by_query: dict[str, list[int]] = {}
+    for i, anchor in enumerate(pairs["anchor"]):
+        by_query.setdefault(anchor, []).append(i)
+    rng = random.Random(seed)
+    rows = [rng.choice(by_query[r["query"]]) for _ in range(epochs) for r in train if r["query"] in by_query]
+    dropped = sum(1 for r in train if r["query"] not in by_query)
+    print(f"plain: {len(pairs)} mined rows for {len(by_query)} queries ({dropped} left without a row); "
+          f"{len(rows)} training rows over {epochs} epochs", flush=True)
+    dataset = pairs.select(rows)  # one (query, positive[, negatives]) row per query and epoch, positive at random
     args = SentenceTransformerTrainingArguments(
         output_dir=out_dir + "-ckpt", num_train_epochs=1, per_device_train_batch_size=batch_size,
         learning_rate=2e-5, warmup_ratio=0.1, seed=seed, batch_sampler=BatchSamplers.NO_DUPLICATES,
