@@ -108,7 +108,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         _drop_zero3_hooks(trainer)
         if cfg.get("export_state", "last") == "best":
-            load_best_state(module, callbacks, cfg.get("optimized_metric"), cfg.output_dir)
+            load_best_state(module, callbacks, cfg.get("optimized_metric"))
     after: dict[str, float] = {}
     if eval_sets:
         after = _validate(trainer, module, datamodule)
@@ -274,7 +274,7 @@ def _check_checkpoint(path: str) -> str:
     return path
 
 
-def load_best_state(module: RetrieverModule, callbacks: list[Any], monitor: str | None, output_dir: str) -> str | None:
+def load_best_state(module: RetrieverModule, callbacks: list[Any], monitor: str | None) -> str | None:
     """`export_state=best`: load the weights of the best checkpoint by `monitor` into `module` (the `after`
     evaluation and the export then use them); the last state stays when nothing was monitored or the checkpoint is
     a DeepSpeed folder. Returns the checkpoint loaded, or None."""
