@@ -129,6 +129,7 @@ class EvalSet:
         self.preds: dict | None = None
         self._scored: tuple[str, dict[str, float], dict] | None = None  # (identity, metrics, preds) of the last call
         self.trained_folders: set[str] = set()  # trained weights' store folders this set used (release_trained_stores)
+        self.latest_folder: str | None = None  # the hash-named folder of the weights scored last (kept by release)
         self.training_run = False  # set by run_train: only the untrained weights' stores are kept
         self.initial_identity: dict[str, Any] | None = None  # set by run_train: the untrained weights' identity
 
@@ -183,6 +184,8 @@ class EvalSet:
             _barrier()
         if not cached:
             self.trained_folders.add(folder)
+        # step folders (ZeRO-3) and the untrained weights' cache are never kept by release_trained_stores
+        self.latest_folder = folder if not cached and ident is not None else None
         inst = self.instruction
         queries = [inst.query + q.text for q in self.evaluator.queries]
         jobs = [EncodeJob(f"{self.name} corpus", prefixed(self.corpus, inst.key), "", kind="key",
@@ -261,8 +264,7 @@ def release_trained_stores(eval_sets: list[EvalSet], keep_latest: bool = False) 
     `keep_latest`, the folders of the validation that just ended stay for a later evaluation of the same weights,
     for the sets whose `keep_stores` allows it. Called at each validation's end and at the end of the run."""
     _barrier()
-    keep = {f for es in eval_sets if keep_latest and es.keep_stores and es._scored is not None
-            for f in es.trained_folders if f.endswith(json.loads(es._scored[0])["weights"][:16])}
+    keep = {es.latest_folder for es in eval_sets if keep_latest and es.keep_stores and es.latest_folder}
     for es in eval_sets:
         gone = es.trained_folders - keep
         if rank() == 0:
