@@ -35,7 +35,6 @@ nDCG@10, the paired difference against `plain` (mean +- spread), and the CPU and
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import random
@@ -61,23 +60,17 @@ DEV_FRACTION, TEST_FRACTION = 0.1, 0.2
 
 
 # ------------------------------------------------------------------------------------------------ the splits
-def _read_qrels(path: str) -> list[tuple[str, str, str]]:
-    with open(path, newline="") as f:
-        rows = list(csv.reader(f, delimiter="\t"))
-    if rows and not rows[0][-1].lstrip("-").isdigit():  # the header
-        rows = rows[1:]
-    return [(r[0], r[1], r[2]) for r in rows if len(r) >= 3]
-
-
 def split_folder(src: str, seed: int, dst: str) -> str:
     """`dst`: a BEIR folder with src's corpus and queries (symlinks) and qrels/{train,dev,test}.tsv, the queries of
     every split src has, shuffled with `seed` and cut 70/10/20. Written once (qrels last, atomically)."""
     qrels_dir = os.path.join(dst, "qrels")
     if os.path.isfile(os.path.join(qrels_dir, "test.tsv")):
         return dst
-    rows = []
-    for name in sorted(os.listdir(os.path.join(src, "qrels"))):
-        rows += _read_qrels(os.path.join(src, "qrels", name))
+    sys.path.insert(0, ROOT)
+    from embedder.evaluation.beir import read_qrels  # the project's own qrels reader (header, 3 or 4 columns)
+
+    rows = [(q, d, g) for name in sorted(os.listdir(os.path.join(src, "qrels")))
+            for q, docs in read_qrels(os.path.join(src, "qrels", name)).items() for d, g in docs.items()]
     qids = sorted({q for q, _, _ in rows})
     random.Random(seed).shuffle(qids)
     n_dev, n_test = round(len(qids) * DEV_FRACTION), round(len(qids) * TEST_FRACTION)
