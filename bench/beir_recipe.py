@@ -113,7 +113,7 @@ def run_child(cmd: list[str], log_path: str, cache: str | None = None) -> dict[s
 
 def test_ndcg(model_dir: str, paths: dict[str, str], out_dir: str) -> float:
     """nDCG@10 on test.json with embedder's evaluator (the same for every side; graded where the qrels are), at the
-    lengths every side trains with (256/256: without them `embedder.evaluate` takes its default task's 64/128)."""
+    lengths every side trains with (256/256, stated explicitly)."""
     out_dir += "-256"
     cmd = [sys.executable, "-m", "embedder.evaluate", "model=minilm", f"model_path={model_dir}",
            f"eval_data={paths['test']}", f"corpus={paths['corpus']}", "eval_name=test", "metrics=[ndcg]",

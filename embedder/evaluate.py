@@ -51,7 +51,6 @@ def eval_specs(cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.get("eval_data"):
         path = str(cfg.eval_data).rstrip("/")
         name = cfg.get("eval_name") or os.path.splitext(os.path.basename(path))[0]
-        _warn_task_lengths(cfg)
         return [{"name": name, "eval_data": cfg.eval_data, "corpus": cfg.get("corpus"), **defaults}]
     specs = []
     eval_sets = cfg.get("eval")
@@ -63,23 +62,6 @@ def eval_specs(cfg: DictConfig) -> list[dict[str, Any]]:
         raise ValueError("nothing to evaluate: the task config has no eval sets; pass eval_data=<file or BEIR folder> "
                          "corpus=<corpus file>, or a task with eval sets (task=sample, tool, nq, qrecc)")
     return specs
-
-
-def _warn_task_lengths(cfg: DictConfig) -> None:
-    """`eval_data=<your file>` without task= takes the default task's token limits (task=sample: 64/128, made for
-    the bundled sample's short texts); say so once, since BEIR documents are longer (SciFact seed-1 test nDCG@10 of
-    the untrained MiniLM: 0.6151 at 64/128 vs 0.6334 at 256/256)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hc = HydraConfig.get()
-        task, given = hc.runtime.choices.get("task"), " ".join(hc.overrides.task)
-    except (ValueError, AttributeError):  # composed without a running Hydra job (tests, notebooks)
-        return
-    if task == "sample" and "query_max_length" not in given and "key_max_length" not in given:
-        log.warning("eval_data=%s is encoded with task=sample's token limits (query_max_length=%d, key_max_length=%d); "
-                    "for longer texts such as BEIR documents pass query_max_length=256 key_max_length=256 (or the "
-                    "lengths the model was trained with)", cfg.eval_data, cfg.query_max_length, cfg.key_max_length)
 
 
 def _run_mteb(cfg: DictConfig) -> dict[str, float]:
