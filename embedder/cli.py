@@ -8,12 +8,9 @@ composed config, so tests call it directly. What it returns is a metrics dict; a
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Callable
 from typing import Any
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def optimized_value(cfg: Any, result: Any) -> float | None:
@@ -34,7 +31,7 @@ def run_entry(config_name: str, run: Callable[[Any], Any] | str) -> None:
     import hydra
 
     from embedder import stopping
-    from embedder.bundled import register_resolvers
+    from embedder.config import CONFIG_DIR, register_resolvers
     from embedder.config_check import apply_deprecated_aliases, check_values, exit_on_unknown_keys, migrate_renamed_keys
     from embedder.errors import reported_input_errors
 

@@ -33,6 +33,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from embedder.atomic import read_json, write_json
+from embedder.config import compose
 from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
 from embedder.data.records import format_key
 from embedder.errors import DataError
@@ -180,19 +181,6 @@ def prepare_beir(folder: str, out_dir: str, train_split: str = "train", dev_spli
     return manifest
 
 
-def _compose(config_name: str, overrides: list[str]) -> DictConfig:
-    """Compose another command's config (mine.yaml) inside this run, with or without a running Hydra app."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    from embedder.cli import CONFIG_DIR
-
-    if GlobalHydra.instance().is_initialized():
-        return compose(config_name=config_name, overrides=overrides)
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name=config_name, overrides=overrides)
-
-
 def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> str:
     """Step 2: mine `train.json` with each retriever of `beir.negatives.retrievers`; returns the training file."""
     from embedder.mining.run import run_mine
@@ -214,7 +202,7 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
                      f"max_neg_num={int(neg.max_neg_num)}", f"relative_margin={neg.relative_margin}",
                      f"query_max_length={int(cfg.query_max_length)}",
                      f"key_max_length={int(cfg.key_max_length)}", "version=none"]
-        mine_cfg = _compose("mine", overrides)
+        mine_cfg = compose("mine", overrides)
         with open_dict(mine_cfg):
             mine_cfg.key_template = str(cfg.beir.eval_set.key_template)  # set, not overridden: any text is safe
             if name == "dense":  # the model being fine-tuned retrieves its own negatives
@@ -305,7 +293,7 @@ def score_candidates(cfg: DictConfig, train_file: str, out_dir: str) -> str:
     overrides = [f"lm={teacher.lm}", f"input_data={train_file}", f"output_dir={folder}",
                  f"default_record_kind={cfg.default_record_kind}",
                  f"max_candidates={int(teacher.max_candidates)}", f"batch_size={int(teacher.batch_size)}"]
-    score_cfg = _compose("score", overrides)
+    score_cfg = compose("score", overrides)
     key = fingerprint(_stat_key([train_file]), OmegaConf.to_container(score_cfg, resolve=True))
     stats_path = os.path.join(folder, "scored.stats.json")
     stats = _step_done(stats_path, key)

@@ -56,16 +56,12 @@ def tiny_bert(tmp_path_factory) -> str:
 
 def compose(overrides: list[str], config_name: str = "train"):
     """Compose the real Hydra config (with the hydra node, like `@hydra.main`)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
 
-    from embedder.bundled import register_resolvers
+    from embedder.config import compose as compose_config
 
-    register_resolvers()
     GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=overrides, return_hydra_config=True)
+    cfg = compose_config(config_name, overrides, return_hydra_config=True)
     from hydra.core.hydra_config import HydraConfig
 
     HydraConfig.instance().set_config(cfg)

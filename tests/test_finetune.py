@@ -208,7 +208,7 @@ def test_task_beir_without_a_folder_says_what_to_pass(tmp_path):
 
 
 def test_the_beir_command_checks_its_keys():
-    from embedder.cli import CONFIG_DIR
+    from embedder.config import CONFIG_DIR
     from embedder.config_check import check_overrides
 
     assert check_overrides(CONFIG_DIR, "train", ["task=beir", "beir.folder=/data/x"]) is None  # a ??? key is a key

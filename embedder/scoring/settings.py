@@ -104,18 +104,8 @@ class ScoreConfig:
     task_name: str | None = None  # deprecated: command_name
 
 
-def register_schema() -> None:
-    """Store ScoreConfig as `score_schema`, the first entry of score.yaml's defaults (idempotent)."""
-    from hydra.core.config_store import ConfigStore
-
-    ConfigStore.instance().store(name="score_schema", node=ScoreConfig)
-
-
 def settings_from_cfg(cfg: DictConfig) -> ScoreSettings:
     """Resolve the Hydra config into ScoreSettings; `input_data: null` means the bundled sample (cfg.sample)."""
-    from embedder.bundled import register_resolvers
-
-    register_resolvers()
     c = {k: OmegaConf.to_container(v, resolve=True) if OmegaConf.is_config(v) else v
          for k, v in ((k, cfg[k]) for k in cfg if k != "hydra")}  # the hydra node needs a running job to resolve
     sample = c.get("sample") or {}
