@@ -67,7 +67,7 @@ def split_folder(src: str, seed: int, dst: str) -> str:
     if os.path.isfile(os.path.join(qrels_dir, "test.tsv")):
         return dst
     sys.path.insert(0, ROOT)
-    from embedder.evaluation.beir import read_qrels  # the project's own qrels reader (header, 3 or 4 columns)
+    from embedder.data.beir import read_qrels  # the project's own qrels reader (header, 3 or 4 columns)
 
     rows = [(q, d, g) for name in sorted(os.listdir(os.path.join(src, "qrels")))
             for q, docs in read_qrels(os.path.join(src, "qrels", name)).items() for d, g in docs.items()]
@@ -91,7 +91,7 @@ def prepared_split(folder: str, out: str) -> dict[str, str]:
     """corpus.json, train.json, dev.json, test.json of the split folder, by the recipe's own code (the files every
     side is scored on)."""
     sys.path.insert(0, ROOT)
-    from embedder.finetune import prepare_beir
+    from embedder.data.beir import prepare_beir
 
     return prepare_beir(folder, out)["paths"]
 

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -123,3 +124,54 @@ def gather_with_grad(t: Tensor) -> Tensor:
 def rank_offset(local_batch: int) -> int:
     """Index of this rank's first query in the gathered batch: ``rank * local_batch`` (0 when not distributed)."""
     return rank() * local_batch
+
+
+def prepare_once(marker: str, key: str, build: Callable[[], dict[str, Any]], what: str,
+                 poll_s: float = 5.0) -> dict[str, Any]:
+    """Run `build()` in one process of the job and hand its result (a JSON-able dict) to every rank: the shared
+    shape of every rank-0-only preparation step (a recipe's `prepare` stage; anything that mines or scores inside a
+    training job).
+
+    - A single process, or rank 0 of a torchrun/SLURM launch, runs `build` with the launcher's rank variables hidden
+      (`as_single_process`: mining and scoring inside it must not split their work across ranks that are waiting
+      for it), then writes `{"key": key, **result}` to `marker` atomically. With Lightning's own DDP launcher the
+      other ranks do not exist yet: they start after this returns.
+    - Other ranks of a torchrun/SLURM launch wait for a `marker` that records this `key` (a stale one, from other
+      settings, is ignored), with a log line every minute.
+    - Two separate jobs on one folder take turns (a file lock beside the marker); `build` is expected to reuse the
+      first job's cached steps.
+    """
+    import logging
+    import time
+
+    from filelock import FileLock
+
+    from embedder.atomic import read_json, write_json
+
+    log = logging.getLogger(__name__)
+    if launched_world_size() > 1 and launched_rank() > 0:
+        start = last = time.monotonic()
+        while True:
+            if os.path.isfile(marker):
+                done = read_json(marker)
+                if done.get("key") == key:
+                    return done
+            if time.monotonic() - last >= 60:
+                log.info("rank %d: waiting for rank 0's %s (%s; %.0f min so far)", launched_rank(), what, marker,
+                         (time.monotonic() - start) / 60)
+                last = time.monotonic()
+            time.sleep(poll_s)
+    os.makedirs(os.path.dirname(os.path.abspath(marker)), exist_ok=True)
+    lock = FileLock(os.path.abspath(marker) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except TimeoutError:
+        log.info("another process is running the %s (%s); waiting for it, then reusing its files", what, marker)
+        lock.acquire()
+    try:
+        with as_single_process():
+            result = {"key": key, **build()}
+        write_json(marker, result)
+    finally:
+        lock.release()
+    return result

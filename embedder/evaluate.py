@@ -29,10 +29,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from embedder.atomic import write_json
+from embedder.data.beir import load_beir
 from embedder.data.corpus import open_corpus, texts_fingerprint
 from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
 from embedder.distributed import launched_rank
-from embedder.evaluation.beir import load_beir
 from embedder.evaluation.retrieval import RetrievalEvaluator
 from embedder.fingerprint import fingerprint
 from embedder.paths import is_beir_folder, resolve_files, resolve_path

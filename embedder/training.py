@@ -36,16 +36,8 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     L.seed_everything(cfg.seed, workers=True)
     malloc = cfg.get("host_malloc") or {}
     tune_malloc(malloc.get("mmap_threshold"), malloc.get("arena_max"))  # before the first large allocation
-    if "beir" in cfg:  # task=beir: prepare the folder (split, mine; cached) into train_data and eval
-        from embedder.finetune import prepare_beir_run
-
-        if OmegaConf.is_missing(cfg.beir, "folder") or not cfg.beir.folder:
-            from embedder.errors import DataError
-
-            raise DataError("task=beir needs the BEIR folder", field="beir.folder",
-                            hint="python train.py task=beir beir.folder=<folder with corpus.jsonl, queries.jsonl, "
-                                 "qrels/train.tsv> (or make finetune DATA=<folder>)")
-        cfg = prepare_beir_run(cfg)
+    for stage in cfg.get("prepare") or []:  # the task config's preparation stages, in order
+        cfg = hydra.utils.instantiate(stage)(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.output_dir)
     tasks = build_task_settings(OmegaConf.to_container(cfg.record_kinds, resolve=True), cfg.data.group_size,
                                 OmegaConf.to_container(cfg.version.table, resolve=True), cfg.version.add_instruction)
@@ -80,7 +72,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     monitored = cfg.get("optimized_metric")
     if monitored and not any(str(monitored).startswith(prefix) for prefix in selected_on):
         # nothing computes it during training (no eval set, or its set has during_fit: false, e.g.
-        # beir.eval_splits=[test]): best_checkpoint keeps the latest state instead of failing at the first save
+        # a task whose only eval set is test): best_checkpoint keeps the latest state instead of failing at the first save
         log.info("%s is not computed during training (sets evaluated then: %s); best_checkpoint keeps the latest state",
                  monitored, sorted(p[4:-1] for p in selected_on) or "none")
         with open_dict(cfg):

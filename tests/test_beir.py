@@ -11,8 +11,8 @@ import random
 
 import pytest
 
+from embedder.data.beir import convert_beir, load_beir, main, read_qrels
 from embedder.errors import DataError
-from embedder.evaluation.beir import convert_beir, load_beir, main, read_qrels
 from embedder.evaluation.metrics import graded_ndcg
 from tests.conftest import compose
 

@@ -307,7 +307,7 @@ def gz(text: str) -> bytes:
 
 
 def test_beir_folder(hub, tmp_path):
-    from embedder.evaluation.beir import load_beir
+    from embedder.data.beir import load_beir
     from embedder.paths import is_beir_folder
 
     corpus = "".join(json.dumps({"_id": f"d{i}", "title": f"t{i}", "text": f"doc {i}"}) + "\n" for i in range(4))

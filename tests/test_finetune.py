@@ -11,9 +11,10 @@ import os
 import numpy as np
 import pytest
 
+from embedder.data.beir import prepare_beir, split_query_ids
 from embedder.errors import DataError
-from embedder.finetune import merge_negatives, prepare_beir, split_query_ids
 from embedder.mining.negatives import NegativeRule, select_negatives
+from embedder.recipes.beir import merge_negatives
 from tests.conftest import compose, quick_overrides
 from tests.test_train import _metrics_rows
 
@@ -58,7 +59,7 @@ def test_the_dev_split_is_seeded_and_independent_of_input_order():
 
 def test_prepare_holds_out_dev_reads_gzip_and_is_cached(tmp_path, caplog):
     folder = write_sample_beir(tmp_path / "beir")
-    caplog.set_level(logging.INFO, logger="embedder.finetune")
+    caplog.set_level(logging.INFO, logger="embedder.data.beir")
     first = prepare_beir(folder, str(tmp_path / "data"), dev_fraction=0.25, seed=1)
     assert first["counts"] == {"documents": 1280, "train": 30, "dev": 10, "test": 12}
     assert first["dev_held_out_from_train"] == 10
@@ -164,7 +165,7 @@ def test_a_teacher_scores_the_candidates_and_training_distils_them(tmp_path, tin
     """beir.teacher.lm: the mined candidates get the LM's query likelihoods (positives first, cut to max_candidates),
     the beir kind's distillation weight is set, a rerun reuses the scores and new teacher settings rescore. Rank 0
     of a torchrun launch prepares alone: its mining and scoring do not split work across the waiting ranks."""
-    from embedder.finetune import prepare_beir_run
+    from embedder.recipes.beir import prepare
     from embedder.training import run_train
 
     folder = write_sample_beir(tmp_path / "beir", n_train=12, n_test=0, with_test=False)
@@ -177,7 +178,7 @@ def test_a_teacher_scores_the_candidates_and_training_distils_them(tmp_path, tin
     with monkeypatch.context() as env:  # as torchrun sets it on rank 0 of 2
         env.setenv("WORLD_SIZE", "2")
         env.setenv("RANK", "0")
-        cfg = prepare_beir_run(cfg)
+        cfg = prepare(cfg)
         assert os.environ["WORLD_SIZE"] == "2"  # restored after the preparation
     (scored,) = cfg.train_data
     assert "score-tiny" in scored and cfg.record_kinds.beir.loss.distill_weight == 1.0
@@ -191,7 +192,7 @@ def test_a_teacher_scores_the_candidates_and_training_distils_them(tmp_path, tin
     assert "already scored" in caplog.text and distill and np.isfinite(distill).all() and max(distill) > 0
     assert "val/dev/ndcg@10 is not computed during training" in caplog.text  # best_checkpoint monitors nothing
     caplog.clear()
-    prepare_beir_run(compose([*overrides, "beir.teacher.max_candidates=2"]))
+    prepare(compose([*overrides, "beir.teacher.max_candidates=2"]))
     assert "scoring again" in caplog.text
 
 
@@ -207,6 +208,38 @@ def test_task_beir_without_a_folder_says_what_to_pass(tmp_path):
     assert "task=beir needs the BEIR folder" in proc.stderr and not (tmp_path / "out" / "model.safetensors").exists()
 
 
+STAGE_CALLS: list[str] = []
+
+
+def qa_only_stage(cfg, kind: str):
+    """A preparation stage of a test's own: records its call and points training at the bundled qa file only."""
+    from omegaconf import open_dict
+
+    STAGE_CALLS.append(kind)
+    with open_dict(cfg):
+        cfg.train_data = [f"{cfg.data_root}/{kind}/train.json"]
+    return cfg
+
+
+def test_run_train_runs_the_stages_a_config_lists(tmp_path, tiny_bert):
+    """`prepare:` is generic: run_train calls whatever stages the config lists, in order, and trains on what they
+    return (here a stage from outside the package, with its own argument); it names no recipe."""
+    import inspect
+
+    from embedder import training
+    from embedder.training import run_train
+
+    STAGE_CALLS.clear()
+    stage = "{_target_:tests.test_finetune.qa_only_stage,_partial_:true,kind:qa}"
+    cfg = compose(quick_overrides(tmp_path, tiny_bert, [f"prepare=[{stage},{stage}]", "eval=null", "export=false",
+                                                        "report=false"]))
+    run_train(cfg)
+    assert STAGE_CALLS == ["qa", "qa"]
+    metrics = (tmp_path / "out").rglob("metrics.csv")
+    assert any("train/loss" in p.read_text() for p in metrics)
+    assert "beir" not in inspect.getsource(training)  # no recipe is named by the training loop's module
+
+
 def test_the_beir_command_checks_its_keys():
     from embedder.config import CONFIG_DIR
     from embedder.config_check import check_overrides
@@ -216,19 +249,30 @@ def test_the_beir_command_checks_its_keys():
     assert "Did you mean 'beir.folder'" in msg
 
 
-def test_other_ranks_wait_for_rank_0s_prepared_run(tmp_path):
-    """Under torchrun/SLURM rank > 0 waits for rank 0's data/run.json of the same settings (a stale one is ignored)."""
+def test_other_ranks_wait_for_rank_0s_prepared_run(tmp_path, monkeypatch):
+    """Under torchrun/SLURM rank > 0 waits for rank 0's marker of the same settings (a stale one is ignored) and never
+    runs the step itself; rank 0 runs it once with the launcher's rank variables hidden."""
     import threading
 
     from embedder.atomic import write_json
-    from embedder.finetune import _wait_for_rank0
+    from embedder.distributed import prepare_once
 
-    run_path = str(tmp_path / "run.json")
-    write_json(run_path, {"key": "stale", "train_file": "old.json", "paths": {}})
-    timer = threading.Timer(0.3, write_json, (run_path, {"key": "k1", "train_file": "t.json", "paths": {}}))
+    marker = str(tmp_path / "data" / "run.json")
+    os.makedirs(os.path.dirname(marker))
+    write_json(marker, {"key": "stale", "train_file": "old.json", "paths": {}})
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    timer = threading.Timer(0.3, write_json, (marker, {"key": "k1", "train_file": "t.json", "paths": {}}))
     timer.start()
-    assert _wait_for_rank0(run_path, "k1", poll_s=0.05)["train_file"] == "t.json"
+    never = lambda: pytest.fail("rank 1 must not prepare")  # noqa: E731
+    assert prepare_once(marker, "k1", never, "test", poll_s=0.05)["train_file"] == "t.json"
     timer.join()
+    monkeypatch.setenv("RANK", "0")
+    seen = []
+    result = prepare_once(marker, "k2", lambda: seen.append(os.environ.get("RANK")) or {"n": 1}, "test")
+    assert result == {"key": "k2", "n": 1} and seen == [None] and os.environ["RANK"] == "0"
+    with open(marker) as f:
+        assert json.load(f) == result
 
 
 def test_evaluation_costs_what_it_must_and_the_best_state_is_exported(tmp_path, tiny_bert, monkeypatch):

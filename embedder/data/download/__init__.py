@@ -19,7 +19,7 @@ Sources (NAME) and what lands under DIR (`--to`, default `$EMBEDDER_DATA`, else 
   `DIR/convsearch/qrecc/corpus/`, keeping the shards' names relative to their common folder. Corpus row i is the
   i-th row across the shards sorted by path, so do not add or rename shards there.
 - `beir:<name>` (`beir:scifact`, `beir:nfcorpus`, `beir:fiqa`, ...): `corpus.jsonl.gz` and `queries.jsonl.gz` from
-  `BeIR/<name>` and the `<split>.tsv` files of `BeIR/<name>-qrels`, as the BEIR folder `embedder.evaluation.beir`
+  `BeIR/<name>` and the `<split>.tsv` files of `BeIR/<name>-qrels`, as the BEIR folder `embedder.data.beir`
   reads: `DIR/beir/<name>/corpus.jsonl`, `queries.jsonl`, `qrels/<split>.tsv`.
 
 Bookkeeping lives in `DIR/.embedder-download/`: `<name>.json` (`beir-scifact.json` for `beir:scifact`) is each
