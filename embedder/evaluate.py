@@ -33,7 +33,7 @@ from embedder.data.beir import load_beir
 from embedder.data.corpus import open_corpus, texts_fingerprint
 from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
 from embedder.distributed import launched_rank
-from embedder.evaluation.retrieval import RetrievalEvaluator
+from embedder.evaluation.retrieval import MODES, RetrievalEvaluator
 from embedder.fingerprint import fingerprint
 from embedder.paths import is_beir_folder, resolve_files, resolve_path
 from embedder.retrieval.base import search_in_shards
@@ -41,7 +41,6 @@ from embedder.retrieval.build import build_retriever, resolve_instruction
 
 log = logging.getLogger("embedder.evaluation")
 
-MODES = {"retrieval": "retrieve", "retrieve": "retrieve", "rerank": "rerank"}
 
 
 def eval_specs(cfg: DictConfig) -> list[dict[str, Any]]:

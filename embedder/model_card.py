@@ -17,7 +17,7 @@ def _table(rows: list[tuple[str, ...]], head: tuple[str, ...]) -> str:
 
 def model_card(config: dict[str, Any], prompts: dict[str, str], before: dict[str, float],
                after: dict[str, float]) -> str:
-    """Markdown for `<export>/README.md`. `config`: `embedder.training.describe_run`'s resolved config."""
+    """Markdown for `<export>/README.md`. `config`: `embedder.provenance.describe_run`'s resolved config."""
     model = config.get("model") or {}
     run = config.get("run") or {}
     data = config.get("data") or {}

@@ -339,7 +339,7 @@ def test_output_records_unchanged_plus_aligned_scores_and_meta(tmp_path, tiny_lm
         assert meta["scorer"]["name"] == "tiny" and meta["scorer"]["architecture"] == "LlamaForCausalLM"
         assert meta["normalize"] == "mean" and meta["candidates"] == sum(len(x) for x in [
             s.get("history") or s["pos"] + s["neg"] for s in src])
-        assert set(meta) >= {"templates", "date", "git_sha", "scorer", "truncation", "input_sha256", "answer_choice",
+        assert set(meta) >= {"templates", "date", "git_commit", "scorer", "truncation", "input_sha256", "answer_choice",
                              "seed", "fingerprint"}
         assert "revision" in meta["scorer"]
     assert json.load(open(res[0]["meta"]))["replaced_teacher_scores"] == 1

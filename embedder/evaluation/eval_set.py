@@ -45,7 +45,7 @@ from embedder.data.index_cache import cache_root
 from embedder.data.jsonl import iter_jsonl
 from embedder.data.tasks import Instruction, TaskSettings
 from embedder.distributed import is_distributed, rank, world_size
-from embedder.evaluation.retrieval import RetrievalEvaluator
+from embedder.evaluation.retrieval import MODES, RetrievalEvaluator
 from embedder.paths import resolve_files
 from embedder.retrieval.encode.predict import EncodeJob, encode_in_lockstep, encoder_identity
 from embedder.retrieval.encode.store import EmbeddingStore
@@ -53,7 +53,6 @@ from embedder.retrieval.faiss_index import FaissIndex, merge_topk
 
 log = logging.getLogger("embedder.evaluation")
 
-MODES = {"retrieval": "retrieve", "retrieve": "retrieve", "rerank": "rerank"}
 TRAINED_STORES = "eval-encode"  # work_dir/<this>: the stores of trained weights, deleted at the end of the run
 
 

@@ -227,3 +227,14 @@ def graded_ndcg(preds: Mapping[Hashable, Sequence[int]], qrels: Mapping[Hashable
             idcg = float((ideal[:k] * discount[:k]).sum())
             per_k[k].append(float((gains[:k] * discount[:k]).sum()) / idcg)
     return {f"ndcg@{k}": (float(np.mean(v)) if v else math.nan) for k, v in per_k.items()}
+
+
+def before_after_table(before: dict[str, float], after: dict[str, float]) -> str:
+    """A plain before -> after table of evaluation metrics."""
+    lines = [f"{'metric':<34}{'before':>10}{'after':>10}{'change':>10}"]
+    for key in sorted(after):
+        b = before.get(key)
+        a = after[key]
+        lines.append(f"{key:<34}{(f'{b:.4f}' if b is not None else '-'):>10}{a:>10.4f}"
+                     f"{(f'{a - b:+.4f}' if b is not None else ''):>10}")
+    return "\n".join(lines)

@@ -37,6 +37,9 @@ from embedder.retrieval.nq_answer import answer_recall
 
 logger = logging.getLogger("embedder.evaluation")
 
+# an eval set's `mode` as configs spell it -> the evaluator's mode; the one table train.py and embedder.evaluate use
+MODES = {"retrieval": "retrieve", "retrieve": "retrieve", "rerank": "rerank"}
+
 EncodeFn = Callable[[list[str], str], Any]  # (texts, "query" | "key") -> (N, D) array
 
 

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from embedder.data.jsonl import write_jsonl_atomic
 from embedder.data.records import candidate_list
 from embedder.errors import DataError
 from embedder.progress import Progress
+from embedder.provenance import code_provenance
 from embedder.scoring.records import FilePlan, choose_answers, iter_raw_lines, trim_record
 from embedder.scoring.settings import ScoreSettings, build_scorer
 from embedder.scoring.templates import build_templates
@@ -229,7 +229,7 @@ def merge(job: FileJob, s: ScoreSettings) -> None:
                                                      "answers_truncated")},
         "tokens": stats.get("tokens", 0), "answer_tokens": stats.get("answer_tokens", 0),
         "compute_seconds": round(seconds, 1), "parts": job.n_parts,
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **provenance(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **code_provenance(("embedder", "torch", "transformers")),
         "fingerprint": job.fingerprint,
     }
     write_json(job.meta, meta, indent=1)
@@ -241,25 +241,3 @@ def merge(job: FileJob, s: ScoreSettings) -> None:
                     "side (%d also cut from the left)", job.output, t["keys_truncated"], s.key_max_length,
                     t["context_truncated"], t["context_cut_left"])
     log.info("wrote %s (%d records) and %s", job.output, n, job.meta)
-
-
-def provenance() -> dict[str, Any]:
-    import importlib.metadata as md
-
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    sha = dirty = None
-    try:
-        sha = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10).stdout.strip() or None
-        if sha:
-            dirty = bool(subprocess.run(["git", "-C", repo, "status", "--porcelain", "--untracked-files=no"],
-                                        capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        pass
-    versions = {}
-    for pkg in ("embedder", "torch", "transformers"):
-        try:
-            versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            versions[pkg] = None
-    return {"git_sha": sha, "git_dirty": dirty, "versions": versions}
