@@ -8,7 +8,7 @@ import time
 
 from lightning import Callback
 
-log = logging.getLogger("embedder.progress")
+log = logging.getLogger(__name__)
 
 
 class QueriesPerSecond(Callback):

@@ -39,7 +39,7 @@ from embedder.paths import is_beir_folder, resolve_files, resolve_path
 from embedder.retrieval.base import search_in_shards
 from embedder.retrieval.build import build_retriever, resolve_instruction
 
-log = logging.getLogger("embedder.evaluation")
+log = logging.getLogger(__name__)
 
 
 

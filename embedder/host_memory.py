@@ -27,7 +27,7 @@ import logging
 
 from lightning.pytorch.callbacks import Callback
 
-log = logging.getLogger("embedder.host_memory")
+log = logging.getLogger(__name__)
 
 M_MMAP_THRESHOLD, M_ARENA_MAX = -3, -8  # glibc's mallopt parameter numbers (malloc.h)
 

@@ -12,7 +12,7 @@ import logging
 import sys
 import time
 
-log = logging.getLogger("embedder")
+log = logging.getLogger(__name__)
 
 
 def fmt_size(n: float | None) -> str:

@@ -18,7 +18,7 @@ import logging
 import signal
 import threading
 
-log = logging.getLogger("embedder.stopping")
+log = logging.getLogger(__name__)
 
 EXIT_STATUS = 128 + signal.SIGTERM  # 143: what shells and schedulers report for a SIGTERM'd job
 _received: int | None = None

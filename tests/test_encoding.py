@@ -220,7 +220,7 @@ def test_token_budget_encoding_logs_texts_done_with_an_eta(encoder, tmp_path, ca
 
     trainer = make_predict_trainer(None, accelerator="cpu", devices=1, enable_progress_bar=False,
                                    callbacks=[LogProgress(every_s=0, always=True)])
-    with caplog.at_level(logging.INFO, logger="embedder.progress"):
+    with caplog.at_level(logging.INFO, logger="embedder"):
         encode_to_stores(encoder, [_job(tmp_path / "p")], trainer, batch_size=4, batch_tokens=64)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("encoding: ")]
     assert lines and all("/37 texts" in line and "ETA" in line and "?" not in line for line in lines)

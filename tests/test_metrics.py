@@ -94,7 +94,7 @@ def test_excluded_queries_are_reported():
 
 
 def test_excluded_count_is_logged(caplog):
-    with caplog.at_level(logging.WARNING, logger="embedder.evaluation"):
+    with caplog.at_level(logging.WARNING, logger="embedder"):
         compute_metrics({"a": [1], "b": [2], "c": [3]}, {"a": [1], "b": []}, ["mrr"], [1])
     assert "2 of 3 queries have no relevant document" in caplog.text
 

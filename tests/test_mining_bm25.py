@@ -70,7 +70,7 @@ def test_java_discovery_order_and_versions(tmp_path, monkeypatch):
 @pytest.mark.skipif(importlib.util.find_spec("pyserini") is None, reason="pyserini is not installed")
 @pytest.mark.skipif(importlib.util.find_spec("bm25s") is None, reason="needs bm25s")
 def test_auto_falls_back_to_bm25s_without_java(no_good_java, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="embedder.mining"):
+    with caplog.at_level(logging.WARNING, logger="embedder"):
         retriever = bm25.make_bm25(str(tmp_path), backend="auto")
     assert isinstance(retriever, bm25.BM25sBM25)
     assert "falling back to bm25s" in caplog.text and "Java 21+" in caplog.text
@@ -97,7 +97,7 @@ def test_lucene_mining_end_to_end_and_index_reuse(tmp_path, caplog):
 
     cfg = mine_cfg(tmp_path, ["retriever=bm25", "retriever.backend=pyserini", "save_name=bm25", "rank_range=[1,20]",
                               "retriever.threads=2"])
-    with caplog.at_level(logging.INFO, logger="embedder.mining"):
+    with caplog.at_level(logging.INFO, logger="embedder"):
         out = run_mine(cfg)
     assert "BM25 backend: pyserini/Lucene" in caplog.text and "k1=0.82 b=0.68" in caplog.text
     _check_mined(cfg, out, lo=1, hi=20, max_neg=5)
@@ -112,7 +112,7 @@ def test_lucene_mining_end_to_end_and_index_reuse(tmp_path, caplog):
     assert [topic[d] for d in lucene_top] == [topic[d] for d in bm25s_top] == list(range(10))
 
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="embedder.mining"):
+    with caplog.at_level(logging.INFO, logger="embedder"):
         run_mine(mine_cfg(tmp_path, ["retriever=bm25", "retriever.backend=pyserini", "save_name=again",
                                      "retriever.threads=2"]))
     assert "reusing the Lucene index" in caplog.text

@@ -218,7 +218,7 @@ def test_untrained_eval_embeddings_are_cached_and_step_stores_removed(tmp_path, 
 
     from embedder.data.index_cache import cache_root
 
-    caplog.set_level(logging.INFO, logger="embedder.evaluation")
+    caplog.set_level(logging.INFO, logger="embedder")
     overrides = ["task=sample", "train_data=[llm-embedder:tool/train.json]", "eval.qa=null", "eval.convsearch=null",
                  "recipe_metric=val/tool/ndcg@5", "export=false", "+eval.tool.shard_size=50"]
     first = run_train(compose(quick_overrides(tmp_path / "a", tiny_bert, overrides)))

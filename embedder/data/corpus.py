@@ -39,7 +39,7 @@ from embedder.errors import DataError
 from embedder.fingerprint import fingerprint
 from embedder.progress import Progress
 
-log = logging.getLogger("embedder.data")
+log = logging.getLogger(__name__)
 
 PARQUET_SUFFIXES = (".parquet", ".pq")
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from embedder.atomic import atomic_open, write_json
 
-log = logging.getLogger("embedder.data")
+log = logging.getLogger(__name__)
 
 VERSION = 1  # bump when the validation rules change, so stale entries are not trusted
 _unwritable: set[str] = set()  # cache folders that could not be written (warned once each)

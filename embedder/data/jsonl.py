@@ -17,7 +17,7 @@ from embedder.atomic import atomic_open
 from embedder.errors import DataError
 from embedder.progress import Progress
 
-log = logging.getLogger("embedder.data")
+log = logging.getLogger(__name__)
 
 
 def parse_line(raw: bytes, path: str, lineno: int | None) -> dict[str, Any]:

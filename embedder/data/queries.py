@@ -19,7 +19,7 @@ from embedder.data.jsonl import JsonlRecords, LazyView, iter_jsonl_offsets
 from embedder.data.records import QueryRecord, SkipCounter, check_query_record
 from embedder.errors import DataError, no_records_error
 
-log = logging.getLogger("embedder.data")
+log = logging.getLogger(__name__)
 
 
 @dataclass

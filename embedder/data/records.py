@@ -30,7 +30,7 @@ from typing import Any
 
 from embedder.errors import DataError
 
-log = logging.getLogger("embedder.data")
+log = logging.getLogger(__name__)
 
 ID_FIELDS = ("id", "_id", "docid")  # a corpus record's own id, when it has one (must then be unique)
 _SHOW_SKIPPED = 5  # skipped records logged one by one before the log only counts them

@@ -51,7 +51,7 @@ from embedder.retrieval.encode.predict import EncodeJob, encode_in_lockstep, enc
 from embedder.retrieval.encode.store import EmbeddingStore
 from embedder.retrieval.faiss_index import FaissIndex, merge_topk
 
-log = logging.getLogger("embedder.evaluation")
+log = logging.getLogger(__name__)
 
 TRAINED_STORES = "eval-encode"  # work_dir/<this>: the stores of trained weights, deleted at the end of the run
 

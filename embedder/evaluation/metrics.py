@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-logger = logging.getLogger("embedder.evaluation")
+logger = logging.getLogger(__name__)
 
 METRICS = ("mrr", "recall", "ndcg", "map", "precision")
 DEFAULT_METRICS = ("mrr", "recall", "ndcg", "map")

@@ -13,7 +13,7 @@ import math
 import os
 from typing import Any
 
-log = logging.getLogger("embedder.evaluation")
+log = logging.getLogger(__name__)
 
 
 def import_mteb():

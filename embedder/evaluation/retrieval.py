@@ -35,7 +35,7 @@ from embedder.retrieval.faiss_index import METRICS as DENSE_METRICS
 from embedder.retrieval.faiss_index import FaissIndex
 from embedder.retrieval.nq_answer import answer_recall
 
-logger = logging.getLogger("embedder.evaluation")
+logger = logging.getLogger(__name__)
 
 # an eval set's `mode` as configs spell it -> the evaluator's mode; the one table train.py and embedder.evaluate use
 MODES = {"retrieval": "retrieve", "retrieve": "retrieve", "rerank": "rerank"}

@@ -37,7 +37,7 @@ from embedder.paths import resolve_files
 from embedder.retrieval.base import search_in_shards
 from embedder.retrieval.build import build_retriever, resolve_instruction
 
-log = logging.getLogger("embedder.mining")
+log = logging.getLogger(__name__)
 
 SAMPLE_DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample_data")
 

@@ -23,7 +23,7 @@ import numpy as np
 
 from embedder.atomic import atomic_open
 
-log = logging.getLogger("embedder.mining")
+log = logging.getLogger(__name__)
 
 
 class Retriever(ABC):

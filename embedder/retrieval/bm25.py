@@ -37,7 +37,7 @@ from embedder.fingerprint import fingerprint
 from embedder.progress import Progress
 from embedder.retrieval.base import Retriever, pad_results
 
-log = logging.getLogger("embedder.mining")
+log = logging.getLogger(__name__)
 
 K1, B = 0.82, 0.68  # the reference's BM25 parameters (BM25Args)
 BACKENDS = ("auto", "pyserini", "bm25s")

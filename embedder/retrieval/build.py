@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from embedder.retrieval.base import Retriever
 
-log = logging.getLogger("embedder.retrieval")
+log = logging.getLogger(__name__)
 
 
 

@@ -22,7 +22,7 @@ from embedder.retrieval.base import Retriever
 from embedder.retrieval.encode import EncodeJob, encode_to_stores, encoder_identity
 from embedder.retrieval.faiss_index import FaissIndex
 
-log = logging.getLogger("embedder.mining")
+log = logging.getLogger(__name__)
 
 
 def lock_path(store_path: str) -> str:

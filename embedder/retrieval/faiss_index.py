@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-logger = logging.getLogger("embedder.retrieval.faiss_index")
+logger = logging.getLogger(__name__)
 
 Metric = Literal["cos", "ip", "l2"]
 METRICS = ("cos", "ip", "l2")

@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import regex
 
-logger = logging.getLogger("embedder.evaluation")
+logger = logging.getLogger(__name__)
 
 DEFAULT_NQ_CUTOFFS = (1, 5, 10, 20, 100)
 

@@ -27,7 +27,7 @@ from embedder.scoring.records import FilePlan, choose_answers, iter_raw_lines, t
 from embedder.scoring.settings import ScoreSettings, build_scorer
 from embedder.scoring.templates import build_templates
 
-log = logging.getLogger("embedder.scoring.run")
+log = logging.getLogger(__name__)
 
 
 PART_FORMAT = 1  # bump when the part file layout changes, so old caches are not mixed in

@@ -19,7 +19,7 @@ from embedder.data.download.hub import CountingReader, discard
 from embedder.data.download.sources import RESUME_HINT, TASK_DIRS, DownloadError, UnsafeArchiveError
 from embedder.progress import Progress
 
-log = logging.getLogger("embedder.data.download")
+log = logging.getLogger(__name__)
 
 
 def check_member(member: tarfile.TarInfo) -> None:

@@ -15,7 +15,7 @@ from embedder.data.download.hub import Run
 from embedder.data.download.sources import DEFAULT_TO, RESUME_HINT, DownloadError, resolve_sources
 from embedder.errors import reported_input_errors
 
-log = logging.getLogger("embedder.data.download")
+log = logging.getLogger(__name__)
 
 
 def _disk_error(exc: OSError, root: Path) -> DownloadError | None:

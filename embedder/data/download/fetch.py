@@ -27,7 +27,7 @@ from embedder.data.download.hub import RemoteFile, Run, discard
 from embedder.data.download.sources import BEIR_NAMES, META_DIR, NETWORK_HINT, SOURCES, TASK_DIRS, DownloadError, Source
 from embedder.progress import fmt_size
 
-log = logging.getLogger("embedder.data.download")
+log = logging.getLogger(__name__)
 
 
 def marker_path(root: Path, source: Source) -> Path:

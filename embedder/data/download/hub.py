@@ -22,7 +22,7 @@ from huggingface_hub import HfApi, hf_hub_download
 from embedder.data.download.sources import META_DIR, NETWORK_HINT, RESUME_HINT, DownloadError, Source
 from embedder.progress import Progress, fmt_size, fmt_time
 
-log = logging.getLogger("embedder.data.download")
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)

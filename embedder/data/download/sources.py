@@ -10,7 +10,7 @@ from pathlib import Path
 
 from embedder.errors import DataError
 
-log = logging.getLogger("embedder.data.download")
+log = logging.getLogger(__name__)
 
 
 META_DIR = ".embedder-download"

@@ -15,7 +15,7 @@ import logging
 import os
 from typing import Any
 
-log = logging.getLogger("embedder.retrieval.encode")
+log = logging.getLogger(__name__)
 
 
 def encoder_overrides(model_path: str) -> dict[str, Any]:

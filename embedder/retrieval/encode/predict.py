@@ -50,7 +50,7 @@ from embedder.modeling.unpadded import say_once
 from embedder.progress import Progress
 from embedder.retrieval.encode.store import META, EmbeddingStore
 
-log = logging.getLogger("embedder.retrieval.encode")
+log = logging.getLogger(__name__)
 # our IterableDataset gives each DataLoader worker its own slice of every shard and counts the batches of
 # those slices, so its __len__ is exact
 warnings.filterwarnings("ignore", message=r".*IterableDataset.*has `__len__` defined.*")
