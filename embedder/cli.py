@@ -2,7 +2,7 @@
 
 Each entry point is `run_entry("<config name>", <run function>)`: the config resolvers, the check of `key=value`
 overrides against the config (unknown keys listed with the valid ones), Hydra, and one `error:` line with exit code 1
-for bad input (`embedder.errors.reported_input_errors`). The run function lives in the package and takes the
+for bad input (`embedder.errors.ReportedInputErrors`). The run function lives in the package and takes the
 composed config, so tests call it directly. What it returns is a metrics dict; a sweeper gets `optimized_metric`.
 """
 
@@ -33,7 +33,7 @@ def run_entry(config_name: str, run: Callable[[Any], Any] | str) -> None:
     from embedder import stopping
     from embedder.config import CONFIG_DIR, register_resolvers
     from embedder.config_check import apply_deprecated_aliases, check_values, exit_on_unknown_keys, migrate_renamed_keys
-    from embedder.errors import reported_input_errors
+    from embedder.errors import ReportedInputErrors
 
     register_resolvers()
     stopping.install()  # SIGTERM: stop between units of work, exit 143 (Lightning chains this handler)
@@ -44,7 +44,7 @@ def run_entry(config_name: str, run: Callable[[Any], Any] | str) -> None:
     def main(cfg) -> float | None:
         for warning in migrate_renamed_keys(cfg, config_name):  # old names in a user's own YAML, for one release
             print(warning, file=sys.stderr)
-        with reported_input_errors():
+        with ReportedInputErrors():
             check_values(cfg)  # bad values: one line naming the key, before any data or model is read
             if isinstance(run, str):
                 import importlib

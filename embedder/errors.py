@@ -34,7 +34,7 @@ def no_records_error(path: str, what: str = "records", detail: str = "") -> Data
 _HUB_ID = r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$"  # huggingface_hub's repo id shape: name or namespace/name
 
 
-class model_load_errors:
+class ModelLoadErrors:
     """Around `from_pretrained`: a model that cannot be found or fetched becomes one DataError that names it and the
     likely cause (a missing local path, offline and not cached, gated, or a wrong name), not a Hub traceback."""
 
@@ -136,7 +136,7 @@ def _message(exc: BaseException) -> str:
     return str(exc)
 
 
-class reported_input_errors:
+class ReportedInputErrors:
     """Entry points: show bad-input errors (DataError, a missing file or directory, a permission or disk-full error)
     as one clean message and exit 1, instead of a traceback through Hydra and Lightning. Programming errors keep
     their traceback."""
@@ -160,3 +160,7 @@ class reported_input_errors:
             print(f"error: {_message(found)}", file=sys.stderr)
             raise SystemExit(1) from None
         return False
+
+
+model_load_errors = ModelLoadErrors  # the old spellings, kept for one release
+reported_input_errors = ReportedInputErrors

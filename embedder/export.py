@@ -8,7 +8,7 @@ import os
 from typing import Any
 
 from embedder.atomic import MANIFEST, read_json, staged_export
-from embedder.errors import DataError, model_load_errors
+from embedder.errors import DataError, ModelLoadErrors
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ def push_export(out_dir: str, repo_id: str, private: bool = True, commit_message
     entries = read_json(os.path.join(out_dir, MANIFEST), "export manifest")["entries"]
     patterns = [p for e in entries for p in ((e, f"{e}/**") if os.path.isdir(os.path.join(out_dir, e)) else (e,))]
     api = HfApi()
-    with model_load_errors(repo_id, "hub.repo_id"):  # offline, gated, a bad name: one message
+    with ModelLoadErrors(repo_id, "hub.repo_id"):  # offline, gated, a bad name: one message
         api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
         info = api.upload_folder(repo_id=repo_id, folder_path=out_dir, repo_type="model", allow_patterns=patterns,
                                  commit_message=commit_message)

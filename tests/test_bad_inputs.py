@@ -179,10 +179,10 @@ def test_bad_input_gives_one_clear_message(tmp_path, entry, case):  # only the p
     (OSError(30, "Read-only file system", "/mnt/ro/a"), "/mnt/ro/a: the filesystem is read-only"),
 ])
 def test_os_errors_become_one_line_naming_the_file(exc, want, capsys):
-    from embedder.errors import reported_input_errors
+    from embedder.errors import ReportedInputErrors
 
     with pytest.raises(SystemExit) as e:
-        with reported_input_errors():
+        with ReportedInputErrors():
             raise exc
     assert e.value.code == 1
     assert capsys.readouterr().err.startswith(f"error: {want}")
@@ -193,10 +193,10 @@ def test_a_data_error_wrapped_by_hydra_instantiate_is_reported_cleanly(capsys):
     InstantiationException; the wrapper reports the cause."""
     from hydra.errors import InstantiationException
 
-    from embedder.errors import DataError, reported_input_errors
+    from embedder.errors import DataError, ReportedInputErrors
 
     with pytest.raises(SystemExit):
-        with reported_input_errors():
+        with ReportedInputErrors():
             try:
                 raise DataError("cannot load the model", path="/no/such/model")
             except DataError as cause:
@@ -205,10 +205,10 @@ def test_a_data_error_wrapped_by_hydra_instantiate_is_reported_cleanly(capsys):
 
 
 def test_other_errors_keep_their_traceback():
-    from embedder.errors import reported_input_errors
+    from embedder.errors import ReportedInputErrors
 
     with pytest.raises(KeyError):
-        with reported_input_errors():
+        with ReportedInputErrors():
             raise KeyError("a bug")
 
 

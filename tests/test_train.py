@@ -304,8 +304,8 @@ def test_export_swaps_in_whole_and_drops_what_the_new_export_lacks(tmp_path):
 
 
 def test_ckpt_path_last_needs_a_checkpoint_and_corrupt_ones_are_named(tmp_path, tiny_bert):
-    from embedder.errors import DataError
     from embedder.checkpoints import resolve_ckpt_path
+    from embedder.errors import DataError
 
     base = ["task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "export=false"]
     with pytest.raises(DataError, match=r"(?s)checkpoints: ckpt_path=last: no last\*\.ckpt in this folder.*last_or_none"):

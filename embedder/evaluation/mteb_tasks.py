@@ -28,9 +28,9 @@ def sentence_transformer(path: str, query_instruction: str = "", key_instruction
     """A SentenceTransformer for `path`, with `query`/`document` prompts: the model's own, else the instructions."""
     from sentence_transformers import SentenceTransformer
 
-    from embedder.errors import model_load_errors
+    from embedder.errors import ModelLoadErrors
 
-    with model_load_errors(path):
+    with ModelLoadErrors(path):
         model = SentenceTransformer(path, device=device)
     prompts = dict(model.prompts or {})
     if "query" not in prompts and (query_instruction or key_instruction):

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from embedder.dtypes import resolve_dtype
-from embedder.errors import model_load_errors
+from embedder.errors import ModelLoadErrors
 from embedder.modeling import unpadded as unpadded_forward
 
 log = logging.getLogger(__name__)
@@ -122,16 +122,16 @@ class DualEncoder(nn.Module):
         if str(unpadded).lower() not in ("auto", "true", "false"):
             raise ValueError(f"unpadded={unpadded!r}; valid: auto, true, false")
         self.unpadded = str(unpadded).lower()
-        with model_load_errors(self.model_name_or_path):
+        with ModelLoadErrors(self.model_name_or_path):
             self.query_model = _load_backbone(self.model_name_or_path, attn_implementation, dtype, self.unpadded)
         if tie_encoders:
             self.key_model = self.query_model
         else:
             key_path = str(key_model_name_or_path or model_name_or_path)
-            with model_load_errors(key_path, "key_model_name_or_path"):
+            with ModelLoadErrors(key_path, "key_model_name_or_path"):
                 self.key_model = _load_backbone(key_path, attn_implementation, dtype, self.unpadded)
         tok_path = str(tokenizer_name_or_path or model_name_or_path)
-        with model_load_errors(tok_path, "tokenizer_name_or_path" if tokenizer_name_or_path else "model_name_or_path"):
+        with ModelLoadErrors(tok_path, "tokenizer_name_or_path" if tokenizer_name_or_path else "model_name_or_path"):
             self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
         hidden = self.query_model.config.hidden_size
         self.dense = None

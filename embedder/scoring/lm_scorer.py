@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from embedder import stopping
-from embedder.errors import model_load_errors
+from embedder.errors import ModelLoadErrors
 from embedder.scoring.templates import Template
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class LMScorer:
         self.model = None
         self.device = None
         self._max_length = max_length
-        with model_load_errors(self.model_name_or_path, "lm.model_name_or_path"):
+        with ModelLoadErrors(self.model_name_or_path, "lm.model_name_or_path"):
             self.tokenizer = self._load_tokenizer(trust_remote_code)
             if load_model:
                 self._load_model(dtype, device, device_map, attn_implementation, trust_remote_code)

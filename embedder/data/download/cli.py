@@ -13,7 +13,7 @@ from pathlib import Path
 from embedder.data.download.fetch import describe, download, list_text
 from embedder.data.download.hub import Run
 from embedder.data.download.sources import DEFAULT_TO, RESUME_HINT, DownloadError, resolve_sources
-from embedder.errors import reported_input_errors
+from embedder.errors import ReportedInputErrors
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.names:
         parser.error("give at least one NAME (see --list)")
     root = Path(args.to).expanduser().absolute()
-    with reported_input_errors():
+    with ReportedInputErrors():
         sources = resolve_sources(args.names)
         if args.dry_run:
             for source in sources:
