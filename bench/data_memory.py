@@ -111,11 +111,11 @@ THROUGHPUT_CHILD = """
 import sys, time
 import numpy as np
 from embedder.data.dataset import MultiTaskTrainDataset
-from embedder.data.tasks import build_task_settings
+from embedder.record_kinds import build_task_settings
 from embedder.data.train_files import load_train_file
 path, mode = sys.argv[1], sys.argv[2]
-tasks = build_task_settings({"qa": {"loss": {"contrastive_weight": 0.0, "distill_weight": 1.0,
-                                             "stable_distill": True}}}, group_size=8)
+tasks = build_task_settings({"qa": {"losses": [{"_target_": "embedder.losses.StableDistillLoss", "weight": 1.0}]}},
+                            group_size=8)
 f = load_train_file(path, tasks, use_cache=False)
 if mode == "eager":
     f.records = list(f.records)  # 0.1: records held as Python objects

@@ -111,13 +111,14 @@ def run_lightning(args: dict, unpadded: str, items: list[dict], path: str, devic
     from torch.utils.data import DataLoader
 
     from embedder.data.collator import RetrievalCollator
-    from embedder.data.tasks import TaskSettings
     from embedder.lit_module import RetrieverModule
-    from embedder.losses import LossWeights
     from embedder.modeling import DualEncoder
+    from embedder.record_kinds import build_task_settings
 
     enc = DualEncoder(path, pooling="cls", gradient_checkpointing=args["grad_ckpt"], unpadded=unpadded)
-    tasks = {"qa": TaskSettings("qa", loss=LossWeights(0.2, 1.0, stable_distill=True))}
+    tasks = build_task_settings({"qa": {"losses": [  # contrastive + stable distillation, both weighted
+        {"_target_": "embedder.losses.InfoNCELoss", "weight": 0.2},
+        {"_target_": "embedder.losses.StableDistillLoss", "weight": 1.0}]}}, group_size=args["group"])
     module = RetrieverModule(enc, tasks, combine_rule="weighted", cross_device=False,
                              optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-5))
     collate = RetrievalCollator(enc.tokenizer, args["qlen"], args["klen"])

@@ -118,6 +118,8 @@ def _warning(old: str, new: str, where: str = "") -> str:
 
 def rename_deprecated(config_name: str, overrides: list[str]) -> tuple[list[str], list[str]]:
     """`(overrides with old keys renamed, one warning per renamed key)`; `+old=`, `~old` and `old=` are handled."""
+    import re
+
     out, warnings = [], []
     for raw in overrides:
         prefix = raw[:2] if raw.startswith("++") else raw[:1] if raw[:1] in "+~" else ""
@@ -126,6 +128,12 @@ def rename_deprecated(config_name: str, overrides: list[str]) -> tuple[list[str]
         if new:
             warnings.append(_warning(key, new))
             raw = f"{prefix}{new}{sep}{value}"
+            key = new
+        legacy = re.fullmatch(r"record_kinds\.([^.]+)\.loss\.([a-z_]+)", key) if config_name == "train" else None
+        if legacy and sep and prefix == "":  # the old per-kind loss block: set (or add) it; record_kinds folds it in
+            warnings.append(f"warning: `{key}` is deprecated and will be removed in 0.3; the kind lists its losses in "
+                            f"record_kinds.{legacy.group(1)}.losses (this one is folded into that list)")
+            raw = f"++{raw}"
         out.append(raw)
     return out, warnings
 

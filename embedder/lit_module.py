@@ -11,10 +11,10 @@ import numpy as np
 import torch
 from lightning import LightningModule
 
-from embedder.data.tasks import TaskSettings
+from embedder.data.tasks import LossSpec, TaskSettings
 from embedder.errors import DataError
 from embedder.evaluation.eval_set import release_trained_stores
-from embedder.losses import InfoNCELoss, KLDistillLoss, StableDistillLoss, active_losses, combine_losses
+from embedder.losses import combine_losses
 from embedder.modeling.encoder import DualEncoder
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,9 @@ class RetrieverModule(LightningModule):
 
     Args:
         encoder: the DualEncoder to train.
-        tasks: `{task: TaskSettings}`; a batch's `task` picks its loss weights and temperatures.
-        temperature: the cos temperature tau (scores are divided by it when embeddings are normalised).
+        tasks: `{kind: TaskSettings}`; a batch's `task` picks the losses its kind lists (built once, here).
+        temperature: the cos temperature tau (scores are divided by it when embeddings are normalised); passed to
+            every listed loss that takes it, like the two settings below, unless its entry sets its own.
         cross_device: gather keys across devices (with gradients) as extra negatives.
         in_batch_negatives: score each query against other queries' keys too (InfoNCE).
         combine_rule: `reference` (one active loss is used unweighted) or `weighted` (always apply weights).
@@ -59,26 +60,25 @@ class RetrieverModule(LightningModule):
         self.eval_sets = list(eval_sets or [])
         self.stop_on_nonfinite_loss = bool(stop_on_nonfinite_loss)
         self._negatives_logged = False
+        shared = {"temperature": self.temperature, "cross_device": self.cross_device,
+                  "in_batch_negatives": self.in_batch_negatives}
+        # plain lists, not ModuleDicts: the losses hold no parameters, so checkpoints keep the encoder's keys only
+        self.loss_fns = {kind: [(spec, _build_loss(spec, shared)) for spec in t.losses] for kind, t in self.tasks.items()}
 
     # ------------------------------------------------------------------------------------------ training
     def compute_loss(self, q: torch.Tensor, k: torch.Tensor, teacher_scores: torch.Tensor | None, task: str
                      ) -> dict[str, torch.Tensor]:
-        """Loss of one batch from its embeddings: q (B, d), k (B*G, d), teacher_scores (B, G) or None."""
-        w = self.tasks[task].loss
-        do_con, do_dis = active_losses(w, teacher_scores is not None)
-        con = dis = None
-        if do_con:
-            con = InfoNCELoss(self.temperature, self.cross_device, self.in_batch_negatives)(q, k)
-        if do_dis:
-            if w.stable_distill:
-                dis = StableDistillLoss(self.temperature, w.teacher_temperature, self.cross_device)(q, k, teacher_scores)
-            else:
-                dis = KLDistillLoss(self.temperature, w.teacher_temperature, w.student_temperature)(q, k, teacher_scores)
-        out = {"loss": combine_losses(con, dis, w, self.combine_rule)}
-        if con is not None:
-            out["loss_contrastive"] = con.detach()
-        if dis is not None:
-            out["loss_distill"] = dis.detach()
+        """Loss of one batch from its embeddings: q (B, d), k (B*G, d), teacher_scores (B, G) or None. Every loss
+        the kind lists is active, except a teacher-score loss on a batch without scores."""
+        terms, out = [], {}
+        for spec, fn in self.loss_fns[task]:
+            if getattr(fn, "uses_teacher_scores", False) and teacher_scores is None:
+                continue
+            value = fn(q, k, teacher_scores)  # ()
+            terms.append((spec.weight, value))
+            name = "loss_distill" if getattr(fn, "uses_teacher_scores", False) else "loss_contrastive"
+            out[name if name not in out else f"{name}_{len(terms)}"] = value.detach()
+        out["loss"] = combine_losses(terms, self.combine_rule, task)
         return out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -95,8 +95,8 @@ class RetrieverModule(LightningModule):
                 "use trainer.precision=bf16-mixed instead of 16-mixed; stop_on_nonfinite_loss=false lets it go on")
         bs = q.shape[0]
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
-        for name in ("loss_contrastive", "loss_distill"):
-            if name in out:
+        for name in out:
+            if name != "loss":
                 self.log(f"train/{name}", out[name], batch_size=bs)
         self.log(f"train/{batch['task']}/loss", out["loss"].detach(), batch_size=bs)
         return out["loss"]
@@ -178,3 +178,15 @@ def _numpy_state_to_tensors() -> tuple:
 def _numpy_state_from_tensors(state: tuple) -> tuple:
     name, keys, pos, has_gauss, cached = state
     return name, keys.numpy().astype(np.uint32), pos, has_gauss, cached
+
+
+def _build_loss(spec: LossSpec, shared: dict[str, Any]) -> torch.nn.Module:
+    """Instantiate a listed loss: its own arguments, plus the shared ones (`loss.temperature`, ...) its class takes
+    and its entry does not set."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    cls = get_class(spec.target)
+    params = inspect.signature(cls.__init__).parameters
+    return cls(**{k: v for k, v in shared.items() if k in params and k not in spec.kwargs}, **dict(spec.kwargs))

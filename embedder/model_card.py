@@ -30,7 +30,7 @@ def model_card(config: dict[str, Any], prompts: dict[str, str], before: dict[str
              "tags: [sentence-transformers, feature-extraction, embedder, llm-embedder]", f"base_model: {base}", "---",
              "", f"# {label}: a task-aware dense retriever fine-tuned with embedder", "",
              f"Fine-tuned from `{base}` with the LLM-Embedder recipe (contrastive loss with hard negatives"
-             f"{', distillation from LM teacher scores' if any(r.get('distill_weight') for r in _task_losses(config)) else ''}"
+             f"{', distillation from LM teacher scores' if _distils(config) else ''}"
              f"). Pooling: {model.get('pooling', '?')}; normalised: {model.get('normalize', '?')}.", ""]
     parts += ["## Usage", "", "```python", "from sentence_transformers import SentenceTransformer", "",
               'model = SentenceTransformer("path/or/hub-id")']
@@ -62,5 +62,10 @@ def model_card(config: dict[str, Any], prompts: dict[str, str], before: dict[str
     return "\n".join(parts)
 
 
-def _task_losses(config: dict[str, Any]) -> list[dict[str, Any]]:
-    return [t.get("loss") or {} for t in (config.get("record_kinds") or {}).values() if isinstance(t, dict)]
+def _distils(config: dict[str, Any]) -> bool:
+    """Whether a record kind of the run lists a distillation loss (a class whose name says so) with weight > 0."""
+    kinds = [t for t in (config.get("record_kinds") or {}).values() if isinstance(t, dict)]
+    listed = [e for t in kinds for e in (t.get("losses") or []) if isinstance(e, dict)]
+    legacy = [t.get("loss") or {} for t in kinds]
+    return any("Distill" in str(e.get("_target_")) and e.get("weight", 1.0) for e in listed) or \
+        any(b.get("distill_weight") for b in legacy)

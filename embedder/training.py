@@ -19,13 +19,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from embedder.atomic import atomic_open, read_json, write_json
 from embedder.checkpoints import drop_zero3_hooks, gathered_parameters, load_best_state, resolve_ckpt_path
 from embedder.data.datamodule import RetrievalDataModule
-from embedder.data.tasks import build_task_settings
 from embedder.evaluation.eval_set import TRAINED_STORES, build_eval_sets
 from embedder.evaluation.metrics import before_after_table
 from embedder.export import export_trained, push_export
 from embedder.host_memory import tune_malloc
 from embedder.lit_module import RetrieverModule
 from embedder.provenance import describe_run
+from embedder.record_kinds import build_task_settings
 from embedder.report import write_report
 from embedder.retrieval.encode.predict import encoder_identity
 

@@ -8,7 +8,7 @@ import hydra
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from embedder.data.tasks import build_task_settings
+from embedder.record_kinds import build_task_settings
 from tests.conftest import ROOT, compose
 
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in (ROOT / "configs").iterdir() if g.is_dir()}
@@ -36,11 +36,15 @@ def test_reference_per_task_settings():
     t = compose(["task=llm-embedder"])
     s = build_task_settings(OmegaConf.to_container(t.record_kinds, resolve=True), 8)
     assert set(s) == {"qa", "convsearch", "chat", "lrlm", "icl", "tool"}
-    assert s["qa"].loss.stable_distill and s["qa"].loss.contrastive_weight == 0
-    assert s["icl"].sampling.select_positive == "random" and s["icl"].loss.stable_distill
-    assert s["chat"].sampling.select_positive == "teacher" and s["chat"].loss.teacher_temperature == 0.1
+    targets = {kind: [x.target.rsplit(".", 1)[-1] for x in t.losses] for kind, t in s.items()}
+    assert targets["qa"] == ["StableDistillLoss"]  # stable distillation, no contrastive term
+    assert s["icl"].sampling.select_positive == "random" and targets["icl"] == ["StableDistillLoss"]
+    assert s["qa"].sampling.stable_distill and s["icl"].sampling.stable_distill and not s["chat"].sampling.stable_distill
+    assert s["chat"].sampling.select_positive == "teacher" and targets["chat"] == ["KLDistillLoss"]
+    assert s["chat"].losses[0].kwargs["teacher_temperature"] == 0.1 and targets["lrlm"] == ["KLDistillLoss"]
     assert s["lrlm"].sampling.max_sample_num == 10000 and s["lrlm"].sampling.teacher_scores_margin == 0.1
-    assert s["tool"].loss.distill_weight == 0 and s["convsearch"].loss.distill_weight == 0
+    assert targets["tool"] == targets["convsearch"] == ["InfoNCELoss"] and s["tool"].losses[0].weight == 0.2
+    assert not s["tool"].needs_teacher_scores and s["qa"].needs_teacher_scores
     assert s["qa"].instruction.query == "Represent this query for retrieving relevant documents: "
     files = list(t.train_data)
     assert len(files) == 10 and files.count("llm-embedder:tool/toolbench/train.json") == 2
@@ -133,10 +137,10 @@ def test_misspelt_key_lists_valid_keys():
     msg = check_overrides(str(ROOT / "configs"), "train", ["task=tool", "data.batchsize=3"])
     assert "Unknown config key 'data.batchsize'" in msg and "Did you mean 'data.batch_size'" in msg
     assert "batch_size, group_size" in msg
-    msg = check_overrides(str(ROOT / "configs"), "train", ["task=tool", "record_kinds.tool.loss.distil_weight=0"])
-    assert "distill_weight" in msg
+    msg = check_overrides(str(ROOT / "configs"), "train", ["task=tool", "record_kinds.tool.losess=[]"])
+    assert "Did you mean 'record_kinds.tool.losses'" in msg
     assert check_overrides(str(ROOT / "configs"), "train", ["task=tool", "data.batch_size=3",
-                                                            "record_kinds.tool.loss.distill_weight=0.5"]) is None
+                                                            "record_kinds.tool.losses.0.weight=0.5"]) is None
 
 
 @pytest.mark.parametrize("experiment", GROUPS["experiment"])
@@ -187,7 +191,8 @@ def test_renamed_keys_keep_their_old_spelling_for_one_release():
     out, warnings = rename_deprecated("train", ["task_label=x", "task_metric=val/qa/mrr@10", "~tasks.qa.instruction",
                                                 "+eval.qa.task=qa", "tasks.chat.loss.distill_weight=0"])
     assert out == ["recipe_name=x", "recipe_metric=val/qa/mrr@10", "~record_kinds.qa.instruction",
-                   "+eval.qa.record_kind=qa", "record_kinds.chat.loss.distill_weight=0"] and len(warnings) == 5
+                   "+eval.qa.record_kind=qa", "++record_kinds.chat.loss.distill_weight=0"] and len(warnings) == 6
+    assert "record_kinds.chat.losses" in warnings[-1]  # the old loss block: force-added, then folded into the list
     assert rename_deprecated("eval", ["instruction_task=qa", "task=tool"])[0] == ["instruction_kind=qa", "task=tool"]
     for name, renames in DEPRECATED_KEYS.items():  # every new name exists in its config
         cfg = compose([], name)
@@ -215,6 +220,10 @@ def test_a_users_own_task_yaml_with_old_names_still_runs():
     assert cfg.recipe_name == "my_faq" and cfg.recipe_metric == "val/faq/ndcg@10"
     assert cfg.eval.faq.record_kind == "faq" and cfg.record_kinds.faq.instruction.query == "q: "
     assert cfg.record_kinds.qa.loss.distill_weight == 0.0  # merged over the included kind, which keeps the rest
+    from embedder.record_kinds import build_task_settings  # and the old loss block is folded into its losses
+
+    qa = build_task_settings(OmegaConf.to_container(cfg.record_kinds, resolve=True), 4)["qa"]
+    assert qa.losses == () and not qa.needs_teacher_scores  # msmarco's distillation, turned off by the old key
     assert cfg.record_kinds.qa.sampling is not None and "tool" in cfg.record_kinds
     assert cfg.output_dir.endswith("my_faq")  # interpolations see the moved value
 

@@ -7,10 +7,10 @@ from collections import Counter
 
 import pytest
 
-from embedder.data.tasks import build_task_settings
 from embedder.data.train_files import load_train_file
 from embedder.errors import DataError
 from embedder.paths import resolve_files, resolve_path
+from embedder.record_kinds import build_task_settings
 
 TASKS_CFG = {
     "qa": {"loss": {"contrastive_weight": 0.0, "distill_weight": 1.0, "stable_distill": True}},

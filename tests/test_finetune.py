@@ -181,7 +181,8 @@ def test_a_teacher_scores_the_candidates_and_training_distils_them(tmp_path, tin
         cfg = prepare(cfg)
         assert os.environ["WORLD_SIZE"] == "2"  # restored after the preparation
     (scored,) = cfg.train_data
-    assert "score-tiny" in scored and cfg.record_kinds.beir.loss.distill_weight == 1.0
+    assert "score-tiny" in scored and [(x._target_, x.weight) for x in cfg.record_kinds.beir.losses] == [
+        ("embedder.losses.InfoNCELoss", 1.0), ("embedder.losses.KLDistillLoss", 1.0)]
     with open(scored) as f:
         records = [json.loads(line) for line in f]
     assert records and all(len(r["teacher_scores"]) == len(r["pos"]) + len(r["neg"]) <= 3 for r in records)

@@ -17,9 +17,9 @@ from embedder.data import index_cache
 from embedder.data.corpus import JsonlCorpus, ParquetCorpus, open_corpus, prefixed, texts_fingerprint
 from embedder.data.jsonl import JsonlRecords
 from embedder.data.queries import load_queries
-from embedder.data.tasks import build_task_settings
 from embedder.data.train_files import load_train_file
 from embedder.errors import DataError
+from embedder.record_kinds import build_task_settings
 from tests.conftest import compose, read_jsonl
 from tests.test_mining import toy_corpus, write_toy
 
@@ -127,7 +127,7 @@ def test_a_fit_reads_the_lazy_records_through_dataloader_workers(tmp_path, tiny_
     path = _write(tmp_path / "data" / "qa" / "train.json", [_record(i, n_neg=6, words=12) for i in range(12)])
     cfg = compose(quick_overrides(tmp_path, tiny_bert, [
         "task=msmarco", f"train_data=[{path}]", "data.num_workers=2", "eval={}", "export=false",
-        "record_kinds.qa.loss.stable_distill=false"]))
+        "record_kinds.qa.losses=[{_target_:embedder.losses.KLDistillLoss,weight:1.0}]"]))
     run_train(cfg)
     assert os.path.isfile(f"{tmp_path}/out/metrics.json")
 

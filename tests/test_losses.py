@@ -8,14 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embedder.losses import (
-    InfoNCELoss,
-    KLDistillLoss,
-    LossWeights,
-    StableDistillLoss,
-    active_losses,
-    combine_losses,
-)
+from embedder.losses import InfoNCELoss, KLDistillLoss, StableDistillLoss, combine_losses
 
 
 def _one_hot_batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,39 +179,115 @@ def test_stable_distill_half_precision_inputs_are_safe(dtype):
 # ------------------------------------------------------------------------------------------------- combine
 
 
-def test_active_losses():
-    assert active_losses(LossWeights(), has_teacher_scores=True) == (True, True)
-    assert active_losses(LossWeights(), has_teacher_scores=False) == (True, False)
-    assert active_losses(LossWeights(contrastive_weight=0), has_teacher_scores=True) == (False, True)
-    assert active_losses(LossWeights(distill_weight=0), has_teacher_scores=True) == (True, False)
+def test_which_losses_are_active(tiny_bert):
+    """A kind's listed losses are all active, except a teacher-score loss on a batch without scores (reference)."""
+    from embedder.lit_module import RetrieverModule
+    from embedder.modeling.encoder import DualEncoder
+    from embedder.record_kinds import build_task_settings
+
+    tasks = build_task_settings({"qa": {"losses": [{"_target_": "embedder.losses.InfoNCELoss", "weight": 0.2},
+                                                   {"_target_": "embedder.losses.KLDistillLoss", "weight": 0.5}]}}, 2)
+    module = RetrieverModule(DualEncoder(tiny_bert), tasks, temperature=1.0, cross_device=False)
+    q, k = _one_hot_batch()
+    ts = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    both = module.compute_loss(q, k, ts, "qa")
+    con, dis = InfoNCELoss(module.temperature, False)(q, k), KLDistillLoss(module.temperature)(q, k, ts)
+    assert set(both) == {"loss", "loss_contrastive", "loss_distill"}
+    assert both["loss"].item() == pytest.approx(0.2 * con.item() + 0.5 * dis.item())
+    alone = module.compute_loss(q, k, None, "qa")  # no teacher scores: the KL term is off, InfoNCE unweighted
+    assert set(alone) == {"loss", "loss_contrastive"} and alone["loss"].item() == pytest.approx(con.item())
 
 
 def test_combine_reference_rule():
-    w = LossWeights(contrastive_weight=0.2, distill_weight=0.5)
     lc, ld = torch.tensor(2.0), torch.tensor(3.0)
-    assert combine_losses(lc, ld, w, "reference").item() == pytest.approx(0.2 * 2 + 0.5 * 3)
-    assert combine_losses(lc, None, w, "reference").item() == pytest.approx(2.0)  # lone loss: unweighted
-    assert combine_losses(None, ld, w, "reference").item() == pytest.approx(3.0)
+    assert combine_losses([(0.2, lc), (0.5, ld)], "reference").item() == pytest.approx(0.2 * 2 + 0.5 * 3)
+    assert combine_losses([(0.2, lc)], "reference").item() == pytest.approx(2.0)  # lone loss: unweighted
+    assert combine_losses([(0.5, ld)], "reference").item() == pytest.approx(3.0)
 
 
 def test_combine_weighted_rule():
-    w = LossWeights(contrastive_weight=0.2, distill_weight=0.5)
     lc, ld = torch.tensor(2.0), torch.tensor(3.0)
-    assert combine_losses(lc, ld, w, "weighted").item() == pytest.approx(0.2 * 2 + 0.5 * 3)
-    assert combine_losses(lc, None, w, "weighted").item() == pytest.approx(0.4)
-    assert combine_losses(None, ld, w, "weighted").item() == pytest.approx(1.5)
+    assert combine_losses([(0.2, lc), (0.5, ld)], "weighted").item() == pytest.approx(0.2 * 2 + 0.5 * 3)
+    assert combine_losses([(0.2, lc)], "weighted").item() == pytest.approx(0.4)
+    assert combine_losses([(0.5, ld)], "weighted").item() == pytest.approx(1.5)
 
 
 @pytest.mark.parametrize("rule", ["reference", "weighted"])
 def test_combine_neither_active_names_task_settings(rule):
-    with pytest.raises(ValueError, match="(?s)'tool'.*contrastive_weight.*distill_weight"):
-        combine_losses(None, None, LossWeights(contrastive_weight=0), rule, task="tool")
+    with pytest.raises(ValueError, match="(?s)'tool'.*record_kinds.tool.losses.*score.py"):
+        combine_losses([], rule, task="tool")
 
 
-def test_combine_rejects_unknown_rule_and_bad_weights():
+def test_combine_rejects_unknown_rule_and_bad_loss_lists():
+    from embedder.record_kinds import build_task_settings
+
     with pytest.raises(ValueError, match="rule"):
-        combine_losses(torch.tensor(1.0), None, LossWeights(), "sum")
-    with pytest.raises(ValueError):
-        LossWeights(contrastive_weight=-1)
-    with pytest.raises(ValueError):
-        LossWeights(teacher_temperature=0)
+        combine_losses([(1.0, torch.tensor(1.0))], "sum")
+    bad = {"weight -1": ([{"_target_": "embedder.losses.InfoNCELoss", "weight": -1}], r"losses\[0\]\.weight=-1"),
+           "no target": ([{"weight": 1}], r"losses\[0\]: each loss needs `_target_`"),
+           "not a class": ([{"_target_": "embedder.losses.NoSuchLoss"}], r"losses\[0\]\._target_=.*NoSuchLoss"),
+           "bad argument": ([{"_target_": "embedder.losses.KLDistillLoss", "teacher_temp": 0.1}],
+                            r"losses\[0\]: embedder.losses.KLDistillLoss takes no argument \['teacher_temp'\]")}
+    for name, (losses, message) in bad.items():
+        with pytest.raises(ValueError, match="record_kinds.qa." + message):
+            build_task_settings({"qa": {"losses": losses}}, 4)
+    with pytest.raises(ValueError, match="temperatures? must be > 0|teacher_temperature must be > 0"):
+        KLDistillLoss(teacher_temperature=0)
+
+
+def test_old_loss_block_folds_into_the_list():
+    """`loss: {contrastive_weight, distill_weight, ...}` (before 0.2) builds the same losses as the list."""
+    from embedder.record_kinds import build_task_settings
+
+    old = build_task_settings({
+        "qa": {"loss": {"contrastive_weight": 0.0, "distill_weight": 1.0, "stable_distill": True}},
+        "chat": {"loss": {"contrastive_weight": 0, "distill_weight": 1, "teacher_temperature": 0.1}},
+        "tool": {"loss": {"contrastive_weight": 0.2, "distill_weight": 0.0}},
+        "both": {}}, 4)
+    assert [(s.target, s.weight, dict(s.kwargs)) for s in old["qa"].losses] == [
+        ("embedder.losses.StableDistillLoss", 1.0, {"teacher_temperature": 1.0})]
+    assert old["qa"].needs_teacher_scores and old["qa"].sampling.stable_distill
+    assert [(s.target, dict(s.kwargs)) for s in old["chat"].losses] == [
+        ("embedder.losses.KLDistillLoss", {"teacher_temperature": 0.1, "student_temperature": 1.0})]
+    assert not old["chat"].sampling.stable_distill
+    assert [(s.target, s.weight) for s in old["tool"].losses] == [("embedder.losses.InfoNCELoss", 0.2)]
+    assert not old["tool"].needs_teacher_scores
+    assert [(s.target, s.weight) for s in old["both"].losses] == [  # the reference's defaults: 0.2 and 1.0
+        ("embedder.losses.InfoNCELoss", 0.2), ("embedder.losses.KLDistillLoss", 1.0)]
+
+class MarginRankingLoss(torch.nn.Module):
+    """A loss from outside the package, as a user adds one: each query's positive must beat its own negatives by
+    `margin` (cosine scores). Listed by `_target_` alone; the module passes it no shared argument it does not take."""
+
+    uses_teacher_scores = False
+    calls = 0
+
+    def __init__(self, margin: float = 0.2):
+        super().__init__()
+        self.margin = margin
+
+    def forward(self, q, k, teacher_scores=None):  # q (B, d), k (B*G, d) -> ()
+        MarginRankingLoss.calls += 1
+        scores = torch.einsum("bd,bgd->bg", q, k.view(q.size(0), -1, q.size(1)))  # (B, G)
+        return F.relu(self.margin - scores[:, :1] + scores[:, 1:]).mean()
+
+
+def test_a_loss_of_ones_own_is_a_config_entry(tmp_path, tiny_bert):
+    """A new loss touches its own module and the config that lists it: a real fit trains with it, combined with a
+    built-in one under the weighted rule, and its own argument reaches it."""
+    import csv
+
+    from embedder.training import run_train
+    from tests.conftest import compose, quick_overrides, toy_path
+
+    MarginRankingLoss.calls = 0
+    losses = ("[{_target_:tests.test_losses.MarginRankingLoss,weight:0.5,margin:0.3},"
+              "{_target_:embedder.losses.InfoNCELoss,weight:1.0}]")
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, [
+        "task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "export=false", "report=false",
+        f"record_kinds.tool.losses={losses}", "loss.combine_rule=weighted"])))
+    assert MarginRankingLoss.calls == 2  # both training steps
+    rows = [r for p in (tmp_path / "out").rglob("metrics.csv") for r in csv.DictReader(open(p))]
+    parts = [(float(r["train/loss"]), float(r["train/loss_contrastive"]), float(r["train/loss_contrastive_2"]))
+             for r in rows if r.get("train/loss")]
+    assert parts and all(math.isclose(total, 0.5 * margin + nce, rel_tol=1e-4) for total, margin, nce in parts)

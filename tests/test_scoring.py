@@ -379,8 +379,8 @@ def test_scored_file_loads_as_training_data(tmp_path, tiny_lm):
     """The output passes the training data contract (teacher_scores aligned), e.g. for task=msmarco distillation."""
     from omegaconf import OmegaConf
 
-    from embedder.data.tasks import build_task_settings
     from embedder.data.train_files import load_train_file
+    from embedder.record_kinds import build_task_settings
     from embedder.scoring.run import run_score
 
     src = write_jsonl(tmp_path / "qa" / "train.json", read_jsonl(toy_path("qa"))[:3])

@@ -166,13 +166,13 @@ def check_train_record(record: Mapping[str, Any], path: str, line: int, settings
             raise DataError(f"{len(scores)} teacher_scores for {len(pos) + len(neg)} keys in {aligned}",
                             path=path, line=line, field="teacher_scores",
                             hint=f"teacher_scores must align one-to-one with {aligned}; re-run score.py on this file")
-    if settings.loss.distill_weight > 0 and not scores:
+    if settings.needs_teacher_scores and not scores:
+        teacher = [s.target.rsplit(".", 1)[-1] for s in settings.losses]
         raise DataError(
-            f"task '{settings.name}' enables distillation (distill_weight={settings.loss.distill_weight}) "
+            f"record kind '{settings.name}' enables distillation ({', '.join(teacher)}: it needs teacher scores) "
             f"but this record has no teacher_scores", path=path, line=line, field="teacher_scores",
-            hint=f"run score.py on this file to add teacher scores, or use a contrastive config: "
-                 f"record_kinds.{settings.name}.loss.distill_weight=0 record_kinds.{settings.name}.loss.stable_distill=false "
-                 f"record_kinds.{settings.name}.loss.contrastive_weight=1")
+            hint=f"run score.py on this file to add teacher scores, or train it contrastively: "
+                 f"record_kinds.{settings.name}.losses=[{{_target_:embedder.losses.InfoNCELoss,weight:1.0}}]")
     if settings.sampling.select_positive == "random" and not pos:
         raise DataError("select_positive=random needs at least one positive", path=path, line=line, field="pos")
 

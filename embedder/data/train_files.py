@@ -40,7 +40,7 @@ class TrainFile:
 
 def _settings_key(tasks: dict[str, TaskSettings]) -> dict[str, Any]:
     """Everything in the task settings that decides which records pass and are kept."""
-    return {name: {"sampling": asdict(t.sampling), "distill_weight": t.loss.distill_weight}
+    return {name: {"sampling": asdict(t.sampling), "needs_teacher_scores": t.needs_teacher_scores}
             for name, t in sorted(tasks.items())}
 
 

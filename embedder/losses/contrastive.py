@@ -82,6 +82,9 @@ class InfoNCELoss(nn.Module):
         0.7437
     """
 
+    uses_teacher_scores = False  # a record kind with this loss needs no teacher_scores
+    sorts_negatives_by_teacher = False
+
     def __init__(self, temperature: float = 0.01, cross_device: bool = True, in_batch_negatives: bool = True):
         super().__init__()
         if temperature <= 0:

@@ -58,6 +58,9 @@ class KLDistillLoss(nn.Module):
         True
     """
 
+    uses_teacher_scores = True  # every record of a kind with this loss must carry teacher_scores
+    sorts_negatives_by_teacher = False
+
     def __init__(self, temperature: float = 0.01, teacher_temperature: float = 1.0, student_temperature: float = 1.0):
         super().__init__()
         for name, value in (("temperature", temperature), ("teacher_temperature", teacher_temperature),

@@ -67,6 +67,9 @@ class StableDistillLoss(nn.Module):
         torch.Size([])
     """
 
+    uses_teacher_scores = True  # every record of a kind with this loss must carry teacher_scores
+    sorts_negatives_by_teacher = True  # the data pipeline orders each group's negatives by teacher score
+
     def __init__(self, temperature: float = 0.01, teacher_temperature: float = 1.0, cross_device: bool = True):
         super().__init__()
         for name, value in (("temperature", temperature), ("teacher_temperature", teacher_temperature)):

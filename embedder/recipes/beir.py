@@ -204,7 +204,9 @@ def prepare(cfg: DictConfig) -> DictConfig:
     with open_dict(cfg):
         cfg.train_data = [run["train_file"]]
         teacher = b.get("teacher") or {}
-        if teacher.get("lm"):  # the scored file's teacher_scores are distilled
-            cfg.record_kinds[cfg.default_record_kind].loss.distill_weight = float(teacher.distill_weight)
+        if teacher.get("lm"):  # the scored file's teacher_scores are distilled (KL over each query's candidates)
+            kind = cfg.record_kinds[cfg.default_record_kind]
+            kind.losses = [*(kind.get("losses") or []),
+                           {"_target_": "embedder.losses.KLDistillLoss", "weight": float(teacher.distill_weight)}]
         cfg.eval = OmegaConf.merge(OmegaConf.create(eval_sets), cfg.get("eval") or {})
     return cfg
