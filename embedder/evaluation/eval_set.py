@@ -3,6 +3,9 @@ training through the same encoding stores, faiss index and scoring as standalone
 
 How a retrieval eval set is evaluated on W ranks (W = 1 outside a process group):
 
+The search is `embedder.retrieval.dense.sharded_search` (the package's one encode -> index -> search path, in its
+per-rank strategy):
+
 1. The corpus and the queries become `EncodeJob`s over `EmbeddingStore`s (fixed row-range shards on disk). Shard s
    belongs to rank `s % W`: each rank encodes only its missing shards, with `encode_to_stores`' batching (so 1 or 8
    ranks give bit-identical embeddings), and every rank runs the same number of forward passes (ZeRO-3).
@@ -33,11 +36,9 @@ import json
 import logging
 import os
 import shutil
-import time
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
 
 from embedder.data.corpus import open_corpus, prefixed
@@ -47,22 +48,12 @@ from embedder.data.tasks import Instruction, TaskSettings
 from embedder.distributed import is_distributed, rank, world_size
 from embedder.evaluation.retrieval import MODES, RetrievalEvaluator
 from embedder.paths import resolve_files
-from embedder.retrieval.encode.predict import EncodeJob, encode_in_lockstep, encoder_identity
-from embedder.retrieval.encode.store import EmbeddingStore
-from embedder.retrieval.faiss_index import FaissIndex, merge_topk
+from embedder.retrieval.dense import sharded_search
+from embedder.retrieval.encode.predict import encoder_identity
 
 log = logging.getLogger(__name__)
 
 TRAINED_STORES = "eval-encode"  # work_dir/<this>: the stores of trained weights, deleted at the end of the run
-
-
-def _peak_rss_mb() -> int:
-    """This process's peak resident memory (VmHWM), in MB; 0 where /proc is missing."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) // 1024 for line in f if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        return 0
 
 
 def _barrier() -> None:
@@ -186,53 +177,13 @@ class EvalSet:
         # step folders (ZeRO-3) and the untrained weights' cache are never kept by release_trained_stores
         self.latest_folder = folder if not cached and ident is not None else None
         inst = self.instruction
-        queries = [inst.query + q.text for q in self.evaluator.queries]
-        jobs = [EncodeJob(f"{self.name} corpus", prefixed(self.corpus, inst.key), "", kind="key",
-                          max_length=self.key_max_length, shard_size=self.shard_size, identity=identity),
-                EncodeJob(f"{self.name} queries", queries, "", kind="query", max_length=self.query_max_length,
-                          shard_size=self.shard_size, identity=identity)]
-        for job, what in zip(jobs, ("corpus", "queries")):
-            fp = job.fingerprint()  # hashes every query text: once
-            job.store_path = os.path.join(folder, f"{what}-{fp[:16]}-{job.shard_size}")
-            EmbeddingStore.create(job.store_path, len(job.texts), job.shard_size, fp,
-                                  info={"name": job.name, "kind": job.kind, "max_length": job.max_length})
-        pending = [(j, s) for j, job in enumerate(jobs) for s in EmbeddingStore(job.store_path).missing_shards()]
-        _barrier()  # every rank has listed the missing shards before any rank writes one
-        units_per_rank = [[u for u in pending if u[1] % W == rr] for rr in range(W)]
-        if r == 0:
-            done = sum(EmbeddingStore(j.store_path).num_shards for j in jobs) - len(pending)
-            log.info("eval %s: encoding %d shard(s) on %d rank(s)%s", self.name, len(pending), W,
-                     f" ({done} reused from {folder})" if done else "")
-        t0 = time.monotonic()
-        encode_in_lockstep(encoder, jobs, units_per_rank, r, batch_size=self.batch_size, batch_tokens=self.batch_tokens,
-                           num_workers=self.num_workers, token_cache=self.token_cache)
-        t_encode = time.monotonic() - t0
-        _barrier()  # every shard is on disk
-
-        corpus_store, query_store = (EmbeddingStore(j.store_path) for j in jobs)
-        q_emb = query_store.load()  # (Q, D): the queries are few
-        hits = self.evaluator.hits
-        mine = [s for s in range(corpus_store.num_shards) if s % W == r]
-        t0, t_index, n_rows = time.monotonic(), 0.0, 0
-        if mine:
-            index = FaissIndex(self.index_factory, metric, use_gpu=self.use_gpu, search_params=self.search_params)
-            # one shard in memory at a time besides the index: the first trains it (IVF/PQ), each is then added
-            index.build(corpus_store.read_shard(mine[0], mmap=True), train_sample=self.train_sample)
-            for s in mine[1:]:
-                index.add(corpus_store.read_shard(s, mmap=True))  # (shard rows, D)
-            t_index, n_rows = time.monotonic() - t0, index.ntotal
-            rows = np.concatenate([np.arange(corpus_store.shard_rows(s).start, corpus_store.shard_rows(s).stop)
-                                   for s in mine])
-            scores, local = index.search(q_emb, hits)  # (Q, hits)
-            ids = np.where(local < 0, -1, rows[np.maximum(local, 0)])
-            del index
-        else:  # more ranks than shards
-            scores = np.full((len(q_emb), hits), np.inf if metric == "l2" else -np.inf, np.float32)
-            ids = np.full((len(q_emb), hits), -1, np.int64)
-        scores, ids = merge_topk(_all_gather((scores, ids)), hits, metric)  # (Q, hits)
-        log.info("eval %s rank %d/%d step %s: encoded %d shard(s) in %.1f s, indexed %d rows in %.1f s, searched %d "
-                 "queries in %.1f s, peak RSS %d MB", self.name, r, W, step, len(units_per_rank[r]), t_encode, n_rows,
-                 t_index, len(q_emb), time.monotonic() - t0 - t_index, _peak_rss_mb())
+        _, ids = sharded_search(
+            encoder, prefixed(self.corpus, inst.key), [inst.query + q.text for q in self.evaluator.queries], folder,
+            identity, name=self.name, metric=metric, hits=self.evaluator.hits, rank=r, world=W, barrier=_barrier,
+            all_gather=_all_gather, query_max_length=self.query_max_length, key_max_length=self.key_max_length,
+            shard_size=self.shard_size, batch_size=self.batch_size, batch_tokens=self.batch_tokens,
+            num_workers=self.num_workers, token_cache=self.token_cache, index_factory=self.index_factory,
+            use_gpu=self.use_gpu, search_params=self.search_params, train_sample=self.train_sample)
         return {q.qid: [int(i) for i in row if i >= 0] for q, row in zip(self.evaluator.queries, ids)}
 
     # ------------------------------------------------------------------------------------------------ rerank

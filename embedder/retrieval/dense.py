@@ -1,4 +1,11 @@
-"""Dense retrieval: encode corpus and queries (sharded, resumable), index with faiss, search.
+"""Dense retrieval: encode corpus and queries (sharded, resumable), index with faiss, search. The one
+encode -> index -> search path of the package, with two ways to spread it over ranks:
+
+- `DenseRetriever` (mining, `embedder.evaluate`): the ranks of a Lightning predict job encode the stores, rank 0
+  builds one index (saved and reused) and searches; `search_in_shards` makes the search resumable.
+- `sharded_search` (evaluation inside a training job, whose ranks already run in lockstep): each rank encodes
+  the store shards `s % W == rank`, indexes its own corpus shards and searches every query; the per-rank top-k
+  lists are all-gathered and merged, so no rank holds more than 1/W of the corpus embeddings.
 
 Folders under `work_dir` (reused by any later run with the same model and texts):
 
@@ -12,7 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -20,7 +28,9 @@ import numpy as np
 from embedder.data.corpus import prefixed
 from embedder.retrieval.base import Retriever
 from embedder.retrieval.encode import EncodeJob, encode_to_stores, encoder_identity
-from embedder.retrieval.faiss_index import FaissIndex
+from embedder.retrieval.encode.predict import encode_in_lockstep
+from embedder.retrieval.encode.store import EmbeddingStore
+from embedder.retrieval.faiss_index import FaissIndex, merge_topk
 
 log = logging.getLogger(__name__)
 
@@ -159,3 +169,68 @@ class DenseRetriever(Retriever):
             return np.zeros((0, k), np.float32), np.zeros((0, k), np.int64)
         return np.concatenate(scores), np.concatenate(ids)
 
+
+def sharded_search(encoder: Any, corpus_texts: Sequence[str], queries: Sequence[str], folder: str,
+                   identity: dict[str, Any], *, name: str, metric: str, hits: int, rank: int, world: int,
+                   barrier: Callable[[], None], all_gather: Callable[[Any], list[Any]], query_max_length: int = 256,
+                   key_max_length: int = 256, shard_size: int = 100_000, batch_size: int = 128,
+                   batch_tokens: int | str = "auto", num_workers: int = 0, token_cache: bool = True,
+                   index_factory: str = "Flat", use_gpu: bool | str = "auto", search_params: dict | None = None,
+                   train_sample: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+    """`(scores, ids)`, each (Q, hits), of `queries` (instruction included) over `corpus_texts` (likewise), the same
+    on every rank: the per-rank shard strategy of the module docstring. Stores go under `folder` (their names
+    hash the texts and `identity`, so finished shards are reused); every rank runs the same number of forward
+    passes (ZeRO-3), and 1 or W ranks give the same ranking (ties broken by id). `ids` are corpus rows, -1 where
+    fewer than `hits` exist."""
+    jobs = [EncodeJob(f"{name} corpus", corpus_texts, "", kind="key", max_length=key_max_length,
+                      shard_size=shard_size, identity=identity),
+            EncodeJob(f"{name} queries", queries, "", kind="query", max_length=query_max_length,
+                      shard_size=shard_size, identity=identity)]
+    for job, what in zip(jobs, ("corpus", "queries")):
+        fp = job.fingerprint()  # hashes every text: once
+        job.store_path = os.path.join(folder, f"{what}-{fp[:16]}-{job.shard_size}")
+        EmbeddingStore.create(job.store_path, len(job.texts), job.shard_size, fp,
+                              info={"name": job.name, "kind": job.kind, "max_length": job.max_length})
+    pending = [(j, s) for j, job in enumerate(jobs) for s in EmbeddingStore(job.store_path).missing_shards()]
+    barrier()  # every rank has listed the missing shards before any rank writes one
+    units_per_rank = [[u for u in pending if u[1] % world == rr] for rr in range(world)]
+    if rank == 0:
+        done = sum(EmbeddingStore(j.store_path).num_shards for j in jobs) - len(pending)
+        log.info("eval %s: encoding %d shard(s) on %d rank(s)%s", name, len(pending), world,
+                 f" ({done} reused from {folder})" if done else "")
+    t0 = time.monotonic()
+    encode_in_lockstep(encoder, jobs, units_per_rank, rank, batch_size=batch_size, batch_tokens=batch_tokens,
+                       num_workers=num_workers, token_cache=token_cache)
+    t_encode = time.monotonic() - t0
+    barrier()  # every shard is on disk
+
+    corpus_store, query_store = (EmbeddingStore(j.store_path) for j in jobs)
+    q_emb = query_store.load()  # (Q, D): the queries are few
+    mine = [s for s in range(corpus_store.num_shards) if s % world == rank]
+    t0, t_index, n_rows = time.monotonic(), 0.0, 0
+    if mine:
+        index = FaissIndex(index_factory, metric, use_gpu=use_gpu, search_params=search_params)
+        # one shard in memory at a time besides the index: the first trains it (IVF/PQ), each is then added
+        index.build(corpus_store.read_shard(mine[0], mmap=True), train_sample=train_sample)
+        for s in mine[1:]:
+            index.add(corpus_store.read_shard(s, mmap=True))  # (shard rows, D)
+        t_index, n_rows = time.monotonic() - t0, index.ntotal
+        rows = np.concatenate([np.arange(corpus_store.shard_rows(s).start, corpus_store.shard_rows(s).stop)
+                               for s in mine])
+        scores, local = index.search(q_emb, hits)  # (Q, hits)
+        ids = np.where(local < 0, -1, rows[np.maximum(local, 0)])
+        del index
+    else:  # more ranks than shards
+        scores = np.full((len(q_emb), hits), np.inf if metric == "l2" else -np.inf, np.float32)
+        ids = np.full((len(q_emb), hits), -1, np.int64)
+    scores, ids = merge_topk(all_gather((scores, ids)), hits, metric)  # (Q, hits)
+    log.info("eval %s rank %d/%d: encoded %d shard(s) in %.1f s, indexed %d rows in %.1f s, searched %d queries in "
+             "%.1f s, peak RSS %d MB", name, rank, world, len(units_per_rank[rank]), t_encode, n_rows, t_index,
+             len(q_emb), time.monotonic() - t0 - t_index, _peak_rss_mb())
+    return scores, ids
+
+
+def _peak_rss_mb() -> int:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # KiB on Linux
