@@ -111,10 +111,10 @@ THROUGHPUT_CHILD = """
 import sys, time
 import numpy as np
 from embedder.data.dataset import MultiTaskTrainDataset
-from embedder.record_kinds import build_task_settings
+from embedder.record_kinds import build_record_kinds
 from embedder.data.train_files import load_train_file
 path, mode = sys.argv[1], sys.argv[2]
-tasks = build_task_settings({"qa": {"losses": [{"_target_": "embedder.losses.StableDistillLoss", "weight": 1.0}]}},
+tasks = build_record_kinds({"qa": {"losses": [{"_target_": "embedder.losses.StableDistillLoss", "weight": 1.0}]}},
                             group_size=8)
 f = load_train_file(path, tasks, use_cache=False)
 if mode == "eager":

@@ -77,7 +77,7 @@ def make_items(args: dict, tokenizer) -> list[dict]:
         queries = [text_of(args["qlen"], words, rng) for _ in range(n)]
         keys = [text_of(args["klen"], words, rng) for _ in range(n * G)]
     return [{"query": queries[i], "keys": keys[i * G:(i + 1) * G], "teacher_scores": [rng.gauss(0, 1) for _ in range(G)],
-             "task": "qa", "dataset": "bench"} for i in range(n)]
+             "record_kind": "qa", "dataset": "bench"} for i in range(n)]
 
 
 def naive_stable_distill(q, k, teacher, tau):
@@ -113,10 +113,10 @@ def run_lightning(args: dict, unpadded: str, items: list[dict], path: str, devic
     from embedder.data.collator import RetrievalCollator
     from embedder.lit_module import RetrieverModule
     from embedder.modeling import DualEncoder
-    from embedder.record_kinds import build_task_settings
+    from embedder.record_kinds import build_record_kinds
 
     enc = DualEncoder(path, pooling="cls", gradient_checkpointing=args["grad_ckpt"], unpadded=unpadded)
-    tasks = build_task_settings({"qa": {"losses": [  # contrastive + stable distillation, both weighted
+    tasks = build_record_kinds({"qa": {"losses": [  # contrastive + stable distillation, both weighted
         {"_target_": "embedder.losses.InfoNCELoss", "weight": 0.2},
         {"_target_": "embedder.losses.StableDistillLoss", "weight": 1.0}]}}, group_size=args["group"])
     module = RetrieverModule(enc, tasks, combine_rule="weighted", cross_device=False,

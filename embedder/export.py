@@ -17,7 +17,7 @@ def export_trained(module: Any, cfg: Any, tasks: dict, run_info: dict[str, Any],
                    after: dict[str, float]) -> None:
     """The end of a training run (rank 0, with every parameter whole): the encoder with its prompts (from
     `export_record_kind`'s instructions) and a model card (the run, its data and its before -> after metrics)."""
-    from embedder.data.tasks import export_prompts
+    from embedder.data.kinds import export_prompts
     from embedder.model_card import model_card
 
     prompts = export_prompts(tasks, export_record_kind(cfg, tasks))

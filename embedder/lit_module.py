@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from lightning import LightningModule
 
-from embedder.data.tasks import LossSpec, TaskSettings
+from embedder.data.kinds import LossSpec, RecordKind
 from embedder.errors import DataError
 from embedder.evaluation.eval_set import release_trained_stores
 from embedder.losses import combine_losses
@@ -29,7 +29,7 @@ class RetrieverModule(LightningModule):
 
     Args:
         encoder: the DualEncoder to train.
-        tasks: `{kind: TaskSettings}`; a batch's `task` picks the losses its kind lists (built once, here).
+        tasks: `{kind: RecordKind}`; a batch's `task` picks the losses its kind lists (built once, here).
         temperature: the cos temperature tau (scores are divided by it when embeddings are normalised); passed to
             every listed loss that takes it, like the two settings below, unless its entry sets its own.
         cross_device: gather keys across devices (with gradients) as extra negatives.
@@ -43,7 +43,7 @@ class RetrieverModule(LightningModule):
             poisoned model is never exported; False lets Lightning go on.
     """
 
-    def __init__(self, encoder: DualEncoder, tasks: dict[str, TaskSettings], temperature: float = 0.01,
+    def __init__(self, encoder: DualEncoder, tasks: dict[str, RecordKind], temperature: float = 0.01,
                  cross_device: bool = True, in_batch_negatives: bool = True, combine_rule: str = "reference",
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None, warmup_ratio: float = 0.1,
                  weight_decay: float = 0.01, eval_sets: list[Any] | None = None, stop_on_nonfinite_loss: bool = True):
@@ -86,10 +86,10 @@ class RetrieverModule(LightningModule):
         k = self.encoder.encode(batch["key"], "key")  # (B*G, d)
         if not self._negatives_logged:
             self._log_negatives(q.shape[0], k.shape[0] // q.shape[0])
-        out = self.compute_loss(q, k, batch["teacher_scores"], batch["task"])
+        out = self.compute_loss(q, k, batch["teacher_scores"], batch["record_kind"])
         if self.stop_on_nonfinite_loss and not torch.isfinite(out["loss"]):  # one host sync per step
             raise NonFiniteLossError(
-                f"the training loss is {float(out['loss'].detach())} at step {self.global_step} (task {batch['task']!r}, "
+                f"the training loss is {float(out['loss'].detach())} at step {self.global_step} (record kind {batch['record_kind']!r}, "
                 f"batch {batch_idx} of this epoch); the run stops here and nothing is exported",
                 path=batch.get("path"), hint="check the file's teacher_scores and texts, lower optimizer.lr, or "
                 "use trainer.precision=bf16-mixed instead of 16-mixed; stop_on_nonfinite_loss=false lets it go on")
@@ -98,7 +98,7 @@ class RetrieverModule(LightningModule):
         for name in out:
             if name != "loss":
                 self.log(f"train/{name}", out[name], batch_size=bs)
-        self.log(f"train/{batch['task']}/loss", out["loss"].detach(), batch_size=bs)
+        self.log(f"train/{batch['record_kind']}/loss", out["loss"].detach(), batch_size=bs)
         return out["loss"]
 
     def _log_negatives(self, B: int, G: int) -> None:

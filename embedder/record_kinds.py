@@ -1,4 +1,4 @@
-"""`record_kinds:` of the config -> `{kind: TaskSettings}`: instructions, sampling, and the losses each kind lists.
+"""`record_kinds:` of the config -> `{kind: RecordKind}`: instructions, sampling, and the losses each kind lists.
 
 A kind lists its losses with weights, each built by `_target_` (any importable loss class; embedder.losses has
 InfoNCELoss, KLDistillLoss and StableDistillLoss):
@@ -25,8 +25,8 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
+from embedder.data.kinds import Instruction, LossSpec, RecordKind
 from embedder.data.sampling import SamplingConfig
-from embedder.data.tasks import Instruction, LossSpec, TaskSettings
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +39,8 @@ SHARED_ARGS = ("temperature", "cross_device", "in_batch_negatives")  # passed by
 _warned: set[str] = set()
 
 
-def build_task_settings(tasks: Mapping[str, Any], group_size: int, version: Mapping[str, Any] | None = None,
-                        add_instruction: bool = True) -> dict[str, TaskSettings]:
+def build_record_kinds(tasks: Mapping[str, Any], group_size: int, version: Mapping[str, Any] | None = None,
+                        add_instruction: bool = True) -> dict[str, RecordKind]:
     """Turn the `record_kinds:` config mapping into frozen settings.
 
     `version` is the instruction table chosen by `version=` (bge, e5, instructor, none, llm-embedder). It maps a
@@ -48,7 +48,7 @@ def build_task_settings(tasks: Mapping[str, Any], group_size: int, version: Mapp
     (the llm-embedder strings).
     """
     version = dict(version or {})
-    out: dict[str, TaskSettings] = {}
+    out: dict[str, RecordKind] = {}
     for name, spec in tasks.items():
         spec = dict(spec or {})
         unknown = set(spec) - {"instruction", "sampling", "losses", "loss"}
@@ -70,7 +70,7 @@ def build_task_settings(tasks: Mapping[str, Any], group_size: int, version: Mapp
             max_sample_num=s.get("max_sample_num"),
             stable_distill=any(getattr(c, "sorts_negatives_by_teacher", False) for c in classes),
         )
-        out[name] = TaskSettings(name=name, instruction=instruction, sampling=sampling, losses=tuple(losses),
+        out[name] = RecordKind(name=name, instruction=instruction, sampling=sampling, losses=tuple(losses),
                                  needs_teacher_scores=any(getattr(c, "uses_teacher_scores", False) for c in classes))
     return out
 
@@ -143,3 +143,6 @@ def _fold_legacy(kind: str, entries: list[dict[str, Any]], legacy: dict[str, Any
                     "weight": view["distill_weight"], "teacher_temperature": view["teacher_temperature"],
                     **({} if view["stable_distill"] else {"student_temperature": view["student_temperature"]})})
     return out
+
+
+build_task_settings = build_record_kinds  # the old name, kept for one release (0.2 -> 0.3)

@@ -25,7 +25,7 @@ from embedder.export import export_trained, push_export
 from embedder.host_memory import tune_malloc
 from embedder.lit_module import RetrieverModule
 from embedder.provenance import describe_run
-from embedder.record_kinds import build_task_settings
+from embedder.record_kinds import build_record_kinds
 from embedder.report import write_report
 from embedder.retrieval.encode.predict import encoder_identity
 
@@ -44,7 +44,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     for stage in cfg.get("prepare") or []:  # the task config's preparation stages, in order
         cfg = hydra.utils.instantiate(stage)(cfg)
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.output_dir)
-    tasks = build_task_settings(OmegaConf.to_container(cfg.record_kinds, resolve=True), cfg.data.group_size,
+    tasks = build_record_kinds(OmegaConf.to_container(cfg.record_kinds, resolve=True), cfg.data.group_size,
                                 OmegaConf.to_container(cfg.version.table, resolve=True), cfg.version.add_instruction)
     # Data first: bad records fail here, before any model is loaded.
     datamodule = RetrievalDataModule(

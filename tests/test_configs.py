@@ -8,7 +8,7 @@ import hydra
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from embedder.record_kinds import build_task_settings
+from embedder.record_kinds import build_record_kinds
 from tests.conftest import ROOT, compose
 
 GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in (ROOT / "configs").iterdir() if g.is_dir()}
@@ -17,7 +17,7 @@ GROUPS = {g.name: sorted(p.stem for p in g.glob("*.yaml")) for g in (ROOT / "con
 @pytest.mark.parametrize("task", GROUPS["task"])
 def test_every_task_composes_and_builds_settings(task):
     cfg = compose([f"task={task}"])
-    tasks = build_task_settings(OmegaConf.to_container(cfg.record_kinds, resolve=True), cfg.data.group_size,
+    tasks = build_record_kinds(OmegaConf.to_container(cfg.record_kinds, resolve=True), cfg.data.group_size,
                                 OmegaConf.to_container(cfg.version.table), cfg.version.add_instruction)
     assert tasks and (cfg.train_data or task == "beir")  # beir: train_data comes from beir.folder at run time
     for spec in (cfg.eval or {}).values():
@@ -34,7 +34,7 @@ def test_task_aliases_match_reference_spellings():
 
 def test_reference_per_task_settings():
     t = compose(["task=llm-embedder"])
-    s = build_task_settings(OmegaConf.to_container(t.record_kinds, resolve=True), 8)
+    s = build_record_kinds(OmegaConf.to_container(t.record_kinds, resolve=True), 8)
     assert set(s) == {"qa", "convsearch", "chat", "lrlm", "icl", "tool"}
     targets = {kind: [x.target.rsplit(".", 1)[-1] for x in t.losses] for kind, t in s.items()}
     assert targets["qa"] == ["StableDistillLoss"]  # stable distillation, no contrastive term
@@ -69,7 +69,7 @@ def test_evaluate_on_own_data_encodes_at_full_lengths():
 @pytest.mark.parametrize("version", GROUPS["version"])
 def test_versions(version):
     cfg = compose([f"version={version}", "task=tool"])
-    s = build_task_settings(OmegaConf.to_container(cfg.record_kinds), 8, OmegaConf.to_container(cfg.version.table),
+    s = build_record_kinds(OmegaConf.to_container(cfg.record_kinds), 8, OmegaConf.to_container(cfg.version.table),
                             cfg.version.add_instruction)["tool"]
     expected = {"bge": "Represent this sentence for searching relevant passages: ", "e5": "query: ", "none": "",
                 "llm-embedder": "Transform this user request for fetching helpful tool descriptions: "}
@@ -220,9 +220,9 @@ def test_a_users_own_task_yaml_with_old_names_still_runs():
     assert cfg.recipe_name == "my_faq" and cfg.recipe_metric == "val/faq/ndcg@10"
     assert cfg.eval.faq.record_kind == "faq" and cfg.record_kinds.faq.instruction.query == "q: "
     assert cfg.record_kinds.qa.loss.distill_weight == 0.0  # merged over the included kind, which keeps the rest
-    from embedder.record_kinds import build_task_settings  # and the old loss block is folded into its losses
+    from embedder.record_kinds import build_record_kinds  # and the old loss block is folded into its losses
 
-    qa = build_task_settings(OmegaConf.to_container(cfg.record_kinds, resolve=True), 4)["qa"]
+    qa = build_record_kinds(OmegaConf.to_container(cfg.record_kinds, resolve=True), 4)["qa"]
     assert qa.losses == () and not qa.needs_teacher_scores  # msmarco's distillation, turned off by the old key
     assert cfg.record_kinds.qa.sampling is not None and "tool" in cfg.record_kinds
     assert cfg.output_dir.endswith("my_faq")  # interpolations see the moved value

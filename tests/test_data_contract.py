@@ -10,7 +10,7 @@ import pytest
 from embedder.data.train_files import load_train_file
 from embedder.errors import DataError
 from embedder.paths import resolve_files, resolve_path
-from embedder.record_kinds import build_task_settings
+from embedder.record_kinds import build_record_kinds
 
 TASKS_CFG = {
     "qa": {"loss": {"contrastive_weight": 0.0, "distill_weight": 1.0, "stable_distill": True}},
@@ -22,7 +22,7 @@ TASKS_CFG = {
 
 @pytest.fixture
 def tasks():
-    return build_task_settings(TASKS_CFG, group_size=4)
+    return build_record_kinds(TASKS_CFG, group_size=4)
 
 
 def write(tmp_path, rows, name="train.json"):
@@ -59,7 +59,7 @@ def test_teacher_scores_length_mismatch(tmp_path, tasks):
 
 
 def test_history_teacher_scores_mismatch(tmp_path):
-    tasks = build_task_settings({"chat": {"sampling": {"select_positive": "teacher"},
+    tasks = build_record_kinds({"chat": {"sampling": {"select_positive": "teacher"},
                                           "loss": {"contrastive_weight": 0, "distill_weight": 1}}}, 4)
     path = write(tmp_path, [{"query": "q", "history": ["a", "b", "c"], "teacher_scores": [1.0], "task": "chat"}])
     with pytest.raises(DataError, match=r"1 teacher_scores for 3 keys in history"):

@@ -10,7 +10,7 @@ import os
 
 import pytest
 
-from embedder.data.tasks import Instruction
+from embedder.data.kinds import Instruction
 from embedder.evaluate import run_evaluate
 from embedder.evaluation.eval_set import EvalSet
 from embedder.modeling.encoder import DualEncoder

@@ -19,11 +19,11 @@ from embedder.data.jsonl import JsonlRecords
 from embedder.data.queries import load_queries
 from embedder.data.train_files import load_train_file
 from embedder.errors import DataError
-from embedder.record_kinds import build_task_settings
+from embedder.record_kinds import build_record_kinds
 from tests.conftest import compose, read_jsonl
 from tests.test_mining import toy_corpus, write_toy
 
-TASKS = build_task_settings({"qa": {"loss": {"contrastive_weight": 1.0, "distill_weight": 0.0}}}, group_size=4)
+TASKS = build_record_kinds({"qa": {"loss": {"contrastive_weight": 1.0, "distill_weight": 0.0}}}, group_size=4)
 
 
 def _write(path, rows):
@@ -94,7 +94,7 @@ def test_the_index_is_cached_and_invalidated_when_the_file_changes(tmp_path, mon
     _write(path, [_record(i) for i in range(6)])  # new content: the cache entry no longer applies
     with pytest.raises(AssertionError, match="read again"):
         load_train_file(path, TASKS)
-    other = build_task_settings({"qa": {"sampling": {"max_sample_num": 2},
+    other = build_record_kinds({"qa": {"sampling": {"max_sample_num": 2},
                                         "loss": {"contrastive_weight": 1.0, "distill_weight": 0.0}}}, group_size=4)
     with pytest.raises(AssertionError, match="read again"):  # other settings keep other records: another entry
         load_train_file(path, other)

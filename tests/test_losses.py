@@ -183,9 +183,9 @@ def test_which_losses_are_active(tiny_bert):
     """A kind's listed losses are all active, except a teacher-score loss on a batch without scores (reference)."""
     from embedder.lit_module import RetrieverModule
     from embedder.modeling.encoder import DualEncoder
-    from embedder.record_kinds import build_task_settings
+    from embedder.record_kinds import build_record_kinds
 
-    tasks = build_task_settings({"qa": {"losses": [{"_target_": "embedder.losses.InfoNCELoss", "weight": 0.2},
+    tasks = build_record_kinds({"qa": {"losses": [{"_target_": "embedder.losses.InfoNCELoss", "weight": 0.2},
                                                    {"_target_": "embedder.losses.KLDistillLoss", "weight": 0.5}]}}, 2)
     module = RetrieverModule(DualEncoder(tiny_bert), tasks, temperature=1.0, cross_device=False)
     q, k = _one_hot_batch()
@@ -219,7 +219,7 @@ def test_combine_neither_active_names_task_settings(rule):
 
 
 def test_combine_rejects_unknown_rule_and_bad_loss_lists():
-    from embedder.record_kinds import build_task_settings
+    from embedder.record_kinds import build_record_kinds
 
     with pytest.raises(ValueError, match="rule"):
         combine_losses([(1.0, torch.tensor(1.0))], "sum")
@@ -230,16 +230,16 @@ def test_combine_rejects_unknown_rule_and_bad_loss_lists():
                             r"losses\[0\]: embedder.losses.KLDistillLoss takes no argument \['teacher_temp'\]")}
     for name, (losses, message) in bad.items():
         with pytest.raises(ValueError, match="record_kinds.qa." + message):
-            build_task_settings({"qa": {"losses": losses}}, 4)
+            build_record_kinds({"qa": {"losses": losses}}, 4)
     with pytest.raises(ValueError, match="temperatures? must be > 0|teacher_temperature must be > 0"):
         KLDistillLoss(teacher_temperature=0)
 
 
 def test_old_loss_block_folds_into_the_list():
     """`loss: {contrastive_weight, distill_weight, ...}` (before 0.2) builds the same losses as the list."""
-    from embedder.record_kinds import build_task_settings
+    from embedder.record_kinds import build_record_kinds
 
-    old = build_task_settings({
+    old = build_record_kinds({
         "qa": {"loss": {"contrastive_weight": 0.0, "distill_weight": 1.0, "stable_distill": True}},
         "chat": {"loss": {"contrastive_weight": 0, "distill_weight": 1, "teacher_temperature": 0.1}},
         "tool": {"loss": {"contrastive_weight": 0.2, "distill_weight": 0.0}},

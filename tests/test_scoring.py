@@ -380,13 +380,13 @@ def test_scored_file_loads_as_training_data(tmp_path, tiny_lm):
     from omegaconf import OmegaConf
 
     from embedder.data.train_files import load_train_file
-    from embedder.record_kinds import build_task_settings
+    from embedder.record_kinds import build_record_kinds
     from embedder.scoring.run import run_score
 
     src = write_jsonl(tmp_path / "qa" / "train.json", read_jsonl(toy_path("qa"))[:3])
     (res,) = run_score(score_cfg(tiny_lm, src, ["max_candidates=5"]))["files"]
     tcfg = compose(["task=msmarco"])
-    tasks = build_task_settings(OmegaConf.to_container(tcfg.record_kinds, resolve=True), 4)
+    tasks = build_record_kinds(OmegaConf.to_container(tcfg.record_kinds, resolve=True), 4)
     loaded = load_train_file(res["output"], tasks)
     assert len(loaded.records) == 3 and all(len(r["teacher_scores"]) == 5 for r in loaded.records)
 

@@ -272,7 +272,7 @@ def test_nonfinite_loss_stops_the_run_and_keeps_the_earlier_export(tmp_path, tin
     snapshot = {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "checkpoints" not in p.parts
                 and p.name not in ("metrics.json", "config.yaml") and "csv" not in p.parts}
     assert (out / "model.safetensors").exists() and (out / ".export-manifest.json").exists()
-    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf).* at step \d+ \(task 'tool'") as e:
+    with pytest.raises(NonFiniteLossError, match=r"loss is (nan|inf).* at step \d+ \(record kind 'tool'") as e:
         run_train(compose(quick_overrides(tmp_path, tiny_bert, good + ["optimizer.lr=1e30", "trainer.max_steps=6",
                                                                        "ckpt_path=null"])))
     assert tool in str(e.value)

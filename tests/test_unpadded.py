@@ -137,7 +137,7 @@ def test_unsupported_architecture_falls_back_once(tmp_path, caplog):
 
 def test_training_module_step_packed_equals_padded(tiny_bert):
     """Through RetrieverModule.compute_loss, the loss and its gradients agree between the two paths."""
-    from embedder.data.tasks import TaskSettings
+    from embedder.data.kinds import RecordKind
     from embedder.lit_module import RetrieverModule
 
     losses = {}
@@ -146,7 +146,7 @@ def test_training_module_step_packed_equals_padded(tiny_bert):
         enc = DualEncoder(tiny_bert, unpadded=mode)
         enc.load_state_dict(copy.deepcopy(base.state_dict()))
         enc.eval()
-        mod = RetrieverModule(enc, {"qa": TaskSettings(name="qa")}, cross_device=False)
+        mod = RetrieverModule(enc, {"qa": RecordKind(name="qa")}, cross_device=False)
         q = enc.tokenizer(TEXTS[:2], padding=True, return_tensors="pt")
         k = enc.tokenizer(TEXTS[1:5], padding=True, return_tensors="pt")
         out = mod.compute_loss(enc.encode(dict(q)), enc.encode(dict(k), "key"), None, "qa")

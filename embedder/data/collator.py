@@ -21,9 +21,9 @@ class RetrievalCollator:
                                    pad_to_multiple_of=self.pad_to_multiple_of, return_tensors="pt"))
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
-        tasks = {it["task"] for it in items}
-        if len(tasks) != 1:
-            raise ValueError(f"a batch mixes tasks {sorted(tasks)}; use data.inbatch_same_dataset=epoch "
+        kinds = {it["record_kind"] for it in items}
+        if len(kinds) != 1:
+            raise ValueError(f"a batch mixes record kinds {sorted(kinds)}; use data.inbatch_same_dataset=epoch "
                              f"so every batch comes from one dataset")
         sizes = {len(it["keys"]) for it in items}
         if len(sizes) != 1:
@@ -37,7 +37,7 @@ class RetrievalCollator:
             "query": self._tok([it["query"] for it in items], self.query_max_length),
             "key": self._tok(keys, self.key_max_length),
             "teacher_scores": scores,  # (B, G) or None
-            "task": items[0]["task"],
+            "record_kind": items[0]["record_kind"],
             "dataset": items[0]["dataset"],
             "path": items[0].get("path"),  # the batch's training file, named when its loss is not finite
         }

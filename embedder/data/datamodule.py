@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 from embedder.data.batching import SameDatasetBatchSampler
 from embedder.data.collator import RetrievalCollator
 from embedder.data.dataset import MultiTaskTrainDataset
-from embedder.data.tasks import TaskSettings
+from embedder.data.kinds import RecordKind
 from embedder.data.train_files import TrainFile, load_train_file, report
 from embedder.paths import resolve_files
 
@@ -26,7 +26,7 @@ class RetrievalDataModule(LightningDataModule):
     Args:
         train_data: files or globs, with or without the `llm-embedder:` prefix; repeats add weight.
         data_root: where `llm-embedder:` paths point.
-        tasks: `{task: TaskSettings}` for the records' `task` field.
+        tasks: `{task: RecordKind}` for the records' `task` field.
         tokenizer: the encoder's tokenizer.
         batch_size: queries per device.
         inbatch_same_dataset: `epoch` (every global batch from one file), `epoch-static`, `random`,
@@ -34,7 +34,7 @@ class RetrievalDataModule(LightningDataModule):
         eval_sets: built evaluation sets; validation runs each one once per validation.
     """
 
-    def __init__(self, train_data: list[str] | str | None, data_root: str | None, tasks: dict[str, TaskSettings],
+    def __init__(self, train_data: list[str] | str | None, data_root: str | None, tasks: dict[str, RecordKind],
                  tokenizer, batch_size: int = 16, query_max_length: int = 256, key_max_length: int = 256,
                  inbatch_same_dataset: str = "epoch", num_workers: int = 0, seed: int = 42,
                  eval_sets: list[Any] | None = None, default_task: str | None = None):

@@ -7,8 +7,8 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset
 
+from embedder.data.kinds import RecordKind
 from embedder.data.sampling import sample_group
-from embedder.data.tasks import TaskSettings
 from embedder.data.train_files import TrainFile
 
 
@@ -20,7 +20,7 @@ class MultiTaskTrainDataset(Dataset):
     groups, whatever the number of dataloader workers or devices.
     """
 
-    def __init__(self, files: list[TrainFile], tasks: dict[str, TaskSettings], seed: int = 42):
+    def __init__(self, files: list[TrainFile], tasks: dict[str, RecordKind], seed: int = 42):
         self.files = files
         self.tasks = tasks
         self.seed = int(seed)
@@ -52,7 +52,7 @@ class MultiTaskTrainDataset(Dataset):
             "query": inst.query + group["query"],
             "keys": [inst.key + k for k in group["keys"]],
             "teacher_scores": group["teacher_scores"],
-            "task": file.task,
+            "record_kind": file.task,
             "dataset": f,
             "path": file.path,
         }

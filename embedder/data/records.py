@@ -149,7 +149,7 @@ def check_numbers(value: Any, name: str, path: str | None, line: int | None) -> 
 # ---------------------------------------------------------------------------------------------------------------------
 
 def check_train_record(record: Mapping[str, Any], path: str, line: int, settings: Any) -> None:
-    """Raise DataError for a training record the recipe cannot use. `settings` is the record's `TaskSettings`."""
+    """Raise DataError for a training record the recipe cannot use. `settings` is the record's `RecordKind`."""
     check_query_text(record, path, line)
     for key in ("pos", "neg", "history"):
         check_str_list(record, key, path, line)

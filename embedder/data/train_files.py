@@ -18,9 +18,9 @@ import numpy as np
 
 from embedder.data.index_cache import cached_index, file_identity
 from embedder.data.jsonl import JsonlRecords, iter_jsonl_offsets
+from embedder.data.kinds import RecordKind
 from embedder.data.records import check_train_record, record_task
 from embedder.data.sampling import keep_record
-from embedder.data.tasks import TaskSettings
 from embedder.errors import DataError, no_records_error
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,13 @@ class TrainFile:
     total: int = 0
 
 
-def _settings_key(tasks: dict[str, TaskSettings]) -> dict[str, Any]:
+def _settings_key(tasks: dict[str, RecordKind]) -> dict[str, Any]:
     """Everything in the task settings that decides which records pass and are kept."""
     return {name: {"sampling": asdict(t.sampling), "needs_teacher_scores": t.needs_teacher_scores}
             for name, t in sorted(tasks.items())}
 
 
-def _scan(path: str, tasks: dict[str, TaskSettings], default_task: str | None,
+def _scan(path: str, tasks: dict[str, RecordKind], default_task: str | None,
           seed: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """Validate every record of `path` (streamed); the kept records' offsets and the counts."""
     kept = array("q")
@@ -81,7 +81,7 @@ def _scan(path: str, tasks: dict[str, TaskSettings], default_task: str | None,
     return {"offsets": offsets}, {"task": task_name, "total": total, "dropped": dict(dropped)}
 
 
-def load_train_file(path: str, tasks: dict[str, TaskSettings], default_task: str | None = None,
+def load_train_file(path: str, tasks: dict[str, RecordKind], default_task: str | None = None,
                     seed: int = 42, taken_names: Counter | None = None, use_cache: bool = True) -> TrainFile:
     """Validate one training file (or reuse its cached index) and return it with lazily read records.
 

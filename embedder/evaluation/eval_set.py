@@ -44,7 +44,7 @@ import torch
 from embedder.data.corpus import open_corpus, prefixed
 from embedder.data.index_cache import cache_root
 from embedder.data.jsonl import iter_jsonl
-from embedder.data.tasks import Instruction, TaskSettings
+from embedder.data.kinds import Instruction, RecordKind
 from embedder.distributed import is_distributed, rank, world_size
 from embedder.evaluation.retrieval import MODES, RetrievalEvaluator
 from embedder.paths import resolve_files
@@ -224,7 +224,7 @@ def release_trained_stores(eval_sets: list[EvalSet], keep_latest: bool = False) 
     _barrier()
 
 
-def build_eval_sets(eval_cfg: Mapping[str, Any] | None, tasks: dict[str, TaskSettings], data_root: str | None,
+def build_eval_sets(eval_cfg: Mapping[str, Any] | None, tasks: dict[str, RecordKind], data_root: str | None,
                     query_max_length: int, key_max_length: int, work_dir: str | None = None) -> list[EvalSet]:
     """EvalSets from the `eval:` config mapping (entries set to null are skipped)."""
     out = []
