@@ -115,9 +115,9 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
         prepared.append((spec, evaluator, corpus_ids))
 
     encoder = trainer = None
-    if cfg.retriever.name != "dense" and launched_rank() > 0:  # BM25 under torchrun/SLURM: rank 0 does it all
+    if not cfg.retriever.get("uses_model") and launched_rank() > 0:  # a retriever without a model (BM25) under torchrun/SLURM: rank 0 does it all
         return {}
-    if cfg.retriever.name == "dense":
+    if cfg.retriever.get("uses_model"):
         from embedder.retrieval.encode import make_predict_trainer
         from embedder.retrieval.encode.model import load_encoder
 
@@ -129,7 +129,7 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
         q_inst, k_inst = resolve_instruction(cfg, spec.get("record_kind")) if encoder is not None else ("", "")
         if evaluator.mode == "rerank":
             if encoder is None:
-                raise ValueError(f"eval {spec['name']}: rerank mode needs a dense encoder (retriever=dense)")
+                raise ValueError(f"eval {spec['name']}: rerank mode needs an encoder (a retriever that uses the model, e.g. retriever=dense)")
             if trainer is not None and not trainer.is_global_zero:
                 continue
             evaluator.encode = _text_encoder(encoder, q_inst, k_inst, cfg)

@@ -284,10 +284,11 @@ def test_evaluation_costs_what_it_must_and_the_best_state_is_exported(tmp_path, 
     from safetensors.torch import load_file
 
     import embedder.evaluation.eval_set as eval_set
+    import embedder.retrieval.dense as dense
     from embedder.training import run_train
 
     encoded, evaluated = [], []
-    real_encode, real_retrieve = eval_set.encode_in_lockstep, eval_set.EvalSet._retrieve
+    real_encode, real_retrieve = dense.encode_in_lockstep, eval_set.EvalSet._retrieve
 
     def count_encode(encoder, jobs, units_per_rank, r, **kw):
         encoded.extend(jobs[j].name for j, _ in units_per_rank[r])
@@ -298,7 +299,7 @@ def test_evaluation_costs_what_it_must_and_the_best_state_is_exported(tmp_path, 
         return real_retrieve(self, encoder, metric, step, ident)
 
     monkeypatch.setenv("EMBEDDER_CACHE", str(tmp_path / "cache"))  # the untrained stores of no earlier test
-    monkeypatch.setattr(eval_set, "encode_in_lockstep", count_encode)
+    monkeypatch.setattr(dense, "encode_in_lockstep", count_encode)
     monkeypatch.setattr(eval_set.EvalSet, "_retrieve", count_retrieve)
     folder = write_sample_beir(tmp_path / "beir")
 

@@ -319,3 +319,44 @@ def test_one_run_at_a_time_per_corpus_cache_entry(tmp_path, caplog):
     ddp = DenseRetriever._cache_lock(SimpleNamespace(trainer=SimpleNamespace(world_size=2)), store)
     with ddp, FileLock(lock_path(store)).acquire(timeout=0):
         pass  # no lock taken under DDP
+
+
+class WordOverlapRetriever:
+    """A retriever from outside the package, as a user adds one: documents ranked by the words they share with the
+    query. It is its module plus a `retriever:` config naming it by `_target_`; mining needs nothing else."""
+
+    name = "overlap"
+
+    def __init__(self, work_dir: str, lowercase: bool = True):
+        self.work_dir, self.lowercase = work_dir, lowercase
+
+    def prepare(self, corpus_texts, queries) -> bool:
+        norm = (lambda t: set(t.lower().split())) if self.lowercase else (lambda t: set(t.split()))
+        self.docs, self.queries = [norm(t) for t in corpus_texts], [norm(q) for q in queries]
+        return True
+
+    def search(self, rows: range, k: int):
+        import numpy as np
+
+        scores = np.array([[len(self.queries[r] & d) for d in self.docs] for r in rows], np.float32)  # (n, N)
+        ids = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(scores, ids, 1), ids.astype(np.int64)
+
+    def describe(self) -> dict:
+        return {"retriever": self.name, "lowercase": self.lowercase}
+
+
+def test_a_retriever_of_ones_own_is_a_config_entry(tmp_path):
+    from omegaconf import OmegaConf, open_dict
+
+    from embedder.mining.run import run_mine
+
+    cfg = mine_cfg(tmp_path, ["save_name=overlap"])
+    with open_dict(cfg):  # what configs/retriever/overlap.yaml would hold
+        cfg.retriever = OmegaConf.create({"_target_": "tests.test_mining.WordOverlapRetriever", "_partial_": True,
+                                          "name": "overlap", "uses_model": False, "lowercase": True})
+    out = run_mine(cfg)
+    _check_mined(cfg, out, lo=0, hi=20, max_neg=5)
+    ranking = read_jsonl(out["result"])[0]["pred"]
+    assert ranking[0] == 0 or DUPLICATE_ROW in ranking[:2]  # the query's own document (or its twin) shares most words
+    assert not os.path.isdir(f"{tmp_path}/out/encode")  # no model was loaded, nothing was encoded

@@ -78,14 +78,14 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
     if os.path.abspath(out_path) == os.path.abspath(eval_path):
         raise ValueError(f"the output {out_path} would overwrite the input; set save_name")
     task = cfg.get("instruction_kind") or queries[0].record.get("task")
-    q_inst, k_inst = resolve_instruction(cfg, task) if cfg.retriever.name == "dense" else ("", "")
+    q_inst, k_inst = resolve_instruction(cfg, task) if cfg.retriever.get("uses_model") else ("", "")
     log.info("mining %s: %d queries against %s (%d documents), retriever=%s, hits=%d, rank_range=[%d, %d), "
              "max_neg_num=%d", eval_path, len(queries), corpus_path, len(corpus), cfg.retriever.name, hits,
              rule.rank_range[0], hi, rule.max_neg_num)
 
     # 2. retrieve (resumable)
-    if cfg.retriever.name != "dense" and launched_rank() > 0:
-        log.info("rank %d: BM25 runs on rank 0 only", launched_rank())
+    if not cfg.retriever.get("uses_model") and launched_rank() > 0:
+        log.info("rank %d: retriever=%s runs on rank 0 only", launched_rank(), cfg.retriever.name)
         return {}
     retriever = build_retriever(cfg, cfg.output_dir, q_inst, k_inst)
     query_texts = queries.queries

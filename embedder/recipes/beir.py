@@ -32,7 +32,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from embedder.atomic import read_json, write_json
-from embedder.config import compose
+from embedder.config import CONFIG_DIR, compose
 from embedder.data.beir import prepare_beir, stat_key
 from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
 from embedder.distributed import prepare_once
@@ -52,9 +52,10 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
         return prepared["paths"]["train"]
     mined, keys = [], []
     for name in retrievers:
-        if name not in ("dense", "bm25"):
-            raise DataError(f"{name!r} is not a retriever here", field="beir.negatives.retrievers",
-                            hint="use bm25, dense, both ([dense,bm25]) or [] (in-batch negatives only)")
+        known = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, "retriever")) if f.endswith(".yaml"))
+        if name not in known:
+            raise DataError(f"{name!r} is not a retriever config (configs/retriever/)", field="beir.negatives.retrievers",
+                            hint=f"use any of {known}, several ([dense,bm25]) or [] (in-batch negatives only)")
         folder = os.path.join(out_dir, f"mine-{name}")
         overrides = [f"retriever={name}", f"input_data={prepared['paths']['train']}",
                      f"corpus={prepared['paths']['corpus']}", f"output_dir={folder}", "save_to_output=true",
@@ -66,7 +67,7 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
         mine_cfg = compose("mine", overrides)
         with open_dict(mine_cfg):
             mine_cfg.key_template = str(cfg.beir.eval_set.key_template)  # set, not overridden: any text is safe
-            if name == "dense":  # the model being fine-tuned retrieves its own negatives
+            if mine_cfg.retriever.get("uses_model"):  # the model being fine-tuned retrieves its own negatives
                 mine_cfg.model = OmegaConf.create(OmegaConf.to_container(cfg.model, resolve=True))
                 mine_cfg.retriever.batch_size = int(neg.get("batch_size") or 64)
         stats_path = os.path.join(folder, f"train.neg.{name}.stats.json")

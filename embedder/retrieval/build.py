@@ -16,7 +16,6 @@ from embedder.retrieval.base import Retriever
 log = logging.getLogger(__name__)
 
 
-
 def resolve_instruction(cfg: DictConfig, task: str | None) -> tuple[str, str]:
     """`(query instruction, key instruction)` for `task`.
 
@@ -45,28 +44,17 @@ def resolve_instruction(cfg: DictConfig, task: str | None) -> tuple[str, str]:
 
 def build_retriever(cfg: DictConfig, work_dir: str, query_instruction: str = "", key_instruction: str = "",
                     encoder: Any = None, trainer: Any = None) -> Retriever:
-    """The retriever chosen by `cfg.retriever.name` (`dense` loads the encoder now, `bm25` picks a backend)."""
-    rcfg = cfg.retriever
-    if rcfg.name == "bm25":
-        from embedder.retrieval.bm25 import make_bm25
+    """The retriever `cfg.retriever` names by `_target_` (configs/retriever/*.yaml): its factory is called with
+    `work_dir` and the YAML's own keys, and, for a retriever that `uses_model`, with the run's config, the encoder
+    (loaded from `model` when not given), the predict trainer and the instructions. A new retriever is its module
+    and its YAML."""
+    from hydra.utils import instantiate
 
-        return make_bm25(work_dir, backend=rcfg.backend, k1=rcfg.k1, b=rcfg.b, threads=rcfg.threads,
-                         java_home=rcfg.get("java_home"), language=rcfg.get("language", "en"),
-                         save_index=bool(rcfg.get("save_index", True)))
-    if rcfg.name != "dense":
-        raise ValueError(f"retriever={rcfg.name!r}; valid: dense, bm25")
-    from embedder.retrieval.dense import DenseRetriever
-    from embedder.retrieval.encode import make_predict_trainer
-    from embedder.retrieval.encode.model import load_encoder
-
-    encoder = encoder if encoder is not None else load_encoder(cfg.model, cfg.get("model_path"))
-    icfg = cfg.index
-    return DenseRetriever(
-        encoder, work_dir, trainer=trainer or make_predict_trainer(cfg.get("trainer")),
-        query_instruction=query_instruction, key_instruction=key_instruction,
-        query_max_length=cfg.query_max_length, key_max_length=cfg.key_max_length,
-        batch_size=rcfg.batch_size, shard_size=rcfg.shard_size, index_factory=icfg.factory, metric=icfg.similarity,
-        use_gpu=icfg.use_gpu, search_params=OmegaConf.to_container(icfg.search_params) if icfg.search_params else None,
-        train_sample=icfg.train_sample, save_index=icfg.save, dtype=rcfg.dtype, search_batch=rcfg.search_batch,
-        num_workers=rcfg.get("num_workers", 0), batch_tokens=rcfg.get("batch_tokens", 0),
-        token_cache=rcfg.get("token_cache", True))
+    spec = OmegaConf.to_container(cfg.retriever, resolve=True)
+    spec.pop("name", None)
+    uses_model = bool(spec.pop("uses_model", False))
+    extra: dict[str, Any] = {"work_dir": work_dir}
+    if uses_model:
+        extra.update(run_cfg=cfg, encoder=encoder, trainer=trainer, query_instruction=query_instruction,
+                     key_instruction=key_instruction)
+    return instantiate(spec, _convert_="all")(**extra)

@@ -170,6 +170,29 @@ class DenseRetriever(Retriever):
         return np.concatenate(scores), np.concatenate(ids)
 
 
+def dense_retriever(work_dir: str, run_cfg: Any, encoder: Any = None, trainer: Any = None,
+                    query_instruction: str = "", key_instruction: str = "", batch_size: int = 128,
+                    shard_size: int = 100_000, dtype: str = "auto", search_batch: int = 4096, num_workers: int = 0,
+                    batch_tokens: int | str = 0, token_cache: bool = True) -> DenseRetriever:
+    """`retriever=dense`'s factory (configs/retriever/dense.yaml): the encoder (`model`, `model_path`; loaded here
+    when not given), a Lightning predict trainer (`trainer`), the faiss `index` settings and the run's lengths."""
+    from omegaconf import OmegaConf
+
+    from embedder.retrieval.encode import make_predict_trainer
+    from embedder.retrieval.encode.model import load_encoder
+
+    encoder = encoder if encoder is not None else load_encoder(run_cfg.model, run_cfg.get("model_path"))
+    icfg = run_cfg.index
+    return DenseRetriever(
+        encoder, work_dir, trainer=trainer or make_predict_trainer(run_cfg.get("trainer")),
+        query_instruction=query_instruction, key_instruction=key_instruction,
+        query_max_length=run_cfg.query_max_length, key_max_length=run_cfg.key_max_length,
+        batch_size=batch_size, shard_size=shard_size, index_factory=icfg.factory, metric=icfg.similarity,
+        use_gpu=icfg.use_gpu, search_params=OmegaConf.to_container(icfg.search_params) if icfg.search_params else None,
+        train_sample=icfg.train_sample, save_index=icfg.save, dtype=dtype, search_batch=search_batch,
+        num_workers=num_workers, batch_tokens=batch_tokens, token_cache=token_cache)
+
+
 def sharded_search(encoder: Any, corpus_texts: Sequence[str], queries: Sequence[str], folder: str,
                    identity: dict[str, Any], *, name: str, metric: str, hits: int, rank: int, world: int,
                    barrier: Callable[[], None], all_gather: Callable[[Any], list[Any]], query_max_length: int = 256,
