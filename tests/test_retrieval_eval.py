@@ -55,15 +55,26 @@ QUERIES = [
 ]
 
 
+def rank_by_hand(evaluator: RetrievalEvaluator, encode) -> dict:
+    """Every query against the whole corpus by cosine, best first, ties by row: what embedder.retrieval's faiss
+    search returns for a real model (tests/test_faiss_index.py checks it against brute force)."""
+    q = encode([x.text for x in evaluator.queries], "query")  # (Q, V)
+    k = encode(evaluator.corpus_texts, "key")  # (N, V)
+    q, k = (m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12) for m in (q, k))
+    order = np.argsort(-(q @ k.T), axis=1, kind="stable")[:, :evaluator.hits]  # (Q, min(hits, N))
+    return {x.qid: [int(i) for i in row] for x, row in zip(evaluator.queries, order)}
+
+
 def test_retrieval_metrics_by_hand():
     encode = BagOfWords()
-    evaluator = RetrievalEvaluator(encode, QUERIES, CORPUS, metrics=["mrr", "recall", "ndcg", "nq"], cutoffs=[1, 5],
+    evaluator = RetrievalEvaluator(None, QUERIES, CORPUS, metrics=["mrr", "recall", "ndcg", "nq"], cutoffs=[1, 5],
                                    hits=10, corpus_path="corpus.json")
-    metrics, preds = evaluator.evaluate()
+    preds = rank_by_hand(evaluator, encode)
+    metrics = evaluator.score(preds)
 
     assert set(preds) == {"a", "b", 2, 3}  # query_id, then qid, then the 0-based row
     assert preds["a"][0] == 0 and preds["b"][:2] == [3, 4] and preds[2][:3] == [2, 1, 0] and preds[3][0] == 4
-    assert all(len(p) == 5 for p in preds.values())  # hits=10 > corpus: faiss's -1 padding is dropped
+    assert all(len(p) == 5 for p in preds.values())  # hits=10 > corpus
 
     ndcg_b = 1 / math.log2(3)
     ndcg_c = (1 + 1 / math.log2(4)) / (1 + 1 / math.log2(3))
@@ -84,11 +95,9 @@ def test_retrieval_metrics_by_hand():
     assert keys[0] == "Paris capital of France"  # key_template "{title} {text}"
 
 
-@pytest.mark.parametrize("metric", ["ip", "l2"])
-def test_other_dense_metrics(metric):
-    metrics, preds = RetrievalEvaluator(BagOfWords(), QUERIES[:2], CORPUS, metrics=["mrr"], cutoffs=[1],
-                                        metric=metric, index_factory="Flat").evaluate()
-    assert preds["a"][0] == 0 and preds["b"][0] == 3
+def test_a_retrieval_set_is_searched_by_the_retrieval_package():
+    with pytest.raises(ValueError, match="embedder.retrieval.*score"):
+        RetrievalEvaluator(BagOfWords(), QUERIES[:2], CORPUS, metrics=["mrr"], cutoffs=[1]).evaluate()
 
 
 def test_rerank_mode():
@@ -119,9 +128,9 @@ def test_from_files_and_real_line_numbers(tmp_path):
     (root / "qa").mkdir(parents=True)
     (root / "qa" / "test.json").write_text("\n".join(json.dumps(q) for q in QUERIES[:2]) + "\n")
     (root / "qa" / "corpus.json").write_text("\n".join(json.dumps(c) for c in CORPUS) + "\n")
-    metrics, _ = RetrievalEvaluator.from_files(BagOfWords(), "llm-embedder:qa/test.json", "llm-embedder:qa/corpus.json",
-                                               data_root=str(root), metrics=["mrr"], cutoffs=[5]).evaluate()
-    assert metrics == pytest.approx({"mrr@5": 0.75})
+    evaluator = RetrievalEvaluator.from_files(None, "llm-embedder:qa/test.json", "llm-embedder:qa/corpus.json",
+                                              data_root=str(root), metrics=["mrr"], cutoffs=[5])
+    assert evaluator.score(rank_by_hand(evaluator, BagOfWords())) == pytest.approx({"mrr@5": 0.75})
 
     bad = CORPUS[:2] + [{"text": "no title here"}] + CORPUS[3:]
     (root / "qa" / "corpus.json").write_text("\n" + "\n".join(json.dumps(c) for c in bad) + "\n")  # blank line 1
@@ -167,4 +176,5 @@ def test_other_record_errors():
 
 def test_encode_with_wrong_shape():
     with pytest.raises(ValueError, match="shape"):
-        RetrievalEvaluator(lambda texts, kind: np.zeros((1, 3)), QUERIES, CORPUS).evaluate()
+        RetrievalEvaluator(lambda texts, kind: np.zeros((1, 3)), [{"query": "q", "key": ["a", "b"], "pos_index": [0]}],
+                           mode="rerank").evaluate()

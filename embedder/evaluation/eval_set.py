@@ -114,7 +114,7 @@ class EvalSet:
         self._encoder = None
         self.evaluator = RetrievalEvaluator(
             self._encode_rerank, list(iter_jsonl(queries_path)), self.corpus, key_template=key_template,
-            metrics=list(metrics), cutoffs=list(cutoffs), hits=int(hits), index_factory=index_factory,
+            metrics=list(metrics), cutoffs=list(cutoffs), hits=int(hits),
             metric="cos", mode=MODES[mode], corpus_path=corpus_path, queries_path=queries_path)
         self.preds: dict | None = None
         self._scored: tuple[str, dict[str, float], dict] | None = None  # (identity, metrics, preds) of the last call

@@ -1,8 +1,11 @@
-"""Model-agnostic retrieval evaluation: encode, index, search (or rerank given candidates), score.
+"""Retrieval evaluation records and their scoring: rankings and qrels in, metrics out.
 
-The evaluator only sees an `encode(texts, kind)` callable, so it works with any model; the caller adds the task's
-query/key instructions inside `encode`. It reproduces the reference's `eval_retrieval.py` step (§4.1) and the
-in-training `retrieval` / `rerank` evaluation (§2.10) on one process, with these fixes:
+The corpus search itself is `embedder.retrieval` (the package's one encode -> index -> search path): in-training
+evaluation (`eval_set.EvalSet`) and `embedder.evaluate` search there and pass the rankings to `score`, which owns
+every metric, graded nDCG included. The one thing the evaluator encodes itself is a rerank set's own candidates
+(`mode="rerank"`, `evaluate()`), through an `encode(texts, kind)` callable, so it works with any model; the caller
+adds the query/key instructions inside `encode`. It reproduces the reference's `eval_retrieval.py` scoring (§4.1) and
+the in-training `retrieval` / `rerank` evaluation (§2.10), with these fixes:
 
 - Labels are matched to predictions by query id, never by position (the reference's `nq` metric used position).
 - Answer recall is reported as `answer_recall@k`, not `recall@k`.
@@ -32,7 +35,6 @@ from embedder.errors import DataError, no_records_error
 from embedder.evaluation.metrics import METRICS as RANKING_METRICS
 from embedder.evaluation.metrics import compute_metrics, graded_ndcg
 from embedder.retrieval.faiss_index import METRICS as DENSE_METRICS
-from embedder.retrieval.faiss_index import FaissIndex
 from embedder.retrieval.nq_answer import answer_recall
 
 logger = logging.getLogger(__name__)
@@ -59,8 +61,8 @@ class RetrievalEvaluator:
     """Evaluate a dense retriever on eval records and a corpus.
 
     Args:
-        encode: `encode(texts, kind) -> (N, D)` array (numpy or torch), `kind` is `"query"` or `"key"`; None for an
-            evaluator that only checks the records and scores rankings made elsewhere (`score`).
+        encode: `encode(texts, kind) -> (N, D)` array (numpy or torch), `kind` is `"query"` or `"key"`: how a
+            rerank set's candidates are encoded; None where the rankings come from `embedder.retrieval` (`score`).
         queries: eval records (dicts), or `(line, record)` pairs as yielded by `embedder.data.jsonl.iter_jsonl`
             (then errors name the real file line).
         corpus: a `Corpus` (`embedder.data.corpus.open_corpus`: JSON lines or parquet, read on access), or corpus
@@ -69,19 +71,18 @@ class RetrievalEvaluator:
         metrics: any of `mrr`, `recall`, `ndcg`, `map`, `precision` (label-based, from `pos_index`) and `nq`
             (DPR answer recall from `answers`, reported as `answer_recall@k`).
         cutoffs: the k of every `metric@k`.
-        hits: how many documents to retrieve (or keep after reranking) per query.
-        index_factory: faiss factory string (`"Flat"` is exact).
-        metric: `"cos"`, `"ip"` or `"l2"`.
-        mode: `"retrieve"` searches the corpus; `"rerank"` scores each record's own `key` candidates.
+        hits: how many documents a ranking holds per query (rerank: how many candidates are kept).
+        metric: `"cos"`, `"ip"` or `"l2"` (how a rerank set's candidates are scored).
+        mode: `"retrieve"`: rankings over the corpus are scored (`score`); `"rerank"`: `evaluate()` scores each
+            record's own `key` candidates.
         corpus_path, queries_path: file names used in error messages only.
-        use_gpu, search_params: passed to `FaissIndex`.
         chunk_size: texts per `encode` call.
 
     Example:
-        >>> evaluator = RetrievalEvaluator(encode, list(iter_jsonl("test.json")), corpus, metrics=["ndcg", "nq"],
+        >>> evaluator = RetrievalEvaluator(None, list(iter_jsonl("test.json")), corpus, metrics=["ndcg", "nq"],
         ...                                cutoffs=[1, 10], corpus_path="corpus.json")  # doctest: +SKIP
-        >>> metrics, preds = evaluator.evaluate()  # doctest: +SKIP
-        >>> # metrics: {"ndcg@1": ..., "answer_recall@10": ...}; preds: {query id: [corpus rows]}
+        >>> metrics = evaluator.score(preds)  # preds: {query id: [corpus rows, best first]}  # doctest: +SKIP
+        >>> # metrics: {"ndcg@1": ..., "answer_recall@10": ...}
     """
 
     def __init__(self, encode: EncodeFn | None, queries: Iterable[dict | tuple[int, dict]],
@@ -90,13 +91,10 @@ class RetrievalEvaluator:
                  metrics: Sequence[str] = ("mrr", "recall", "ndcg"),
                  cutoffs: Sequence[int] = (1, 5, 10, 100),
                  hits: int = 100,
-                 index_factory: str = "Flat",
                  metric: Literal["cos", "ip", "l2"] = "cos",
                  mode: Literal["retrieve", "rerank"] = "retrieve",
                  corpus_path: str | None = None,
                  queries_path: str | None = None,
-                 use_gpu: bool | str = "auto",
-                 search_params: dict[str, float] | None = None,
                  chunk_size: int = 65536):
         if mode not in ("retrieve", "rerank"):
             raise ValueError(f"mode must be 'retrieve' or 'rerank', got {mode!r}")
@@ -112,15 +110,12 @@ class RetrievalEvaluator:
         self.use_nq = "nq" in metrics
         self.cutoffs = [cutoffs] if isinstance(cutoffs, int) else list(cutoffs)
         self.hits = int(hits)
-        self.index_factory = index_factory
         if metric not in DENSE_METRICS:
             raise ValueError(f"metric must be one of {', '.join(DENSE_METRICS)}, got {metric!r}")
         self.metric = metric
         self.mode = mode
         self.corpus_path = corpus_path
         self.queries_path = queries_path
-        self.use_gpu = use_gpu
-        self.search_params = search_params
         self.chunk_size = int(chunk_size)
         if self.cutoffs and max(self.cutoffs) > self.hits:
             logger.warning("cutoff %d is larger than hits=%d: metrics at that cutoff only see the top %d results",
@@ -157,18 +152,17 @@ class RetrievalEvaluator:
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self) -> tuple[dict[str, float], dict[Hashable, list[int]]]:
-        """Encode, search or rerank, and score.
+        """Rerank mode: encode each record's query and own candidates, rank them, and score.
 
         Returns:
-            `(metrics, preds)`: `{"ndcg@10": ..., "answer_recall@10": ...}` and `{query id: ranked corpus ids}`
-            (rerank mode without `key_index`: positions in the record's `key` list). Missing results are dropped.
+            `(metrics, preds)`: `{"mrr@10": ..., "answer_recall@10": ...}` and `{query id: ranked corpus ids}`
+            (without `key_index`: positions in the record's `key` list).
         """
+        if self.mode != "rerank":
+            raise ValueError("a retrieval set is searched by embedder.retrieval (DenseRetriever, sharded_search); "
+                             "pass its rankings to score()")
         q_emb = self._encode([q.text for q in self.queries], "query")  # (Q, D)
-        if self.mode == "retrieve":
-            preds = self._retrieve(q_emb)
-            nq_preds, nq_texts = preds, None  # None: the corpus's texts of the ranked rows
-        else:
-            preds, nq_preds, nq_texts = self._rerank(q_emb)
+        preds, nq_preds, nq_texts = self._rerank(q_emb)
         return self.score(preds, nq_preds, nq_texts), preds
 
     def score(self, preds: dict[Hashable, list[int]], nq_preds: dict[Hashable, list[int]] | None = None,
@@ -187,15 +181,6 @@ class RetrievalEvaluator:
             texts = self.corpus_text_lookup(nq_preds) if nq_texts is None else nq_texts
             metrics.update(answer_recall(nq_preds, answers, texts, self.cutoffs))
         return metrics
-
-    def _retrieve(self, q_emb: np.ndarray) -> dict[Hashable, list[int]]:
-        assert self.corpus_texts is not None
-        k_emb = self._encode(self.corpus_texts, "key")  # (N, D)
-        self._check_dims(q_emb, k_emb)
-        index = FaissIndex(self.index_factory, self.metric, use_gpu=self.use_gpu, search_params=self.search_params)
-        index.build(k_emb)
-        _, ids = index.search(q_emb, self.hits)  # (Q, hits), -1 padded
-        return {q.qid: [int(i) for i in row if i >= 0] for q, row in zip(self.queries, ids)}
 
     def _rerank(self, q_emb: np.ndarray) -> tuple[dict, dict, list[str]]:
         """Score each query's own candidates; also return preds over the flattened key list for answer recall."""
