@@ -108,7 +108,7 @@ def test_graded_ndcg_agrees_with_pytrec_eval(seed):
 
 @pytest.mark.skipif(importlib.util.find_spec("bm25s") is None, reason="needs bm25s (pip install bm25s)")
 def test_evaluate_on_a_beir_folder_matches_the_converted_files(tmp_path):
-    from embedder.evaluate import run_evaluate
+    from embedder.evaluation.run import run_evaluate
 
     folder = write_beir(tmp_path / "beir")
     common = ["retriever=bm25", "retriever.backend=bm25s", "version=none", "metrics=[ndcg,recall]",
@@ -140,7 +140,7 @@ def test_minilm_on_beir_equals_an_mteb_style_computation(tmp_path):
     from sentence_transformers import SentenceTransformer
 
     from embedder.bundled import minilm_path
-    from embedder.evaluate import run_evaluate
+    from embedder.evaluation.run import run_evaluate
     from embedder.mining.run import SAMPLE_DATA
 
     pytrec_eval = pytest.importorskip("pytrec_eval")

@@ -11,8 +11,8 @@ import os
 import pytest
 
 from embedder.data.kinds import Instruction
-from embedder.evaluate import run_evaluate
 from embedder.evaluation.eval_set import EvalSet
+from embedder.evaluation.run import run_evaluate
 from embedder.modeling.encoder import DualEncoder
 from tests.conftest import compose
 from tests.test_mining import write_toy

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch.distributed as dist
 
-from embedder.evaluate import run_evaluate
+from embedder.evaluation.run import run_evaluate
 from embedder.retrieval.encode import load_encode
 from tests.test_evaluate import eval_cfg
 

@@ -204,7 +204,7 @@ def test_mining_a_parquet_corpus_equals_mining_its_jsonl(tmp_path, tiny_bert):
 
 
 def test_evaluating_on_a_parquet_corpus_equals_jsonl(tmp_path, tiny_bert):
-    from embedder.evaluate import run_evaluate
+    from embedder.evaluation.run import run_evaluate
 
     data = tmp_path / "data"
     write_toy(data / "toy")

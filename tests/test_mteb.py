@@ -48,8 +48,8 @@ def local_task():
 
 
 def test_mteb_task_runs_on_an_export_with_its_prompts(tmp_path, tiny_bert, monkeypatch):
-    from embedder.evaluate import run_evaluate
     from embedder.evaluation import mteb_tasks
+    from embedder.evaluation.run import run_evaluate
     from embedder.training import run_train
     from tests.conftest import quick_overrides, toy_path
 

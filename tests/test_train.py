@@ -241,7 +241,7 @@ def test_ddp_metrics_after_training_equal_standalone_evaluation_of_the_export(tm
     """2 gloo ranks, each encoding, indexing and searching its shards of the corpus during training, report the
     metrics that `python -m embedder.evaluate` computes for the exported model in one process (bundled MiniLM,
     so that training moves the metrics and a reuse of the untrained weights' cached stores would show)."""
-    from embedder.evaluate import run_evaluate
+    from embedder.evaluation.run import run_evaluate
 
     sets = ["eval.qa=null", "eval.convsearch=null"]
     cfg = compose([
