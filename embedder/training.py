@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from embedder.atomic import atomic_open, read_json, write_json
 from embedder.checkpoints import drop_zero3_hooks, gathered_parameters, load_best_state, resolve_ckpt_path
-from embedder.data.datamodule import RetrievalDataModule
+from embedder.data.datamodule import RetrievalDataModule, load_train_files
 from embedder.evaluation.eval_set import TRAINED_STORES, build_eval_sets
 from embedder.evaluation.metrics import before_after_table
 from embedder.export import export_trained, push_export
@@ -46,26 +46,23 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     ckpt_path = resolve_ckpt_path(cfg.get("ckpt_path"), cfg.output_dir)
     tasks = build_record_kinds(OmegaConf.to_container(cfg.record_kinds, resolve=True), cfg.data.group_size,
                                 OmegaConf.to_container(cfg.version.table, resolve=True), cfg.version.add_instruction)
-    # Data first: bad records fail here, before any model is loaded.
-    datamodule = RetrievalDataModule(
-        train_data=OmegaConf.to_container(cfg.train_data, resolve=True) if cfg.train_data else None,
-        data_root=cfg.data_root, tasks=tasks, tokenizer=None, batch_size=cfg.data.batch_size,
-        query_max_length=cfg.query_max_length, key_max_length=cfg.key_max_length,
-        inbatch_same_dataset=cfg.data.inbatch_same_dataset, num_workers=cfg.data.num_workers, seed=cfg.seed,
-        default_task=cfg.get("default_record_kind") or (next(iter(tasks)) if len(tasks) == 1 else None))
-    if cfg.train_data:
-        datamodule.load()
+    # Data first: bad training and eval records fail here, before any model is loaded.
+    default_kind = cfg.get("default_record_kind") or (next(iter(tasks)) if len(tasks) == 1 else None)
+    files = load_train_files(OmegaConf.to_container(cfg.train_data, resolve=True), cfg.data_root, tasks,
+                             default_kind, cfg.seed) if cfg.train_data else []
     eval_sets = build_eval_sets(OmegaConf.to_container(cfg.eval, resolve=True) if cfg.get("eval") else None,
-                                tasks, cfg.data_root, cfg.query_max_length, cfg.key_max_length, work_dir=cfg.output_dir)
-    datamodule.eval_sets = eval_sets
-
+                                tasks, cfg.data_root, cfg.query_max_length, cfg.key_max_length, work_dir=cfg.output_dir,
+                                training_run=True)
     encoder = hydra.utils.instantiate(cfg.model)
     # The untrained weights' eval embeddings are cached across runs (evaluate_before: one encode per model); a
     # resumed run starts from trained weights, which are never cached.
     identity = encoder_identity(encoder) if ckpt_path is None and eval_sets else None
     for es in eval_sets:
-        es.training_run, es.initial_identity = True, identity
-    datamodule.collator.tokenizer = encoder.tokenizer
+        es.remember_untrained(identity)
+    datamodule = RetrievalDataModule(
+        files, tasks, encoder.tokenizer, batch_size=cfg.data.batch_size, query_max_length=cfg.query_max_length,
+        key_max_length=cfg.key_max_length, inbatch_same_dataset=cfg.data.inbatch_same_dataset,
+        num_workers=cfg.data.num_workers, seed=cfg.seed, eval_sets=eval_sets)
     module = RetrieverModule(
         encoder, tasks, temperature=cfg.loss.temperature, cross_device=cfg.loss.cross_device,
         in_batch_negatives=cfg.loss.in_batch_negatives, combine_rule=cfg.loss.combine_rule,

@@ -1,4 +1,5 @@
-"""RetrievalDataModule: reads training files, samples groups per epoch, batches by dataset, tokenises."""
+"""RetrievalDataModule: serves the checked training files (`load_train_files`) as batches: samples groups per epoch,
+batches by dataset, tokenises with the encoder's tokenizer. Everything it needs is passed in when it is built."""
 
 from __future__ import annotations
 
@@ -24,9 +25,8 @@ class RetrievalDataModule(LightningDataModule):
     """Training data for the dual encoder.
 
     Args:
-        train_data: files or globs, with or without the `llm-embedder:` prefix; repeats add weight.
-        data_root: where `llm-embedder:` paths point.
-        tasks: `{task: RecordKind}` for the records' `task` field.
+        files: the training files, read and checked by `load_train_files` (before any model is loaded).
+        tasks: `{kind: RecordKind}` for the records' `task` field.
         tokenizer: the encoder's tokenizer.
         batch_size: queries per device.
         inbatch_same_dataset: `epoch` (every global batch from one file), `epoch-static`, `random`,
@@ -34,35 +34,20 @@ class RetrievalDataModule(LightningDataModule):
         eval_sets: built evaluation sets; validation runs each one once per validation.
     """
 
-    def __init__(self, train_data: list[str] | str | None, data_root: str | None, tasks: dict[str, RecordKind],
-                 tokenizer, batch_size: int = 16, query_max_length: int = 256, key_max_length: int = 256,
-                 inbatch_same_dataset: str = "epoch", num_workers: int = 0, seed: int = 42,
-                 eval_sets: list[Any] | None = None, default_task: str | None = None):
+    def __init__(self, files: list[TrainFile], tasks: dict[str, RecordKind], tokenizer, batch_size: int = 16,
+                 query_max_length: int = 256, key_max_length: int = 256, inbatch_same_dataset: str = "epoch",
+                 num_workers: int = 0, seed: int = 42, eval_sets: list[Any] | None = None):
         super().__init__()
-        self.train_data, self.data_root, self.tasks = train_data, data_root, tasks
+        self.files, self.tasks = list(files), tasks
         self.tokenizer, self.batch_size, self.mode = tokenizer, int(batch_size), inbatch_same_dataset
         self.collator = RetrievalCollator(tokenizer, query_max_length, key_max_length)
-        self.num_workers, self.seed, self.default_task = int(num_workers), int(seed), default_task
+        self.num_workers, self.seed = int(num_workers), int(seed)
         self.eval_sets = list(eval_sets or [])
-        self.files: list[TrainFile] = []
-        self.dataset: MultiTaskTrainDataset | None = None
-
-    def load(self) -> None:
-        """Read and validate every training file (idempotent). Fails fast on bad records."""
-        if self.dataset is not None:
-            return
-        paths = resolve_files(self.train_data, self.data_root, what="train_data")
-        names: Counter = Counter()
-        self.files = [load_train_file(p, self.tasks, self.default_task, self.seed, names) for p in paths]
-        self.dataset = MultiTaskTrainDataset(self.files, self.tasks, self.seed)
-        log.info("training files (records dropped by design are counted here):\n%s", report(self.files))
-
-    def setup(self, stage: str | None = None) -> None:
-        if stage in ("fit", None) and self.train_data:
-            self.load()
+        self.dataset = MultiTaskTrainDataset(self.files, self.tasks, self.seed) if self.files else None
 
     def train_dataloader(self) -> DataLoader:
-        self.load()
+        if self.dataset is None:
+            raise ValueError("no training files: set train_data")
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer is not None else (0, 1)
         sampler = _EpochBatchSampler(self.dataset, self.dataset.ranges(), self.batch_size, self.mode, self.seed,
                                      rank, world)
@@ -128,3 +113,14 @@ class _EpochBatchSampler(SameDatasetBatchSampler):
 
 
 __all__ = ["RetrievalDataModule"]
+
+
+def load_train_files(train_data: list[str] | str, data_root: str | None, tasks: dict[str, RecordKind],
+                     default_task: str | None = None, seed: int = 42) -> list[TrainFile]:
+    """Read and check every training file (records fail here, with file, line and field, before any model is
+    loaded); memory holds each file's offsets, not its records. Logs what each file holds and what was dropped."""
+    paths = resolve_files(train_data, data_root, what="train_data")
+    names: Counter = Counter()
+    files = [load_train_file(p, tasks, default_task, seed, names) for p in paths]
+    log.info("training files (records dropped by design are counted here):\n%s", report(files))
+    return files

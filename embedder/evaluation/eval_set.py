@@ -99,7 +99,8 @@ class EvalSet:
                  batch_size: int = 128, batch_tokens: int | str = "auto", num_workers: int = 0, token_cache: bool = True,
                  index_factory: str = "Flat", search_params: Mapping[str, float] | None = None,
                  use_gpu: bool | str = "auto", train_sample: int = 100_000, shard_size: int = 100_000,
-                 work_dir: str | None = None, during_fit: bool = True, keep_stores: bool = True):
+                 work_dir: str | None = None, during_fit: bool = True, keep_stores: bool = True,
+                 training_run: bool = False):
         if mode not in MODES:
             raise ValueError(f"eval.{name}.mode={mode!r}; valid: retrieval, rerank")
         self.name, self.instruction = name, instruction
@@ -120,10 +121,16 @@ class EvalSet:
         self._scored: tuple[str, dict[str, float], dict] | None = None  # (identity, metrics, preds) of the last call
         self.trained_folders: set[str] = set()  # trained weights' store folders this set used (release_trained_stores)
         self.latest_folder: str | None = None  # the hash-named folder of the weights scored last (kept by release)
-        self.training_run = False  # set by run_train: only the untrained weights' stores are kept
-        self.initial_identity: dict[str, Any] | None = None  # set by run_train: the untrained weights' identity
+        self.training_run = bool(training_run)  # in a training run only the untrained weights' stores are cached
+        self.initial_identity: dict[str, Any] | None = None  # the untrained weights' (remember_untrained)
 
     # ------------------------------------------------------------------------------------------------ evaluate
+    def remember_untrained(self, identity: dict[str, Any] | None) -> None:
+        """The identity of the weights a training run starts from (None for a resumed run): their stores are cached
+        across runs (evaluate_before costs one corpus encode per model). The set is built, and its records checked,
+        before the model is loaded, so the identity comes when the model exists."""
+        self.initial_identity = identity
+
     def evaluate(self, encoder, step: int | None = None) -> dict[str, float]:
         """Metrics of `encoder` on this set (same on every rank). `step`: the training step (0 = untrained, whose
         corpus stores are cached across runs when `initial_identity` is set)."""
@@ -225,8 +232,10 @@ def release_trained_stores(eval_sets: list[EvalSet], keep_latest: bool = False) 
 
 
 def build_eval_sets(eval_cfg: Mapping[str, Any] | None, tasks: dict[str, RecordKind], data_root: str | None,
-                    query_max_length: int, key_max_length: int, work_dir: str | None = None) -> list[EvalSet]:
-    """EvalSets from the `eval:` config mapping (entries set to null are skipped)."""
+                    query_max_length: int, key_max_length: int, work_dir: str | None = None,
+                    training_run: bool = False) -> list[EvalSet]:
+    """EvalSets from the `eval:` config mapping (entries set to null are skipped); their records are read and
+    checked here, before any model is loaded."""
     out = []
     for name, spec in (eval_cfg or {}).items():
         if spec is None:
@@ -237,5 +246,5 @@ def build_eval_sets(eval_cfg: Mapping[str, Any] | None, tasks: dict[str, RecordK
             raise ValueError(f"eval.{name}.record_kind={task!r}; valid: {', '.join(sorted(tasks))}")
         out.append(EvalSet(name, instruction=tasks[task].instruction, data_root=data_root,
                            query_max_length=query_max_length, key_max_length=key_max_length, work_dir=work_dir,
-                           **spec))
+                           training_run=training_run, **spec))
     return out
