@@ -37,7 +37,8 @@ def export_encoder(module: Any, out_dir: str, prompts: dict[str, str], max_seq_l
                         f"and the earlier export in {out_dir} is kept", hint="lower optimizer.lr, check the "
                         "training data, or resume from an earlier checkpoint")
     with staged_export(out_dir) as tmp:
-        module.encoder.save(tmp, prompts=prompts, max_seq_length=max_seq_length)
+        module.encoder.save(tmp, prompts=prompts, max_seq_length=max_seq_length,
+                            matryoshka_dims=getattr(module, "matryoshka_dims", None))
         if card:  # replaces the generic card sentence-transformers writes
             with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
                 f.write(card)

@@ -15,6 +15,7 @@ from embedder.data.kinds import LossSpec, RecordKind
 from embedder.errors import DataError
 from embedder.evaluation.eval_set import release_trained_stores
 from embedder.losses import combine_losses
+from embedder.losses.matryoshka import check_dims, truncate
 from embedder.modeling.encoder import DualEncoder
 
 log = logging.getLogger(__name__)
@@ -41,12 +42,15 @@ class RetrieverModule(LightningModule):
         eval_sets: evaluation sets run by `validation_step` (see `embedder.evaluation.eval_set`).
         stop_on_nonfinite_loss: a NaN/Inf loss stops the run with `NonFiniteLossError` (step, task, file), so a
             poisoned model is never exported; False lets Lightning go on.
+        matryoshka_dims, matryoshka_weights: train every listed leading prefix of the embeddings
+            (`embedder.losses.matryoshka`); None: the full embeddings only.
     """
 
     def __init__(self, encoder: DualEncoder, tasks: dict[str, RecordKind], temperature: float = 0.01,
                  cross_device: bool = True, in_batch_negatives: bool = True, combine_rule: str = "reference",
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None, warmup_ratio: float = 0.1,
-                 weight_decay: float = 0.01, eval_sets: list[Any] | None = None, stop_on_nonfinite_loss: bool = True):
+                 weight_decay: float = 0.01, eval_sets: list[Any] | None = None, stop_on_nonfinite_loss: bool = True,
+                 matryoshka_dims: list[int] | None = None, matryoshka_weights: list[float] | None = None):
         super().__init__()
         if combine_rule not in ("reference", "weighted"):
             raise ValueError(f"loss.combine_rule={combine_rule!r}; valid: reference, weighted")
@@ -64,12 +68,28 @@ class RetrieverModule(LightningModule):
                   "in_batch_negatives": self.in_batch_negatives}
         # plain lists, not ModuleDicts: the losses hold no parameters, so checkpoints keep the encoder's keys only
         self.loss_fns = {kind: [(spec, _build_loss(spec, shared)) for spec in t.losses] for kind, t in self.tasks.items()}
+        self.matryoshka_dims, self.matryoshka_weights = check_dims(matryoshka_dims, matryoshka_weights, encoder.dim)
 
     # ------------------------------------------------------------------------------------------ training
     def compute_loss(self, q: torch.Tensor, k: torch.Tensor, teacher_scores: torch.Tensor | None, task: str
                      ) -> dict[str, torch.Tensor]:
         """Loss of one batch from its embeddings: q (B, d), k (B*G, d), teacher_scores (B, G) or None. Every loss
-        the kind lists is active, except a teacher-score loss on a batch without scores."""
+        the kind lists is active, except a teacher-score loss on a batch without scores. With Matryoshka dims, the
+        sum over the prefixes of w_d times that loss (logged per dimension as `loss_dim<d>`)."""
+        if not self.matryoshka_dims:
+            return self._kind_loss(q, k, teacher_scores, task)
+        out: dict[str, torch.Tensor] = {}
+        total = None
+        for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights):
+            part = self._kind_loss(truncate(q, dim, self.encoder.normalize), truncate(k, dim, self.encoder.normalize),
+                                   teacher_scores, task)  # q (B, dim), k (B*G, dim)
+            total = weight * part["loss"] if total is None else total + weight * part["loss"]
+            out[f"loss_dim{dim}"] = part["loss"].detach()
+        out["loss"] = total
+        return out
+
+    def _kind_loss(self, q: torch.Tensor, k: torch.Tensor, teacher_scores: torch.Tensor | None, task: str
+                   ) -> dict[str, torch.Tensor]:
         terms, out = [], {}
         for spec, fn in self.loss_fns[task]:
             if getattr(fn, "uses_teacher_scores", False) and teacher_scores is None:

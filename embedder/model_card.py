@@ -48,6 +48,7 @@ def model_card(config: dict[str, Any], prompts: dict[str, str], before: dict[str
     hp = [("batch size per device", data.get("batch_size")), ("group size (1 positive + negatives)",
           data.get("group_size")), ("learning rate", optimizer.get("lr")), ("warmup ratio", config.get("warmup_ratio")),
           ("temperature", loss.get("temperature")), ("max steps", trainer.get("max_steps")),
+          ("Matryoshka dimensions (SentenceTransformer(..., truncate_dim=d))", loss.get("matryoshka_dims")),
           ("precision", trainer.get("precision")), ("query / key max length",
           f"{config.get('query_max_length')} / {config.get('key_max_length')}")]
     parts += ["## Hyperparameters", "", _table([(k, v) for k, v in hp if v is not None], ("setting", "value")), ""]

@@ -68,7 +68,8 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         in_batch_negatives=cfg.loss.in_batch_negatives, combine_rule=cfg.loss.combine_rule,
         optimizer=hydra.utils.instantiate(cfg.optimizer), warmup_ratio=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, eval_sets=eval_sets,
-        stop_on_nonfinite_loss=cfg.get("stop_on_nonfinite_loss", True))
+        stop_on_nonfinite_loss=cfg.get("stop_on_nonfinite_loss", True),
+        matryoshka_dims=cfg.loss.get("matryoshka_dims"), matryoshka_weights=cfg.loss.get("matryoshka_weights"))
     run_info = describe_run(cfg, datamodule)
     selected_on = {f"val/{es.name}/" for es in eval_sets if es.during_fit}
     monitored = cfg.get("optimized_metric")

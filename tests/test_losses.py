@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -291,3 +292,71 @@ def test_a_loss_of_ones_own_is_a_config_entry(tmp_path, tiny_bert):
     parts = [(float(r["train/loss"]), float(r["train/loss_contrastive"]), float(r["train/loss_contrastive_2"]))
              for r in rows if r.get("train/loss")]
     assert parts and all(math.isclose(total, 0.5 * margin + nce, rel_tol=1e-4) for total, margin, nce in parts)
+
+
+def test_matryoshka_loss_is_the_weighted_sum_over_prefixes(tiny_bert):
+    """With matryoshka_dims each prefix is normalised again and scored with the kind's loss; the total is the
+    weighted sum, and every prefix's gradient reaches the encoder."""
+    from embedder.lit_module import RetrieverModule
+    from embedder.modeling.encoder import DualEncoder
+    from embedder.record_kinds import build_record_kinds
+
+    tasks = build_record_kinds({"qa": {"losses": [{"_target_": "embedder.losses.InfoNCELoss", "weight": 1.0}]}}, 2)
+    enc = DualEncoder(tiny_bert)  # hidden size 32
+    module = RetrieverModule(enc, tasks, temperature=0.05, cross_device=False, matryoshka_dims=[32, 16, 8],
+                             matryoshka_weights=[1.0, 0.5, 0.25])
+    tok = enc.tokenizer
+    q = enc.encode(dict(tok(["paris capital", "yellow fruit"], padding=True, return_tensors="pt")), "query")  # (2, 32)
+    k = enc.encode(dict(tok(["paris is the capital", "tokyo", "a banana is yellow", "an apple"], padding=True,
+                            return_tensors="pt")), "key")  # (4, 32)
+    out = module.compute_loss(q, k, None, "qa")
+    nce = InfoNCELoss(0.05, cross_device=False)
+    parts = {d: nce(F.normalize(q[:, :d], dim=-1), F.normalize(k[:, :d], dim=-1)) for d in (32, 16, 8)}
+    assert set(out) == {"loss", "loss_dim32", "loss_dim16", "loss_dim8"}
+    assert out["loss"].item() == pytest.approx((parts[32] + 0.5 * parts[16] + 0.25 * parts[8]).item(), rel=1e-5)
+    assert out["loss_dim8"].item() == pytest.approx(parts[8].item(), rel=1e-5) and parts[8] != parts[32]
+    out["loss"].backward()
+    assert all(torch.isfinite(p.grad).all() for p in enc.parameters() if p.grad is not None)
+    with pytest.raises(ValueError, match="matryoshka_dims=\\[64\\]: distinct sizes between 1 and the embedding size 32"):
+        RetrieverModule(enc, tasks, matryoshka_dims=[64])
+    with pytest.raises(ValueError, match="matryoshka_weights"):
+        RetrieverModule(enc, tasks, matryoshka_dims=[32, 16], matryoshka_weights=[1.0])
+
+
+@pytest.mark.slow
+def test_a_matryoshka_fit_exports_dims_that_sentence_transformers_truncates(tmp_path, tiny_bert):
+    """A real fit with loss.matryoshka_dims: the export declares the dimensions, SentenceTransformer(...,
+    truncate_dim=8) gives our truncated embeddings, and evaluation at model.truncate_dim=8 runs on the 8-d vectors."""
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    from embedder.evaluation.run import run_evaluate
+    from embedder.modeling.encoder import DualEncoder
+    from embedder.retrieval.encode.model import load_encoder
+    from embedder.training import run_train
+    from tests.conftest import ROOT, compose, quick_overrides, toy_path
+
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, [
+        "task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "report=false",
+        "loss.matryoshka_dims=[32,16,8]"])))
+    out = tmp_path / "out"
+    assert json.loads((out / "embedder_config.json").read_text())["matryoshka_dims"] == [32, 16, 8]
+    assert "Matryoshka dimensions" in (out / "README.md").read_text()
+    texts = ["find a weather tool", "convert currencies"]
+    ours = load_encoder({"_target_": "embedder.modeling.encoder.DualEncoder", "model_name_or_path": str(out),
+                         "truncate_dim": 8}, str(out)).encode_texts(texts, kind="key").numpy()
+    st = SentenceTransformer(str(out), device="cpu", truncate_dim=8)
+    theirs = st.encode(texts, normalize_embeddings=True)
+    assert ours.shape == theirs.shape == (2, 8)
+    np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    full = DualEncoder(str(out)).encode_texts(texts, kind="key").numpy()
+    assert full.shape == (2, 32) and not np.allclose(full[:, :8], ours)  # re-normalised prefix, not a slice
+
+    common = ["task=tool", f"data_root={tmp_path}/none", "model=tiny_bert", f"model_path={out}", "trainer=cpu",
+              "retriever.batch_size=8", f"eval_data={ROOT}/embedder/sample_data/tool/test.json",
+              f"corpus={ROOT}/embedder/sample_data/tool/corpus.json", "metrics=[ndcg]", "cutoffs=[10]",
+              "key_template='{text}'"]
+    small = run_evaluate(compose([*common, "model.truncate_dim=8", f"output_dir={tmp_path}/e8"], "eval"))
+    whole = run_evaluate(compose([*common, f"output_dir={tmp_path}/e32"], "eval"))
+    assert set(small) == set(whole) and small != whole  # the 8-d vectors rank differently

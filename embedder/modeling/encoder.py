@@ -111,7 +111,8 @@ class DualEncoder(nn.Module):
                  pooling: str = "cls", dense: bool = False, normalize: bool = True,
                  gradient_checkpointing: bool = False, attn_implementation: str | None = "sdpa",
                  dtype: str | None = None, tokenizer_name_or_path: str | None = None,
-                 unpadded: bool | str = "auto", attention_dropout: float | None = None):
+                 unpadded: bool | str = "auto", attention_dropout: float | None = None,
+                 truncate_dim: int | None = None):
         super().__init__()
         from transformers import AutoTokenizer
 
@@ -119,6 +120,9 @@ class DualEncoder(nn.Module):
             raise ValueError(f"pooling={pooling!r}; valid: {', '.join(POOLING)}")
         self.model_name_or_path = str(model_name_or_path)
         self.pooling, self.normalize, self.tie_encoders = pooling, bool(normalize), bool(tie_encoders)
+        if truncate_dim is not None and int(truncate_dim) < 1:
+            raise ValueError(f"truncate_dim={truncate_dim!r}: a positive number of leading dimensions, or null")
+        self.truncate_dim = int(truncate_dim) if truncate_dim is not None else None
         if str(unpadded).lower() not in ("auto", "true", "false"):
             raise ValueError(f"unpadded={unpadded!r}; valid: auto, true, false")
         self.unpadded = str(unpadded).lower()
@@ -156,7 +160,8 @@ class DualEncoder(nn.Module):
 
     @property
     def dim(self) -> int:
-        return self.query_model.config.hidden_size
+        """The size of the embeddings `encode` returns (the Matryoshka prefix when `truncate_dim` is set)."""
+        return min(self.truncate_dim or self.query_model.config.hidden_size, self.query_model.config.hidden_size)
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.pooling == "mean":
@@ -200,6 +205,8 @@ class DualEncoder(nn.Module):
             emb = self._pool(hidden, inputs["attention_mask"])  # (N, d)
         if self.dense is not None:
             emb = self.dense(emb.to(self.dense.weight.dtype))
+        if self.truncate_dim is not None:  # a Matryoshka prefix (sentence-transformers' truncate_dim), then normalised
+            emb = emb[:, :self.truncate_dim]
         if self.normalize:
             emb = F.normalize(emb, p=2, dim=-1)
         return emb
@@ -232,7 +239,8 @@ class DualEncoder(nn.Module):
         return out
 
     # ----------------------------------------------------------------------------------------- export
-    def save(self, out_dir: str, prompts: dict[str, str] | None = None, max_seq_length: int = 256) -> None:
+    def save(self, out_dir: str, prompts: dict[str, str] | None = None, max_seq_length: int = 256,
+             matryoshka_dims: list[int] | None = None) -> None:
         """Write a Hugging Face `save_pretrained` folder that is also a sentence-transformers model.
 
         Tied encoders: one model folder. Untied: one sentence-transformers model whose `Router` sends queries
@@ -246,7 +254,8 @@ class DualEncoder(nn.Module):
 
         os.makedirs(out_dir, exist_ok=True)
         meta = {"pooling": self.pooling, "normalize": self.normalize, "dense": self.dense is not None,
-                "tie_encoders": self.tie_encoders, "max_seq_length": max_seq_length, "prompts": prompts or {}}
+                "tie_encoders": self.tie_encoders, "max_seq_length": max_seq_length, "prompts": prompts or {},
+                **({"matryoshka_dims": [int(d) for d in matryoshka_dims]} if matryoshka_dims else {})}
         st_kw = {"device": "cpu", "prompts": prompts or {}, "similarity_fn_name": "cosine" if self.normalize else "dot"}
         if self.tie_encoders:
             SentenceTransformer(modules=self._st_modules(self.query_model, out_dir, max_seq_length), **st_kw).save(out_dir)

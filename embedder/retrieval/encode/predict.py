@@ -99,7 +99,8 @@ def encoder_identity(encoder: Any) -> dict[str, Any] | None:
     weights. None when the weights cannot be read whole on this rank (DeepSpeed ZeRO-3 partitions them)."""
     ident = {"model": getattr(encoder, "model_name_or_path", type(encoder).__name__),
              "pooling": getattr(encoder, "pooling", None), "normalize": getattr(encoder, "normalize", None),
-             "dense": getattr(encoder, "dense", None) is not None}
+             "dense": getattr(encoder, "dense", None) is not None,
+             **({"truncate_dim": encoder.truncate_dim} if getattr(encoder, "truncate_dim", None) else {})}
     h = hashlib.blake2b(digest_size=16)
     with torch.no_grad():
         for name, t in list(encoder.named_parameters()) + list(encoder.named_buffers()):
