@@ -77,7 +77,7 @@ def load_best_state(module: Any, callbacks: list[Any], monitor: str | None) -> s
                  f" ({path} is a DeepSpeed folder)" if path else "")
         return None
     state = torch.load(path, map_location="cpu", weights_only=True)
-    module.load_state_dict(state["state_dict"])
+    module.load_state_dict(state["state_dict"], strict=getattr(module, "strict_loading", True))  # LoRA: adapters only
     score = cb.best_model_score if cb is not None else None
     log.info("export_state=best: loaded %s (step %s, %s = %s); evaluating and exporting it", path,
              state.get("global_step"), monitor, f"{float(score):.4f}" if score is not None else "?")

@@ -69,6 +69,8 @@ class RetrieverModule(LightningModule):
         # plain lists, not ModuleDicts: the losses hold no parameters, so checkpoints keep the encoder's keys only
         self.loss_fns = {kind: [(spec, _build_loss(spec, shared)) for spec in t.losses] for kind, t in self.tasks.items()}
         self.matryoshka_dims, self.matryoshka_weights = check_dims(matryoshka_dims, matryoshka_weights, encoder.dim)
+        # LoRA: checkpoints hold the trained (adapter) weights only; the frozen backbone comes from the model path
+        self.strict_loading = not getattr(encoder, "lora", None)
 
     # ------------------------------------------------------------------------------------------ training
     def compute_loss(self, q: torch.Tensor, k: torch.Tensor, teacher_scores: torch.Tensor | None, task: str
@@ -178,6 +180,9 @@ class RetrieverModule(LightningModule):
             "torch": torch.get_rng_state(), "numpy": _numpy_state_to_tensors(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
+        if getattr(self.encoder, "lora", None):  # LoRA: the trained adapters only; a 7B checkpoint is its adapters
+            trained = {n for n, p in self.named_parameters() if p.requires_grad}
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         states = checkpoint.get("rng_states")

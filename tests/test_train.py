@@ -453,3 +453,43 @@ def test_host_malloc_settings_reach_glibc():
     from embedder.host_memory import MallocTrim, _glibc
 
     assert _glibc() is not None and pickle.loads(pickle.dumps(MallocTrim(4))).every_n_steps == 4  # DDP spawn pickles it
+
+
+LORA = "model.lora={r:4,alpha:8,dropout:0.0,target_modules:[query,value]}"
+
+
+def test_lora_trains_adapters_only_checkpoints_them_and_exports_them_merged(tmp_path, tiny_bert):
+    """model.lora (peft): only the adapters train; the checkpoint holds them alone; a resumed run continues from
+    them; the export is a plain model with the adapters merged, equal to the trained encoder."""
+    from safetensors.torch import load_file
+
+    from embedder.modeling.encoder import DualEncoder
+
+    base = ["task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "report=false", LORA]
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, base)))
+    out = tmp_path / "out"
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    keys = list(ckpt["state_dict"])
+    assert keys and all("lora_A" in k or "lora_B" in k for k in keys)  # adapters only, no frozen backbone
+    assert any("query" in k for k in keys) and any("value" in k for k in keys) and not any("key." in k for k in keys)
+    assert any(float(v.abs().sum()) > 0 for k, v in ckpt["state_dict"].items() if "lora_B" in k)  # B moved off 0
+
+    fresh = DualEncoder(tiny_bert, lora={"r": 4, "alpha": 8, "target_modules": ["query", "value"]})
+    trainable = sum(p.numel() for p in fresh.parameters() if p.requires_grad)
+    assert 0 < trainable < 0.1 * sum(p.numel() for p in fresh.parameters())
+    fresh.load_state_dict({k.removeprefix("encoder."): v for k, v in ckpt["state_dict"].items()}, strict=False)
+    fresh.eval()
+    texts = ["weather in paris", "convert 10 usd to eur"]
+    trained = fresh.encode_texts(texts, kind="query")
+    exported = DualEncoder(str(out)).eval().encode_texts(texts, kind="query")
+    assert torch.allclose(trained, exported, atol=1e-5)  # merged export == base + adapters
+    weights = load_file(str(out / "model.safetensors"))
+    assert not any("lora" in k for k in weights)  # a plain model: no peft needed to use it
+    base_weights = load_file(f"{tiny_bert}/model.safetensors")
+    q = next(k for k in weights if k.endswith("attention.self.query.weight"))
+    kk = next(k for k in weights if k.endswith("attention.self.key.weight"))
+    assert not torch.equal(weights[q], base_weights[q]) and torch.equal(weights[kk], base_weights[kk])
+
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, base + ["ckpt_path=last", "trainer.max_steps=3"])))
+    resumed = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert resumed["global_step"] == 3 and list(resumed["state_dict"]) == keys

@@ -70,6 +70,24 @@ def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None
     return from_pretrained_with_attention(AutoModel, path, attn_implementation, **kwargs)
 
 
+def _add_lora(model: nn.Module, lora: dict[str, Any]) -> Any:
+    """Inject LoRA adapters into `model` in place (the `peft` library; not hand-written) and freeze everything else;
+    returns the peft wrapper, which merges the adapters at export. `lora`: r, alpha, dropout, target_modules (module
+    names, e.g. [query, value] for BERT, [q_proj, k_proj, v_proj, o_proj] for Llama/Qwen; null: peft's default for
+    the architecture)."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise ImportError("model.lora needs the peft library: pip install 'embedder[lora]'") from None
+    unknown = set(lora) - {"r", "alpha", "dropout", "target_modules"}
+    if unknown:
+        raise ValueError(f"model.lora: unknown keys {sorted(unknown)}; valid: r, alpha, dropout, target_modules")
+    cfg = LoraConfig(r=int(lora.get("r", 16)), lora_alpha=float(lora.get("alpha", 2 * int(lora.get("r", 16)))),
+                     lora_dropout=float(lora.get("dropout") or 0.0), bias="none",
+                     target_modules=list(lora["target_modules"]) if lora.get("target_modules") else None)
+    return get_peft_model(model, cfg)
+
+
 def _set_attention_dropout(models: list[nn.Module], p: float) -> None:
     """Set the attention-probability dropout of BERT-family self-attention modules (their `dropout` is applied to
     the attention probabilities, and transformers passes its `p` to SDPA); an error for other architectures."""
@@ -112,7 +130,7 @@ class DualEncoder(nn.Module):
                  gradient_checkpointing: bool = False, attn_implementation: str | None = "sdpa",
                  dtype: str | None = None, tokenizer_name_or_path: str | None = None,
                  unpadded: bool | str = "auto", attention_dropout: float | None = None,
-                 truncate_dim: int | None = None):
+                 truncate_dim: int | None = None, lora: dict[str, Any] | None = None):
         super().__init__()
         from transformers import AutoTokenizer
 
@@ -153,6 +171,15 @@ class DualEncoder(nn.Module):
                 m.pooler.requires_grad_(False)
         if attention_dropout is not None:
             _set_attention_dropout([self.query_model, self.key_model], float(attention_dropout))
+        self.lora = dict(lora) if lora else None
+        self._peft: list[Any] = []  # the peft wrappers (not submodules: their parameters are the backbones')
+        if self.lora:
+            self._peft = [_add_lora(m, self.lora) for m in {id(self.query_model): self.query_model,
+                                                           id(self.key_model): self.key_model}.values()]
+            trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+            total = sum(p.numel() for p in self.parameters())
+            log.info("LoRA %s: %d of %d parameters trainable (%.2f%%)", self.lora, trainable, total,
+                     100 * trainable / max(total, 1))
         self.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes, so dropout would stay off
         if gradient_checkpointing:
             for m in {id(self.query_model): self.query_model, id(self.key_model): self.key_model}.values():
@@ -287,12 +314,17 @@ class DualEncoder(nn.Module):
         hand-writing modules.json and friends."""
         from sentence_transformers import models
 
+        if self._peft:  # LoRA: the export is a plain model with the adapters merged into its weights (in place)
+            for wrapper in self._peft:
+                wrapper.merge_and_unload()
+            self._peft = []
         model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
         modules = [models.Transformer(folder, max_seq_length=max_seq_length),
-                   models.Pooling(self.dim, pooling_mode=self.pooling)]
+                   models.Pooling(model.config.hidden_size, pooling_mode=self.pooling)]
         if self.dense is not None:
-            dense = models.Dense(self.dim, self.dim, bias=False, activation_function=nn.Identity())
+            hidden = model.config.hidden_size
+            dense = models.Dense(hidden, hidden, bias=False, activation_function=nn.Identity())
             dense.linear.weight.data.copy_(self.dense.weight.data.float().cpu())
             modules.append(dense)
         if self.normalize:
