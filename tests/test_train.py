@@ -493,3 +493,48 @@ def test_lora_trains_adapters_only_checkpoints_them_and_exports_them_merged(tmp_
     run_train(compose(quick_overrides(tmp_path, tiny_bert, base + ["ckpt_path=last", "trainer.max_steps=3"])))
     resumed = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert resumed["global_step"] == 3 and list(resumed["state_dict"]) == keys
+
+
+def test_a_decoder_llm_embeds_with_last_token_pooling_and_eos(tmp_path):
+    """A causal LM (tiny random Llama) as the encoder: every text ends with EOS (kept when truncating), the last
+    real token is pooled whichever side pads, a LoRA fit trains it, and the export encodes the same in
+    sentence-transformers (lasttoken pooling, the EOS-appending tokenizer)."""
+    from sentence_transformers import SentenceTransformer
+
+    from embedder.modeling.encoder import DualEncoder
+    from embedder.scoring.tiny_lm import build_tiny_lm
+
+    lm = build_tiny_lm(str(tmp_path / "lm"))
+    enc = DualEncoder(lm, pooling="last_token").eval()
+    tok = enc.tokenizer
+    ids = tok(["the quick brown fox jumps", "a"], truncation=True, max_length=4)["input_ids"]
+    assert all(row[-1] == tok.eos_token_id for row in ids) and len(ids[0]) == 4  # EOS survives truncation
+    texts = ["the quick brown fox jumps over the lazy dog", "a lake", "retrieval finds passages"]
+    alone = torch.cat([enc.encode_texts([t], kind="key") for t in texts])
+    for side in ("right", "left"):
+        tok.padding_side = side
+        batch = enc.encode(dict(tok(texts, padding=True, return_tensors="pt")), "key")
+        assert torch.allclose(batch, alone, atol=1e-5), side
+    tok.padding_side = "right"
+
+    base = ["task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "report=false", "trainer=cpu",
+            "trainer.max_steps=2", "trainer.max_epochs=-1", "logger=csv", f"output_dir={tmp_path}/out",
+            "data.batch_size=2", "data.group_size=2", "query_max_length=32", "key_max_length=32",
+            "callbacks.rich_progress_bar=null", "model=tiny_bert", f"model.model_name_or_path={lm}",
+            "model.pooling=last_token", "model.unpadded=false", "model.attention_dropout=null",
+            "model.lora={r:4,alpha:8,dropout:0.0,target_modules:[q_proj,v_proj]}", "optimizer.lr=1e-2",
+            "warmup_ratio=0"]
+    run_train(compose(base))
+    out = tmp_path / "out"
+    from embedder.retrieval.encode.model import load_encoder
+
+    loaded = load_encoder({"_target_": "embedder.modeling.encoder.DualEncoder", "model_name_or_path": str(out)},
+                          str(out)).eval()
+    assert loaded.pooling == "last_token"  # read back from the export
+    ours = loaded.encode_texts(texts, kind="key", max_length=32).numpy()
+    st = SentenceTransformer(str(out), device="cpu")
+    st.max_seq_length = 32
+    theirs = st.encode(texts)
+    assert ours.shape == theirs.shape == (3, 32)
+    assert np.allclose(ours, theirs, atol=1e-5)
+    assert not np.allclose(ours, alone.numpy(), atol=1e-3)  # the fit changed the embeddings

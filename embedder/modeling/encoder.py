@@ -17,7 +17,7 @@ from embedder.modeling import unpadded as unpadded_forward
 
 log = logging.getLogger(__name__)
 
-POOLING = ("cls", "mean")
+POOLING = ("cls", "mean", "last_token")  # last_token: decoder LLM embedders (e5-mistral, Qwen3-Embedding)
 # `unpadded=auto` on CPU packs a batch only when at least CPU_PACK_MIN_PADDING of its (N, L) token slots, and at
 # least CPU_PACK_MIN_PADDED_TOKENS slots, are padding. The CPU packed path saves the linears' work on padding and
 # most of attention's (padded per group of similar lengths, with a scatter and a gather around every layer), but its
@@ -68,6 +68,26 @@ def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None
             raise ValueError(msg + " is not possible: set model.unpadded=auto or false")
         unpadded_forward.say_once(f"arch:{path}", msg)
     return from_pretrained_with_attention(AutoModel, path, attn_implementation, **kwargs)
+
+
+def _append_eos(tokenizer: Any) -> None:
+    """Make `tokenizer` end every sequence with its EOS token (kept when truncating: it counts as a special token),
+    as last-token-pooled decoder embedders are trained (e5-mistral, Qwen3-Embedding). A fast tokenizer's
+    post-processor becomes `[BOS] $A EOS` (BOS where it already adds one); the exported tokenizer.json keeps it, so
+    sentence-transformers encodes the same way."""
+    from tokenizers import processors
+
+    if not getattr(tokenizer, "is_fast", False) or tokenizer.eos_token is None:
+        raise ValueError("pooling=last_token appends the EOS token, which needs a fast tokenizer with an eos_token; "
+                         "set model.append_eos=false to pool the last token as it is")
+    ids = tokenizer("x")["input_ids"]
+    if ids and ids[-1] == tokenizer.eos_token_id:
+        return  # it appends EOS already (some embedders' tokenizers do)
+    eos, bos = tokenizer.eos_token, tokenizer.bos_token if ids and ids[0] == tokenizer.bos_token_id else None
+    head = f"{bos}:0 " if bos else ""
+    specials = sorted({(t, tokenizer.convert_tokens_to_ids(t)) for t in (bos, eos) if t})
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{head}$A:0 {eos}:0", pair=f"{head}$A:0 {eos}:0 $B:1 {eos}:1", special_tokens=specials)
 
 
 def _add_lora(model: nn.Module, lora: dict[str, Any]) -> Any:
@@ -130,7 +150,7 @@ class DualEncoder(nn.Module):
                  gradient_checkpointing: bool = False, attn_implementation: str | None = "sdpa",
                  dtype: str | None = None, tokenizer_name_or_path: str | None = None,
                  unpadded: bool | str = "auto", attention_dropout: float | None = None,
-                 truncate_dim: int | None = None, lora: dict[str, Any] | None = None):
+                 truncate_dim: int | None = None, lora: dict[str, Any] | None = None, append_eos: bool | str = "auto"):
         super().__init__()
         from transformers import AutoTokenizer
 
@@ -155,6 +175,12 @@ class DualEncoder(nn.Module):
         tok_path = str(tokenizer_name_or_path or model_name_or_path)
         with ModelLoadErrors(tok_path, "tokenizer_name_or_path" if tokenizer_name_or_path else "model_name_or_path"):
             self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
+        if self.tokenizer.pad_token is None:  # decoder LLM tokenizers often have none; batches need one
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        if append_eos == "auto":
+            append_eos = pooling == "last_token"
+        if append_eos:
+            _append_eos(self.tokenizer)
         hidden = self.query_model.config.hidden_size
         self.dense = None
         if dense:
@@ -191,6 +217,9 @@ class DualEncoder(nn.Module):
         return min(self.truncate_dim or self.query_model.config.hidden_size, self.query_model.config.hidden_size)
 
     def _pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.pooling == "last_token":  # each row's last real token, whichever side the padding is on
+            last = mask.shape[1] - 1 - mask.flip(1).to(torch.int64).argmax(dim=1)  # (N,)
+            return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, d)
         if self.pooling == "mean":
             m = mask.unsqueeze(-1).to(hidden.dtype)  # (N, L, 1)
             return (hidden * m).sum(1) / m.sum(1).clamp(min=1e-9)  # (N, d)
@@ -321,7 +350,8 @@ class DualEncoder(nn.Module):
         model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
         modules = [models.Transformer(folder, max_seq_length=max_seq_length),
-                   models.Pooling(model.config.hidden_size, pooling_mode=self.pooling)]
+                   models.Pooling(model.config.hidden_size,
+                                  pooling_mode="lasttoken" if self.pooling == "last_token" else self.pooling)]
         if self.dense is not None:
             hidden = model.config.hidden_size
             dense = models.Dense(hidden, hidden, bias=False, activation_function=nn.Identity())

@@ -76,9 +76,12 @@ def pack(inputs: dict[str, torch.Tensor]) -> Packed:
 
 
 def pool_packed(hidden: torch.Tensor, p: Packed, pooling: str) -> torch.Tensor:
-    """(T, d) packed hidden states -> (N, d): the first token (`cls`) or the mean over each sequence's tokens."""
+    """(T, d) packed hidden states -> (N, d): the first token (`cls`), the last (`last_token`) or the mean over each
+    sequence's tokens."""
     if pooling == "cls":
         return hidden[p.cu_seqlens[:-1].long()]  # (N, d)
+    if pooling == "last_token":
+        return hidden[p.cu_seqlens[1:].long() - 1]  # (N, d)
     sums = torch.zeros(p.lengths.numel(), hidden.shape[-1], dtype=hidden.dtype, device=hidden.device)
     sums = sums.index_add(0, p.seq_index, hidden)  # (N, d)
     return sums / p.lengths.clamp(min=1).unsqueeze(1).to(hidden.dtype)

@@ -49,12 +49,14 @@ def encoder_overrides(model_path: str) -> dict[str, Any]:
                     mode = p.get("pooling_mode")  # sentence-transformers >= 5: "cls" | "mean" | ...
                     if mode in ("cls", "mean"):
                         out["pooling"] = mode
+                    elif mode == "lasttoken" or p.get("pooling_mode_lasttoken"):
+                        out["pooling"] = "last_token"
                     elif p.get("pooling_mode_cls_token"):
                         out["pooling"] = "cls"
                     elif p.get("pooling_mode_mean_tokens"):
                         out["pooling"] = "mean"
                     else:
-                        log.warning("%s: sentence-transformers pooling %s is not cls or mean; using the model "
+                        log.warning("%s: sentence-transformers pooling %s is not cls, mean or lasttoken; using the model "
                                     "config's pooling", pcfg, {k: v for k, v in p.items() if v is True})
     return out
 
