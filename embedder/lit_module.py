@@ -44,13 +44,16 @@ class RetrieverModule(LightningModule):
             poisoned model is never exported; False lets Lightning go on.
         matryoshka_dims, matryoshka_weights: train every listed leading prefix of the embeddings
             (`embedder.losses.matryoshka`); None: the full embeddings only.
+        gradcache_mini_batch: queries per forward pass with GradCache (`embedder.gradcache`): a batch of B queries
+            x G keys needs the activation memory of this many queries (and their keys); None: the whole batch.
     """
 
     def __init__(self, encoder: DualEncoder, tasks: dict[str, RecordKind], temperature: float = 0.01,
                  cross_device: bool = True, in_batch_negatives: bool = True, combine_rule: str = "reference",
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None, warmup_ratio: float = 0.1,
                  weight_decay: float = 0.01, eval_sets: list[Any] | None = None, stop_on_nonfinite_loss: bool = True,
-                 matryoshka_dims: list[int] | None = None, matryoshka_weights: list[float] | None = None):
+                 matryoshka_dims: list[int] | None = None, matryoshka_weights: list[float] | None = None,
+                 gradcache_mini_batch: int | None = None):
         super().__init__()
         if combine_rule not in ("reference", "weighted"):
             raise ValueError(f"loss.combine_rule={combine_rule!r}; valid: reference, weighted")
@@ -69,6 +72,9 @@ class RetrieverModule(LightningModule):
         # plain lists, not ModuleDicts: the losses hold no parameters, so checkpoints keep the encoder's keys only
         self.loss_fns = {kind: [(spec, _build_loss(spec, shared)) for spec in t.losses] for kind, t in self.tasks.items()}
         self.matryoshka_dims, self.matryoshka_weights = check_dims(matryoshka_dims, matryoshka_weights, encoder.dim)
+        if gradcache_mini_batch is not None and int(gradcache_mini_batch) < 1:
+            raise ValueError(f"loss.gradcache_mini_batch={gradcache_mini_batch!r}: a number of queries >= 1, or null")
+        self.gradcache_mini_batch = int(gradcache_mini_batch) if gradcache_mini_batch else None
         # LoRA: checkpoints hold the trained (adapter) weights only; the frozen backbone comes from the model path
         self.strict_loading = not getattr(encoder, "lora", None)
 
@@ -104,24 +110,53 @@ class RetrieverModule(LightningModule):
         return out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        q = self.encoder.encode(batch["query"], "query")  # (B, d)
-        k = self.encoder.encode(batch["key"], "key")  # (B*G, d)
+        B = batch["query"]["input_ids"].shape[0]
+        G = batch["key"]["input_ids"].shape[0] // B
         if not self._negatives_logged:
-            self._log_negatives(q.shape[0], k.shape[0] // q.shape[0])
-        out = self.compute_loss(q, k, batch["teacher_scores"], batch["record_kind"])
+            self._log_negatives(B, G)
+        m = self.gradcache_mini_batch
+        if m is not None and m < B:
+            out = self._gradcache_step(batch, m, G)
+        else:
+            q = self.encoder.encode(batch["query"], "query")  # (B, d)
+            k = self.encoder.encode(batch["key"], "key")  # (B*G, d)
+            out = self.compute_loss(q, k, batch["teacher_scores"], batch["record_kind"])
         if self.stop_on_nonfinite_loss and not torch.isfinite(out["loss"]):  # one host sync per step
             raise NonFiniteLossError(
                 f"the training loss is {float(out['loss'].detach())} at step {self.global_step} (record kind {batch['record_kind']!r}, "
                 f"batch {batch_idx} of this epoch); the run stops here and nothing is exported",
                 path=batch.get("path"), hint="check the file's teacher_scores and texts, lower optimizer.lr, or "
                 "use trainer.precision=bf16-mixed instead of 16-mixed; stop_on_nonfinite_loss=false lets it go on")
-        bs = q.shape[0]
+        bs = B
         self.log("train/loss", out["loss"], prog_bar=True, batch_size=bs)
         for name in out:
             if name != "loss":
                 self.log(f"train/{name}", out[name], batch_size=bs)
         self.log(f"train/{batch['record_kind']}/loss", out["loss"].detach(), batch_size=bs)
         return out["loss"]
+
+    def _gradcache_step(self, batch: dict[str, Any], m: int, G: int) -> dict[str, torch.Tensor]:
+        """The batch's loss with GradCache over mini-batches of `m` queries (and their m*G keys)."""
+        from embedder.gradcache import gradcache_loss
+
+        if self._trainer is not None and self._trainer.world_size > 1:
+            raise ValueError("loss.gradcache_mini_batch runs on one device for now (under DDP each mini-batch's "
+                             "backward would synchronise gradients); use one device, or gradient checkpointing")
+        B = batch["query"]["input_ids"].shape[0]
+        starts = list(range(0, B, m))
+
+        def rows(inputs: dict[str, torch.Tensor], lo: int, hi: int) -> dict[str, torch.Tensor]:
+            return {name: t[lo:hi] for name, t in inputs.items()}
+
+        def encode(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+            lo, hi = starts[i], min(starts[i] + m, B)
+            return (self.encoder.encode(rows(batch["query"], lo, hi), "query"),  # (m, d)
+                    self.encoder.encode(rows(batch["key"], lo * G, hi * G), "key"))  # (m*G, d)
+
+        device = batch["query"]["input_ids"].device
+        return gradcache_loss(encode, len(starts),
+                              lambda q, k: self.compute_loss(q, k, batch["teacher_scores"], batch["record_kind"]),
+                              device_type=device.type)
 
     def _log_negatives(self, B: int, G: int) -> None:
         world = self.trainer.world_size

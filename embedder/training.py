@@ -69,7 +69,8 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         optimizer=hydra.utils.instantiate(cfg.optimizer), warmup_ratio=cfg.warmup_ratio,
         weight_decay=cfg.weight_decay, eval_sets=eval_sets,
         stop_on_nonfinite_loss=cfg.get("stop_on_nonfinite_loss", True),
-        matryoshka_dims=cfg.loss.get("matryoshka_dims"), matryoshka_weights=cfg.loss.get("matryoshka_weights"))
+        matryoshka_dims=cfg.loss.get("matryoshka_dims"), matryoshka_weights=cfg.loss.get("matryoshka_weights"),
+        gradcache_mini_batch=cfg.loss.get("gradcache_mini_batch"))
     run_info = describe_run(cfg, datamodule)
     selected_on = {f"val/{es.name}/" for es in eval_sets if es.during_fit}
     monitored = cfg.get("optimized_metric")

@@ -1,0 +1,169 @@
+"""GradCache gives the gradients of the uncached loss: on one process with the real module and tiny BERT (dropout
+off: against the whole batch; dropout on: against the same mini-batches encoded with a graph, so the dropout masks
+are the same), and on 2 gloo ranks with cross-device negatives."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from embedder.gradcache import gradcache_loss
+from embedder.losses import InfoNCELoss, StableDistillLoss
+from tests.conftest import compose, quick_overrides, toy_path
+from tests.test_losses_ddp import _free_port
+
+TEXTS_Q = ["weather in paris", "convert usd to eur", "translate to french", "stock price of acme",
+           "book a flight", "nearest pharmacy"]
+TEXTS_K = [f"{t} tool {j}" for t in TEXTS_Q for j in range(3)]  # G = 3 keys per query
+
+
+def _module(tiny_bert, losses, **kw):
+    from embedder.lit_module import RetrieverModule
+    from embedder.modeling.encoder import DualEncoder
+    from embedder.record_kinds import build_record_kinds
+
+    torch.manual_seed(0)
+    enc = DualEncoder(tiny_bert, unpadded="false")
+    return RetrieverModule(enc, build_record_kinds({"qa": {"losses": losses}}, 3), temperature=0.05,
+                           cross_device=False, **kw)
+
+
+def _batch(module, teacher: bool):
+    tok = module.encoder.tokenizer
+    return {"query": dict(tok(TEXTS_Q, padding=True, return_tensors="pt")),
+            "key": dict(tok(TEXTS_K, padding=True, return_tensors="pt")),
+            "teacher_scores": torch.randn(len(TEXTS_Q), 3, generator=torch.Generator().manual_seed(1)) if teacher
+            else None, "record_kind": "qa"}
+
+
+def _grads(module) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
+    module.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("losses", [
+    [{"_target_": "embedder.losses.InfoNCELoss", "weight": 1.0}],
+    [{"_target_": "embedder.losses.InfoNCELoss", "weight": 0.2},
+     {"_target_": "embedder.losses.StableDistillLoss", "weight": 1.0}],
+])
+def test_cached_gradients_equal_the_whole_batch(tiny_bert, losses):
+    module = _module(tiny_bert, losses)
+    module.encoder.eval()  # no dropout: the whole batch in one pass is the reference
+    batch = _batch(module, teacher=len(losses) > 1)
+    q, k = module.encoder.encode(batch["query"], "query"), module.encoder.encode(batch["key"], "key")
+    ref = module.compute_loss(q, k, batch["teacher_scores"], "qa")
+    ref["loss"].backward()
+    want = _grads(module)
+    for m in (1, 2, 4):  # 4: the last mini-batch is smaller
+        out = module._gradcache_step(batch, m, 3)
+        assert torch.allclose(out["loss"], ref["loss"].detach(), atol=1e-6)
+        out["loss"].backward()
+        got = _grads(module)
+        assert got.keys() == want.keys()
+        for name in want:
+            assert torch.allclose(got[name], want[name], atol=1e-5, rtol=1e-4), (m, name)
+
+
+def test_dropout_is_replayed(tiny_bert):
+    """In training mode the re-encoded mini-batches reuse their first pass's dropout masks: the gradients equal
+    those of the same mini-batches encoded once with a graph from the same RNG state."""
+    module = _module(tiny_bert, [{"_target_": "embedder.losses.InfoNCELoss", "weight": 1.0}])
+    module.encoder.train()
+    batch = _batch(module, teacher=False)
+    rows = lambda d, lo, hi: {n: t[lo:hi] for n, t in d.items()}  # noqa: E731
+    torch.manual_seed(7)
+    qs, ks = [], []
+    for lo in range(0, 6, 2):
+        qs.append(module.encoder.encode(rows(batch["query"], lo, lo + 2), "query"))
+        ks.append(module.encoder.encode(rows(batch["key"], lo * 3, (lo + 2) * 3), "key"))
+    ref = module.compute_loss(torch.cat(qs), torch.cat(ks), None, "qa")
+    ref["loss"].backward()
+    want = _grads(module)
+    torch.manual_seed(7)
+    out = module._gradcache_step(batch, 2, 3)
+    out["loss"].backward()
+    got = _grads(module)
+    assert abs(float(out["loss"]) - float(ref["loss"])) < 1e-5
+    assert all(torch.allclose(got[n], want[n], atol=1e-5, rtol=1e-4) for n in want)
+    torch.manual_seed(7)  # without replaying the RNG the masks would differ: the check above could fail
+    module.encoder.encode(rows(batch["query"], 0, 2), "query")
+    assert not torch.equal(torch.get_rng_state(), _seeded_state(7))
+
+
+def _seeded_state(seed: int) -> torch.Tensor:
+    torch.manual_seed(seed)
+    return torch.get_rng_state()
+
+
+# --------------------------------------------------------------------------------------------- 2 gloo ranks
+def _worker(rank: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    enc = nn.Linear(6, 5)  # the same weights on both ranks
+    g = torch.Generator().manual_seed(100 + rank)
+    xq, xk, teacher = torch.randn(4, 6, generator=g), torch.randn(4 * 3, 6, generator=g), torch.randn(4, 3, generator=g)
+    results = {}
+    for name, loss_fn in (("infonce", InfoNCELoss(0.05, cross_device=True)),
+                          ("stable", StableDistillLoss(0.05, cross_device=True))):
+        def loss(q, k):
+            return {"loss": loss_fn(q, k, teacher)}
+        value = loss(enc(xq), enc(xk))["loss"]
+        value.backward()
+        want = [p.grad.clone() for p in enc.parameters()]
+        enc.zero_grad()
+        out = gradcache_loss(lambda i: (enc(xq[i * 2:(i + 1) * 2]), enc(xk[i * 6:(i + 1) * 6])), 2, loss)
+        out["loss"].backward()
+        got = [p.grad.clone() for p in enc.parameters()]
+        enc.zero_grad()
+        results[name] = (float(value), float(out["loss"]), want, got)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_cached_gradients_equal_across_two_gloo_ranks(tmp_path):
+    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=False)
+        for name, (ref, cached, want, got) in results.items():
+            assert abs(ref - cached) < 1e-6, (rank, name)
+            assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want)), (rank, name)
+            assert any(float(w.abs().sum()) > 0 for w in want)  # the cross-rank negatives carry gradient
+
+
+@pytest.mark.slow
+def test_a_fit_with_gradcache_matches_one_without(tmp_path, tiny_bert):
+    """Two real 2-step fits, with and without loss.gradcache_mini_batch (dropout off): the same losses and the same
+    trained weights."""
+    import csv
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from embedder.training import run_train
+
+    model = tmp_path / "no-dropout"
+    shutil.copytree(tiny_bert, model)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (model / "config.json").write_text(json.dumps(config))
+    tiny_bert = str(model)
+    runs = {}
+    for name, extra in (("whole", []), ("cached", ["loss.gradcache_mini_batch=1"])):
+        out = tmp_path / name
+        run_train(compose(quick_overrides(out, tiny_bert, [
+            "task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "report=false", *extra])))
+        rows = [r for p in (out / "out").rglob("metrics.csv") for r in csv.DictReader(open(p))]
+        runs[name] = ([float(r["train/loss"]) for r in rows if r.get("train/loss")],
+                      load_file(str(out / "out" / "model.safetensors")))
+    (loss_a, w_a), (loss_b, w_b) = runs["whole"], runs["cached"]
+    assert len(loss_a) == len(loss_b) == 2
+    assert all(abs(a - b) < 1e-4 for a, b in zip(loss_a, loss_b))
+    assert all(torch.allclose(w_a[n], w_b[n], atol=1e-4) for n in w_a)
