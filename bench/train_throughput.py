@@ -17,6 +17,7 @@ then `--steps` timed ones (CUDA synchronised), queries/s = timed steps x B / tim
     python bench/train_throughput.py                              # bundled MiniLM on CPU
     python bench/train_throughput.py --model bert-base --device cuda --precision bf16 --batch 100 --group 8 \
         --grad-ckpt --json out.json                               # the recipe's shape (random bert-base weights)
+    python bench/train_throughput.py --sides embedder,gradcache --batch 64 --mini-batch 16   # GradCache's memory
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-SIDES = ("reference", "sdpa_padded", "embedder")
+SIDES = ("reference", "sdpa_padded", "embedder")  # also: gradcache (the embedder side with loss.gradcache_mini_batch)
 
 
 def model_folder(name: str) -> str:
@@ -105,7 +106,8 @@ def _peak(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is KiB on Linux)
 
 
-def run_lightning(args: dict, unpadded: str, items: list[dict], path: str, device) -> dict:
+def run_lightning(args: dict, unpadded: str, items: list[dict], path: str, device,
+                  gradcache_mini_batch: int | None = None) -> dict:
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -120,7 +122,8 @@ def run_lightning(args: dict, unpadded: str, items: list[dict], path: str, devic
         {"_target_": "embedder.losses.InfoNCELoss", "weight": 0.2},
         {"_target_": "embedder.losses.StableDistillLoss", "weight": 1.0}]}}, group_size=args["group"])
     module = RetrieverModule(enc, tasks, combine_rule="weighted", cross_device=False,
-                             optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-5))
+                             optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-5),
+                             gradcache_mini_batch=gradcache_mini_batch)
     collate = RetrievalCollator(enc.tokenizer, args["qlen"], args["klen"])
     loader = DataLoader(items, batch_size=args["batch"], shuffle=False, collate_fn=collate,
                         num_workers=args["num_workers"], pin_memory=device.type == "cuda")
@@ -202,7 +205,8 @@ def worker(side: str, args: dict, queue) -> None:
     if side == "reference":
         out = run_reference(args, items, path, device)
     else:
-        out = run_lightning(args, "auto" if side == "embedder" else "false", items, path, device)
+        out = run_lightning(args, "false" if side == "sdpa_padded" else "auto", items, path, device,
+                            gradcache_mini_batch=args["mini_batch"] if side == "gradcache" else None)
     queue.put({"side": side, **out})
 
 
@@ -241,7 +245,8 @@ def main(argv=None) -> dict:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for the Lightning sides")
     p.add_argument("--grad-ckpt", action="store_true")
-    p.add_argument("--sides", default=",".join(SIDES))
+    p.add_argument("--sides", default=",".join(SIDES), help="any of reference, sdpa_padded, embedder, gradcache")
+    p.add_argument("--mini-batch", type=int, default=16, help="queries per forward pass of the gradcache side")
     p.add_argument("--json", help="also write the results to this file")
     args = vars(p.parse_args(argv))
     ctx = mp.get_context("spawn")

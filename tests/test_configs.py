@@ -72,9 +72,11 @@ def test_versions(version):
     s = build_record_kinds(OmegaConf.to_container(cfg.record_kinds), 8, OmegaConf.to_container(cfg.version.table),
                             cfg.version.add_instruction)["tool"]
     expected = {"bge": "Represent this sentence for searching relevant passages: ", "e5": "query: ", "none": "",
-                "llm-embedder": "Transform this user request for fetching helpful tool descriptions: "}
-    if version in expected:
-        assert s.instruction.query == expected[version]
+                "llm-embedder": "Transform this user request for fetching helpful tool descriptions: ",
+                "qwen3": "Instruct: Given a user request, retrieve tools that can fulfil it\nQuery: "}
+    assert s.instruction.query == expected.get(version, s.instruction.query)
+    if version == "qwen3":
+        assert s.instruction.key == ""  # documents go in as they are
 
 
 @pytest.mark.parametrize("trainer", GROUPS["trainer"])
