@@ -153,6 +153,17 @@ def test_ddp_sim_two_cpu_processes(tmp_path, tiny_bert):
     assert ckpt["global_step"] == 2
 
 
+def test_lora_under_ddp_sim(tmp_path, tiny_bert):
+    """LoRA with DDP (2 gloo processes): the frozen backbone needs no gradient sync; the adapters train, the
+    checkpoint holds them alone, the export is merged."""
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, [
+        "task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "trainer=ddp_sim", "data.batch_size=2",
+        "report=false", LORA, "optimizer.lr=1e-2"])))
+    ckpt = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2 and ckpt["state_dict"] and all("lora_" in k for k in ckpt["state_dict"])
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
 @pytest.mark.slow
 def test_sample_data_with_real_minilm_improves(tmp_path):
     """The demo, shortened: the bundled MiniLM on the bundled sample data gets better on held-out queries."""
