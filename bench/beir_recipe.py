@@ -54,6 +54,7 @@ VARIANTS = {  # name -> overrides of task=beir
     "dropout": ["model.attention_dropout=null"],                       # the checkpoint's attention dropout (0.1)
     "inbatch": ["beir.negatives.retrievers=[]", "data.group_size=1"],  # no mined negatives: in-batch only
     "nomargin": ["beir.negatives.relative_margin=null"],               # no false-negative filter
+    "merge30": ["merge_base_weight=0.3"],                              # LM-Cocktail: 0.7 x trained + 0.3 x base
 }
 PLAIN_SIDES = ("plain", "plain-inbatch")
 DEV_FRACTION, TEST_FRACTION = 0.1, 0.2

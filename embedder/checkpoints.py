@@ -108,3 +108,29 @@ def gathered_parameters(trainer: Any, module: Any):
 
         return deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None)
     return contextlib.nullcontext()
+
+
+def merge_with_base(module: Any, model_cfg: Any, base_weight: float) -> int:
+    """LM-Cocktail-style merge (Xiao et al., 2023): every trained parameter becomes (1 - w) x itself + w x the base
+    model's (a fresh instance of the `model` config), so the export keeps part of what the base model knew. Only
+    parameters that training changed are touched; with LoRA the backbone is the base, so scaling each adapter's B
+    by (1 - w) gives the same merge: (1 - w)(W0 + BA) + w W0 = W0 + (1 - w) BA. Returns the tensors merged."""
+    import hydra
+    import torch
+
+    if not 0 < base_weight < 1:
+        raise ValueError(f"merge_base_weight={base_weight}: a number between 0 and 1 (the base model's share)")
+    base = dict(hydra.utils.instantiate(model_cfg).named_parameters())
+    merged = 0
+    with torch.no_grad():
+        for name, p in module.encoder.named_parameters():
+            if not p.requires_grad:
+                continue
+            if name in base and base[name].shape == p.shape:
+                p.mul_(1 - base_weight).add_(base[name].to(p.device, p.dtype), alpha=base_weight)
+                merged += 1
+            elif "lora_B" in name:
+                p.mul_(1 - base_weight)
+                merged += 1
+    log.info("merged the trained weights with the base model's (base weight %.2f): %d tensors", base_weight, merged)
+    return merged

@@ -17,7 +17,13 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from embedder.atomic import atomic_open, read_json, write_json
-from embedder.checkpoints import drop_zero3_hooks, gathered_parameters, load_best_state, resolve_ckpt_path
+from embedder.checkpoints import (
+    drop_zero3_hooks,
+    gathered_parameters,
+    load_best_state,
+    merge_with_base,
+    resolve_ckpt_path,
+)
 from embedder.data.datamodule import RetrievalDataModule, load_train_files
 from embedder.evaluation.eval_set import TRAINED_STORES, build_eval_sets
 from embedder.evaluation.metrics import before_after_table
@@ -105,6 +111,8 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         drop_zero3_hooks(trainer)
         if cfg.get("export_state", "last") == "best":
             load_best_state(module, callbacks, cfg.get("optimized_metric"))
+        if cfg.get("merge_base_weight"):
+            merge_with_base(module, cfg.model, float(cfg.merge_base_weight))
     after: dict[str, float] = {}
     if eval_sets:
         after = _validate(trainer, module, datamodule)

@@ -549,3 +549,24 @@ def test_a_decoder_llm_embeds_with_last_token_pooling_and_eos(tmp_path):
     assert ours.shape == theirs.shape == (3, 32)
     assert np.allclose(ours, theirs, atol=1e-5)
     assert not np.allclose(ours, alone.numpy(), atol=1e-3)  # the fit changed the embeddings
+
+
+def test_merge_with_the_base_model_before_after_and_export(tmp_path, tiny_bert):
+    """merge_base_weight=0.25 (LM-Cocktail style): the export holds 0.75 x the trained weights + 0.25 x the base's,
+    and `after` evaluates those merged weights."""
+    from safetensors.torch import load_file
+
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, [
+        "task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "report=false", "optimizer.lr=1e-2",
+        "merge_base_weight=0.25"])))
+    trained = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    exported = load_file(str(tmp_path / "out" / "model.safetensors"))
+    base = load_file(f"{tiny_bert}/model.safetensors")
+    name = next(k for k in exported if k.endswith("layer.0.attention.self.query.weight"))
+    t = trained["state_dict"]["encoder.query_model." + name]
+    assert not torch.allclose(t, base[name])  # training moved it
+    assert torch.allclose(exported[name], 0.75 * t + 0.25 * base[name], atol=1e-6)
+    with pytest.raises(ValueError, match="merge_base_weight=1.5: a number between 0 and 1"):
+        from embedder.checkpoints import merge_with_base
+
+        merge_with_base(None, None, 1.5)
