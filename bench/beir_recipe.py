@@ -55,6 +55,8 @@ VARIANTS = {  # name -> overrides of task=beir
     "inbatch": ["beir.negatives.retrievers=[]", "data.group_size=1"],  # no mined negatives: in-batch only
     "nomargin": ["beir.negatives.relative_margin=null"],               # no false-negative filter
     "merge30": ["merge_base_weight=0.3"],                              # LM-Cocktail: 0.7 x trained + 0.3 x base
+    "dense": ["beir.negatives.retrievers=[dense]"],                    # the base model's own negatives, as plain mines
+    "group4": ["data.group_size=4"],                                   # 3 hard negatives per query, as plain uses
 }
 PLAIN_SIDES = ("plain", "plain-inbatch")
 DEV_FRACTION, TEST_FRACTION = 0.1, 0.2
