@@ -117,20 +117,26 @@ def merge_with_base(module: Any, model_cfg: Any, base_weight: float) -> int:
     by (1 - w) gives the same merge: (1 - w)(W0 + BA) + w W0 = W0 + (1 - w) BA. Returns the tensors merged."""
     import hydra
     import torch
+    from omegaconf import OmegaConf
 
     if not 0 < base_weight < 1:
         raise ValueError(f"merge_base_weight={base_weight}: a number between 0 and 1 (the base model's share)")
-    base = dict(hydra.utils.instantiate(model_cfg).named_parameters())
+    trained = [(name, p) for name, p in module.encoder.named_parameters() if p.requires_grad]
+    # the base model without adapters, built only when a backbone weight itself was trained (not under LoRA: its
+    # lora_A would be a fresh random draw, and a 7B backbone need not be loaded twice)
+    full = [(name, p) for name, p in trained if "lora_" not in name]
+    base = {}
+    if full:
+        spec = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
+        base = dict(hydra.utils.instantiate({**spec, "lora": None}).named_parameters())
     merged = 0
     with torch.no_grad():
-        for name, p in module.encoder.named_parameters():
-            if not p.requires_grad:
-                continue
-            if name in base and base[name].shape == p.shape:
-                p.mul_(1 - base_weight).add_(base[name].to(p.device, p.dtype), alpha=base_weight)
-                merged += 1
-            elif "lora_B" in name:
+        for name, p in trained:
+            if "lora_B" in name:
                 p.mul_(1 - base_weight)
+                merged += 1
+            elif name in base and base[name].shape == p.shape:
+                p.mul_(1 - base_weight).add_(base[name].to(p.device, p.dtype), alpha=base_weight)
                 merged += 1
     log.info("merged the trained weights with the base model's (base weight %.2f): %d tensors", base_weight, merged)
     return merged

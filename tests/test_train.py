@@ -566,6 +566,16 @@ def test_merge_with_the_base_model_before_after_and_export(tmp_path, tiny_bert):
     t = trained["state_dict"]["encoder.query_model." + name]
     assert not torch.allclose(t, base[name])  # training moved it
     assert torch.allclose(exported[name], 0.75 * t + 0.25 * base[name], atol=1e-6)
+
+    lora = tmp_path / "lora"  # LoRA: the adapters' update is scaled by 0.75, lora_A itself is kept
+    run_train(compose(quick_overrides(lora, tiny_bert, [
+        "task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "report=false", "optimizer.lr=1e-2", LORA,
+        "merge_base_weight=0.25"])))
+    sd = torch.load(lora / "out" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+    prefix = "encoder.query_model." + name.removesuffix(".weight")
+    a, b = sd[prefix + ".lora_A.default.weight"], sd[prefix + ".lora_B.default.weight"]  # the trained adapters
+    merged = load_file(str(lora / "out" / "model.safetensors"))[name]
+    assert torch.allclose(merged, base[name] + 0.75 * (8 / 4) * (b @ a), atol=1e-5)  # scale alpha / r = 2
     with pytest.raises(ValueError, match="merge_base_weight=1.5: a number between 0 and 1"):
         from embedder.checkpoints import merge_with_base
 
