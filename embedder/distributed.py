@@ -121,6 +121,42 @@ def gather_with_grad(t: Tensor) -> Tensor:
     return _GatherWithGrad.apply(t)  # (W*N, ...)
 
 
+def average_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 25 * 2 ** 20) -> None:
+    """All-reduce the gradients of `params` to their mean over the ranks, in flat buckets of about `bucket_bytes`
+    (DDP's default bucket size): what DDP's reducer does, by hand, for steps the reducer cannot follow (GradCache
+    backpropagates once per mini-batch, and the reducer expects each gradient once per step). Every rank passes the
+    same parameters in the same order; a parameter without a gradient takes part as zeros. No-op outside a process
+    group."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return
+    world = dist.get_world_size()
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+
+    def reduce(bucket: list[torch.nn.Parameter]) -> None:
+        flat = torch.cat([p.grad.reshape(-1) for p in bucket])  # (sum of numels,)
+        dist.all_reduce(flat)
+        flat /= world
+        offset = 0
+        for p in bucket:
+            p.grad.copy_(flat[offset:offset + p.grad.numel()].view_as(p.grad))
+            offset += p.grad.numel()
+
+    bucket: list[torch.nn.Parameter] = []
+    size = 0
+    for p in params:
+        nbytes = p.grad.numel() * p.grad.element_size()
+        if bucket and (size + nbytes > bucket_bytes or p.grad.dtype != bucket[0].grad.dtype
+                       or p.grad.device != bucket[0].grad.device):
+            reduce(bucket)
+            bucket, size = [], 0
+        bucket.append(p)
+        size += nbytes
+    if bucket:
+        reduce(bucket)
+
+
 def rank_offset(local_batch: int) -> int:
     """Index of this rank's first query in the gathered batch: ``rank * local_batch`` (0 when not distributed)."""
     return rank() * local_batch

@@ -135,13 +135,35 @@ class RetrieverModule(LightningModule):
         self.log(f"train/{batch['record_kind']}/loss", out["loss"].detach(), batch_size=bs)
         return out["loss"]
 
+    def _gradcache_across_ranks(self) -> bool:
+        return self.gradcache_mini_batch is not None and self._trainer is not None and self.trainer.world_size > 1
+
+    def on_fit_start(self) -> None:
+        if self._gradcache_across_ranks():
+            from torch.nn.parallel import DistributedDataParallel
+
+            if not isinstance(self.trainer.strategy.model, DistributedDataParallel):
+                raise ValueError(f"loss.gradcache_mini_batch works on one device or under DDP (trainer=ddp, "
+                                 f"ddp_sim); not with {type(self.trainer.strategy).__name__}, whose gradient "
+                                 f"reduction expects one backward pass per step: set loss.gradcache_mini_batch=null")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._gradcache_across_ranks():
+            # GradCache backpropagates once per mini-batch, but DDP's reducer expects each parameter's gradient once
+            # per step: it is switched off for the step (as `no_sync` does) and on_before_optimizer_step averages
+            # the gradients over the ranks instead
+            self.trainer.strategy.model.require_backward_grad_sync = False
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        if self._gradcache_across_ranks():  # after all accumulated batches, before clipping: DDP's mean gradient
+            from embedder.distributed import average_gradients
+
+            average_gradients([p for p in self.parameters() if p.requires_grad])
+
     def _gradcache_step(self, batch: dict[str, Any], m: int, G: int) -> dict[str, torch.Tensor]:
         """The batch's loss with GradCache over mini-batches of `m` queries (and their m*G keys)."""
         from embedder.gradcache import gradcache_loss
 
-        if self._trainer is not None and self._trainer.world_size > 1:
-            raise ValueError("loss.gradcache_mini_batch runs on one device for now (under DDP each mini-batch's "
-                             "backward would synchronise gradients); use one device, or gradient checkpointing")
         B = batch["query"]["input_ids"].shape[0]
         starts = list(range(0, B, m))
 
