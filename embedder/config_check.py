@@ -228,6 +228,7 @@ VALUE_RULES: dict[str, tuple] = {  # key -> (check, what is allowed)
     "trainer.accumulate_grad_batches": (_int(1), "an integer >= 1"),
     "model.pooling": (_choice("cls", "mean", "last_token"), "cls, mean or last_token"),
     "model.truncate_dim": (_optional(_int(1)), "null, or an integer >= 1 (leading dimensions kept)"),
+    "model.bidirectional": (_choice(None, True, False), "null (as the checkpoint), true or false"),
     "merge_base_weight": (_optional(_num(0, 1, lo_open=True, hi_open=True)),
                           "null, or a number between 0 and 1 (the base model's share of the merged weights)"),
     "loss.gradcache_mini_batch": (_optional(_int(1)), "null, or an integer >= 1 (queries per forward pass)"),

@@ -48,22 +48,36 @@ def from_pretrained_with_attention(auto_cls: Any, path: str, attn_implementation
         return auto_cls.from_pretrained(path, **kwargs)
 
 
-def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None, unpadded: str = "false", **kw):
-    """`AutoModel.from_pretrained`; with `unpadded` ("true"/"auto") and a supported architecture, loaded with the
-    packed attention function (which also runs padded calls through SDPA)."""
+def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None, unpadded: str = "false",
+                   bidirectional: bool | None = None, **kw):
+    """`AutoModel.from_pretrained`; with `unpadded` ("true"/"auto") and a supported architecture (BERT family, or a
+    Llama-style decoder), loaded with the packed attention function (which also runs padded calls through SDPA).
+    `bidirectional` (decoders): True makes every layer attend both ways (LLM2Vec / NV-Embed style), False causal,
+    None as the checkpoint's config says. It is transformers' own `config.is_causal` (>= 5.2), which the export
+    keeps in config.json, so sentence-transformers loads the same attention."""
     from transformers import AutoConfig, AutoModel
 
     torch_dtype = resolve_dtype(dtype) if dtype != "auto" else None  # auto: as the checkpoint stores it
     kwargs: dict[str, Any] = dict(kw)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
+    config = AutoConfig.from_pretrained(path)
+    if bidirectional is not None:
+        if config.model_type not in unpadded_forward.SUPPORTED_CAUSAL_MODEL_TYPES:
+            raise ValueError(f"model.bidirectional={bidirectional}: {path} is a {config.model_type!r} model; the "
+                             f"attention direction can be set for the decoders "
+                             f"{', '.join(unpadded_forward.SUPPORTED_CAUSAL_MODEL_TYPES)} (encoders such as BERT "
+                             f"are bidirectional already): set model.bidirectional=null")
+        config.is_causal = not bidirectional
+    kwargs["config"] = config
     if unpadded != "false":
-        if unpadded_forward.supports(AutoConfig.from_pretrained(path)):
+        if unpadded_forward.supports(config) or unpadded_forward.supports_causal(config):
             model = AutoModel.from_pretrained(path, attn_implementation=unpadded_forward.register(), **kwargs)
             model.embedder_packed = True  # marks a backbone that can run `packed_hidden`
             return model
         msg = (f"model.unpadded={unpadded}: {path} is not a supported architecture "
-               f"({', '.join(unpadded_forward.SUPPORTED_MODEL_TYPES)}); running padded")
+               f"({', '.join(unpadded_forward.SUPPORTED_MODEL_TYPES + unpadded_forward.SUPPORTED_CAUSAL_MODEL_TYPES)}"
+               f"); running padded")
         if unpadded == "true":
             raise ValueError(msg + " is not possible: set model.unpadded=auto or false")
         unpadded_forward.say_once(f"arch:{path}", msg)
@@ -150,7 +164,8 @@ class DualEncoder(nn.Module):
                  gradient_checkpointing: bool = False, attn_implementation: str | None = "sdpa",
                  dtype: str | None = None, tokenizer_name_or_path: str | None = None,
                  unpadded: bool | str = "auto", attention_dropout: float | None = None,
-                 truncate_dim: int | None = None, lora: dict[str, Any] | None = None, append_eos: bool | str = "auto"):
+                 truncate_dim: int | None = None, lora: dict[str, Any] | None = None, append_eos: bool | str = "auto",
+                 bidirectional: bool | None = None):
         super().__init__()
         from transformers import AutoTokenizer
 
@@ -165,13 +180,14 @@ class DualEncoder(nn.Module):
             raise ValueError(f"unpadded={unpadded!r}; valid: auto, true, false")
         self.unpadded = str(unpadded).lower()
         with ModelLoadErrors(self.model_name_or_path):
-            self.query_model = _load_backbone(self.model_name_or_path, attn_implementation, dtype, self.unpadded)
+            self.query_model = _load_backbone(self.model_name_or_path, attn_implementation, dtype, self.unpadded,
+                                              bidirectional)
         if tie_encoders:
             self.key_model = self.query_model
         else:
             key_path = str(key_model_name_or_path or model_name_or_path)
             with ModelLoadErrors(key_path, "key_model_name_or_path"):
-                self.key_model = _load_backbone(key_path, attn_implementation, dtype, self.unpadded)
+                self.key_model = _load_backbone(key_path, attn_implementation, dtype, self.unpadded, bidirectional)
         tok_path = str(tokenizer_name_or_path or model_name_or_path)
         with ModelLoadErrors(tok_path, "tokenizer_name_or_path" if tokenizer_name_or_path else "model_name_or_path"):
             self.tokenizer = AutoTokenizer.from_pretrained(tok_path)

@@ -1,6 +1,6 @@
 """Unpadded (packed) forward: a batch's tokens in one (1, T) row, no padding, variable-length attention.
 
-Used by the encoder (BERT family, bidirectional) and by LM scoring (Llama-style decoders, causal).
+Used by the encoder (BERT family; Llama-style decoders, causal or made bidirectional) and by LM scoring (causal).
 
 Why hand-written: transformers runs BERT on padded (N, L) batches, and its packed path for decoders needs the
 flash-attn package (SDPA gets a dense (T, T) block mask instead). We keep transformers' modules (embeddings, rotary
@@ -191,6 +191,12 @@ def grouped_padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return torch.cat(outs).index_select(0, dest)  # (T, H, Dh)
 
 
+def _causal(module) -> bool:
+    """Whether this attention module is causal: its own flag, unless the model's config turns causality off
+    (`config.is_causal = False`: a decoder made bidirectional, see the encoder's `bidirectional`)."""
+    return bool(getattr(module, "is_causal", False)) and getattr(getattr(module, "config", None), "is_causal", True)
+
+
 def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                **kwargs):
     """transformers attention function: packed when called with `cu_seqlens`, else transformers' SDPA."""
@@ -198,12 +204,13 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
     if cu is None:
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+        kwargs.setdefault("is_causal", _causal(module))  # without a mask, SDPA would take the module's flag
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     # query: (1, H, T, Dh), key/value: (1, Hkv, T, Dh) -> (T, H, Dh), (T, Hkv, Dh)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     out = varlen_attention(q, k, v, cu, int(kwargs["max_seqlen"]), scaling, dropout,
-                           causal=bool(getattr(module, "is_causal", False)))  # (T, H, Dh)
+                           causal=_causal(module))  # (T, H, Dh)
     return out[None], None  # (1, T, H, Dh), no weights
 
 
@@ -244,7 +251,9 @@ def supports_causal(config) -> bool:
 
 
 def packed_hidden(model, p: Packed) -> torch.Tensor:
-    """Run a transformers encoder (loaded with attn_implementation=ATTN_NAME) on a packed batch: (T, d)."""
-    out = model(input_ids=p.input_ids, token_type_ids=p.token_type_ids, position_ids=p.position_ids,
-                cu_seqlens=p.cu_seqlens, max_seqlen=p.max_seqlen)
+    """Run a transformers encoder or decoder (loaded with attn_implementation=ATTN_NAME) on a packed batch: (T, d).
+    Decoders take no token types; their rotary positions restart at 0 in every sequence (`position_ids`)."""
+    types = {"token_type_ids": p.token_type_ids} if supports(model.config) else {}
+    out = model(input_ids=p.input_ids, position_ids=p.position_ids, cu_seqlens=p.cu_seqlens, max_seqlen=p.max_seqlen,
+                **types)
     return out.last_hidden_state[0]
