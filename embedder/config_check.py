@@ -233,6 +233,7 @@ VALUE_RULES: dict[str, tuple] = {  # key -> (check, what is allowed)
                           "null, or a number between 0 and 1 (the base model's share of the merged weights)"),
     "loss.gradcache_mini_batch": (_optional(_int(1)), "null, or an integer >= 1 (queries per forward pass)"),
     "export_state": (_choice("best", "last"), "best or last"),
+    "export_lora": (_choice("merged", "adapter"), "merged or adapter"),
     "seed": (_int(0), "an integer >= 0"),
     "hits": (_int(1), "an integer >= 1 (documents retrieved per query)"),
     "max_neg_num": (_int(0), "an integer >= 0"),
@@ -264,3 +265,16 @@ def check_values(cfg: DictConfig) -> None:
         if not check(value):
             raise DataError(f"config value {key}={value!r} is not allowed", field=key,
                             hint=f"{key} must be {allowed}")
+    if OmegaConf.select(cfg, "export_lora", default=None) == "adapter":  # rules across keys
+        if not OmegaConf.select(cfg, "model.lora", default=None):
+            raise DataError("export_lora=adapter keeps the LoRA adapters, but model.lora is null", field="export_lora",
+                            hint="export_lora must be merged without model.lora (or set model.lora={r: 16, ...})")
+        if OmegaConf.select(cfg, "model.tie_encoders", default=True) is False:
+            # sentence-transformers 6.3 looks for the base model's weights inside the Router's subfolder
+            raise DataError("export_lora=adapter is for one shared encoder: sentence-transformers cannot load "
+                            "adapters inside a query/document Router", field="export_lora",
+                            hint="export_lora must be merged with model.tie_encoders=false")
+        if OmegaConf.select(cfg, "model.bidirectional", default=None) is not None:
+            raise DataError("export_lora=adapter loads the base model's own config, which would lose "
+                            "model.bidirectional", field="export_lora",
+                            hint="export_lora must be merged with model.bidirectional set")

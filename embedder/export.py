@@ -22,11 +22,11 @@ def export_trained(module: Any, cfg: Any, tasks: dict, run_info: dict[str, Any],
 
     prompts = export_prompts(tasks, export_record_kind(cfg, tasks))
     export_encoder(module, cfg.output_dir, prompts, cfg.key_max_length,
-                   card=model_card(run_info, prompts, before, after))
+                   card=model_card(run_info, prompts, before, after), lora_export=cfg.get("export_lora", "merged"))
 
 
 def export_encoder(module: Any, out_dir: str, prompts: dict[str, str], max_seq_length: int,
-            card: str | None = None) -> None:
+                   card: str | None = None, lora_export: str = "merged") -> None:
     """Write the encoder into a temp folder, check it, then swap it into `out_dir` (embedder.atomic): a failed or
     degenerate run never replaces, or mixes into, an earlier export."""
     import torch
@@ -38,7 +38,7 @@ def export_encoder(module: Any, out_dir: str, prompts: dict[str, str], max_seq_l
                         "training data, or resume from an earlier checkpoint")
     with staged_export(out_dir) as tmp:
         module.encoder.save(tmp, prompts=prompts, max_seq_length=max_seq_length,
-                            matryoshka_dims=getattr(module, "matryoshka_dims", None))
+                            matryoshka_dims=getattr(module, "matryoshka_dims", None), lora_export=lora_export)
         if card:  # replaces the generic card sentence-transformers writes
             with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as f:
                 f.write(card)

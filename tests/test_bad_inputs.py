@@ -220,7 +220,7 @@ BAD_VALUES = [  # (command, override): each must stop at start with one line nam
     ("train", "key_max_length=-3"), ("train", "warmup_ratio=1.5"), ("train", "weight_decay=-1"),
     ("train", "merge_base_weight=1.5"), ("train", "loss.gradcache_mini_batch=0"), ("train", "model.pooling=max"),
     ("train", "export_state=middle"), ("train", "data.batch_size=eight"), ("train", "trainer.max_steps=-7"),
-    ("train", "model.bidirectional=maybe"),
+    ("train", "model.bidirectional=maybe"), ("train", "export_lora=zip"), ("train", "export_lora=adapter"),
     ("mine", "hits=0"), ("mine", "max_neg_num=-1"), ("evaluate", "hits=-1"), ("evaluate", "retriever.batch_size=0"),
 ]
 

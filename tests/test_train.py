@@ -506,6 +506,36 @@ def test_lora_trains_adapters_only_checkpoints_them_and_exports_them_merged(tmp_
     assert resumed["global_step"] == 3 and list(resumed["state_dict"]) == keys
 
 
+def test_lora_adapter_export_loads_under_its_base_model(tmp_path, tiny_bert):
+    """export_lora=adapter: the export holds the adapters only (no full weights) and names the base model;
+    sentence-transformers and our own loader both load it under the base, and encode like the merged export of the
+    same checkpoint."""
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    from embedder.modeling.encoder import DualEncoder
+
+    base = ["task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "report=false", LORA, "optimizer.lr=1e-2"]
+    run_train(compose(quick_overrides(tmp_path / "a", tiny_bert, base + ["export_lora=adapter"])))
+    run_train(compose(quick_overrides(tmp_path / "m", tiny_bert, base)))  # the same run, merged
+    adapter, merged = tmp_path / "a" / "out", tmp_path / "m" / "out"
+    assert (adapter / "adapter_model.safetensors").is_file() and not (adapter / "model.safetensors").exists()
+    weights = load_file(str(adapter / "adapter_model.safetensors"))
+    assert weights and all("lora_" in k for k in weights)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_bert
+    texts = ["weather in paris", "convert 10 usd to eur", "book a table"]
+    from embedder.retrieval.encode.model import load_encoder
+
+    want = load_encoder({"_target_": "embedder.modeling.encoder.DualEncoder", "model_name_or_path": str(merged)},
+                        str(merged)).eval().encode_texts(texts, kind="key").numpy()
+    ours = load_encoder({"_target_": "embedder.modeling.encoder.DualEncoder", "model_name_or_path": str(adapter)},
+                        str(adapter)).eval().encode_texts(texts, kind="key").numpy()
+    theirs = SentenceTransformer(str(adapter), device="cpu").encode(texts)
+    assert np.allclose(ours, want, atol=1e-5) and np.allclose(theirs, want, atol=1e-5)
+    untrained = DualEncoder(tiny_bert, pooling="cls").eval().encode_texts(texts, kind="key").numpy()
+    assert not np.allclose(want, untrained, atol=1e-3)  # the adapters changed the model
+
+
 def test_a_decoder_llm_embeds_with_last_token_pooling_and_eos(tmp_path):
     """A causal LM (tiny random Llama) as the encoder: every text ends with EOS (kept when truncating), the last
     real token is pooled whichever side pads, a LoRA fit trains it, and the export encodes the same in

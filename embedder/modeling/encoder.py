@@ -57,6 +57,15 @@ def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None
     keeps in config.json, so sentence-transformers loads the same attention."""
     from transformers import AutoConfig, AutoModel
 
+    if os.path.isfile(os.path.join(path, "adapter_config.json")):  # an adapter export (export_lora=adapter)
+        from peft import PeftConfig, PeftModel
+
+        base_path = PeftConfig.from_pretrained(path).base_model_name_or_path
+        model = _load_backbone(base_path, attn_implementation, dtype, unpadded, bidirectional, **kw)
+        packed = getattr(model, "embedder_packed", False)
+        model = PeftModel.from_pretrained(model, path).merge_and_unload()  # the adapters folded into the weights
+        model.embedder_packed = packed
+        return model
     torch_dtype = resolve_dtype(dtype) if dtype != "auto" else None  # auto: as the checkpoint stores it
     kwargs: dict[str, Any] = dict(kw)
     if torch_dtype is not None:
@@ -82,6 +91,22 @@ def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None
             raise ValueError(msg + " is not possible: set model.unpadded=auto or false")
         unpadded_forward.say_once(f"arch:{path}", msg)
     return from_pretrained_with_attention(AutoModel, path, attn_implementation, **kwargs)
+
+
+ADAPTER_STAGE = ".lora-adapter"  # where `save` keeps the adapters while sentence-transformers writes its files
+
+
+def _keep_adapter_only(folder: str, staged: str) -> None:
+    """Make the model folder `folder` a peft adapter folder: the adapters staged at `staged` replace the full
+    (merged) weights and the model config; the tokenizer and sentence-transformers' files stay."""
+    import shutil
+
+    for name in os.listdir(folder):
+        if name == "config.json" or name.startswith("model") and name.endswith((".safetensors", ".bin", ".json")):
+            os.remove(os.path.join(folder, name))
+    for name in os.listdir(staged):
+        shutil.move(os.path.join(staged, name), os.path.join(folder, name))
+    os.rmdir(staged)
 
 
 def _append_eos(tokenizer: Any) -> None:
@@ -312,8 +337,13 @@ class DualEncoder(nn.Module):
 
     # ----------------------------------------------------------------------------------------- export
     def save(self, out_dir: str, prompts: dict[str, str] | None = None, max_seq_length: int = 256,
-             matryoshka_dims: list[int] | None = None) -> None:
+             matryoshka_dims: list[int] | None = None, lora_export: str = "merged") -> None:
         """Write a Hugging Face `save_pretrained` folder that is also a sentence-transformers model.
+
+        With LoRA, `lora_export="merged"` folds the adapters into the weights (a plain model); `"adapter"` keeps
+        them as a peft adapter folder (adapter_config.json + adapter_model.safetensors, megabytes) that names the
+        base model (`base_model_name_or_path`: the hub name, or the local path trained from), which
+        sentence-transformers and `load_encoder` load under it (peft needed; tied encoders only).
 
         Tied encoders: one model folder. Untied: one sentence-transformers model whose `Router` sends queries
         (`encode_query`, prompt `query`) and documents (`encode_document`) to their own encoder; each encoder is a
@@ -324,6 +354,12 @@ class DualEncoder(nn.Module):
 
         from sentence_transformers import SentenceTransformer, models
 
+        if lora_export not in ("merged", "adapter"):
+            raise ValueError(f"export_lora={lora_export!r}; valid: merged, adapter")
+        if lora_export == "adapter" and not self.tie_encoders:  # config_check says so before training
+            raise ValueError("export_lora=adapter needs tied encoders (sentence-transformers cannot load adapters "
+                             "inside its query/document Router)")
+        self._lora_export = lora_export  # read by _st_modules
         os.makedirs(out_dir, exist_ok=True)
         meta = {"pooling": self.pooling, "normalize": self.normalize, "dense": self.dense is not None,
                 "tie_encoders": self.tie_encoders, "max_seq_length": max_seq_length, "prompts": prompts or {},
@@ -332,6 +368,8 @@ class DualEncoder(nn.Module):
         if self.tie_encoders:
             SentenceTransformer(modules=self._st_modules(self.query_model, out_dir, max_seq_length), **st_kw).save(out_dir)
             self._save_dense(out_dir)
+            if lora_export == "adapter":
+                _keep_adapter_only(out_dir, os.path.join(out_dir, ADAPTER_STAGE))
         else:
             # sentence-transformers writes each route's modules into its own subfolders; the encoders are staged
             # as HF folders first, and the staging folders removed after.
@@ -359,10 +397,15 @@ class DualEncoder(nn.Module):
         hand-writing modules.json and friends."""
         from sentence_transformers import models
 
-        if self._peft:  # LoRA: the export is a plain model with the adapters merged into its weights (in place)
-            for wrapper in self._peft:
-                wrapper.merge_and_unload()
-            self._peft = []
+        wrapper = next((w for w in self._peft if w.get_base_model() is model), None)
+        if wrapper is not None and getattr(self, "_lora_export", "merged") == "adapter":
+            # kept aside: `save` puts them in place of the full weights once sentence-transformers has written its
+            # files (its own save of a peft model goes through transformers' adapter support, which needs peft >=
+            # 0.22, newer than some installs have)
+            wrapper.save_pretrained(os.path.join(folder, ADAPTER_STAGE), safe_serialization=True)
+        if wrapper is not None:  # LoRA: the sentence-transformers modules hold a plain model, adapters merged in place
+            wrapper.merge_and_unload()
+            self._peft.remove(wrapper)
         model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
         modules = [models.Transformer(folder, max_seq_length=max_seq_length),
