@@ -27,7 +27,6 @@ import json
 import multiprocessing as mp
 import os
 import random
-import resource
 import sys
 import tempfile
 import time
@@ -103,7 +102,9 @@ def _peak(device) -> float:
 
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # GiB (ru_maxrss is KiB on Linux)
+    from embedder.progress import peak_rss_gib
+
+    return peak_rss_gib()
 
 
 def run_lightning(args: dict, unpadded: str, items: list[dict], path: str, device,

@@ -32,14 +32,6 @@ class QueriesPerSecond(Callback):
         pl_module.log("train/queries_per_sec", n / max(dt, 1e-9), prog_bar=True, batch_size=1)
 
 
-def _peak_rss_gib() -> float:
-    import resource
-    import sys
-
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
-    return peak / (1024 ** 3 if sys.platform == "darwin" else 1024 ** 2)
-
-
 class LogProgress(Callback):
     """A progress line in the log every `every_s` seconds where no progress bar can draw (nohup, SLURM, CI logs):
     training (step, epoch, loss, queries/s, ETA) and predict-loop encoding (batches, texts/s, ETA).
@@ -54,6 +46,7 @@ class LogProgress(Callback):
         self._start = self._last = 0.0
         self._last_step = 0
         self._queries = 0
+        self._validating_s, self._val_start = 0.0, None  # time spent in validation during the fit
 
     def _active(self, trainer) -> bool:
         import sys
@@ -63,13 +56,26 @@ class LogProgress(Callback):
     def on_train_start(self, trainer, pl_module):
         self._start = self._last = time.monotonic()
         self._last_step, self._queries = trainer.global_step, 0
+        self._validating_s, self._val_start = 0.0, None
+
+    def on_validation_start(self, trainer, pl_module):
+        self._val_start = time.monotonic()
+
+    def on_validation_end(self, trainer, pl_module):
+        if self._val_start is None:
+            return
+        now = time.monotonic()
+        self._validating_s += now - self._val_start
+        # the rate (and so the ETA) restarts after a validation: steps/s across it would count its minutes as
+        # training (a line right after an epoch's evaluation once said "ETA 4h11m" for 4m32s)
+        self._last, self._last_step, self._val_start = now, trainer.global_step, None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._queries += batch["query"]["input_ids"].shape[0] * trainer.world_size
         now = time.monotonic()
         if not self._active(trainer) or now - self._last < self.every_s:
             return
-        from embedder.progress import fmt_time
+        from embedder.progress import fmt_time, peak_rss_gib
 
         step, total = trainer.global_step, trainer.estimated_stepping_batches
         total = int(total) if total is not None and math.isfinite(total) else None
@@ -79,8 +85,9 @@ class LogProgress(Callback):
         eta = fmt_time((total - step) / rate) if rate > 0 and total else "?"
         total_text = f"/{total}" if total else ""
         log.info("train: step %d%s, epoch %d%s, %.1f queries/s, %s elapsed, ETA %s, peak RSS %.2f GiB", step,
-                 total_text, trainer.current_epoch + 1, loss_text, self._queries / (now - self._start),
-                 fmt_time(now - self._start), eta, _peak_rss_gib())
+                 total_text, trainer.current_epoch + 1, loss_text,
+                 self._queries / max(now - self._start - self._validating_s, 1e-9), fmt_time(now - self._start), eta,
+                 peak_rss_gib())
         self._last, self._last_step = now, step
 
     def on_predict_start(self, trainer, pl_module):

@@ -24,6 +24,14 @@ def fmt_size(n: float | None) -> str:
     return f"{int(n)} B"
 
 
+def peak_rss_gib() -> float:
+    """This process's peak resident memory so far (GiB): the one helper behind every "peak RSS" the logs print."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # kB on Linux, bytes on macOS
+    return peak / (1024 ** 3 if sys.platform == "darwin" else 1024 ** 2)
+
+
 def fmt_time(seconds: float) -> str:
     seconds = int(round(seconds))
     h, rest = divmod(seconds, 3600)

@@ -227,6 +227,38 @@ def test_token_budget_encoding_logs_texts_done_with_an_eta(encoder, tmp_path, ca
     assert lines[-1].startswith("encoding: 37/37 texts (100%)")
 
 
+def test_training_progress_leaves_validation_out_of_the_rate(monkeypatch, caplog):
+    """The training line's rate and ETA restart after a validation: 10 steps in 10 s, a 10-minute validation, 10
+    more steps in 10 s give "ETA 1m20s" for the 80 steps left (not hours), and 4 queries/s."""
+    from types import SimpleNamespace
+
+    from embedder import callbacks
+
+    clock = [0.0]
+    monkeypatch.setattr(callbacks.time, "monotonic", lambda: clock[0])
+    trainer = SimpleNamespace(global_step=0, estimated_stepping_batches=100, world_size=1, is_global_zero=True,
+                              current_epoch=0)
+    cb = callbacks.LogProgress(every_s=10, always=True)
+    batch = {"query": {"input_ids": torch.zeros(4, 3)}}
+    cb.on_train_start(trainer, None)
+
+    def steps(n: int) -> None:
+        for _ in range(n):
+            clock[0] += 1.0
+            trainer.global_step += 1
+            cb.on_train_batch_end(trainer, None, {"loss": torch.tensor(0.5)}, batch, trainer.global_step)
+
+    with caplog.at_level(logging.INFO, logger="embedder"):
+        steps(10)
+        cb.on_validation_start(trainer, None)
+        clock[0] += 600.0
+        cb.on_validation_end(trainer, None)
+        steps(10)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("train: ")]
+    assert len(lines) == 2 and "ETA 1m30s" in lines[0]
+    assert "step 20/100" in lines[1] and "ETA 1m20s" in lines[1] and "4.0 queries/s" in lines[1], lines[1]
+
+
 def test_pad_batch_equals_the_tokenizers_own_padding(tiny_bert):
     """The array-built batches equal `tokenizer(..., padding=True)` for the same rows, on either padding side."""
     from transformers import AutoTokenizer

@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from embedder.data.corpus import prefixed
+from embedder.progress import peak_rss_gib
 from embedder.retrieval.base import Retriever
 from embedder.retrieval.encode import EncodeJob, encode_to_stores, encoder_identity
 from embedder.retrieval.encode.predict import encode_in_lockstep
@@ -248,12 +249,8 @@ def sharded_search(encoder: Any, corpus_texts: Sequence[str], queries: Sequence[
         ids = np.full((len(q_emb), hits), -1, np.int64)
     scores, ids = merge_topk(all_gather((scores, ids)), hits, metric)  # (Q, hits)
     log.info("eval %s rank %d/%d: encoded %d shard(s) in %.1f s, indexed %d rows in %.1f s, searched %d queries in "
-             "%.1f s, peak RSS %d MB", name, rank, world, len(units_per_rank[rank]), t_encode, n_rows, t_index,
-             len(q_emb), time.monotonic() - t0 - t_index, _peak_rss_mb())
+             "%.1f s, peak RSS %.0f MB", name, rank, world, len(units_per_rank[rank]), t_encode, n_rows, t_index,
+             len(q_emb), time.monotonic() - t0 - t_index, peak_rss_gib() * 1024)
     return scores, ids
 
 
-def _peak_rss_mb() -> int:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024  # KiB on Linux
