@@ -64,6 +64,31 @@ def test_second_run_reuses_corpus_embeddings_and_index(tmp_path, tiny_bert, capl
     assert second["toy/mrr@1"] == first["toy/mrr@1"]
 
 
+def test_truncate_dims_report_each_size_from_one_encoding(tmp_path):
+    """truncate_dims=[384,64,16] (a Matryoshka model's sizes) with the real MiniLM (the random tiny BERT embeds
+    every text alike, so its rankings are ties): each size scored from the one stored encoding (one corpus store),
+    equal to a separate run whose encoder truncates (model.truncate_dim, sentence-transformers' truncate_dim); the
+    full size equals the plain result, and 16 dimensions rank differently."""
+    from embedder.bundled import minilm_path
+
+    minilm = [minilm_path(), "model.pooling=mean"]
+    metrics = run_evaluate(eval_cfg(tmp_path / "a", minilm[0], [minilm[1], "truncate_dims=[384,64,16]"]))
+    assert {k.split("/")[1] for k in metrics if k.count("/") == 2} == {"dim384", "dim64", "dim16"}
+    stores = [d for d in os.listdir(tmp_path / "a" / "out" / "encode") if d.startswith("corpus-")]
+    assert len(stores) == 1
+    keys = ("mrr@10", "ndcg@10", "recall@5", "map@10")
+    assert all(metrics[f"toy/dim384/{k}"] == pytest.approx(metrics[f"toy/{k}"], abs=1e-9) for k in keys)
+    alone = run_evaluate(eval_cfg(tmp_path / "b", minilm[0], [minilm[1], "model.truncate_dim=16"]))
+    for k, v in alone.items():
+        assert metrics[k.replace("toy/", "toy/dim16/")] == pytest.approx(v, abs=1e-6), k
+    preds = {}
+    for run in ("a", "b"):
+        preds[run] = [json.loads(x)["pred"] for x in open(tmp_path / run / "out" / "toy.result.json")]
+    assert preds["a"] != preds["b"]  # 16 dimensions rank the corpus differently from 384
+    saved = json.load(open(f"{tmp_path}/a/out/metrics.json"))
+    assert list(saved)[:4] == ["toy", "toy/dim384", "toy/dim64", "toy/dim16"]
+
+
 def test_a_saved_training_output_evaluates_like_the_in_memory_model(tmp_path, tiny_bert):
     encoder = DualEncoder(tiny_bert, pooling="mean", normalize=False)  # differs from the model config on purpose
     encoder.save(str(tmp_path / "trained"))

@@ -137,11 +137,26 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
             metrics, preds = evaluator.evaluate()
             scores = None
         else:
-            out = _retrieve(spec, evaluator, corpus_ids, cfg, q_inst, k_inst, encoder, trainer)
-            if out is None:  # a non-zero rank of a ddp run
+            dims, by_dim = [None] + [int(d) for d in (cfg.get("truncate_dims") or [])], {}
+            if len(dims) > 1 and getattr(cfg.retriever, "_target_", "").split(".")[-1] != "dense_retriever":
+                raise ValueError("truncate_dims applies to dense retrieval (retriever=dense)")
+            for dim in dims:  # full size, then each Matryoshka prefix of the same stored embeddings
+                out = _retrieve(spec, evaluator, corpus_ids, cfg, q_inst, k_inst, encoder, trainer, dim)
+                if out is None:  # a non-zero rank of a ddp run
+                    break
+                preds, scores = out
+                metrics = evaluator.score(preds)  # graded nDCG where the records carry grades
+                if dim is not None:
+                    by_dim[f"{spec['name']}/dim{dim}"] = metrics
+                    log.info("%s at %d dimensions: %s", spec["name"], dim,
+                             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+                    continue
+                full = (preds, scores, metrics)
+            if out is None:
                 continue
-            preds, scores = out
-            metrics = evaluator.score(preds)  # graded nDCG where the records carry grades
+            preds, scores, metrics = full
+            results[spec["name"]] = metrics
+            results.update(by_dim)
         results[spec["name"]] = metrics
         write_jsonl_atomic(os.path.join(cfg.output_dir, f"{spec['name']}.result.json"), (
             {"query_id": q.qid, "pred": preds.get(q.qid, []),
@@ -170,12 +185,16 @@ def _text_encoder(encoder: Any, q_inst: str, k_inst: str, cfg: DictConfig):
 
 
 def _retrieve(spec: dict[str, Any], evaluator: RetrievalEvaluator, corpus_ids: list[str] | None, cfg: DictConfig,
-              q_inst: str, k_inst: str, encoder: Any, trainer: Any) -> tuple[dict, dict] | None:
-    """Search the corpus for every query (resumable); `({qid: rows}, {qid: scores})`, None on non-zero ranks."""
+              q_inst: str, k_inst: str, encoder: Any, trainer: Any, truncate_dim: int | None = None
+              ) -> tuple[dict, dict] | None:
+    """Search the corpus for every query (resumable); `({qid: rows}, {qid: scores})`, None on non-zero ranks.
+    `truncate_dim`: search with that many leading dimensions of the same stored embeddings (dense retrieval)."""
     hits = int(spec["hits"])
     ignore_same = bool(cfg.get("ignore_identical_ids")) and corpus_ids is not None
     k = hits + 1 if ignore_same else hits
     retriever = build_retriever(cfg, cfg.output_dir, q_inst, k_inst, encoder=encoder, trainer=trainer)
+    if truncate_dim is not None:
+        retriever.truncate_dim = truncate_dim
     query_texts = [q.text for q in evaluator.queries]
     if not retriever.prepare(evaluator.corpus_texts, query_texts):
         return None

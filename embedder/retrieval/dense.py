@@ -88,6 +88,10 @@ class DenseRetriever(Retriever):
         self.token_cache = bool(token_cache)
         self.index: FaissIndex | None = None
         self.q_emb: np.ndarray | None = None
+        # search with the leading d dimensions of the stored (full) embeddings: evaluating a Matryoshka model at
+        # several sizes encodes once (the cos metric normalises the prefixes again, as SentenceTransformer's
+        # truncate_dim does); None = all
+        self.truncate_dim: int | None = None
         self.corpus_store_path: str | None = None
         self.query_store_path: str | None = None
 
@@ -96,6 +100,7 @@ class DenseRetriever(Retriever):
                 "index_factory": self.index_factory, "metric": self.metric, "search_params": self.search_params,
                 "query_instruction": self.query_instruction, "key_instruction": self.key_instruction,
                 "query_max_length": self.query_max_length, "key_max_length": self.key_max_length,
+                **({"truncate_dim": self.truncate_dim} if self.truncate_dim else {}),
                 # the store folders are named by a hash of texts + encoder weights: a retrained model with the
                 # same path gets new search shards, never stale ones
                 "corpus_store": self.corpus_store_path and os.path.basename(self.corpus_store_path),
@@ -140,22 +145,31 @@ class DenseRetriever(Retriever):
         if stores is None:  # a non-zero rank of a ddp run: its shards are written, rank 0 does the rest
             return False
         corpus_store, query_store = stores
-        self.q_emb = query_store.load()  # (Q, D)
+        self.q_emb = self._prefix(query_store.load())  # (Q, d)
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.index_factory)
-        index_path = os.path.join(self.work_dir, "index", f"{safe}-{self.metric}-{corpus_fp[:16]}.faiss")
+        dim = f"-d{self.truncate_dim}" if self.truncate_dim else ""
+        index_path = os.path.join(self.work_dir, "index", f"{safe}-{self.metric}{dim}-{corpus_fp[:16]}.faiss")
         if self.save_index and os.path.isfile(index_path) and os.path.isfile(index_path + ".json"):
             self.index = FaissIndex.load(index_path, use_gpu=self.use_gpu, search_params=self.search_params)
             log.info("reusing the faiss index %s (%d vectors)", index_path, self.index.ntotal)
         else:
             self.index = FaissIndex(self.index_factory, self.metric, use_gpu=self.use_gpu,
                                     search_params=self.search_params)
-            self.index.build(corpus_store.load(mmap=True), train_sample=self.train_sample)  # (N, D)
+            self.index.build(self._prefix(corpus_store.load(mmap=True)), train_sample=self.train_sample)  # (N, d)
             if self.save_index:
                 self.index.save(index_path)
                 log.info("saved the faiss index to %s", index_path)
         if self.index.ntotal != n_corpus:
             raise RuntimeError(f"the index holds {self.index.ntotal} vectors for a corpus of {n_corpus}")
         return True
+
+    def _prefix(self, emb: np.ndarray) -> np.ndarray:
+        """(N, D) -> (N, truncate_dim): the leading dimensions (all without truncate_dim)."""
+        if not self.truncate_dim:
+            return emb
+        if self.truncate_dim > emb.shape[1]:
+            raise ValueError(f"truncate_dims: {self.truncate_dim} is larger than the embeddings ({emb.shape[1]})")
+        return np.ascontiguousarray(emb[:, :self.truncate_dim])
 
     def search(self, rows: range, k: int) -> tuple[np.ndarray, np.ndarray]:
         if self.index is None or self.q_emb is None:
