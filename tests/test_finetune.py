@@ -335,6 +335,42 @@ def test_evaluation_costs_what_it_must_and_the_best_state_is_exported(tmp_path, 
     assert best["val/dev/ndcg@10"] == pytest.approx(max(trained_dev), abs=1e-9)  # the best epoch's dev score
 
 
+def test_dense_mining_and_the_first_evaluation_share_one_corpus_encoding(tmp_path, tiny_bert, monkeypatch):
+    """task=beir with dense negatives: the mining encodes the corpus with the untrained encoder into the cache the
+    training run's "before" evaluation reads, so that evaluation encodes no corpus; only the trained weights' one
+    validation does (1 corpus encoding by the evaluation in all, not 2), with the same "before" metrics as a run
+    whose evaluation encoded the corpus itself."""
+    import embedder.retrieval.dense as dense
+    from embedder.training import run_train
+
+    encoded = []
+    real_encode = dense.encode_in_lockstep
+
+    def count_encode(encoder, jobs, units_per_rank, r, **kw):
+        encoded.extend(jobs[j].name for j, _ in units_per_rank[r])
+        return real_encode(encoder, jobs, units_per_rank, r, **kw)
+
+    monkeypatch.setattr(dense, "encode_in_lockstep", count_encode)
+    folder = write_sample_beir(tmp_path / "beir")
+
+    def run(name: str, retrievers: str) -> dict:
+        monkeypatch.setenv("EMBEDDER_CACHE", str(tmp_path / f"cache-{name}"))  # no earlier test's stores
+        encoded.clear()
+        run_train(compose(quick_overrides(tmp_path / name, tiny_bert, [
+            "task=beir", f"beir.folder={folder}", f"beir.negatives.retrievers={retrievers}", "data.group_size=2",
+            "trainer.max_steps=-1", "trainer.max_epochs=1", "+trainer.limit_train_batches=2", "export=false",
+            "report=false"])))
+        return json.load(open(tmp_path / name / "out" / "metrics.json"))["before"]
+
+    before = run("dense", "[dense]")
+    assert encoded.count("dev corpus") + encoded.count("test corpus") == 1, encoded  # the epoch's validation only
+    assert os.listdir(tmp_path / "cache-dense" / "eval-encode")  # the mined corpus store, reused by "before"
+    reference = run("bm25", "[bm25]")  # mined without the model: "before" encodes the corpus itself
+    assert encoded.count("dev corpus") + encoded.count("test corpus") == 2, encoded
+    assert before.keys() == reference.keys() and before
+    assert all(abs(before[k] - reference[k]) < 1e-6 for k in before), (before, reference)
+
+
 def _metrics_rows_at(out):
     import csv
     import glob

@@ -33,6 +33,13 @@ def cache_root() -> str:
     return os.path.expanduser(os.environ.get("EMBEDDER_CACHE") or os.path.join("~", ".cache", "embedder"))
 
 
+def untrained_stores_dir() -> str:
+    """Where embedding stores of weights that are not being trained are kept across runs: the untrained encoder's
+    evaluation stores, and the corpus store of a recipe's dense mining with that same encoder (one encoding for
+    both)."""
+    return os.path.join(cache_root(), "eval-encode")
+
+
 def file_identity(path: str) -> dict[str, Any]:
     """What identifies a file's content cheaply: its real path, size and modification time (ns)."""
     st = os.stat(path)

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from embedder.data.corpus import open_corpus, prefixed
-from embedder.data.index_cache import cache_root
+from embedder.data.index_cache import cache_root, untrained_stores_dir
 from embedder.data.jsonl import iter_jsonl
 from embedder.data.kinds import Instruction, RecordKind
 from embedder.distributed import is_distributed, rank, world_size
@@ -164,7 +164,7 @@ class EvalSet:
         folder is named by the step.
         """
         if ident is not None and (not self.training_run or ident == self.initial_identity):
-            return os.path.join(cache_root(), "eval-encode"), ident, True
+            return untrained_stores_dir(), ident, True
         base = os.path.join(self.work_dir or os.path.join(cache_root(), "eval-runs"), TRAINED_STORES)
         if ident is not None:
             return os.path.join(base, ident["weights"][:16]), ident, False

@@ -34,6 +34,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from embedder.atomic import read_json, write_json
 from embedder.config import CONFIG_DIR, compose
 from embedder.data.beir import prepare_beir, stat_key
+from embedder.data.index_cache import untrained_stores_dir
 from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
 from embedder.distributed import prepare_once
 from embedder.errors import DataError
@@ -76,6 +77,11 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
         if _step_done(stats_path, key, out_path):
             log.info("beir: negatives from %s already mined (%s); reusing them", name, out_path)
         else:
+            if mine_cfg.retriever.get("uses_model"):  # set after the key: where a store lives changes no result
+                # the corpus store goes where the training run's "before" evaluation looks for the untrained
+                # encoder's stores: the same texts, lengths and weights, so the corpus is encoded once for both
+                with open_dict(mine_cfg):
+                    mine_cfg.retriever.corpus_store_dir = untrained_stores_dir()
             stats = run_mine(mine_cfg)
             write_json(stats_path, {"key": key, **{k: v for k, v in stats.items() if k != "key"}})
         mined.append(out_path)

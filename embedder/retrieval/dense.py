@@ -9,8 +9,9 @@ encode -> index -> search path of the package, with two ways to spread it over r
 
 Folders under `work_dir` (reused by any later run with the same model and texts):
 
-    encode/corpus-<hash>/    EmbeddingStore of the corpus (with the key instruction)
-    encode/queries-<hash>/   EmbeddingStore of the queries (with the query instruction)
+    encode/corpus-<hash>-<shard size>/    EmbeddingStore of the corpus (with the key instruction; `corpus_store_dir`
+                                          puts it elsewhere)
+    encode/queries-<hash>-<shard size>/   EmbeddingStore of the queries (with the query instruction)
     index/<factory>-<metric>-<hash>.faiss (+ .json sidecar)   the faiss index of that corpus store
 """
 
@@ -34,6 +35,12 @@ from embedder.retrieval.encode.store import EmbeddingStore
 from embedder.retrieval.faiss_index import FaissIndex, merge_topk
 
 log = logging.getLogger(__name__)
+
+
+def store_name(what: str, fingerprint: str, shard_size: int) -> str:
+    """The folder name of an embedding store (`corpus`/`queries`, the job's fingerprint, its shard size), one scheme
+    for both paths, so a store written by one is found by the other in the same folder."""
+    return f"{what}-{fingerprint[:16]}-{shard_size}"
 
 
 def lock_path(store_path: str) -> str:
@@ -63,6 +70,9 @@ class DenseRetriever(Retriever):
             32,768 on a GPU, 4,096 on a CPU).
         token_cache: keep the texts' token ids under `$EMBEDDER_CACHE/tokens`, so encoding them again (another
             model, the next mining round) skips tokenising.
+        corpus_store_dir: the folder of the corpus store (default `work_dir/encode`); a recipe that mines with the
+            encoder it is about to train points it at `untrained_stores_dir()`, where the training run's "before"
+            evaluation finds the same store (same texts, lengths and weights) instead of encoding the corpus again.
     """
 
     name = "dense"
@@ -73,8 +83,9 @@ class DenseRetriever(Retriever):
                  metric: str = "auto", use_gpu: bool | str = "auto", search_params: dict | None = None,
                  train_sample: int = 100_000, save_index: bool = True, dtype: str = "auto",
                  search_batch: int = 4096, num_workers: int = 0, batch_tokens: int | str = 0,
-                 token_cache: bool = True):
+                 token_cache: bool = True, corpus_store_dir: str | None = None):
         self.encoder, self.work_dir, self.trainer = encoder, work_dir, trainer
+        self.corpus_store_dir = corpus_store_dir
         self.query_instruction, self.key_instruction = query_instruction or "", key_instruction or ""
         self.query_max_length, self.key_max_length = int(query_max_length), int(key_max_length)
         self.batch_size, self.shard_size = int(batch_size), int(shard_size)
@@ -113,8 +124,10 @@ class DenseRetriever(Retriever):
         query_job = EncodeJob("queries", prefixed(queries, self.query_instruction), "", kind="query",
                               max_length=self.query_max_length, shard_size=self.shard_size, identity=identity)
         corpus_fp = corpus_job.fingerprint()
-        corpus_job.store_path = os.path.join(self.work_dir, "encode", f"corpus-{corpus_fp[:16]}")
-        query_job.store_path = os.path.join(self.work_dir, "encode", f"queries-{query_job.fingerprint()[:16]}")
+        corpus_job.store_path = os.path.join(self.corpus_store_dir or os.path.join(self.work_dir, "encode"),
+                                             store_name("corpus", corpus_fp, self.shard_size))
+        query_job.store_path = os.path.join(self.work_dir, "encode",
+                                            store_name("queries", query_job.fingerprint(), self.shard_size))
         self.corpus_store_path, self.query_store_path = corpus_job.store_path, query_job.store_path
         with self._cache_lock(corpus_job.store_path):
             return self._prepare_locked(corpus_job, query_job, corpus_fp, len(corpus_texts))
@@ -188,7 +201,8 @@ class DenseRetriever(Retriever):
 def dense_retriever(work_dir: str, run_cfg: Any, encoder: Any = None, trainer: Any = None,
                     query_instruction: str = "", key_instruction: str = "", batch_size: int = 128,
                     shard_size: int = 100_000, dtype: str = "auto", search_batch: int = 4096, num_workers: int = 0,
-                    batch_tokens: int | str = 0, token_cache: bool = True) -> DenseRetriever:
+                    batch_tokens: int | str = 0, token_cache: bool = True,
+                    corpus_store_dir: str | None = None) -> DenseRetriever:
     """`retriever=dense`'s factory (configs/retriever/dense.yaml): the encoder (`model`, `model_path`; loaded here
     when not given), a Lightning predict trainer (`trainer`), the faiss `index` settings and the run's lengths."""
     from omegaconf import OmegaConf
@@ -205,7 +219,8 @@ def dense_retriever(work_dir: str, run_cfg: Any, encoder: Any = None, trainer: A
         batch_size=batch_size, shard_size=shard_size, index_factory=icfg.factory, metric=icfg.similarity,
         use_gpu=icfg.use_gpu, search_params=OmegaConf.to_container(icfg.search_params) if icfg.search_params else None,
         train_sample=icfg.train_sample, save_index=icfg.save, dtype=dtype, search_batch=search_batch,
-        num_workers=num_workers, batch_tokens=batch_tokens, token_cache=token_cache)
+        num_workers=num_workers, batch_tokens=batch_tokens, token_cache=token_cache,
+        corpus_store_dir=corpus_store_dir)
 
 
 def sharded_search(encoder: Any, corpus_texts: Sequence[str], queries: Sequence[str], folder: str,
@@ -226,7 +241,7 @@ def sharded_search(encoder: Any, corpus_texts: Sequence[str], queries: Sequence[
                       shard_size=shard_size, identity=identity)]
     for job, what in zip(jobs, ("corpus", "queries")):
         fp = job.fingerprint()  # hashes every text: once
-        job.store_path = os.path.join(folder, f"{what}-{fp[:16]}-{job.shard_size}")
+        job.store_path = os.path.join(folder, store_name(what, fp, job.shard_size))
         EmbeddingStore.create(job.store_path, len(job.texts), job.shard_size, fp,
                               info={"name": job.name, "kind": job.kind, "max_length": job.max_length})
     pending = [(j, s) for j, job in enumerate(jobs) for s in EmbeddingStore(job.store_path).missing_shards()]
