@@ -274,6 +274,9 @@ def check_values(cfg: DictConfig) -> None:
             raise DataError("export_lora=adapter is for one shared encoder: sentence-transformers cannot load "
                             "adapters inside a query/document Router", field="export_lora",
                             hint="export_lora must be merged with model.tie_encoders=false")
+        if OmegaConf.select(cfg, "model.gguf_file", default=None):
+            raise DataError("export_lora=adapter would name a GGUF base model, which sentence-transformers cannot "
+                            "load", field="export_lora", hint="export_lora must be merged with model.gguf_file set")
         if OmegaConf.select(cfg, "model.bidirectional", default=None) is not None:
             raise DataError("export_lora=adapter loads the base model's own config, which would lose "
                             "model.bidirectional", field="export_lora",

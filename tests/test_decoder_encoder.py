@@ -78,3 +78,25 @@ def test_bidirectional_attention_reaches_back_and_is_exported(tmp_path, tiny_lm)
 def test_bidirectional_is_refused_for_an_encoder(tiny_bert):
     with pytest.raises(ValueError, match="model.bidirectional=True: .* 'bert' model"):
         DualEncoder(tiny_bert, bidirectional=True)
+
+
+@pytest.mark.slow
+def test_the_bundled_smollm2_embeds_packed_like_padded():
+    """model=smollm2: the bundled SmolLM2-135M (4-bit GGUF, de-quantised on load) as a last-token decoder embedder:
+    every text ends with its EOS, the packed forward equals the padded one, and different texts embed apart."""
+    from embedder.bundled import smollm2_path
+    from tests.conftest import compose
+
+    cfg = compose(["model=smollm2"]).model
+    enc = DualEncoder(smollm2_path(), gguf_file=cfg.gguf_file, pooling=cfg.pooling, attention_dropout=None,
+                      unpadded="true").eval()
+    assert enc.query_model.config.model_type == "llama" and enc.dim == 576
+    assert enc.tokenizer("a lake")["input_ids"][-1] == enc.tokenizer.eos_token_id
+    batch = dict(enc.tokenizer(TEXTS, padding=True, return_tensors="pt"))
+    with torch.no_grad():
+        packed = enc.encode(batch, "key")
+        enc.unpadded = "false"
+        padded = enc.encode(batch, "key")
+    assert torch.allclose(packed, padded, atol=1e-4)
+    sims = padded @ padded.T
+    assert float(sims[~torch.eye(len(TEXTS), dtype=torch.bool)].max()) < 0.99

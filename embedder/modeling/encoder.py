@@ -70,7 +70,7 @@ def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None
     kwargs: dict[str, Any] = dict(kw)
     if torch_dtype is not None:
         kwargs["dtype"] = torch_dtype
-    config = AutoConfig.from_pretrained(path)
+    config = AutoConfig.from_pretrained(path, **{k: v for k, v in kw.items() if k == "gguf_file"})
     if bidirectional is not None:
         if config.model_type not in unpadded_forward.SUPPORTED_CAUSAL_MODEL_TYPES:
             raise ValueError(f"model.bidirectional={bidirectional}: {path} is a {config.model_type!r} model; the "
@@ -190,7 +190,7 @@ class DualEncoder(nn.Module):
                  dtype: str | None = None, tokenizer_name_or_path: str | None = None,
                  unpadded: bool | str = "auto", attention_dropout: float | None = None,
                  truncate_dim: int | None = None, lora: dict[str, Any] | None = None, append_eos: bool | str = "auto",
-                 bidirectional: bool | None = None):
+                 bidirectional: bool | None = None, gguf_file: str | None = None):
         super().__init__()
         from transformers import AutoTokenizer
 
@@ -205,17 +205,20 @@ class DualEncoder(nn.Module):
             raise ValueError(f"unpadded={unpadded!r}; valid: auto, true, false")
         self.unpadded = str(unpadded).lower()
         with ModelLoadErrors(self.model_name_or_path):
+            gguf = {"gguf_file": gguf_file} if gguf_file else {}  # a quantised checkpoint, de-quantised on load
             self.query_model = _load_backbone(self.model_name_or_path, attn_implementation, dtype, self.unpadded,
-                                              bidirectional)
+                                              bidirectional, **gguf)
         if tie_encoders:
             self.key_model = self.query_model
         else:
             key_path = str(key_model_name_or_path or model_name_or_path)
             with ModelLoadErrors(key_path, "key_model_name_or_path"):
-                self.key_model = _load_backbone(key_path, attn_implementation, dtype, self.unpadded, bidirectional)
+                self.key_model = _load_backbone(key_path, attn_implementation, dtype, self.unpadded, bidirectional,
+                                                **gguf)
         tok_path = str(tokenizer_name_or_path or model_name_or_path)
         with ModelLoadErrors(tok_path, "tokenizer_name_or_path" if tokenizer_name_or_path else "model_name_or_path"):
-            self.tokenizer = AutoTokenizer.from_pretrained(tok_path)
+            self.tokenizer = AutoTokenizer.from_pretrained(tok_path, **(gguf if tok_path == self.model_name_or_path
+                                                                        else {}))
         if self.tokenizer.pad_token is None:  # decoder LLM tokenizers often have none; batches need one
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if append_eos == "auto":
