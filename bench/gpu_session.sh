@@ -12,7 +12,9 @@
 #      MS MARCO-like lengths: embedder (unpadded) vs padded SDPA vs the reference-like eager step;
 #   3. encoding throughput: 30k MS MARCO-like passages, embedder encode_to_stores with the defaults a user gets
 #      vs sentence-transformers; then the host side alone (tokenising vs cached ids vs the forward);
-#   4. LM scoring throughput: 1,000 MS MARCO-like pairs on a random Llama-2-7B shape, packed vs padded vs the
+#   4. a LoRA (r=16) step of a Qwen2.5-0.5B-shape decoder embedder (random weights), B=32, G=8, bf16: packed
+#      (varlen kernel) vs padded SDPA;
+#   5. LM scoring throughput: 1,000 MS MARCO-like pairs on a random Llama-2-7B shape, packed vs padded vs the
 #      reference's batch-4 left-padded full-logits approach.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -48,6 +50,9 @@ step train_bench 240 python3 bench/train_throughput.py --model bert-base --devic
 step encode_bench 150 python3 bench/encode_search.py --model bert-base --device cuda --passages 30000 \
   --lengths msmarco --repeats 2 --skip faiss bm25 --json "$OUT/encode_bench_gpu.json"
 step profile_encode 90 python3 bench/profile_encode.py --model bert-base --device cuda --passages 30000
+step lora_bench 150 python3 bench/train_throughput.py --model qwen-0.5b --lora 16 --sides embedder,sdpa_padded \
+  --device cuda --precision bf16 --batch 32 --group 8 --grad-ckpt --lengths msmarco --warmup 2 --steps 6 \
+  --json "$OUT/lora_bench_gpu.json"
 step score_bench 200 python3 bench/score_throughput.py --lm .gpu/lmtok --random-init --shape llama2-7b --device cuda \
   --lengths msmarco --pairs 1000 --batch-size 128 --max-tokens 32768 --rounds 2 --json "$OUT/score_bench_gpu.json"
 

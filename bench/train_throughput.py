@@ -18,6 +18,8 @@ then `--steps` timed ones (CUDA synchronised), queries/s = timed steps x B / tim
     python bench/train_throughput.py --model bert-base --device cuda --precision bf16 --batch 100 --group 8 \
         --grad-ckpt --json out.json                               # the recipe's shape (random bert-base weights)
     python bench/train_throughput.py --sides embedder,gradcache --batch 64 --mini-batch 16   # GradCache's memory
+    python bench/train_throughput.py --model qwen-0.5b --lora 16 --sides embedder,sdpa_padded --device cuda \
+        --precision bf16 --batch 32 --group 8 --grad-ckpt     # a LoRA step of a 0.5B decoder, packed vs padded
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def model_folder(name: str) -> str:
 
     if name == "minilm":
         return minilm_path()
+    if name == "qwen-0.5b":
+        return _qwen_folder()
     if name != "bert-base":
         return name
     out = os.path.join(tempfile.gettempdir(), "embedder-bench-bert-base")
@@ -61,6 +65,32 @@ def model_folder(name: str) -> str:
         AutoTokenizer.from_pretrained(os.environ.get("EMBEDDER_BENCH_TOKENIZER") or minilm_path()).save_pretrained(tmp)
         os.replace(tmp, out)
     return out
+
+
+def _qwen_folder() -> str:
+    """A Qwen2.5-0.5B-shape decoder (24 layers, hidden 896, 14 query / 2 key-value heads, random weights) with the
+    bert-base WordPiece vocabulary (no download; throughput only: the embedding table is 30k rows, not 152k)."""
+    from embedder.bundled import minilm_path
+
+    out = os.path.join(tempfile.gettempdir(), "embedder-bench-qwen-0.5b")
+    if not os.path.isfile(os.path.join(out, "config.json")):
+        import torch
+        from transformers import AutoTokenizer, Qwen2Config, Qwen2Model
+
+        tok = AutoTokenizer.from_pretrained(os.environ.get("EMBEDDER_BENCH_TOKENIZER") or minilm_path())
+        torch.manual_seed(0)
+        tmp = out + f".tmp-{os.getpid()}"
+        Qwen2Model(Qwen2Config(vocab_size=len(tok), hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                               num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                               rope_theta=1e6, tie_word_embeddings=True)).save_pretrained(tmp)
+        # in a folder of its own: beside a qwen2 config.json, AutoTokenizer would load it as Qwen2's tokenizer
+        tok.save_pretrained(os.path.join(tmp, "wordpiece"))
+        os.replace(tmp, out)
+    return out
+
+
+def tokenizer_folder(path: str) -> str:
+    return os.path.join(path, "wordpiece") if os.path.isdir(os.path.join(path, "wordpiece")) else path
 
 
 def make_items(args: dict, tokenizer) -> list[dict]:
@@ -112,13 +142,20 @@ def run_lightning(args: dict, unpadded: str, items: list[dict], path: str, devic
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
+    from transformers import AutoConfig
 
     from embedder.data.collator import RetrievalCollator
     from embedder.lit_module import RetrieverModule
     from embedder.modeling import DualEncoder
     from embedder.record_kinds import build_record_kinds
 
-    enc = DualEncoder(path, pooling="cls", gradient_checkpointing=args["grad_ckpt"], unpadded=unpadded)
+    decoder = AutoConfig.from_pretrained(path).model_type in ("llama", "mistral", "qwen2", "qwen3")
+    lora = {"r": args["lora"], "alpha": 2 * args["lora"], "dropout": 0.0,
+            "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"] if decoder else ["query", "key", "value"]
+            } if args.get("lora") else None
+    # a decoder pools its last token (the WordPiece vocabulary has no EOS to append: [SEP] ends every text)
+    enc = DualEncoder(path, pooling="last_token" if decoder else "cls", gradient_checkpointing=args["grad_ckpt"],
+                      unpadded=unpadded, lora=lora, append_eos=False, tokenizer_name_or_path=tokenizer_folder(path))
     tasks = build_record_kinds({"qa": {"losses": [  # contrastive + stable distillation, both weighted
         {"_target_": "embedder.losses.InfoNCELoss", "weight": 0.2},
         {"_target_": "embedder.losses.StableDistillLoss", "weight": 1.0}]}}, group_size=args["group"])
@@ -202,7 +239,7 @@ def worker(side: str, args: dict, queue) -> None:
     torch.manual_seed(0)
     device = torch.device(args["device"])
     path = model_folder(args["model"])
-    items = make_items(args, AutoTokenizer.from_pretrained(path))
+    items = make_items(args, AutoTokenizer.from_pretrained(tokenizer_folder(path)))
     if side == "reference":
         out = run_reference(args, items, path, device)
     else:
@@ -234,7 +271,8 @@ def side_result(side: str, proc, q) -> dict:
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="minilm", help="`minilm` (bundled), `bert-base` (random weights) or a folder")
+    p.add_argument("--model", default="minilm", help="`minilm` (bundled), `bert-base` or `qwen-0.5b` (random weights, "
+                   "those shapes) or a folder")
     p.add_argument("--device", default="cpu")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--batch", type=int, default=16, help="queries per step")
@@ -248,6 +286,7 @@ def main(argv=None) -> dict:
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--sides", default=",".join(SIDES), help="any of reference, sdpa_padded, embedder, gradcache")
     p.add_argument("--mini-batch", type=int, default=16, help="queries per forward pass of the gradcache side")
+    p.add_argument("--lora", type=int, default=0, help="LoRA rank on the attention projections (0: full fine-tune)")
     p.add_argument("--json", help="also write the results to this file")
     args = vars(p.parse_args(argv))
     ctx = mp.get_context("spawn")

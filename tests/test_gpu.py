@@ -74,6 +74,51 @@ def test_deepspeed_stages(stage, tmp_path, tiny_bert):
         assert torch.equal(exported[k].to(torch.bfloat16), trained[k].to(torch.bfloat16)), k
 
 
+@needs_deepspeed
+def test_lora_under_deepspeed_stage_2(tmp_path, tiny_bert):
+    """LoRA with ZeRO-2 (bf16): the adapters train, the export is a plain model (adapters merged) that differs from
+    the base in the adapted projections only."""
+    from safetensors.torch import load_file
+
+    out = _fit(tmp_path, tiny_bert, ["trainer=deepspeed_stage_2", "trainer.devices=1", "trainer.precision=bf16-mixed",
+                                     "model.lora={r:4,alpha:8,dropout:0.0,target_modules:[query,value]}",
+                                     "optimizer.lr=1e-2"])
+    exported, base = load_file(str(out / "model.safetensors")), load_file(f"{tiny_bert}/model.safetensors")
+    q = next(k for k in exported if k.endswith("attention.self.query.weight"))
+    kk = next(k for k in exported if k.endswith("attention.self.key.weight"))
+    assert not torch.equal(exported[q].float(), base[q].float()) and torch.equal(exported[kk].float(), base[kk].float())
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_decoder_varlen_kernel_matches_padded_sdpa_in_bf16(tmp_path, bidirectional):
+    """A Llama-style decoder (head dim 64, grouped-query attention) packed through the CUDA varlen kernel against
+    padded SDPA under bf16 autocast, causal and bidirectional, last-token pooling."""
+    from transformers import LlamaConfig, LlamaModel
+
+    from embedder.modeling import DualEncoder, unpadded
+    from embedder.scoring.tiny_lm import build_tiny_tokenizer
+
+    torch.manual_seed(0)
+    path = str(tmp_path / "llama-h256")
+    tok = build_tiny_tokenizer()
+    LlamaModel(LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, bos_token_id=tok.bos_token_id,
+                           eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)).save_pretrained(path)
+    tok.save_pretrained(path)
+    assert unpadded.kernel_available("cuda")
+    encoders = {name: DualEncoder(path, pooling="last_token", unpadded=mode, bidirectional=bidirectional).cuda().eval()
+                for name, mode in (("padded", "false"), ("packed", "auto"))}
+    texts = ["a", "dense retrieval for language models " * 6, "x y", "the quick brown fox " * 20]
+    batch = {k: v.cuda() for k, v in encoders["padded"].tokenizer(texts, padding=True, return_tensors="pt").items()}
+    out = {}
+    for name, enc in encoders.items():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            assert enc._run_packed(enc.key_model, torch.device("cuda")) == (name == "packed")
+            out[name] = enc.encode(dict(batch), "key").float()
+    cos = torch.nn.functional.cosine_similarity(out["packed"], out["padded"], dim=-1)
+    assert cos.min() > 0.999, cos
+
+
 def test_gpu_encoding_matches_cpu(tiny_bert):
     from embedder.modeling import DualEncoder
 
