@@ -26,6 +26,9 @@ Sides:
 Both plain sides and the recipe see the same (query, positive) examples per epoch: one per train query, the
 positive drawn at random every epoch (the recipe's `select_positive: random`; for plain, one row per query and epoch).
 
+Results of earlier sessions are kept in `bench/results/beir-protocol.json` (the machine's /tmp does not survive a
+session): copy it to `<out>/results.json` to add rows to it, and copy it back when done.
+
 Every job is a child process, timed with `os.wait4` (wall, CPU = user + system, peak RSS), each with its own empty
 `$EMBEDDER_CACHE`, so no side reuses another's (or an earlier run's) encodings. Results go to `<out>/results.json`
 (a rerun skips what is there); `--table` prints per dataset: mean and spread (sample std over seeds) of test
@@ -57,6 +60,8 @@ VARIANTS = {  # name -> overrides of task=beir
     "merge30": ["merge_base_weight=0.3"],                              # LM-Cocktail: 0.7 x trained + 0.3 x base
     "dense": ["beir.negatives.retrievers=[dense]"],                    # the base model's own negatives, as plain mines
     "group4": ["data.group_size=4"],                                   # 3 hard negatives per query, as plain uses
+    "dense4": ["beir.negatives.retrievers=[dense]", "data.group_size=4"],  # both: the plain side's negatives
+    "mrl": ["loss.matryoshka_dims=[384,256,128,64]"],                  # Matryoshka (issue 25): use --dims 256 128 64
 }
 PLAIN_SIDES = ("plain", "plain-inbatch")
 DEV_FRACTION, TEST_FRACTION = 0.1, 0.2
@@ -114,18 +119,21 @@ def run_child(cmd: list[str], log_path: str, cache: str | None = None) -> dict[s
             "peak_rss_gib": round(usage.ru_maxrss / 1024 ** 2, 2)}  # ru_maxrss: KiB
 
 
-def test_ndcg(model_dir: str, paths: dict[str, str], out_dir: str) -> float:
+def test_ndcg(model_dir: str, paths: dict[str, str], out_dir: str, dims: list[int] | None = None
+              ) -> tuple[float, dict[str, float]]:
     """nDCG@10 on test.json with embedder's evaluator (the same for every side; graded where the qrels are), at the
-    lengths every side trains with (256/256, stated explicitly)."""
-    out_dir += "-256"
+    lengths every side trains with (256/256, stated explicitly); with `dims`, also at each leading size
+    (`truncate_dims`: one encoding)."""
+    out_dir += "-256" + ("-dims" + "-".join(map(str, dims)) if dims else "")
     cmd = [sys.executable, "-m", "embedder.evaluate", "model=minilm", f"model_path={model_dir}",
            f"eval_data={paths['test']}", f"corpus={paths['corpus']}", "eval_name=test", "metrics=[ndcg]",
            "cutoffs=[10]", f"output_dir={out_dir}", "trainer=cpu", "version=none", "query_max_length=256",
-           "key_max_length=256"]
+           "key_max_length=256", *([f"truncate_dims=[{','.join(map(str, dims))}]"] if dims else [])]
     if not os.path.isfile(os.path.join(out_dir, "metrics.json")):  # reused when a rerun finds it
         run_child(cmd, out_dir + ".log", cache=os.path.join(os.path.dirname(out_dir), "score-cache"))
     with open(os.path.join(out_dir, "metrics.json")) as f:
-        return json.load(f)["test"]["ndcg@10"]
+        metrics = json.load(f)
+    return metrics["test"]["ndcg@10"], {str(d): metrics[f"test/dim{d}"]["ndcg@10"] for d in dims or []}
 
 
 def _jsonl(path: str) -> list[dict]:
@@ -238,6 +246,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--table", action="store_true", help="print the table of results.json and stop")
+    parser.add_argument("--dims", nargs="*", type=int, help="also score test nDCG@10 at these leading sizes (a "
+                        "Matryoshka comparison: e.g. --dims 256 128 64 with --only recipe mrl)")
     parser.add_argument("--rescore", action="store_true", help="score finished runs again with test_ndcg (--only: "
                         "those sides)")
     parser.add_argument("--child-plain", help=argparse.SUPPRESS)  # internal: a plain side's own process
@@ -263,7 +273,9 @@ def main() -> None:
                     from embedder.bundled import minilm_path
 
                     model_dir = minilm_path() if name == "base" else os.path.join(work, name)
-                    r["ndcg@10"] = test_ndcg(model_dir, paths, os.path.join(work, name) + "-test")
+                    r["ndcg@10"], by_dim = test_ndcg(model_dir, paths, os.path.join(work, name) + "-test", args.dims)
+                    if by_dim:
+                        r["ndcg@10_by_dim"] = by_dim
                     print(ds, seed, name, r["ndcg@10"], flush=True)
                     _save(results, args.out, results_path)
         print(table(results))
@@ -306,8 +318,9 @@ def main() -> None:
                            *overrides]
                     cost = run_child(cmd, run + ".log", cache=os.path.join(work, f"cache-{name}"))
                     model_dir = run
-                score = test_ndcg(model_dir, paths, run + "-test")
-                done[name] = {"overrides": overrides, **cost, "ndcg@10": score}
+                score, by_dim = test_ndcg(model_dir, paths, run + "-test", args.dims)
+                done[name] = {"overrides": overrides, **cost, "ndcg@10": score,
+                              **({"ndcg@10_by_dim": by_dim} if by_dim else {})}
                 print(ds, seed, name, done[name], flush=True)
                 _save(results, args.out, results_path)
     print(table(results))
