@@ -237,6 +237,7 @@ VALUE_RULES: dict[str, tuple] = {  # key -> (check, what is allowed)
     "seed": (_int(0), "an integer >= 0"),
     "hits": (_int(1), "an integer >= 1 (documents retrieved per query)"),
     "max_neg_num": (_int(0), "an integer >= 0"),
+    "relative_margin": (_optional(_num(0, 1, hi_open=True)), "null, or a number from 0 to below 1"),
     "retriever.batch_size": (_int(1), "an integer >= 1 (texts per forward pass)"),
     "beir.dev_fraction": (_num(0, 1, lo_open=True, hi_open=True), "a number between 0 and 1 (exclusive)"),
     "beir.negatives.hits": (_int(1), "an integer >= 1"),

@@ -161,6 +161,24 @@ def test_one_command_from_a_beir_folder_to_an_evaluated_model(tmp_path, tiny_ber
     assert {p: os.path.getmtime(p) for p in kept} == stamps  # reused, not rewritten
 
 
+def test_mining_without_the_margin_filter(tmp_path):
+    """beir.negatives.relative_margin=null (no false-negative filter) reaches mining as null, not as the string
+    "None" (which stopped the run with a TypeError), and keeps more candidates than the default 0.05."""
+    from embedder.config import compose as compose_config
+    from embedder.recipes.beir import mine_negatives
+
+    folder = write_sample_beir(tmp_path / "beir")
+    prepared = prepare_beir(folder, str(tmp_path / "prepared"))
+    kept = {}
+    for margin in ("null", "0.05"):
+        cfg = compose_config("train", ["task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[bm25]",
+                                       f"beir.negatives.relative_margin={margin}", "beir.negatives.max_neg_num=100",
+                                       f"output_dir={tmp_path}/out-{margin}"])
+        mined = mine_negatives(cfg, prepared, str(tmp_path / f"mine-{margin}"))
+        kept[margin] = sum(len(json.loads(line)["neg"]) for line in open(mined))
+    assert kept["null"] > kept["0.05"] > 0
+
+
 def test_a_teacher_scores_the_candidates_and_training_distils_them(tmp_path, tiny_bert, caplog, monkeypatch):
     """beir.teacher.lm: the mined candidates get the LM's query likelihoods (positives first, cut to max_candidates),
     the beir kind's distillation weight is set, a rerun reuses the scores and new teacher settings rescore. Rank 0

@@ -62,7 +62,8 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
                      f"corpus={prepared['paths']['corpus']}", f"output_dir={folder}", "save_to_output=true",
                      f"save_name={name}", f"hits={int(neg.hits)}",
                      f"rank_range=[{int(neg.rank_range[0])},{int(neg.rank_range[1])}]",
-                     f"max_neg_num={int(neg.max_neg_num)}", f"relative_margin={neg.relative_margin}",
+                     f"max_neg_num={int(neg.max_neg_num)}",
+                     f"relative_margin={'null' if neg.relative_margin is None else float(neg.relative_margin)}",
                      f"query_max_length={int(cfg.query_max_length)}",
                      f"key_max_length={int(cfg.key_max_length)}", "version=none"]
         mine_cfg = compose("mine", overrides)
