@@ -61,6 +61,9 @@ VARIANTS = {  # name -> overrides of task=beir
     "dense": ["beir.negatives.retrievers=[dense]"],                    # the base model's own negatives, as plain mines
     "group4": ["data.group_size=4"],                                   # 3 hard negatives per query, as plain uses
     "dense4": ["beir.negatives.retrievers=[dense]", "data.group_size=4"],  # both: the plain side's negatives
+    "plainneg": ["beir.negatives.retrievers=[dense]", "data.group_size=4",  # plain's very negatives: ranks 10-12
+                 "beir.negatives.relative_margin=null", "beir.negatives.rank_range=[10,60]",  # of the base model's
+                 "beir.negatives.max_neg_num=3"],                      # list, unfiltered, the same 3 every epoch
     "mrl": ["loss.matryoshka_dims=[384,256,128,64]"],                  # Matryoshka (issue 25): use --dims 256 128 64
 }
 PLAIN_SIDES = ("plain", "plain-inbatch")
