@@ -140,11 +140,13 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
             dims, by_dim = [None] + [int(d) for d in (cfg.get("truncate_dims") or [])], {}
             if len(dims) > 1 and getattr(cfg.retriever, "_target_", "").split(".")[-1] != "dense_retriever":
                 raise ValueError("truncate_dims applies to dense retrieval (retriever=dense)")
-            for dim in dims:  # full size, then each Matryoshka prefix of the same stored embeddings
-                out = _retrieve(spec, evaluator, corpus_ids, cfg, q_inst, k_inst, encoder, trainer, dim)
-                if out is None:  # a non-zero rank of a ddp run
-                    break
-                preds, scores = out
+            retriever = build_retriever(cfg, cfg.output_dir, q_inst, k_inst, encoder=encoder, trainer=trainer)
+            if not retriever.prepare(evaluator.corpus_texts, [q.text for q in evaluator.queries]):
+                continue  # a non-zero rank of a ddp run: its shards are encoded, rank 0 searches
+            for dim in dims:  # full size, then each Matryoshka prefix of the same stored embeddings (one encoding)
+                if dim is not None:
+                    retriever.set_truncate_dim(dim)
+                preds, scores = _search(spec, evaluator, corpus_ids, cfg, retriever)
                 metrics = evaluator.score(preds)  # graded nDCG where the records carry grades
                 if dim is not None:
                     by_dim[f"{spec['name']}/dim{dim}"] = metrics
@@ -152,8 +154,6 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
                              ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
                     continue
                 full = (preds, scores, metrics)
-            if out is None:
-                continue
             preds, scores, metrics = full
             results[spec["name"]] = metrics
             results.update(by_dim)
@@ -184,20 +184,14 @@ def _text_encoder(encoder: Any, q_inst: str, k_inst: str, cfg: DictConfig):
     return encode
 
 
-def _retrieve(spec: dict[str, Any], evaluator: RetrievalEvaluator, corpus_ids: list[str] | None, cfg: DictConfig,
-              q_inst: str, k_inst: str, encoder: Any, trainer: Any, truncate_dim: int | None = None
-              ) -> tuple[dict, dict] | None:
-    """Search the corpus for every query (resumable); `({qid: rows}, {qid: scores})`, None on non-zero ranks.
-    `truncate_dim`: search with that many leading dimensions of the same stored embeddings (dense retrieval)."""
+def _search(spec: dict[str, Any], evaluator: RetrievalEvaluator, corpus_ids: list[str] | None, cfg: DictConfig,
+            retriever: Any) -> tuple[dict, dict]:
+    """Search the corpus for every query with a prepared retriever (resumable: the search shards are kept under
+    output_dir/search, named by the retriever's settings and the texts); `({qid: rows}, {qid: scores})`."""
     hits = int(spec["hits"])
     ignore_same = bool(cfg.get("ignore_identical_ids")) and corpus_ids is not None
     k = hits + 1 if ignore_same else hits
-    retriever = build_retriever(cfg, cfg.output_dir, q_inst, k_inst, encoder=encoder, trainer=trainer)
-    if truncate_dim is not None:
-        retriever.truncate_dim = truncate_dim
     query_texts = [q.text for q in evaluator.queries]
-    if not retriever.prepare(evaluator.corpus_texts, query_texts):
-        return None
     key = fingerprint(retriever.describe(), texts_fingerprint(evaluator.corpus_texts), texts_fingerprint(query_texts), k)
     scores, ids = search_in_shards(retriever, len(query_texts), k, os.path.join(cfg.output_dir, "search", key),
                                    shard_size=int(cfg.query_shard_size))

@@ -101,8 +101,17 @@ def _keep_adapter_only(folder: str, staged: str) -> None:
     (merged) weights and the model config; the tokenizer and sentence-transformers' files stay."""
     import shutil
 
-    for name in os.listdir(folder):
-        if name == "config.json" or name.startswith("model") and name.endswith((".safetensors", ".bin", ".json")):
+    from transformers.utils import CONFIG_NAME, SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+
+    # exactly what `save_pretrained(..., safe_serialization=True)` wrote: the config, one weights file or the shards
+    # its index names, and the index
+    index = os.path.join(folder, SAFE_WEIGHTS_INDEX_NAME)
+    written = {CONFIG_NAME, SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME}
+    if os.path.isfile(index):
+        with open(index) as f:
+            written.update(json.load(f)["weight_map"].values())
+    for name in written:
+        if os.path.isfile(os.path.join(folder, name)):
             os.remove(os.path.join(folder, name))
     for name in os.listdir(staged):
         shutil.move(os.path.join(staged, name), os.path.join(folder, name))
@@ -362,14 +371,14 @@ class DualEncoder(nn.Module):
         if lora_export == "adapter" and not self.tie_encoders:  # config_check says so before training
             raise ValueError("export_lora=adapter needs tied encoders (sentence-transformers cannot load adapters "
                              "inside its query/document Router)")
-        self._lora_export = lora_export  # read by _st_modules
         os.makedirs(out_dir, exist_ok=True)
         meta = {"pooling": self.pooling, "normalize": self.normalize, "dense": self.dense is not None,
                 "tie_encoders": self.tie_encoders, "max_seq_length": max_seq_length, "prompts": prompts or {},
                 **({"matryoshka_dims": [int(d) for d in matryoshka_dims]} if matryoshka_dims else {})}
         st_kw = {"device": "cpu", "prompts": prompts or {}, "similarity_fn_name": "cosine" if self.normalize else "dot"}
         if self.tie_encoders:
-            SentenceTransformer(modules=self._st_modules(self.query_model, out_dir, max_seq_length), **st_kw).save(out_dir)
+            SentenceTransformer(modules=self._st_modules(self.query_model, out_dir, max_seq_length, lora_export),
+                                **st_kw).save(out_dir)
             self._save_dense(out_dir)
             if lora_export == "adapter":
                 _keep_adapter_only(out_dir, os.path.join(out_dir, ADAPTER_STAGE))
@@ -394,14 +403,15 @@ class DualEncoder(nn.Module):
         if self.dense is not None:  # our own reload reads it back from the query encoder's folder
             torch.save(self.dense.state_dict(), os.path.join(folder, "dense_pooler.bin"))
 
-    def _st_modules(self, model, folder: str, max_seq_length: int) -> list:
+    def _st_modules(self, model, folder: str, max_seq_length: int, lora_export: str = "merged") -> list:
         """sentence-transformers modules for one encoder (saved as an HF folder at `folder` first): Transformer,
-        Pooling, the dense layer, Normalize. Its classes keep the format right across its versions instead of
+        Pooling, the dense layer, Normalize; with LoRA and `lora_export="adapter"`, the adapters are also staged in
+        `folder/ADAPTER_STAGE` for `save`. Its classes keep the format right across its versions instead of
         hand-writing modules.json and friends."""
         from sentence_transformers import models
 
         wrapper = next((w for w in self._peft if w.get_base_model() is model), None)
-        if wrapper is not None and getattr(self, "_lora_export", "merged") == "adapter":
+        if wrapper is not None and lora_export == "adapter":
             # kept aside: `save` puts them in place of the full weights once sentence-transformers has written its
             # files (its own save of a peft model goes through transformers' adapter support, which needs peft >=
             # 0.22, newer than some installs have)

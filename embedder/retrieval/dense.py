@@ -105,6 +105,8 @@ class DenseRetriever(Retriever):
         self.truncate_dim: int | None = None
         self.corpus_store_path: str | None = None
         self.query_store_path: str | None = None
+        self._stores: tuple[Any, Any] | None = None  # (corpus, queries) embedding stores, set by prepare
+        self._corpus_fp = ""
 
     def describe(self) -> dict[str, Any]:
         return {"retriever": self.name, "model": getattr(self.encoder, "model_name_or_path", None),
@@ -157,7 +159,22 @@ class DenseRetriever(Retriever):
                                   token_cache=self.token_cache)
         if stores is None:  # a non-zero rank of a ddp run: its shards are written, rank 0 does the rest
             return False
-        corpus_store, query_store = stores
+        self._stores = stores
+        self._build_index(corpus_fp, n_corpus)
+        return True
+
+    def set_truncate_dim(self, dim: int | None) -> None:
+        """Search with the leading `dim` dimensions (None: all) of the embeddings `prepare` stored: the query
+        matrix and the index are rebuilt from the stores (or a saved index), nothing is encoded again."""
+        if self._stores is None:
+            raise RuntimeError("call prepare(corpus_texts, queries) before set_truncate_dim")
+        self.truncate_dim = int(dim) if dim else None
+        n_corpus, self.index = self.index.ntotal, None  # the previous size's index is freed before the next is built
+        self._build_index(self._corpus_fp, n_corpus)
+
+    def _build_index(self, corpus_fp: str, n_corpus: int | None) -> None:
+        corpus_store, query_store = self._stores
+        self._corpus_fp = corpus_fp
         self.q_emb = self._prefix(query_store.load())  # (Q, d)
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", self.index_factory)
         dim = f"-d{self.truncate_dim}" if self.truncate_dim else ""
@@ -172,9 +189,8 @@ class DenseRetriever(Retriever):
             if self.save_index:
                 self.index.save(index_path)
                 log.info("saved the faiss index to %s", index_path)
-        if self.index.ntotal != n_corpus:
+        if n_corpus is not None and self.index.ntotal != n_corpus:
             raise RuntimeError(f"the index holds {self.index.ntotal} vectors for a corpus of {n_corpus}")
-        return True
 
     def _prefix(self, emb: np.ndarray) -> np.ndarray:
         """(N, D) -> (N, truncate_dim): the leading dimensions (all without truncate_dim)."""
