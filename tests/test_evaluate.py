@@ -27,7 +27,7 @@ def eval_cfg(tmp_path, tiny_bert, extra=()):
     return compose([f"data_root={data}", "eval_data=llm-embedder:toy/train.json", "corpus=llm-embedder:toy/corpus.json",
                     "eval_name=toy", f"output_dir={tmp_path}/out", "model=tiny_bert",
                     f"model.model_name_or_path={tiny_bert}", "trainer=cpu", "+trainer.enable_progress_bar=false",
-                    "query_max_length=32", "key_max_length=32", "metrics=[mrr,recall,ndcg,map,nq]", "cutoffs=[1,5,10]",
+                    "query_max_length=128", "key_max_length=128", "metrics=[mrr,recall,ndcg,map,nq]", "cutoffs=[1,5,10]",
                     "hits=10", "instruction_kind=tool", "task=tool", "retriever.batch_size=8", *extra], "eval")
 
 
@@ -39,8 +39,9 @@ def test_standalone_equals_in_training_evaluation(tmp_path, tiny_bert):
     in_training = EvalSet("toy", f"{cfg.data_root}/toy/train.json", f"{cfg.data_root}/toy/corpus.json",
                           Instruction(TOOL_QUERY, TOOL_KEY), data_root=None,
                           metrics=["mrr", "recall", "ndcg", "map", "nq"], cutoffs=[1, 5, 10], hits=10,
-                          query_max_length=32, key_max_length=32, batch_size=8)
+                          query_max_length=128, key_max_length=128, batch_size=8)
     expected = in_training.evaluate(encoder)
+    assert len({tuple(p) for p in in_training.preds.values()}) > 1  # real rankings (the queries' lists differ)
     assert set(metrics) == {f"toy/{k}" for k in expected}
     for k, v in expected.items():
         assert metrics[f"toy/{k}"] == pytest.approx(v, abs=1e-9), k
@@ -96,7 +97,7 @@ def test_a_saved_training_output_evaluates_like_the_in_memory_model(tmp_path, ti
                                                               f"output_dir={tmp_path}/o1", "metrics=[ndcg]"]))
     in_training = EvalSet("toy", f"{tmp_path}/data/toy/train.json", f"{tmp_path}/data/toy/corpus.json",
                           Instruction(TOOL_QUERY, TOOL_KEY), data_root=None, metrics=["ndcg"], cutoffs=[1, 5, 10],
-                          hits=10, query_max_length=32, key_max_length=32, batch_size=8)
+                          hits=10, query_max_length=128, key_max_length=128, batch_size=8)
     expected = in_training.evaluate(encoder)  # ip metric, since normalize=False
     assert from_folder == pytest.approx({f"toy/{k}": v for k, v in expected.items()}, abs=1e-9)
 
@@ -107,7 +108,7 @@ def test_task_eval_sets_with_their_instructions(tmp_path, tiny_bert):
     os.rename(train, data / "tool" / "toolbench" / "test.json")
     cfg = compose([f"data_root={data}", "task=tool", f"output_dir={tmp_path}/out", "model=tiny_bert",
                    f"model.model_name_or_path={tiny_bert}", "trainer=cpu", "+trainer.enable_progress_bar=false",
-                   "query_max_length=32", "key_max_length=32"], "eval")
+                   "query_max_length=128", "key_max_length=128"], "eval")
     metrics = run_evaluate(cfg)
     assert set(metrics) == {f"tool/{m}@{k}" for m in ("mrr", "recall", "ndcg") for k in (1, 3, 5)}  # task=tool's set
     # the instructions came from tasks.tool (version=llm-embedder): the cached query store holds them
@@ -161,7 +162,7 @@ def test_graded_qrels_give_one_ndcg_in_training_and_standalone(tmp_path, tiny_be
     standalone = run_evaluate(cfg)
     in_training = EvalSet("toy", path, f"{cfg.data_root}/toy/corpus.json", Instruction(TOOL_QUERY, TOOL_KEY),
                           data_root=None, metrics=["ndcg", "recall"], cutoffs=[1, 5, 10], hits=10,
-                          query_max_length=32, key_max_length=32, batch_size=8)
+                          query_max_length=128, key_max_length=128, batch_size=8)
     metrics = in_training.evaluate(DualEncoder(tiny_bert, pooling="cls"))
     for k, v in metrics.items():
         assert standalone[f"toy/{k}"] == pytest.approx(v, abs=1e-9), k

@@ -145,6 +145,7 @@ def test_a_fit_with_gradcache_matches_one_without(tmp_path, tiny_bert, trainer):
     averaged by hand, as DDP's reducer would)."""
     import csv
     import json
+    import math
     import shutil
 
     from safetensors.torch import load_file
@@ -162,10 +163,9 @@ def test_a_fit_with_gradcache_matches_one_without(tmp_path, tiny_bert, trainer):
         out = tmp_path / name
         run_train(compose(quick_overrides(out, tiny_bert, [
             "task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "report=false", f"trainer={trainer}",
-            # plain SGD with a large rate (the random tiny model's gradients are ~1e-6): the weights move visibly
-            # (AdamW's first steps are sign-like, which hides gradient differences and turns float noise in
-            # near-zero gradients into visible ones)
-            "optimizer._target_=torch.optim.SGD", "~optimizer.betas", "~optimizer.eps", "optimizer.lr=1e4",
+            # plain SGD with a rate that moves the weights visibly (AdamW's first steps are sign-like, which hides
+            # gradient differences and turns float noise in near-zero gradients into visible ones)
+            "optimizer._target_=torch.optim.SGD", "~optimizer.betas", "~optimizer.eps", "optimizer.lr=10",
             "weight_decay=0", "warmup_ratio=0", "trainer.max_steps=1", *extra])))
         rows = [r for p in (out / "out").rglob("metrics.csv") for r in csv.DictReader(open(p))]
         runs[name] = ([float(r["train/loss"]) for r in rows if r.get("train/loss")],
@@ -173,6 +173,8 @@ def test_a_fit_with_gradcache_matches_one_without(tmp_path, tiny_bert, trainer):
     (loss_a, w_a), (loss_b, w_b) = runs["whole"], runs["cached"]
     assert len(loss_a) == len(loss_b) == 1
     assert all(abs(a - b) < 1e-4 for a, b in zip(loss_a, loss_b))
+    # the texts differ: not the uniform loss over the 2 x 4 in-batch keys (the loss of identical embeddings)
+    assert abs(loss_a[0] - math.log(2 * 4)) > 0.05, loss_a
     base = load_file(str(model / "model.safetensors"))
     moved = max(float((w_a[n] - base[n]).abs().max()) for n in w_a if n in base)
     apart = max(float((w_a[n] - w_b[n]).abs().max()) for n in w_a)

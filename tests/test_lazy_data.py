@@ -213,8 +213,8 @@ def test_evaluating_on_a_parquet_corpus_equals_jsonl(tmp_path, tiny_bert):
     for kind, corpus in (("jsonl", f"{data}/toy/corpus.json"), ("parquet", shards)):
         cfg = compose([f"eval_data={data}/toy/train.json", f"corpus={corpus}", "eval_name=toy",
                        f"output_dir={tmp_path}/{kind}", "model=tiny_bert", f"model.model_name_or_path={tiny_bert}",
-                       "trainer=cpu", "+trainer.enable_progress_bar=false", "query_max_length=32",
-                       "key_max_length=32", "metrics=[mrr,recall,ndcg,nq]", "cutoffs=[1,5,10]", "hits=10",
+                       "trainer=cpu", "+trainer.enable_progress_bar=false", "query_max_length=128",
+                       "key_max_length=128", "metrics=[mrr,recall,ndcg,nq]", "cutoffs=[1,5,10]", "hits=10",
                        "instruction_kind=tool", "task=tool", "retriever.batch_size=8"], "eval")
         results[kind] = (run_evaluate(cfg), read_jsonl(f"{tmp_path}/{kind}/toy.result.json"))
     assert results["jsonl"][0] and results["jsonl"] == results["parquet"]

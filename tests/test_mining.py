@@ -65,8 +65,8 @@ def mine_cfg(tmp_path, extra=(), tiny_bert=None):
     write_toy(data / "qa" / "toy")
     overrides = [f"data_root={data}", "input_data=llm-embedder:qa/toy/train.json",
                  "corpus=llm-embedder:qa/toy/corpus.json", f"output_dir={tmp_path}/out", "trainer=cpu",
-                 "+trainer.enable_progress_bar=false", "query_max_length=32",
-                 "key_max_length=32", "hits=20", "max_neg_num=5"]
+                 "+trainer.enable_progress_bar=false", "query_max_length=128",
+                 "key_max_length=128", "hits=20", "max_neg_num=5"]
     if tiny_bert:
         overrides += ["model=tiny_bert", f"model.model_name_or_path={tiny_bert}", "retriever.batch_size=8"]
     return compose(overrides + list(extra), config_name="mine")

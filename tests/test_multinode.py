@@ -43,7 +43,7 @@ def test_two_node_agents_on_localhost_train_like_one_process(tmp_path, tiny_bert
     model = _no_dropout_tiny_bert(tiny_bert, str(tmp_path / "model"))
     common = ["task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "model=tiny_bert",
               f"model.model_name_or_path={model}", "trainer.max_steps=2", "trainer.max_epochs=-1",
-              "query_max_length=32", "key_max_length=32", "data.group_size=4", "data.num_workers=0",
+              "query_max_length=128", "key_max_length=128", "data.group_size=4", "data.num_workers=0",
               "optimizer._target_=torch.optim.SGD", "~optimizer.betas", "~optimizer.eps", "optimizer.lr=1.0",
               "logger=csv", "report=false", "evaluate_before=false",
               "callbacks.rich_progress_bar=null"]

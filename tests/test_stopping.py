@@ -21,7 +21,7 @@ def test_sigterm_during_the_evaluation_stops_within_seconds_and_a_rerun_finishes
     cmd = [sys.executable, "train.py", "model=tiny_bert", f"model.model_name_or_path={tiny_bert}", "trainer=cpu",
            "trainer.max_steps=2", "trainer.max_epochs=-1", "eval.tool=null", "eval.convsearch=null",
            "+eval.qa.batch_tokens=16", "+eval.qa.batch_size=1",  # one passage per forward: a long evaluation
-           "query_max_length=32", "key_max_length=32", "data.batch_size=2", "logger=csv", "report=false",
+           "query_max_length=128", "key_max_length=128", "data.batch_size=2", "logger=csv", "report=false",
            f"output_dir={tmp_path}/out", f"hydra.run.dir={tmp_path}/hydra", "callbacks.rich_progress_bar=null"]
     env = {**os.environ, "EMBEDDER_CACHE": str(cache), "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -19,7 +19,7 @@ def _run(args, tmp_path):
 
 def _common(tiny_bert, tmp_path):
     return ["model=tiny_bert", f"model.model_name_or_path={tiny_bert}", "trainer=cpu", "trainer.max_steps=2",
-            "data.batch_size=4", "data.group_size=2", "query_max_length=32", "key_max_length=32",
+            "data.batch_size=4", "data.group_size=2", "query_max_length=128", "key_max_length=128",
             "task=sample", "train_data=[llm-embedder:tool/train.json]", "eval.qa=null", "eval.convsearch=null",
             "recipe_metric=val/tool/ndcg@5", "callbacks.rich_progress_bar=null", "export=false"]
 
@@ -30,7 +30,7 @@ def test_readme_sweep_gives_every_job_its_own_folder_and_resumes_each(tiny_bert,
     default output_dir (only made small and offline): four jobs, four folders, each with its own checkpoints and
     metrics; the same sweep again with ckpt_path=last resumes every job from its own folder."""
     small = ["model=tiny_bert", f"model.model_name_or_path={tiny_bert}", "trainer=cpu", "trainer.max_steps=2",
-             "data.batch_size=2", "query_max_length=32", "key_max_length=32", "train_data=[llm-embedder:tool/train.json]",
+             "data.batch_size=2", "query_max_length=128", "key_max_length=128", "train_data=[llm-embedder:tool/train.json]",
              "data_root=${sample_data:}", "eval.tool.eval_data=llm-embedder:tool/test.json",
              "eval.tool.corpus=llm-embedder:tool/corpus.json", "callbacks.rich_progress_bar=null", "export=false",
              "evaluate_before=false"]

@@ -61,9 +61,12 @@ def test_export_is_a_sentence_transformers_model(tmp_path, tiny_bert):
     assert st.prompts["query"] == st.prompts["tool_query"]
     enc = DualEncoder(out, pooling="cls", attn_implementation=None)  # reload the trained weights
     texts = ["find a weather api", "translate text between languages"]
-    ours = enc.encode_texts([st.prompts["query"] + t for t in texts], "query", max_length=32)
+    # the export's length (the training's 128): the instruction plus the text fit, so the texts embed apart
+    assert st.max_seq_length == 128 > len(st.prompts["query"]) + max(map(len, texts)) + 2
+    ours = enc.encode_texts([st.prompts["query"] + t for t in texts], "query", max_length=st.max_seq_length)
     theirs = st.encode(texts, prompt_name="query", convert_to_tensor=True, normalize_embeddings=False)
     assert torch.allclose(ours, theirs.cpu(), atol=1e-5)
+    assert float(ours[0] @ ours[1]) < 0.99 * float(ours[0].norm() * ours[1].norm())
     meta = json.load(open(os.path.join(out, "embedder_config.json")))
     assert meta["pooling"] == "cls" and meta["normalize"]
 
@@ -85,7 +88,7 @@ def test_untied_encoders_export_both(tmp_path, tiny_bert):
                         "attn_implementation": None}, model_path=out)
     assert not enc.tie_encoders and enc.dense is not None
     text = [st.prompts.get("query", "") + "hello"]
-    ours = enc.encode_texts(text, "query", max_length=32).numpy()
+    ours = enc.encode_texts(text, "query", max_length=st.max_seq_length).numpy()
     np.testing.assert_allclose(ours, st.encode_query(["hello"]), atol=1e-5)
 
 

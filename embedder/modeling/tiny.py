@@ -11,7 +11,11 @@ import string
 import sys
 
 
-def build_tiny_bert(out_dir: str, hidden_size: int = 32, layers: int = 2, heads: int = 2, seed: int = 0) -> str:
+def build_tiny_bert(out_dir: str, hidden_size: int = 32, layers: int = 2, heads: int = 2, seed: int = 0,
+                    init_std: float = 0.5) -> str:
+    """`init_std`: the weights' init scale. BERT's own 0.02 gives a 32-wide random model whose [CLS] embedding is
+    the same for every text (cosine 0.99999 between any two), so every ranking would be a tie; 0.5 gives texts
+    distinct embeddings (cosine ~0.4-0.9), so tests that rank, train or compare two paths can fail."""
     import torch
     from transformers import BertConfig, BertModel, BertTokenizerFast
 
@@ -24,7 +28,8 @@ def build_tiny_bert(out_dir: str, hidden_size: int = 32, layers: int = 2, heads:
     tok.save_pretrained(out_dir)
     torch.manual_seed(seed)
     config = BertConfig(vocab_size=len(vocab), hidden_size=hidden_size, num_hidden_layers=layers,
-                        num_attention_heads=heads, intermediate_size=2 * hidden_size, max_position_embeddings=512)
+                        num_attention_heads=heads, intermediate_size=2 * hidden_size, max_position_embeddings=512,
+                        initializer_range=init_std)
     BertModel(config).save_pretrained(out_dir)
     return out_dir
 
