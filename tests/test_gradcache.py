@@ -22,13 +22,13 @@ TEXTS_Q = ["weather in paris", "convert usd to eur", "translate to french", "sto
 TEXTS_K = [f"{t} tool {j}" for t in TEXTS_Q for j in range(3)]  # G = 3 keys per query
 
 
-def _module(tiny_bert, losses, **kw):
+def _module(tiny_bert, losses, checkpointing: bool = False, **kw):
     from embedder.lit_module import RetrieverModule
     from embedder.modeling.encoder import DualEncoder
     from embedder.record_kinds import build_record_kinds
 
     torch.manual_seed(0)
-    enc = DualEncoder(tiny_bert, unpadded="false")
+    enc = DualEncoder(tiny_bert, unpadded="false", gradient_checkpointing=checkpointing)
     return RetrieverModule(enc, build_record_kinds({"qa": {"losses": losses}}, 3), temperature=0.05,
                            cross_device=False, **kw)
 
@@ -68,6 +68,30 @@ def test_cached_gradients_equal_the_whole_batch(tiny_bert, losses):
         assert got.keys() == want.keys()
         for name in want:
             assert torch.allclose(got[name], want[name], atol=1e-5, rtol=1e-4), (m, name)
+
+
+def test_gradcache_with_gradient_checkpointing_gives_the_whole_batch_gradients(tiny_bert):
+    """The memory-lean combination (docs/architecture.md, a 7B decoder): mini-batches re-encoded with activation
+    checkpointing inside, against the whole batch encoded once without it."""
+    losses = [{"_target_": "embedder.losses.InfoNCELoss", "weight": 1.0}]
+    plain, lean = _module(tiny_bert, losses), _module(tiny_bert, losses, checkpointing=True)
+    for m in (plain, lean):
+        m.encoder.train()
+        for layer in m.encoder.query_model.modules():  # dropout off: the whole batch is the reference
+            if isinstance(layer, nn.Dropout):
+                layer.p = 0.0
+    batch = _batch(plain, teacher=False)
+    ref = plain.compute_loss(plain.encoder.encode(batch["query"], "query"), plain.encoder.encode(batch["key"], "key"),
+                             None, "qa")
+    ref["loss"].backward()
+    want = _grads(plain)
+    out = lean._gradcache_step(batch, 2, 3)
+    out["loss"].backward()
+    got = _grads(lean)
+    assert lean.encoder.query_model.is_gradient_checkpointing
+    assert abs(float(out["loss"]) - float(ref["loss"])) < 1e-5
+    assert got.keys() == want.keys()
+    assert all(torch.allclose(got[n], want[n], atol=1e-5, rtol=1e-4) for n in want)
 
 
 def test_dropout_is_replayed(tiny_bert):
