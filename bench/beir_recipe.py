@@ -60,6 +60,7 @@ VARIANTS = {  # name -> overrides of task=beir
     "merge30": ["merge_base_weight=0.3"],                              # LM-Cocktail: 0.7 x trained + 0.3 x base
     "dense": ["beir.negatives.retrievers=[dense]"],                    # the base model's own negatives, as plain mines
     "group4": ["data.group_size=4"],                                   # 3 hard negatives per query, as plain uses
+    "dedup": ["loss.mask_duplicate_keys=true"],                        # no repeat of a positive as a negative
     "dense4": ["beir.negatives.retrievers=[dense]", "data.group_size=4"],  # both: the plain side's negatives
     "plainneg": ["beir.negatives.retrievers=[dense]", "data.group_size=4",  # plain's very negatives: ranks 10-12
                  "beir.negatives.relative_margin=null", "beir.negatives.rank_range=[10,60]",  # of the base model's

@@ -232,6 +232,7 @@ VALUE_RULES: dict[str, tuple] = {  # key -> (check, what is allowed)
     "merge_base_weight": (_optional(_num(0, 1, lo_open=True, hi_open=True)),
                           "null, or a number between 0 and 1 (the base model's share of the merged weights)"),
     "loss.gradcache_mini_batch": (_optional(_int(1)), "null, or an integer >= 1 (queries per forward pass)"),
+    "loss.mask_duplicate_keys": (_choice(True, False), "true or false"),
     "export_state": (_choice("best", "last"), "best or last"),
     "export_lora": (_choice("merged", "adapter"), "merged or adapter"),
     "seed": (_int(0), "an integer >= 0"),

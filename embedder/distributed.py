@@ -121,6 +121,17 @@ def gather_with_grad(t: Tensor) -> Tensor:
     return _GatherWithGrad.apply(t)  # (W*N, ...)
 
 
+def gather_no_grad(t: Tensor) -> Tensor:
+    """Concatenate ``t`` (e.g. integer ids) from all ranks along dim 0, no autograd: ``(N, ...) -> (W*N, ...)``,
+    rank r's rows at ``r*N``; identity when not distributed."""
+    if not is_distributed() or dist.get_world_size() == 1:
+        return t
+    t = t.contiguous()
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t)
+    return torch.cat(parts, dim=0)
+
+
 def average_gradients(params: list[torch.nn.Parameter], bucket_bytes: int = 25 * 2 ** 20) -> None:
     """All-reduce the gradients of `params` to their mean over the ranks, in flat buckets of about `bucket_bytes`
     (DDP's default bucket size): what DDP's reducer does, by hand, for steps the reducer cannot follow (GradCache

@@ -35,7 +35,7 @@ CONTRASTIVE, KL_DISTILL, STABLE_DISTILL = ("embedder.losses.InfoNCELoss", "embed
 # A kind that lists no losses trains as the reference's default did (contrastive_weight 0.2, distill_weight 1.0).
 DEFAULT_LOSSES = ({"_target_": CONTRASTIVE, "weight": 0.2}, {"_target_": KL_DISTILL, "weight": 1.0})
 LEGACY_KEYS = ("contrastive_weight", "distill_weight", "teacher_temperature", "student_temperature", "stable_distill")
-SHARED_ARGS = ("temperature", "cross_device", "in_batch_negatives")  # passed by the module from `loss:`
+SHARED_ARGS = ("temperature", "cross_device", "in_batch_negatives", "mask_duplicate_keys")  # passed from `loss:`
 _warned: set[str] = set()
 
 

@@ -205,3 +205,54 @@ def test_a_fit_with_gradcache_matches_one_without(tmp_path, tiny_bert, trainer):
     assert moved > 1e-2  # the fit trained: a gradient difference would show
     # measured: 6e-4 x moved on one process, 2e-4 x under DDP; without the hand-made gradient average 0.14 x
     assert apart < 1e-2 * moved, (trainer, apart, moved)
+
+
+def test_duplicate_keys_are_masked_through_the_collator_and_gradcache(tiny_bert):
+    """loss.mask_duplicate_keys end to end on one process: the real collator gives equal ids to equal key texts, the
+    module's InfoNCE leaves the repeat of a positive out (a different loss than without), and GradCache gives the
+    whole batch's masked gradients."""
+    from embedder.data.collator import RetrievalCollator
+
+    losses = [{"_target_": "embedder.losses.InfoNCELoss", "weight": 1.0}]
+    masked, plain = _module(tiny_bert, losses, mask_duplicate_keys=True), _module(tiny_bert, losses)
+    groups = [[f"{q} tool {j}" for j in range(3)] for q in TEXTS_Q]
+    groups[1][2] = groups[0][0]  # query 1's hard negative is query 0's positive
+    groups[4][1] = groups[3][0]  # and query 4's is query 3's
+    items = [{"query": q, "keys": g, "teacher_scores": None, "record_kind": "qa", "dataset": "toy"}
+             for q, g in zip(TEXTS_Q, groups)]
+    batch = RetrievalCollator(masked.encoder.tokenizer, 64, 64)(items)
+    ids = batch["key_ids"]
+    assert ids.shape == (18,) and ids[1 * 3 + 2] == ids[0] and ids[4 * 3 + 1] == ids[3 * 3]
+    assert len(set(ids.tolist())) == 16
+    for m in (masked, plain):
+        m.encoder.eval()
+    q, k = masked.encoder.encode(batch["query"], "query"), masked.encoder.encode(batch["key"], "key")
+    ref = masked.compute_loss(q, k, None, "qa", ids)
+    unmasked = plain.compute_loss(q, k, None, "qa", ids)
+    assert float(ref["loss"]) < float(unmasked["loss"]) - 1e-3  # a repeated positive no longer counts against it
+    ref["loss"].backward()
+    want = _grads(masked)
+    out = masked._gradcache_step(batch, 2, 3)
+    assert abs(float(out["loss"]) - float(ref["loss"])) < 1e-5
+    out["loss"].backward()
+    got = _grads(masked)
+    assert all(torch.allclose(got[n], want[n], atol=1e-5, rtol=1e-4) for n in want)
+
+
+def test_mask_duplicate_keys_reaches_the_loss_in_a_real_fit(tmp_path, tiny_bert, monkeypatch):
+    """`loss.mask_duplicate_keys=true` on the command line: every training step's InfoNCE masks, with the batch's
+    key ids from the data pipeline (one per key)."""
+    from embedder.training import run_train
+
+    seen = []
+    real = InfoNCELoss.forward
+
+    def spy(self, q, k, teacher_scores=None, key_ids=None):
+        seen.append((self.mask_duplicate_keys, None if key_ids is None else tuple(key_ids.shape), k.shape[0]))
+        return real(self, q, k, teacher_scores, key_ids)
+
+    monkeypatch.setattr(InfoNCELoss, "forward", spy)
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, [
+        "task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "report=false", "export=false",
+        "loss.mask_duplicate_keys=true"])))
+    assert len(seen) == 2 and all(mask and ids == (n,) for mask, ids, n in seen), seen

@@ -9,6 +9,7 @@ gradients over ranks (what DDP does). That must match one process computing the 
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -45,11 +46,26 @@ def _data() -> dict[str, torch.Tensor]:
     """All queries' features, their key groups (query b: rows b*G..b*G+G-1) and teacher scores."""
     g = torch.Generator().manual_seed(1234)
     n = WORLD * LOCAL_B
+    xk, ids = torch.randn(n * G, D_IN, generator=g), _key_ids(n)  # (W*B*G, d_in), (W*B*G,)
+    first = {}
+    for row, i in enumerate(ids.tolist()):  # a repeated text is the same key: the same features
+        xk[row] = xk[first.setdefault(i, row)]
     return {
-        "xq": torch.randn(n, D_IN, generator=g),  # (W*B, d_in)
-        "xk": torch.randn(n * G, D_IN, generator=g),  # (W*B*G, d_in)
+        # each query near its positive (as after some training): its positive scores high, and so does a repeat
+        "xq": xk[::G] + 0.5 * torch.randn(n, D_IN, generator=g),  # (W*B, d_in)
+        "xk": xk,
         "teacher": torch.randn(n, G, generator=g) * 2,  # (W*B, G)
+        "ids": ids,  # text ids of the keys, with duplicates
     }
+
+
+def _key_ids(n: int) -> torch.Tensor:
+    """Every key its own text, except two repeats of a positive: rank 1's first query has rank 0's first positive
+    as a hard negative (across ranks), and rank 0's query 1 has query 2's positive (same rank)."""
+    ids = torch.arange(n * G)
+    ids[LOCAL_B * G + 1] = ids[0]
+    ids[1 * G + 2] = ids[2 * G]
+    return ids
 
 
 def _encoder() -> nn.Linear:
@@ -60,16 +76,17 @@ def _encoder() -> nn.Linear:
 def _losses(cross_device: bool) -> dict[str, nn.Module]:
     return {
         "infonce": InfoNCELoss(temperature=TEMPERATURE, cross_device=cross_device),
+        "infonce_masked": InfoNCELoss(temperature=TEMPERATURE, cross_device=cross_device, mask_duplicate_keys=True),
         "stable": StableDistillLoss(temperature=TEMPERATURE, teacher_temperature=0.5, cross_device=cross_device),
         "kl": KLDistillLoss(temperature=TEMPERATURE, teacher_temperature=0.5),
     }
 
 
-def _loss_and_grads(loss_fn: nn.Module, xq, xk, teacher) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _loss_and_grads(loss_fn: nn.Module, xq, xk, teacher, ids=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
     encoder = _encoder()
     q = F.normalize(encoder(xq), dim=-1)  # (B, d)
     k = F.normalize(encoder(xk), dim=-1)  # (B*G, d)
-    loss = loss_fn(q, k, teacher)
+    loss = loss_fn(q, k, teacher, **({"key_ids": ids} if getattr(loss_fn, "uses_key_ids", False) else {}))
     loss.backward()
     return loss.detach(), [p.grad.detach().clone() for p in encoder.parameters()]
 
@@ -82,7 +99,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         data = _data()
         rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)  # this rank's queries
         key_rows = slice(rank * LOCAL_B * G, (rank + 1) * LOCAL_B * G)  # and their key groups
-        xq, xk, teacher = data["xq"][rows], data["xk"][key_rows], data["teacher"][rows]
+        xq, xk, teacher, ids = data["xq"][rows], data["xk"][key_rows], data["teacher"][rows], data["ids"][key_rows]
 
         results: dict[str, object] = {"offset": rank_offset(LOCAL_B), "is_distributed": is_distributed()}
         # helpers: rank order of the concatenation and gradient routing back to the owner
@@ -95,7 +112,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
 
         for cross_device in (True, False):
             for name, loss_fn in _losses(cross_device).items():
-                loss, grads = _loss_and_grads(loss_fn, xq, xk, teacher)
+                loss, grads = _loss_and_grads(loss_fn, xq, xk, teacher, ids)
                 for t in [loss, *grads]:  # DDP averages gradients; we average the logged loss the same way
                     dist.all_reduce(t)
                     t /= WORLD
@@ -142,11 +159,11 @@ def test_helpers_are_identity_outside_a_process_group():
     assert gather_with_grad(x) is x and torch.equal(gather_no_grad(x), x) and rank_offset(7) == 0
 
 
-@pytest.mark.parametrize("name", ["infonce", "stable", "kl"])
+@pytest.mark.parametrize("name", ["infonce", "infonce_masked", "stable", "kl"])
 def test_cross_device_loss_equals_single_process(ddp_results, name):
     data = _data()
     single_loss, single_grads = _loss_and_grads(_losses(cross_device=True)[name], data["xq"], data["xk"],
-                                                data["teacher"])
+                                                data["teacher"], data["ids"])
     ddp_loss, ddp_grads = ddp_results[0][f"{name}/True"]
     assert torch.allclose(ddp_loss, single_loss, atol=1e-5)
     for ddp_grad, single_grad in zip(ddp_grads, single_grads):
@@ -175,3 +192,36 @@ def test_one_place_reads_the_launcher_environment(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("LOCAL_RANK", "1")
     assert (distributed.launched_rank(), distributed.launched_world_size(), distributed.local_rank()) == (3, 4, 1)
+
+
+def test_masking_duplicate_keys_leaves_out_exactly_the_repeated_positives(ddp_results):
+    """The masked loss equals cross-entropy over each query's candidates without the keys that repeat its positive
+    (two here: one on the other rank); it differs from the unmasked loss, on one process and on 2 ranks alike."""
+    data = _data()
+    encoder = _encoder()
+    with torch.no_grad():
+        q = F.normalize(encoder(data["xq"]), dim=-1)  # (n, d)
+        k = F.normalize(encoder(data["xk"]), dim=-1)  # (n*G, d)
+    ids, n = data["ids"], q.size(0)
+    scores = q @ k.T / TEMPERATURE  # (n, n*G)
+    terms = []
+    for b in range(n):
+        keep = [j for j in range(n * G) if j == b * G or ids[j] != ids[b * G]]
+        terms.append(-torch.log_softmax(scores[b, keep], dim=0)[keep.index(b * G)])
+    expected = torch.stack(terms).mean()
+    masked = InfoNCELoss(TEMPERATURE, cross_device=False, mask_duplicate_keys=True)(q, k, key_ids=ids)
+    assert torch.allclose(masked, expected, atol=1e-6)
+    assert sum(len(range(n * G)) - 1 - (ids != ids[b * G]).sum().item() for b in range(n)) == 2  # two repeats
+    plain = InfoNCELoss(TEMPERATURE, cross_device=False)(q, k, key_ids=ids)
+    assert abs(float(plain) - float(masked)) > 1e-3
+    assert not torch.allclose(ddp_results[0]["infonce_masked/True"][0], ddp_results[0]["infonce/True"][0], atol=1e-4)
+
+
+def test_masking_applies_inside_a_group_without_in_batch_negatives():
+    """With in_batch_negatives=false a hard negative that is the positive's own text is left out too."""
+    q, k = torch.eye(2, 4), torch.eye(4)[[0, 0, 1, 3]]  # query 0's negative is its positive's text (and vector)
+    ids = torch.tensor([7, 7, 8, 9])
+    masked = InfoNCELoss(1.0, in_batch_negatives=False, mask_duplicate_keys=True)(q, k, key_ids=ids)
+    expected = (0.0 + -math.log(math.e / (math.e + 1))) / 2  # query 0: only its positive left; query 1 as usual
+    assert masked.item() == pytest.approx(expected, abs=1e-6)
+

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
+
+
+def text_ids(texts: list[str]) -> torch.Tensor:
+    """(N,) int64 ids equal exactly for equal texts (8 bytes of blake2b: the same on every rank and run), so the
+    loss can tell a key that repeats another query's positive (`loss.mask_duplicate_keys`)."""
+    return torch.tensor([int.from_bytes(hashlib.blake2b(t.encode(), digest_size=8).digest(), "little", signed=True)
+                         for t in texts], dtype=torch.int64)
 
 
 class RetrievalCollator:
@@ -36,6 +44,7 @@ class RetrievalCollator:
         return {
             "query": self._tok([it["query"] for it in items], self.query_max_length),
             "key": self._tok(keys, self.key_max_length),
+            "key_ids": text_ids(keys),  # (B*G,) equal for equal key texts
             "teacher_scores": scores,  # (B, G) or None
             "record_kind": items[0]["record_kind"],
             "dataset": items[0]["dataset"],

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from embedder.distributed import gather_with_grad, rank_offset
+from embedder.distributed import gather_no_grad, gather_with_grad, rank_offset
 
 
 def _group_size(q: Tensor, k: Tensor) -> int:
@@ -57,6 +57,10 @@ class InfoNCELoss(nn.Module):
             queries' targets are offset by ``rank * B``. Identity outside a process group.
         in_batch_negatives: when False each query sees only its own G keys (target 0), like FlagEmbedding's
             ``no_in_batch_neg`` folders; ``cross_device`` is then irrelevant.
+        mask_duplicate_keys: leave out of a query's candidates every other key whose text equals its positive's
+            (given ``key_ids``): another query's positive or hard negative that is the same document would be a
+            false negative. sentence-transformers' NO_DUPLICATES batch sampler avoids the same by batch
+            composition; masking keeps the batches as drawn and also covers the keys of other ranks.
 
     Inputs:
         +-----------------+---------------+-------------------------------------------------------------+
@@ -66,6 +70,7 @@ class InfoNCELoss(nn.Module):
         | k               | (B*G, d)      | local key embeddings; rows b*G..b*G+G-1 are query b's group, |
         |                 |               | positive first                                              |
         | teacher_scores  | (B, G) / None | ignored (accepted so all losses share one signature)        |
+        | key_ids         | (B*G,) / None | int64, equal for equal key texts (mask_duplicate_keys)      |
         | return          | ()            | mean cross-entropy over the B local queries                  |
         +-----------------+---------------+-------------------------------------------------------------+
 
@@ -84,27 +89,46 @@ class InfoNCELoss(nn.Module):
 
     uses_teacher_scores = False  # a record kind with this loss needs no teacher_scores
     sorts_negatives_by_teacher = False
+    uses_key_ids = True  # the module passes the batch's key_ids
 
-    def __init__(self, temperature: float = 0.01, cross_device: bool = True, in_batch_negatives: bool = True):
+    def __init__(self, temperature: float = 0.01, cross_device: bool = True, in_batch_negatives: bool = True,
+                 mask_duplicate_keys: bool = False):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.temperature = float(temperature)
         self.cross_device = bool(cross_device)
         self.in_batch_negatives = bool(in_batch_negatives)
+        self.mask_duplicate_keys = bool(mask_duplicate_keys)
 
-    def forward(self, q: Tensor, k: Tensor, teacher_scores: Tensor | None = None) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, teacher_scores: Tensor | None = None, key_ids: Tensor | None = None
+                ) -> Tensor:
         group_size = _group_size(q, k)
         batch = q.size(0)
+        mask = self.mask_duplicate_keys and key_ids is not None
         if not self.in_batch_negatives:
             scores = _fp32(_in_group_scores(q, k, group_size)) / self.temperature  # (B, G)
             target = torch.zeros(batch, dtype=torch.long, device=q.device)  # (B,) positive is column 0
+            if mask:
+                scores = _mask_duplicates(scores, key_ids.view(batch, group_size).to(q.device), target)
             return F.cross_entropy(scores, target)
         keys, offset = _keys_and_offset(k, batch, self.cross_device)  # (B'*G, d)
         scores = _fp32(q @ keys.T) / self.temperature  # (B, B'*G)
         target = (offset + torch.arange(batch, device=q.device)) * group_size  # (B,) own positive column
+        if mask:
+            ids = gather_no_grad(key_ids.to(q.device)) if self.cross_device else key_ids.to(q.device)  # (B'*G,)
+            scores = _mask_duplicates(scores, ids.unsqueeze(0).expand(batch, -1), target)
         return F.cross_entropy(scores, target)
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, cross_device={self.cross_device}, "
-                f"in_batch_negatives={self.in_batch_negatives}")
+                f"in_batch_negatives={self.in_batch_negatives}, mask_duplicate_keys={self.mask_duplicate_keys}")
+
+
+def _mask_duplicates(scores: Tensor, ids: Tensor, target: Tensor) -> Tensor:
+    """scores (B, C), ids (B, C) of each candidate's text, target (B,): every candidate whose text equals the
+    query's positive, other than the positive itself, gets -inf (left out of the softmax)."""
+    rows = torch.arange(scores.size(0), device=scores.device)
+    same = ids == ids[rows, target].unsqueeze(1)  # (B, C)
+    same[rows, target] = False
+    return scores.masked_fill(same, float("-inf"))
