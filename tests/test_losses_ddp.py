@@ -20,7 +20,7 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from embedder.distributed import gather_with_grad, is_distributed, rank_offset
+from embedder.distributed import gather_no_grad, gather_with_grad, is_distributed, rank_offset
 from embedder.losses import InfoNCELoss, KLDistillLoss, StableDistillLoss
 
 WORLD = 2
@@ -28,18 +28,6 @@ LOCAL_B = 3  # local queries per rank
 G = 4  # positive + 3 hard negatives
 D_IN, D_OUT = 6, 5
 TEMPERATURE = 0.05
-
-
-@torch.no_grad()
-def gather_no_grad(t: torch.Tensor) -> torch.Tensor:
-    """`all_gather` without gradients: the reference the gathered-with-gradients results are checked against."""
-    if not is_distributed() or dist.get_world_size() == 1:
-        return t.detach()
-    t = t.detach().contiguous()
-    out = [torch.empty_like(t) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, t)
-    return torch.cat(out, dim=0)  # (W*N, ...)
-
 
 
 def _data() -> dict[str, torch.Tensor]:

@@ -137,26 +137,20 @@ def run_evaluate(cfg: DictConfig) -> dict[str, float]:
             metrics, preds = evaluator.evaluate()
             scores = None
         else:
-            dims, by_dim = [None] + [int(d) for d in (cfg.get("truncate_dims") or [])], {}
-            if len(dims) > 1 and getattr(cfg.retriever, "_target_", "").split(".")[-1] != "dense_retriever":
+            dims = [int(d) for d in (cfg.get("truncate_dims") or [])]
+            if dims and getattr(cfg.retriever, "_target_", "").split(".")[-1] != "dense_retriever":
                 raise ValueError("truncate_dims applies to dense retrieval (retriever=dense)")
             retriever = build_retriever(cfg, cfg.output_dir, q_inst, k_inst, encoder=encoder, trainer=trainer)
             if not retriever.prepare(evaluator.corpus_texts, [q.text for q in evaluator.queries]):
                 continue  # a non-zero rank of a ddp run: its shards are encoded, rank 0 searches
-            for dim in dims:  # full size, then each Matryoshka prefix of the same stored embeddings (one encoding)
-                if dim is not None:
-                    retriever.set_truncate_dim(dim)
-                preds, scores = _search(spec, evaluator, corpus_ids, cfg, retriever)
-                metrics = evaluator.score(preds)  # graded nDCG where the records carry grades
-                if dim is not None:
-                    by_dim[f"{spec['name']}/dim{dim}"] = metrics
-                    log.info("%s at %d dimensions: %s", spec["name"], dim,
-                             ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
-                    continue
-                full = (preds, scores, metrics)
-            preds, scores, metrics = full
+            preds, scores = _search(spec, evaluator, corpus_ids, cfg, retriever)
+            metrics = evaluator.score(preds)  # graded nDCG where the records carry grades
             results[spec["name"]] = metrics
-            results.update(by_dim)
+            for dim in dims:  # each Matryoshka prefix of the same stored embeddings (one encoding)
+                retriever.set_truncate_dim(dim)
+                by_dim = evaluator.score(_search(spec, evaluator, corpus_ids, cfg, retriever)[0])
+                results[f"{spec['name']}/dim{dim}"] = by_dim
+                log.info("%s at %d dimensions: %s", spec["name"], dim, ", ".join(f"{k}={v:.4f}" for k, v in by_dim.items()))
         results[spec["name"]] = metrics
         write_jsonl_atomic(os.path.join(cfg.output_dir, f"{spec['name']}.result.json"), (
             {"query_id": q.qid, "pred": preds.get(q.qid, []),
