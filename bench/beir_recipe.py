@@ -4,6 +4,7 @@ and seeded splits: the protocol every recipe decision is judged by (issue 22).
     python bench/beir_recipe.py --data ../shared/data/scifact-train ../shared/data/toollens-train \\
         ../shared/data/nfcorpus-lossy-train --seeds 1 2 3 --out /tmp/beir-bench      # base, plain, plain-inbatch, recipe
     python bench/beir_recipe.py ... --only recipe "group2:data.group_size=2"          # more variants: name:overrides
+    python bench/beir_recipe.py ... --only "plain-seed7:seed=7"                      # plain, training seed 7, same split
     python bench/beir_recipe.py ... --table                                           # the table of what has run
 
 For each dataset and seed, the queries that have qrels (every split the folder has) are split, seeded, into train
@@ -65,6 +66,10 @@ VARIANTS = {  # name -> overrides of task=beir
     "plainneg": ["beir.negatives.retrievers=[dense]", "data.group_size=4",  # plain's very negatives: ranks 10-12
                  "beir.negatives.relative_margin=null", "beir.negatives.rank_range=[10,60]",  # of the base model's
                  "beir.negatives.max_neg_num=3"],                      # list, unfiltered, the same 3 every epoch
+    "plainlike": ["beir.negatives.retrievers=[dense]", "data.group_size=4", "beir.negatives.relative_margin=null",
+                  "beir.negatives.rank_range=[10,60]", "beir.negatives.max_neg_num=3",  # plainneg, and every other
+                  "loss.mask_duplicate_keys=true", "model.attention_dropout=null",  # setting plain has: no repeats,
+                  "weight_decay=0", "export_state=last"],              # dropout 0.1, no decay, the last state
     "mrl": ["loss.matryoshka_dims=[384,256,128,64]"],                  # Matryoshka (issue 25): use --dims 256 128 64
 }
 PLAIN_SIDES = ("plain", "plain-inbatch")
@@ -235,6 +240,15 @@ def _ms(vals: list[float]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def _plain_side(name: str) -> str | None:
+    """The plain side a run name is: "plain", "plain-inbatch", or one of them with a suffix ("plain-seed7")."""
+    if name == "plain-inbatch" or name.startswith("plain-inbatch-"):
+        return "plain-inbatch"
+    if name == "plain" or name.startswith("plain-"):
+        return "plain"
+    return None
+
+
 def _save(results: dict, out: str, path: str) -> None:
     with tempfile.NamedTemporaryFile("w", dir=out, delete=False) as f:
         json.dump(results, f, indent=1)
@@ -287,9 +301,11 @@ def main() -> None:
     variants = {}
     for item in args.only or ["base", "plain", "plain-inbatch", "recipe"]:
         name, _, rest = item.partition(":")
-        if not rest and name not in VARIANTS and name not in ("base", *PLAIN_SIDES):
+        if not rest and name not in VARIANTS and name not in ("base", *PLAIN_SIDES):  # plain-seed7 needs seed=7
             sys.exit(f"unknown variant {name!r}: use one of {sorted(VARIANTS)}, base, {', '.join(PLAIN_SIDES)}, "
                      f"or name:override ...")
+        if _plain_side(name) and rest and not all(o.startswith("seed=") for o in rest.split()):
+            sys.exit(f"{item!r}: a plain side takes one override, seed=N (its training seed; the split stays)")
         variants[name] = rest.split() if rest else VARIANTS.get(name, [])
     for seed in args.seeds:  # seed-major: every dataset gets its first seed before any gets its second
         for data in args.data:
@@ -307,8 +323,10 @@ def main() -> None:
 
                     cost = {"wall_s": 0, "cpu_s": 0, "peak_rss_gib": 0}
                     model_dir = minilm_path()
-                elif name in PLAIN_SIDES:
-                    spec = {"paths": paths, "out": run, "hard_negatives": name == "plain", "seed": seed}
+                elif _plain_side(name):  # e.g. "plain-seed7:seed=7": plain trained with seed 7 on this split
+                    train_seed = int(overrides[-1].split("=")[1]) if overrides else seed
+                    spec = {"paths": paths, "out": run, "hard_negatives": _plain_side(name) == "plain",
+                            "seed": train_seed}
                     cost = run_child([sys.executable, __file__, "--out", args.out, "--epochs", str(args.epochs),
                                       "--batch-size", str(args.batch_size), "--child-plain", json.dumps(spec)],
                                      run + ".log", cache=os.path.join(work, f"cache-{name}"))
