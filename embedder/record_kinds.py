@@ -8,7 +8,7 @@ InfoNCELoss, KLDistillLoss and StableDistillLoss):
         losses:
           - {_target_: embedder.losses.StableDistillLoss, weight: 1.0, teacher_temperature: 1.0}
 
-The shared settings of `loss:` (temperature, cross_device, in_batch_negatives) are passed by the training module
+The shared settings of `loss:` (temperature, cross_device, in_batch_negatives, mask_duplicate_keys) are passed by the training module
 to every listed loss whose class takes them, unless the entry sets its own. This module sits above data/ and
 losses/: it reads each class's `uses_teacher_scores` / `sorts_negatives_by_teacher` so the data layer never imports
 a loss.
@@ -35,7 +35,6 @@ CONTRASTIVE, KL_DISTILL, STABLE_DISTILL = ("embedder.losses.InfoNCELoss", "embed
 # A kind that lists no losses trains as the reference's default did (contrastive_weight 0.2, distill_weight 1.0).
 DEFAULT_LOSSES = ({"_target_": CONTRASTIVE, "weight": 0.2}, {"_target_": KL_DISTILL, "weight": 1.0})
 LEGACY_KEYS = ("contrastive_weight", "distill_weight", "teacher_temperature", "student_temperature", "stable_distill")
-SHARED_ARGS = ("temperature", "cross_device", "in_batch_negatives", "mask_duplicate_keys")  # passed from `loss:`
 _warned: set[str] = set()
 
 
