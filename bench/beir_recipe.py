@@ -42,6 +42,7 @@ import argparse
 import json
 import os
 import random
+import re
 import statistics
 import subprocess
 import sys
@@ -202,31 +203,48 @@ def plain_finetune(paths: dict[str, str], out_dir: str, hard_negatives: bool, ep
 
 
 # ------------------------------------------------------------------------------------------------ the table
+def _side(name: str) -> str:
+    """The side a run replicates: "recipe-seed7" (the recipe, training seed 7, same split) is a "recipe" run."""
+    return re.sub(r"-seed\d+$", "", name)
+
+
 def table(results: dict) -> str:
-    """Per dataset and on average: test nDCG@10 (mean +- spread over seeds), the paired gain over plain, cost ratios."""
-    out = ["| dataset | run | seeds | test nDCG@10 | vs plain (paired) | CPU vs plain | wall vs plain | peak RSS GiB |",
-           "|---|---|---|---|---|---|---|---|"]
-    sides = sorted({s for d in results.values() for r in d.values() for s in r},
-                   key=lambda s: (["base", "plain-inbatch", "plain"] + [s]).index(s))
+    """Per dataset and on average: test nDCG@10 (mean +- spread over every run: splits x training seeds), the paired
+    gain over plain (per split: the side's mean minus plain's; +- the spread of that over splits, or with one split
+    the standard error of the difference from the training seeds), cost ratios, peak memory."""
+    out = ["| dataset | run | splits / runs | test nDCG@10 | vs plain (paired) | CPU vs plain | wall vs plain | "
+           "peak RSS GiB |", "|---|---|---|---|---|---|---|---|"]
+    names = {n for d in results.values() for r in d.values() for n in r}
+    sides = sorted({_side(n) for n in names}, key=lambda s: (["base", "plain-inbatch", "plain"] + [s]).index(s))
     gains: dict[str, list[float]] = {}
-    for ds, by_seed in sorted(results.items()):
+    for ds, by_split in sorted(results.items()):
+        runs = {side: {sp: [r for n, r in by_split[sp].items() if _side(n) == side] for sp in sorted(by_split)}
+                for side in sides}
+        plain = runs.get("plain", {})
         for side in sides:
-            seeds = [s for s in sorted(by_seed) if side in by_seed[s]]
-            if not seeds:
+            splits = [sp for sp, rs in runs[side].items() if rs]
+            if not splits:
                 continue
-            vals = [by_seed[s][side]["ndcg@10"] for s in seeds]
-            paired = [by_seed[s][side]["ndcg@10"] - by_seed[s]["plain"]["ndcg@10"] for s in seeds
-                      if "plain" in by_seed[s]]
-            cpu = [by_seed[s][side]["cpu_s"] / by_seed[s]["plain"]["cpu_s"] for s in seeds
-                   if "plain" in by_seed[s] and by_seed[s][side].get("cpu_s")]
-            wall = [by_seed[s][side]["wall_s"] / by_seed[s]["plain"]["wall_s"] for s in seeds
-                    if "plain" in by_seed[s] and by_seed[s][side].get("wall_s")]
-            rss = max((by_seed[s][side].get("peak_rss_gib") or 0) for s in seeds)
+            vals = [r["ndcg@10"] for sp in splits for r in runs[side][sp]]
+            both = [sp for sp in splits if plain.get(sp)]
+            paired = [statistics.mean(r["ndcg@10"] for r in runs[side][sp]) -
+                      statistics.mean(r["ndcg@10"] for r in plain[sp]) for sp in both]
+            cost = {k: [r[k] / statistics.mean(p[k] for p in plain[sp]) for sp in both for r in runs[side][sp]
+                        if r.get(k)] for k in ("cpu_s", "wall_s")}
+            rss = max((r.get("peak_rss_gib") or 0) for sp in splits for r in runs[side][sp])
+            gain = ""
             if side != "plain" and paired:
                 gains.setdefault(side, []).append(statistics.mean(paired))
-            out.append(f"| {ds} | {side} | {len(seeds)} | {_ms(vals)} | {_ms(paired) if side != 'plain' else ''} | "
-                       f"{f'{statistics.mean(cpu):.2f}x' if cpu else ''} | "
-                       f"{f'{statistics.mean(wall):.2f}x' if wall else ''} | {rss or ''} |")
+                gain = f"{statistics.mean(paired):+.4f}"
+                if len(paired) > 1:
+                    gain += f" ± {statistics.stdev(paired):.4f}"
+                elif len(vs := [r["ndcg@10"] for r in runs[side][both[0]]]) > 1 and len(
+                        ps := [r["ndcg@10"] for r in plain[both[0]]]) > 1:
+                    se = (statistics.variance(vs) / len(vs) + statistics.variance(ps) / len(ps)) ** 0.5
+                    gain += f" ± {se:.4f} (se)"
+            ratio = {k: f"{statistics.mean(v):.2f}x" if v else "" for k, v in cost.items()}
+            out.append(f"| {ds} | {side} | {len(splits)} / {len(vals)} | {_ms(vals)} | {gain} | {ratio['cpu_s']} | "
+                       f"{ratio['wall_s']} | {rss or ''} |")
     for side, g in gains.items():
         out.append(f"| mean of the {len(g)} datasets | {side} | | | {statistics.mean(g):+.4f} | | | |")
     return "\n".join(out)
