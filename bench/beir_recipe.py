@@ -24,6 +24,8 @@ Sides:
 - `plain-inbatch`: the same without mined negatives.
 - `recipe` and its variants: `python train.py task=beir beir.folder=<split folder>` with overrides, the command
   users run, with its own dev/test evaluation before and after.
+- `<side>-seed<N>` (`--only "plain-seed7:seed=7" "recipe-seed7:seed=7"`): the side again with training seed N on
+  the same split, a replicate: the table pools it with the side's other runs and uses the replicates' spread.
 Both plain sides and the recipe see the same (query, positive) examples per epoch: one per train query, the
 positive drawn at random every epoch (the recipe's `select_positive: random`; for plain, one row per query and epoch).
 
