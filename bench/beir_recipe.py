@@ -261,12 +261,8 @@ def _ms(vals: list[float]) -> str:
 
 # ------------------------------------------------------------------------------------------------ main
 def _plain_side(name: str) -> str | None:
-    """The plain side a run name is: "plain", "plain-inbatch", or one of them with a suffix ("plain-seed7")."""
-    if name == "plain-inbatch" or name.startswith("plain-inbatch-"):
-        return "plain-inbatch"
-    if name == "plain" or name.startswith("plain-"):
-        return "plain"
-    return None
+    """The plain side a run is ("plain", "plain-inbatch", or a replicate of one: "plain-seed7"), else None."""
+    return _side(name) if _side(name) in PLAIN_SIDES else None
 
 
 def _save(results: dict, out: str, path: str) -> None:
@@ -324,6 +320,8 @@ def main() -> None:
         if not rest and name not in VARIANTS and name not in ("base", *PLAIN_SIDES):  # plain-seed7 needs seed=7
             sys.exit(f"unknown variant {name!r}: use one of {sorted(VARIANTS)}, base, {', '.join(PLAIN_SIDES)}, "
                      f"or name:override ...")
+        if name.startswith("plain-") and not _plain_side(name):  # plainneg, plainlike: recipe variants
+            sys.exit(f"{item!r}: a plain side is named plain, plain-inbatch, or one of them with -seed<N>")
         if _plain_side(name) and rest and not all(o.startswith("seed=") for o in rest.split()):
             sys.exit(f"{item!r}: a plain side takes one override, seed=N (its training seed; the split stays)")
         variants[name] = rest.split() if rest else VARIANTS.get(name, [])

@@ -36,6 +36,12 @@ def _groups() -> list[list[str]]:
     return [[pos, *negs] for pos, negs in zip(POSITIVES, NEGATIVES)]
 
 
+@pytest.fixture(scope="module")
+def st_step():
+    """sentence-transformers' step, once for both of our paths."""
+    return _st_step()
+
+
 def _st_step():
     from sentence_transformers import SentenceTransformer
     try:  # sentence-transformers >= 6 (the old path still works there, with a deprecation warning)
@@ -78,8 +84,8 @@ def _embedder_step(unpadded: str):
 
 
 @pytest.mark.parametrize("unpadded", ["false", "true"])
-def test_one_step_equals_sentence_transformers_mnrl(unpadded):
-    st_loss, st_grads = _st_step()
+def test_one_step_equals_sentence_transformers_mnrl(unpadded, st_step):
+    st_loss, st_grads = st_step
     loss, grads, padded_share = _embedder_step(unpadded)
     assert padded_share > 0.5  # the keys are mostly padding: packing changes what the kernels see
     assert 0.05 < st_loss < 3.0  # a real, non-uniform loss (uniform over 12 candidates would be ln 12 = 2.48)
