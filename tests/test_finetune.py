@@ -13,7 +13,7 @@ import pytest
 
 from embedder.data.beir import prepare_beir, split_query_ids
 from embedder.errors import DataError
-from embedder.mining.negatives import NegativeRule, select_negatives
+from embedder.mining.negatives import NegativeRule, fill_with_random, random_rows, select_negatives
 from embedder.recipes.beir import merge_negatives
 from tests.conftest import compose, quick_overrides
 from tests.test_train import _metrics_rows
@@ -126,6 +126,62 @@ def test_the_relative_margin_drops_candidates_scoring_close_to_the_positive():
     assert select_negatives([3, 4], texts, rule, pos_index=[0], scores=[0.9, 0.8])[0] == [3, 4]
     with pytest.raises(ValueError, match="relative_margin"):
         NegativeRule(relative_margin=1.0)
+
+
+def test_a_short_negative_list_is_filled_with_random_passages_that_are_not_positives():
+    texts = {0: "The positive.", 1: "a doc", 2: "  the POSITIVE. ", 3: "A  DOC", 4: "other", 5: "more", 6: "last"}
+    neg_index, neg = [1], ["a doc"]
+    # row 0 is a positive by row, row 2 by text, row 1 is already a negative, row 3 repeats its text
+    added = fill_with_random(neg_index, neg, 3, [0, 1, 2, 3, 4, 5, 6], texts, pos_index=[0], pos=["the positive."])
+    assert added == 2 and neg_index == [1, 4, 5] and neg == ["a doc", "other", "more"]
+    assert fill_with_random(neg_index, neg, 3, [6], texts) == 0  # already full: untouched
+    few_index, few = [], []
+    assert fill_with_random(few_index, few, 5, [0, 6], texts, pos_index=[0]) == 1 and few_index == [6]  # ran out
+    # the draw: distinct rows, the same for a record whatever block or rerun draws it, different across records
+    draw = random_rows(1000, record_row=7, need=2, n_pos=3, seed=42)
+    assert len(draw) == len(set(draw.tolist())) == 13 and draw.max() < 1000
+    assert random_rows(1000, 7, 2, 3, 42).tolist() == draw.tolist()
+    assert random_rows(1000, 8, 2, 3, 42).tolist() != draw.tolist()
+    assert sorted(random_rows(5, 7, 2, 3, 42).tolist()) == [0, 1, 2, 3, 4]  # a corpus smaller than the draw: all
+    with pytest.raises(ValueError, match="random_fill"):
+        NegativeRule(max_neg_num=3, random_fill=4)
+
+
+def test_random_fill_keeps_queries_that_mining_left_without_negatives(tmp_path, caplog):
+    """BM25 mining from the top hit only: where that hit is the positive the query has no negative and leaves the
+    training file; beir.negatives.random_fill=2 keeps every query, each with 2 negatives that are not positives,
+    counts the filled queries, and changes the cache key (so switching it re-mines)."""
+    from embedder.config import compose as compose_config
+    from embedder.recipes.beir import mine_negatives
+
+    folder = write_sample_beir(tmp_path / "beir")
+    prepared = prepare_beir(folder, str(tmp_path / "prepared"))
+    n_train = sum(1 for _ in open(prepared["paths"]["train"]))
+    caplog.set_level(logging.INFO)
+    mined = {}
+    for fill in ("null", "2"):
+        cfg = compose_config("train", ["task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[bm25]",
+                                       "beir.negatives.hits=1", "beir.negatives.rank_range=[0,1]",
+                                       f"beir.negatives.random_fill={fill}", f"output_dir={tmp_path}/out"])
+        path = mine_negatives(cfg, prepared, str(tmp_path / "mine"))
+        mined[fill] = [json.loads(line) for line in open(path)]
+        stats = json.loads(open(path[:-len(".json")] + ".stats.json").read())
+        if fill == "null":
+            assert stats["skipped_no_negatives"] > 0 and stats["random_negatives"] == 0
+        else:
+            assert stats["skipped_no_negatives"] == 0 and stats["filled_with_random"] == n_train
+    assert 0 < len(mined["null"]) < n_train == len(mined["2"])
+    assert "already mined" not in caplog.text  # the second setting was mined again, not reused
+    assert "filled with" in caplog.text
+    with open(prepared["paths"]["corpus"]) as f:
+        corpus = [json.loads(line) for line in f]
+    for rec in mined["2"]:
+        assert len(rec["neg_index"]) == 2 and not set(rec["neg_index"]) & set(rec["pos_index"])
+        assert rec["neg"] == [f"{corpus[i]['title']} {corpus[i]['text']}" for i in rec["neg_index"]]
+    kept = {r["query"]: r["neg_index"] for r in mined["null"]}
+    for rec in mined["2"]:  # a query that had its BM25 negative keeps it first
+        if rec["query"] in kept:
+            assert rec["neg_index"][0] == kept[rec["query"]][0]
 
 
 @pytest.mark.slow

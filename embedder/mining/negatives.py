@@ -11,13 +11,19 @@ when any of these holds, and every drop is counted by reason:
 - its text repeats an earlier negative's (duplicated corpus passages);
 - `filter_answers` is on and it contains an answer: case-insensitive substring, as in the reference, or
   `answer_match="token"` for DPR's token-sequence match (`has_answer`), which does not fire on "1" inside "1984".
+
+A record left with fewer than `random_fill` negatives gets random corpus passages up to that many
+(`fill_with_random`), as FlagEmbedding's `hn_mine.py` fills a short list: otherwise a query whose ranking holds
+nothing but positives and near-positives has no negative and leaves training.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 from embedder.retrieval.nq_answer import has_answer
 
@@ -39,6 +45,8 @@ class NegativeRule:
         relative_margin: false-negative filter (sentence-transformers' `mine_hard_negatives` has the same): drop a
             candidate whose retrieval score is above `(1 - relative_margin) ×` the best-ranked positive's score. It
             applies to queries whose positive is among the retrieved hits; None = off.
+        random_fill: a record left with fewer negatives than this gets random corpus passages (not positives, not
+            repeats) up to this many (FlagEmbedding's `hn_mine.py`); None = off (a record with none is left out).
     """
 
     rank_range: tuple[int, int | None] = (0, None)
@@ -46,6 +54,7 @@ class NegativeRule:
     filter_answers: bool = False
     answer_match: str = "substring"
     relative_margin: float | None = None
+    random_fill: int | None = None
 
     def __post_init__(self) -> None:
         lo, hi = self.rank_range
@@ -57,6 +66,9 @@ class NegativeRule:
             raise ValueError(f"answer_match must be 'substring' or 'token', got {self.answer_match!r}")
         if self.relative_margin is not None and not 0 <= self.relative_margin < 1:
             raise ValueError(f"relative_margin must be in [0, 1), got {self.relative_margin}")
+        if self.random_fill is not None and not 1 <= self.random_fill <= self.max_neg_num:
+            raise ValueError(f"random_fill must be in [1, max_neg_num={self.max_neg_num}] or null, "
+                             f"got {self.random_fill}")
 
 
 def _contains_answer(text: str, answers: Sequence[str], match: str) -> bool:
@@ -127,6 +139,42 @@ def select_negatives(ranked: Sequence[int], corpus_texts: Sequence[str], rule: N
         if len(neg) == rule.max_neg_num:
             break
     return neg_index, neg, dropped
+
+
+def random_rows(n_docs: int, record_row: int, need: int, n_pos: int, seed: int) -> np.ndarray:
+    """Candidate corpus rows for `fill_with_random`: `need + n_pos + 8` distinct rows (all rows of a smaller corpus)
+    in random order, seeded by `(seed, record_row)`, so a record gets the same draw in any block, shard or rerun.
+    O(draws), not O(corpus): numpy draws a small sample without replacement without permuting the population."""
+    rng = np.random.default_rng([seed, record_row])
+    return rng.choice(n_docs, size=min(n_docs, need + n_pos + 8), replace=False)
+
+
+def fill_with_random(neg_index: list[int], neg: list[str], want: int, candidates: Sequence[int],
+                     texts: Mapping[int, str], pos_index: Sequence[int] = (), pos: Sequence[str] = ()) -> int:
+    """Append `candidates` (random rows, texts in `texts`) to `neg_index`/`neg` in place until there are `want`,
+    skipping positives (by row and by text) and repeats of a kept negative (by row and by text).
+
+    Returns how many were appended (fewer than asked when the candidates run out: a tiny or all-positive corpus).
+    """
+    pos_rows = set(pos_index)
+    taken = set(neg_index)
+    norms = {normalize_text(p) for p in pos} | {normalize_text(t) for t in neg}
+    added = 0
+    for doc in candidates:
+        if len(neg) >= want:
+            break
+        doc = int(doc)
+        if doc in pos_rows or doc in taken:
+            continue
+        norm = normalize_text(texts[doc])
+        if norm in norms:
+            continue
+        taken.add(doc)
+        norms.add(norm)
+        neg_index.append(doc)
+        neg.append(texts[doc])
+        added += 1
+    return added
 
 
 def mined_record(record: dict, neg_index: list[int], neg: list[str]) -> dict:

@@ -7,7 +7,8 @@ Flow (reference §6.3, with the fixes listed in `negatives.py`):
 2. Retrieve `hits` documents per query with the chosen retriever (`retriever=dense|bm25`), in query shards that are
    saved as they finish, so a crashed run resumes.
 3. For every record keep up to `max_neg_num` negatives from the `rank_range` positions, without positives (by
-   `pos_index` and by text), duplicates, or (with `filter_answers`) passages containing an answer.
+   `pos_index` and by text), duplicates, or (with `filter_answers`) passages containing an answer; with
+   `random_fill`, a record left with fewer gets random corpus passages up to that many (counted).
 4. Write `<stem>.neg[.<save_name>].json` next to the input (or under `output_dir`), atomically: each record as it
    was, `neg`/`neg_index` replaced, `teacher_scores` removed. Also `<output_dir>/<stem>.result[.<save_name>].json`
    (the ranking: `query_id`, `pred`, `scores`) and `<output_dir>/<output name>.meta.json` (what ran, counts).
@@ -32,7 +33,7 @@ from embedder.data.jsonl import write_jsonl_atomic
 from embedder.data.queries import load_queries
 from embedder.distributed import launched_rank
 from embedder.fingerprint import fingerprint
-from embedder.mining.negatives import NegativeRule, mined_record, select_negatives
+from embedder.mining.negatives import NegativeRule, fill_with_random, mined_record, random_rows, select_negatives
 from embedder.paths import resolve_files
 from embedder.retrieval.base import search_in_shards
 from embedder.retrieval.build import build_retriever, resolve_instruction
@@ -69,7 +70,8 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"rank_range end {hi} is beyond hits={hits}: retrieve at least that many (hits={hi})")
     rule = NegativeRule(rank_range=(int(lo or 0), hi), max_neg_num=int(cfg.max_neg_num),
                         filter_answers=bool(cfg.filter_answers), answer_match=cfg.answer_match,
-                        relative_margin=cfg.get("relative_margin"))
+                        relative_margin=cfg.get("relative_margin"), random_fill=cfg.get("random_fill"))
+    seed = int(cfg.get("seed") or 0)
 
     # 1. inputs, checked before any model work
     corpus = open_corpus(corpus_path, cfg.key_template)  # JSON lines or parquet, read on access
@@ -104,10 +106,24 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
         for start in range(0, len(queries), block):
             rows, row_scores = ids[start:start + block, :hi], scores[start:start + block, :hi]
             texts = corpus.take(int(i) for i in np.unique(rows) if i >= 0)
+            picked = []
             for rec, ranked, ranked_scores in zip(itertools.islice(records, block), rows, row_scores):
                 neg_index, neg, why = select_negatives(ranked, texts, rule, rec.pos_index, rec.pos, rec.answers,
                                                        ranked_scores)
                 dropped.update(why)
+                picked.append((rec, neg_index, neg))
+            if rule.random_fill:  # the short records' random draws are fetched in one read per block
+                short = [(i, random_rows(len(corpus), int(rec.row), rule.random_fill - len(neg), len(rec.pos_index),
+                                         seed)) for i, (rec, _, neg) in enumerate(picked)
+                         if len(neg) < rule.random_fill]
+                drawn = corpus.take(np.unique(np.concatenate([c for _, c in short])).tolist()) if short else {}
+                for i, candidates in short:
+                    rec, neg_index, neg = picked[i]
+                    added = fill_with_random(neg_index, neg, rule.random_fill, candidates, drawn, rec.pos_index,
+                                             rec.pos)
+                    counts["filled"] += added > 0
+                    counts["random negatives"] += added
+            for rec, neg_index, neg in picked:
                 if not neg:
                     counts["no negatives"] += 1
                     continue
@@ -123,6 +139,7 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
     stats = {
         "output": out_path, "result": result_path, "records": queries.total, "written": written,
         "skipped_bad_records": dict(queries.skipped), "skipped_no_negatives": no_negatives,
+        "filled_with_random": counts["filled"], "random_negatives": counts["random negatives"],
         "dropped_candidates": dict(dropped), "seconds": round(time.time() - start, 1),
     }
     meta = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "input_data": eval_path,
@@ -130,11 +147,14 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
             "key_instruction": k_inst, "hits": hits, "rank_range": [rule.rank_range[0], hi],
             "max_neg_num": rule.max_neg_num, "relative_margin": rule.relative_margin,
             "filter_answers": rule.filter_answers, "answer_match": rule.answer_match,
+            "random_fill": rule.random_fill, "seed": seed,
             **retriever.describe(), **stats}
     meta_path = os.path.join(cfg.output_dir, os.path.basename(out_path)[:-len(".json")] + ".meta.json")
     write_json(meta_path, meta)
     skipped = sum(queries.skipped.values())
-    log.info("wrote %d of %d records to %s (%d skipped as bad input, %d with no negatives left); dropped "
-             "candidates: %s; %.1fs", written, queries.total, out_path, skipped, no_negatives,
+    filled = (f", {counts['filled']} filled with {counts['random negatives']} random negatives (random_fill="
+              f"{rule.random_fill})" if rule.random_fill else "")
+    log.info("wrote %d of %d records to %s (%d skipped as bad input, %d with no negatives left%s); dropped "
+             "candidates: %s; %.1fs", written, queries.total, out_path, skipped, no_negatives, filled,
              dict(dropped) or "none", stats["seconds"])
     return stats

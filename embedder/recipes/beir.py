@@ -64,6 +64,8 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
                      f"rank_range=[{int(neg.rank_range[0])},{int(neg.rank_range[1])}]",
                      f"max_neg_num={int(neg.max_neg_num)}",
                      f"relative_margin={'null' if neg.relative_margin is None else float(neg.relative_margin)}",
+                     f"random_fill={'null' if neg.get('random_fill') is None else int(neg.random_fill)}",
+                     f"seed={int(cfg.beir.seed)}",
                      f"query_max_length={int(cfg.query_max_length)}",
                      f"key_max_length={int(cfg.key_max_length)}", "version=none"]
         mine_cfg = compose("mine", overrides)
@@ -113,7 +115,8 @@ def _step_done(stats_path: str, key: str, output: str | None = None) -> dict[str
 
 def _mine_key(prepared: dict[str, Any], mine_cfg: dict[str, Any]) -> str:
     relevant = {k: mine_cfg.get(k) for k in ("retriever", "model", "hits", "rank_range", "max_neg_num",
-                                            "relative_margin", "key_template", "query_max_length", "key_max_length")}
+                                            "relative_margin", "random_fill", "seed", "key_template", "query_max_length",
+                                            "key_max_length")}
     return fingerprint(prepared["key"], relevant)
 
 
