@@ -183,6 +183,17 @@ def test_random_fill_keeps_queries_that_mining_left_without_negatives(tmp_path, 
         if rec["query"] in kept:
             assert rec["neg_index"][0] == kept[rec["query"]][0]
 
+    # several retrievers: each list is mined unfilled and the merged list is filled, with the same per-query draw
+    # (the same retriever twice merges to its own list, so the result equals the single retriever's)
+    cfg = compose_config("train", ["task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[bm25,bm25]",
+                                   "beir.negatives.hits=1", "beir.negatives.rank_range=[0,1]",
+                                   "beir.negatives.random_fill=2", f"output_dir={tmp_path}/out"])
+    path = mine_negatives(cfg, prepared, str(tmp_path / "mine"))
+    assert path.endswith("train.neg.bm25+bm25.json")
+    assert [json.loads(line) for line in open(path)] == mined["2"]
+    stats = json.loads(open(path[:-len(".json")] + ".stats.json").read())
+    assert stats["records"] == n_train and stats["filled_with_random"] == n_train
+
 
 @pytest.mark.slow
 def test_one_command_from_a_beir_folder_to_an_evaluated_model(tmp_path, tiny_bert, caplog):

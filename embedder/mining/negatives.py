@@ -19,8 +19,9 @@ nothing but positives and near-positives has no negative and leaves training.
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -175,6 +176,44 @@ def fill_with_random(neg_index: list[int], neg: list[str], want: int, candidates
         neg.append(texts[doc])
         added += 1
     return added
+
+
+def fill_block(block: Sequence[tuple[int, Sequence[int], Sequence[str], list[int], list[str]]], corpus,
+               want: int, seed: int) -> tuple[int, int]:
+    """`fill_with_random` for a block of records, in place: each entry is `(record row, pos_index, pos, neg_index,
+    neg)`, and every entry with fewer than `want` negatives gets its own draw (`random_rows`). The drawn texts of the
+    whole block are fetched in one `corpus.take` (a parquet corpus reads each row group once per block).
+
+    Returns `(records filled, negatives added)`."""
+    draws = [(entry, random_rows(len(corpus), int(entry[0]), want - len(entry[4]), len(entry[1]), seed))
+             for entry in block if len(entry[4]) < want]
+    if not draws:
+        return 0, 0
+    texts = corpus.take(np.unique(np.concatenate([rows for _, rows in draws])).tolist())
+    filled = added = 0
+    for (_, pos_index, pos, neg_index, neg), rows in draws:
+        n = fill_with_random(neg_index, neg, want, rows, texts, pos_index, pos)
+        filled += n > 0
+        added += n
+    return filled, added
+
+
+def fill_records(records: Iterable[dict], corpus, want: int, seed: int, counts: Counter) -> Iterator[dict]:
+    """Mined records (one per line of their training file, in its order) with short negative lists filled
+    (`fill_block`, seeded by the line's position as `run_mine` seeds it); a record still without negatives is left
+    out. Counts `filled`, `random negatives` and `no negatives` into `counts`. Streamed in blocks of 1024."""
+    numbered = enumerate(records)
+    while block := list(itertools.islice(numbered, 1024)):
+        entries = [(row, rec.get("pos_index") or [], rec.get("pos") or [], list(rec.get("neg_index") or []),
+                    list(rec.get("neg") or [])) for row, rec in block]
+        filled, added = fill_block(entries, corpus, want, seed)
+        counts["filled"] += filled
+        counts["random negatives"] += added
+        for (_, rec), (_, _, _, neg_index, neg) in zip(block, entries):
+            if not neg:
+                counts["no negatives"] += 1
+                continue
+            yield {**rec, "neg": neg, "neg_index": neg_index}
 
 
 def mined_record(record: dict, neg_index: list[int], neg: list[str]) -> dict:

@@ -33,7 +33,7 @@ from embedder.data.jsonl import write_jsonl_atomic
 from embedder.data.queries import load_queries
 from embedder.distributed import launched_rank
 from embedder.fingerprint import fingerprint
-from embedder.mining.negatives import NegativeRule, fill_with_random, mined_record, random_rows, select_negatives
+from embedder.mining.negatives import NegativeRule, fill_block, mined_record, select_negatives
 from embedder.paths import resolve_files
 from embedder.retrieval.base import search_in_shards
 from embedder.retrieval.build import build_retriever, resolve_instruction
@@ -112,17 +112,11 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
                                                        ranked_scores)
                 dropped.update(why)
                 picked.append((rec, neg_index, neg))
-            if rule.random_fill:  # the short records' random draws are fetched in one read per block
-                short = [(i, random_rows(len(corpus), int(rec.row), rule.random_fill - len(neg), len(rec.pos_index),
-                                         seed)) for i, (rec, _, neg) in enumerate(picked)
-                         if len(neg) < rule.random_fill]
-                drawn = corpus.take(np.unique(np.concatenate([c for _, c in short])).tolist()) if short else {}
-                for i, candidates in short:
-                    rec, neg_index, neg = picked[i]
-                    added = fill_with_random(neg_index, neg, rule.random_fill, candidates, drawn, rec.pos_index,
-                                             rec.pos)
-                    counts["filled"] += added > 0
-                    counts["random negatives"] += added
+            if rule.random_fill:
+                filled, added = fill_block([(rec.row, rec.pos_index, rec.pos, neg_index, neg)
+                                            for rec, neg_index, neg in picked], corpus, rule.random_fill, seed)
+                counts["filled"] += filled
+                counts["random negatives"] += added
             for rec, neg_index, neg in picked:
                 if not neg:
                     counts["no negatives"] += 1

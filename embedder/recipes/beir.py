@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections import Counter
 from collections.abc import Iterator
 from typing import Any
 
@@ -34,11 +35,13 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from embedder.atomic import read_json, write_json
 from embedder.config import CONFIG_DIR, compose
 from embedder.data.beir import prepare_beir, stat_key
+from embedder.data.corpus import open_corpus
 from embedder.data.index_cache import untrained_stores_dir
 from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
 from embedder.distributed import prepare_once
 from embedder.errors import DataError
 from embedder.fingerprint import fingerprint
+from embedder.mining.negatives import fill_records
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
     retrievers = list(neg.retrievers or [])
     if not retrievers:
         return prepared["paths"]["train"]
+    fill = None if neg.get("random_fill") is None else int(neg.random_fill)
     mined, keys = [], []
     for name in retrievers:
         known = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, "retriever")) if f.endswith(".yaml"))
@@ -64,7 +68,9 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
                      f"rank_range=[{int(neg.rank_range[0])},{int(neg.rank_range[1])}]",
                      f"max_neg_num={int(neg.max_neg_num)}",
                      f"relative_margin={'null' if neg.relative_margin is None else float(neg.relative_margin)}",
-                     f"random_fill={'null' if neg.get('random_fill') is None else int(neg.random_fill)}",
+                     # several retrievers: the merged list is filled, not each one (a random passage is not
+                     # interleaved with another retriever's hard negatives)
+                     f"random_fill={'null' if fill is None or len(retrievers) > 1 else fill}",
                      f"seed={int(cfg.beir.seed)}",
                      f"query_max_length={int(cfg.query_max_length)}",
                      f"key_max_length={int(cfg.key_max_length)}", "version=none"]
@@ -93,13 +99,22 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
         return mined[0]
     merged = os.path.join(out_dir, "train.neg." + "+".join(retrievers) + ".json")
     merged_stats = merged[:-len(".json")] + ".stats.json"
-    key = fingerprint(keys, int(neg.max_neg_num))
+    key = fingerprint(keys, int(neg.max_neg_num), fill, int(cfg.beir.seed))
     if _step_done(merged_stats, key, merged):
         log.info("beir: negatives of %s already merged (%s); reusing them", " and ".join(retrievers), merged)
         return merged
-    n = write_jsonl_atomic(merged, merge_negatives(prepared["paths"]["train"], mined, int(neg.max_neg_num)))
-    write_json(merged_stats, {"key": key, "records": n, "from": mined})
-    log.info("beir: merged the negatives of %s into %s (%d records)", " and ".join(retrievers), merged, n)
+    records = merge_negatives(prepared["paths"]["train"], mined, int(neg.max_neg_num), keep_empty=fill is not None)
+    counts: Counter = Counter()
+    if fill is not None:
+        corpus = open_corpus(prepared["paths"]["corpus"], str(cfg.beir.eval_set.key_template))
+        records = fill_records(records, corpus, fill, int(cfg.beir.seed), counts)
+    n = write_jsonl_atomic(merged, records)
+    write_json(merged_stats, {"key": key, "records": n, "from": mined, "filled_with_random": counts["filled"],
+                              "random_negatives": counts["random negatives"],
+                              "skipped_no_negatives": counts["no negatives"]})
+    log.info("beir: merged the negatives of %s into %s (%d records%s)", " and ".join(retrievers), merged, n,
+             f"; {counts['filled']} filled with {counts['random negatives']} random negatives (random_fill={fill}), "
+             f"{counts['no negatives']} with no negatives left" if fill is not None else "")
     return merged
 
 
@@ -120,23 +135,27 @@ def _mine_key(prepared: dict[str, Any], mine_cfg: dict[str, Any]) -> str:
     return fingerprint(prepared["key"], relevant)
 
 
-def merge_negatives(train_path: str, paths: list[str], max_neg_num: int) -> Iterator[dict[str, Any]]:
+def merge_negatives(train_path: str, paths: list[str], max_neg_num: int,
+                    keep_empty: bool = False) -> Iterator[dict[str, Any]]:
     """One record per train query with the negatives of every mined file, alternating (1st of each, 2nd of each,
     ...) and de-duplicated by row, at most `max_neg_num`. Queries a file has no negatives for keep the other files'
-    ones; queries no file has negatives for are left out, as `mine.py` leaves them out.
+    ones; queries no file has negatives for are left out, as `mine.py` leaves them out, or with `keep_empty` kept
+    as their train record with no negatives (for `fill_records`: then there is one record per train line).
 
     Streamed: every mined file lists its queries in `train_path`'s order (mining keeps the input order and only
     drops queries), so one pass over all the files at once pairs them up, holding one record per file."""
-    spine = (str(rec["query_id"]) for _, rec in iter_jsonl(train_path))
     readers = [iter_jsonl(path) for path in paths]
     heads: list[dict[str, Any] | None] = [next(r, (0, None))[1] for r in readers]
-    for qid in spine:
+    for _, train_rec in iter_jsonl(train_path):
+        qid = str(train_rec["query_id"])
         found = []
         for i, head in enumerate(heads):
             if head is not None and str(head["query_id"]) == qid:
                 found.append(head)
                 heads[i] = next(readers[i], (0, None))[1]
         if not found:
+            if keep_empty:
+                yield {**train_rec, "neg": [], "neg_index": []}
             continue
         rows, neg_index, neg = set(), [], []
         for rank in range(max(len(rec["neg_index"]) for rec in found)):
