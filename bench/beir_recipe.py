@@ -74,6 +74,7 @@ VARIANTS = {  # name -> overrides of task=beir
                   "loss.mask_duplicate_keys=true", "model.attention_dropout=null",  # setting plain has: no repeats,
                   "weight_decay=0", "export_state=last"],              # dropout 0.1, no decay, the last state
     "mrl": ["loss.matryoshka_dims=[384,256,128,64]"],                  # Matryoshka (issue 25): use --dims 256 128 64
+    "fill": ["beir.negatives.random_fill=2"],                          # queries BM25 left short get random negatives
 }
 PLAIN_SIDES = ("plain", "plain-inbatch")
 DEV_FRACTION, TEST_FRACTION = 0.1, 0.2
