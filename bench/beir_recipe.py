@@ -283,7 +283,7 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the table of results.json and stop")
     parser.add_argument("--dims", nargs="*", type=int, help="also score test nDCG@10 at these leading sizes (a "
                         "Matryoshka comparison: e.g. --dims 256 128 64 with --only recipe mrl)")
-    parser.add_argument("--rescore", action="store_true", help="score finished runs again with test_ndcg (--only: "
+    parser.add_argument("--rescore", action="store_true", help="score finished runs again with test_ndcg (--data, --only: "
                         "those sides)")
     parser.add_argument("--child-plain", help=argparse.SUPPRESS)  # internal: a plain side's own process
     args = parser.parse_args()
@@ -298,7 +298,10 @@ def main() -> None:
         print(table(results))
         return
     if args.rescore:  # after a change to the scoring: every recorded run's export, scored again
+        wanted = {os.path.basename(os.path.normpath(d)) for d in args.data or []}
         for ds, by_seed in results.items():
+            if wanted and ds not in wanted:  # --data: those datasets only
+                continue
             for seed, runs in by_seed.items():
                 work = os.path.join(args.out, ds, f"seed{seed}")
                 paths = prepared_split(os.path.join(work, "folder"), os.path.join(work, "prepared"))
