@@ -75,6 +75,7 @@ VARIANTS = {  # name -> overrides of task=beir
                   "weight_decay=0", "export_state=last"],              # dropout 0.1, no decay, the last state
     "mrl": ["loss.matryoshka_dims=[384,256,128,64]"],                  # Matryoshka (issue 25): use --dims 256 128 64
     "fill": ["beir.negatives.random_fill=2"],                          # queries BM25 left short get random negatives
+    "remine": ["beir.negatives.remine_after_epochs=[1]"],              # ANCE: epoch 2 on the trained model's negatives
 }
 PLAIN_SIDES = ("plain", "plain-inbatch")
 DEV_FRACTION, TEST_FRACTION = 0.1, 0.2

@@ -109,6 +109,12 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad[ctx.rank * ctx.rows:(ctx.rank + 1) * ctx.rows]  # (N, ...) this rank's shard
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing in a single process)."""
+    if is_distributed():
+        torch.distributed.barrier()
+
+
 def gather_with_grad(t: Tensor) -> Tensor:
     """Concatenate ``t`` from all ranks along dim 0, keeping the autograd graph (identity when not distributed).
 

@@ -477,3 +477,75 @@ def _metrics_rows_at(out):
     (path,) = glob.glob(str(out / "csv" / "version_*" / "metrics.csv"))
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def test_remining_with_the_model_being_trained_reuses_dev_encoding_and_resumes(tmp_path, tiny_bert, caplog,
+                                                                                 monkeypatch):
+    """beir.negatives.remine_after_epochs=[1]: after epoch 1's validation the train queries are ranked with the
+    current weights over dev's corpus stores (only the queries are encoded), the negatives are picked by the same
+    rules (no positives), epoch 2 trains on that file, the checkpoint remembers it, and a resumed run trains on it."""
+    import torch
+
+    from embedder.training import run_train
+
+    folder = write_sample_beir(tmp_path / "beir", n_train=24, n_test=0, with_test=False)
+    overrides = quick_overrides(tmp_path, tiny_bert, [
+        "task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[bm25]", "trainer.max_steps=-1",
+        "trainer.max_epochs=2", "beir.negatives.remine_after_epochs=[1]", "beir.negatives.random_fill=2",
+        "data.group_size=3", "data.batch_size=4", "export=false", "report=false", "evaluate_before=false"])
+    caplog.set_level(logging.INFO)
+    from embedder.data.datamodule import RetrievalDataModule
+
+    loaders = []  # the file each train loader the trainer builds serves
+    build = RetrievalDataModule.train_dataloader
+    monkeypatch.setattr(RetrievalDataModule, "train_dataloader",
+                        lambda self: loaders.append(self.files[0].path) or build(self))
+    run_train(compose(overrides))
+    out = tmp_path / "out"
+    remined = out / "data" / "remine" / "train.neg.epoch1.json"
+    assert loaders == [str(out / "data" / "mine-bm25" / "train.neg.bm25.json"), str(remined)]  # epoch 1, epoch 2
+    records = [json.loads(line) for line in open(remined)]
+    n_train = sum(1 for _ in open(out / "data" / "train.json"))
+    assert len(records) == n_train  # random_fill=2 keeps every query
+    assert all(len(r["neg"]) >= 2 and not set(r["neg_index"]) & set(r["pos_index"]) for r in records)
+    bm25 = {r["query"]: r["neg_index"] for r in map(json.loads, open(out / "data" / "mine-bm25" / "train.neg.bm25.json"))}
+    assert any(r["neg_index"] != bm25.get(r["query"]) for r in records)  # the trained model ranks otherwise
+    assert "re-mining negatives for" in caplog.text and "the next epochs train on" in caplog.text
+    remine_log = caplog.text[caplog.text.index("re-mining negatives for"):]
+    assert "reused from" in remine_log.split("\n")[1]  # dev's corpus stores: only the queries were encoded
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)["callbacks"]
+    (saved,) = [v for k, v in state.items() if "RemineNegatives" in k]
+    assert saved == {"mined": {"1": str(remined)}}
+
+    caplog.clear()  # a resumed run (one more epoch) trains on the re-mined file from its first step
+    loaders.clear()
+    run_train(compose([*overrides, "trainer.max_epochs=3", "ckpt_path=last"]))
+    # (Lightning builds a loader from the original file to size the schedule before callbacks are restored; the
+    # loader the epoch runs on is built after)
+    assert f"the next epochs train on {remined}" in caplog.text and loaders[-1] == str(remined)
+    assert "re-mining negatives for" not in caplog.text  # epoch 1 was re-mined already
+
+
+@pytest.mark.slow
+def test_remining_on_two_ranks(tmp_path, tiny_bert):
+    """Re-mining under DDP (2 gloo processes): both ranks take part in the search over their corpus shards, rank 0
+    writes the file, both train epoch 2 on it; the run ends with the re-mined file recorded in the checkpoint."""
+    import torch
+
+    from embedder.training import run_train
+
+    folder = write_sample_beir(tmp_path / "beir", n_train=24, n_test=0, with_test=False)
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, [
+        "task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[bm25]", "trainer=ddp_sim",
+        "trainer.max_steps=-1", "trainer.max_epochs=2", "beir.negatives.remine_after_epochs=[1]",
+        "beir.negatives.random_fill=2", "data.group_size=3", "data.batch_size=2", "export=false", "report=false",
+        "evaluate_before=false", "callbacks.rich_progress_bar=null"])))
+    out = tmp_path / "out"
+    remined = out / "data" / "remine" / "train.neg.epoch1.json"
+    records = [json.loads(line) for line in open(remined)]
+    assert len(records) == sum(1 for _ in open(out / "data" / "train.json"))
+    assert all(len(r["neg"]) >= 2 and not set(r["neg_index"]) & set(r["pos_index"]) for r in records)
+    state = torch.load(out / "checkpoints" / "last.ckpt", weights_only=False)
+    assert state["global_step"] > 0
+    (saved,) = [v for k, v in state["callbacks"].items() if "RemineNegatives" in k]
+    assert saved == {"mined": {"1": str(remined)}}

@@ -73,7 +73,7 @@ LAYERS = [
     ("record kinds and modeling", {"record_kinds", "modeling"}),
     ("retrieval and scoring", {"retrieval", "scoring"}),
     ("mining, evaluation and the config package", {"mining", "evaluation", "config"}),
-    ("recipes and the training pieces", {"recipes", "lit_module", "checkpoints", "export", "gradcache"}),
+    ("recipes and the training pieces", {"recipes", "lit_module", "checkpoints", "export", "gradcache", "remine"}),
     ("the training loop", {"training"}),
     ("entry points", {"cli", "evaluate"}),
 ]

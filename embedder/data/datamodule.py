@@ -45,6 +45,12 @@ class RetrievalDataModule(LightningDataModule):
         self.eval_sets = list(eval_sets or [])
         self.dataset = MultiTaskTrainDataset(self.files, self.tasks, self.seed) if self.files else None
 
+    def replace_train_files(self, files: list[TrainFile]) -> None:
+        """Train on other files from the next epoch on (re-mined negatives: `embedder.remine`); the trainer must
+        rebuild the train loader then (`reload_dataloaders_every_n_epochs`)."""
+        self.files = list(files)
+        self.dataset = MultiTaskTrainDataset(self.files, self.tasks, self.seed) if self.files else None
+
     def train_dataloader(self) -> DataLoader:
         if self.dataset is None:
             raise ValueError("no training files: set train_data")

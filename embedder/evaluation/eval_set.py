@@ -39,12 +39,14 @@ import shutil
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 
 from embedder.data.corpus import open_corpus, prefixed
 from embedder.data.index_cache import cache_root, untrained_stores_dir
 from embedder.data.jsonl import iter_jsonl
 from embedder.data.kinds import Instruction, RecordKind
+from embedder.distributed import barrier as _barrier
 from embedder.distributed import is_distributed, rank, world_size
 from embedder.evaluation.retrieval import MODES, RetrievalEvaluator
 from embedder.paths import resolve_files
@@ -54,11 +56,6 @@ from embedder.retrieval.encode.predict import encoder_identity
 log = logging.getLogger(__name__)
 
 TRAINED_STORES = "eval-encode"  # work_dir/<this>: the stores of trained weights, deleted at the end of the run
-
-
-def _barrier() -> None:
-    if is_distributed():
-        torch.distributed.barrier()
 
 
 def _all_gather(obj: Any) -> list[Any]:
@@ -171,6 +168,21 @@ class EvalSet:
         return os.path.join(base, f"step-{step}"), {"step": step}, False
 
     def _retrieve(self, encoder, metric: str, step: int | None, ident: dict[str, Any] | None) -> dict:
+        inst = self.instruction
+        _, ids = self._search(encoder, [inst.query + q.text for q in self.evaluator.queries], self.evaluator.hits,
+                              metric, step, ident)
+        return {q.qid: [int(i) for i in row if i >= 0] for q, row in zip(self.evaluator.queries, ids)}
+
+    def search(self, encoder, queries: list[str], hits: int, step: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """`(scores, ids)`, each (Q, hits), of other `queries` (this set's query instruction is prepended) over this
+        set's corpus, through the same stores as `evaluate`: after an evaluation of the same weights the corpus is
+        not encoded again (re-mining with the model being trained uses it). Every rank calls it (DDP)."""
+        ident = encoder_identity(encoder)
+        metric = "cos" if encoder.normalize else "ip"
+        return self._search(encoder, [self.instruction.query + q for q in queries], hits, metric, step, ident)
+
+    def _search(self, encoder, query_texts: list[str], hits: int, metric: str, step: int | None,
+                ident: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
         W, r = world_size(), rank()
         folder, identity, cached = self._stores(ident, step)
         if not cached and ident is None and folder not in self.trained_folders:
@@ -183,15 +195,13 @@ class EvalSet:
             self.trained_folders.add(folder)
         # step folders (ZeRO-3) and the untrained weights' cache are never kept by release_trained_stores
         self.latest_folder = folder if not cached and ident is not None else None
-        inst = self.instruction
-        _, ids = sharded_search(
-            encoder, prefixed(self.corpus, inst.key), [inst.query + q.text for q in self.evaluator.queries], folder,
-            identity, name=self.name, metric=metric, hits=self.evaluator.hits, rank=r, world=W, barrier=_barrier,
+        return sharded_search(
+            encoder, prefixed(self.corpus, self.instruction.key), query_texts, folder,
+            identity, name=self.name, metric=metric, hits=hits, rank=r, world=W, barrier=_barrier,
             all_gather=_all_gather, query_max_length=self.query_max_length, key_max_length=self.key_max_length,
             shard_size=self.shard_size, batch_size=self.batch_size, batch_tokens=self.batch_tokens,
             num_workers=self.num_workers, token_cache=self.token_cache, index_factory=self.index_factory,
             use_gpu=self.use_gpu, search_params=self.search_params, train_sample=self.train_sample)
-        return {q.qid: [int(i) for i in row if i >= 0] for q, row in zip(self.evaluator.queries, ids)}
 
     # ------------------------------------------------------------------------------------------------ rerank
     def _encode_rerank(self, texts: list[str], kind: str):

@@ -198,6 +198,39 @@ def fill_block(block: Sequence[tuple[int, Sequence[int], Sequence[str], list[int
     return filled, added
 
 
+def negatives_for_rankings(queries: Iterable, ids: np.ndarray, scores: np.ndarray, corpus, rule: NegativeRule,
+                           seed: int, dropped: Counter, counts: Counter) -> Iterator[dict]:
+    """The mined records of a whole query file: `queries` (checked `QueryRecord`s, in file order) with their
+    rankings `ids`/`scores` (Q, hits), negatives picked by `rule` (`select_negatives`, then `fill_block` when
+    `rule.random_fill`), each record as `mined_record` writes it; a record left without negatives is not yielded.
+    Drop reasons are counted into `dropped`, and `no negatives`, `filled`, `random negatives` into `counts`.
+
+    Streamed: the candidate texts of a block of 1024 queries are fetched together (a parquet corpus reads each row
+    group once per block), and only that block's records are in memory. Used by `mine.py` and by re-mining with
+    the model being trained."""
+    lo, hi = rule.rank_range
+    block, records = 1024, iter(queries)
+    for start in range(0, len(ids), block):
+        rows, row_scores = ids[start:start + block, :hi], scores[start:start + block, :hi]
+        texts = corpus.take(int(i) for i in np.unique(rows) if i >= 0)
+        picked = []
+        for rec, ranked, ranked_scores in zip(itertools.islice(records, block), rows, row_scores):
+            neg_index, neg, why = select_negatives(ranked, texts, rule, rec.pos_index, rec.pos, rec.answers,
+                                                   ranked_scores)
+            dropped.update(why)
+            picked.append((rec, neg_index, neg))
+        if rule.random_fill:
+            filled, added = fill_block([(rec.row, rec.pos_index, rec.pos, neg_index, neg)
+                                        for rec, neg_index, neg in picked], corpus, rule.random_fill, seed)
+            counts["filled"] += filled
+            counts["random negatives"] += added
+        for rec, neg_index, neg in picked:
+            if not neg:
+                counts["no negatives"] += 1
+                continue
+            yield mined_record(rec.record, neg_index, neg)
+
+
 def fill_records(records: Iterable[dict], corpus, want: int, seed: int, counts: Counter) -> Iterator[dict]:
     """Mined records (one per line of their training file, in its order) with short negative lists filled
     (`fill_block`, seeded by the line's position as `run_mine` seeds it); a record still without negatives is left

@@ -17,14 +17,12 @@ Flow (reference §6.3, with the fixes listed in `negatives.py`):
 from __future__ import annotations
 
 import datetime
-import itertools
 import logging
 import os
 import time
 from collections import Counter
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig
 
 from embedder.atomic import write_json
@@ -33,7 +31,7 @@ from embedder.data.jsonl import write_jsonl_atomic
 from embedder.data.queries import load_queries
 from embedder.distributed import launched_rank
 from embedder.fingerprint import fingerprint
-from embedder.mining.negatives import NegativeRule, fill_block, mined_record, select_negatives
+from embedder.mining.negatives import NegativeRule, negatives_for_rankings
 from embedder.paths import resolve_files
 from embedder.retrieval.base import search_in_shards
 from embedder.retrieval.build import build_retriever, resolve_instruction
@@ -97,34 +95,12 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
     scores, ids = search_in_shards(retriever, len(query_texts), hits, os.path.join(cfg.output_dir, "search", key),
                                    shard_size=int(cfg.query_shard_size))
 
-    # 3. negatives, streamed: records are read back one at a time, and the candidate texts of a block of queries
-    # are fetched together (a parquet corpus then reads each row group once per block)
+    # 3. negatives, streamed (a block of queries at a time)
     dropped, counts = Counter(), Counter()
-
-    def mined_records():
-        block, records = 1024, iter(queries)
-        for start in range(0, len(queries), block):
-            rows, row_scores = ids[start:start + block, :hi], scores[start:start + block, :hi]
-            texts = corpus.take(int(i) for i in np.unique(rows) if i >= 0)
-            picked = []
-            for rec, ranked, ranked_scores in zip(itertools.islice(records, block), rows, row_scores):
-                neg_index, neg, why = select_negatives(ranked, texts, rule, rec.pos_index, rec.pos, rec.answers,
-                                                       ranked_scores)
-                dropped.update(why)
-                picked.append((rec, neg_index, neg))
-            if rule.random_fill:
-                filled, added = fill_block([(rec.row, rec.pos_index, rec.pos, neg_index, neg)
-                                            for rec, neg_index, neg in picked], corpus, rule.random_fill, seed)
-                counts["filled"] += filled
-                counts["random negatives"] += added
-            for rec, neg_index, neg in picked:
-                if not neg:
-                    counts["no negatives"] += 1
-                    continue
-                yield mined_record(rec.record, neg_index, neg)
+    mined_records = negatives_for_rankings(queries, ids, scores, corpus, rule, seed, dropped, counts)
 
     # 4. outputs, each written atomically
-    written = write_jsonl_atomic(out_path, mined_records())
+    written = write_jsonl_atomic(out_path, mined_records)
     no_negatives = counts["no negatives"]
     write_jsonl_atomic(result_path, (
         {"query_id": rec.query_id, "pred": [int(i) for i in row_ids if i >= 0],

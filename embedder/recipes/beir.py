@@ -239,4 +239,23 @@ def prepare(cfg: DictConfig) -> DictConfig:
             kind.losses = [*(kind.get("losses") or []),
                            {"_target_": "embedder.losses.KLDistillLoss", "weight": float(teacher.distill_weight)}]
         cfg.eval = OmegaConf.merge(OmegaConf.create(eval_sets), cfg.get("eval") or {})
+        remine = list(b.negatives.get("remine_after_epochs") or [])
+        if remine:
+            if "dev" not in eval_sets:
+                raise DataError("re-mining ranks the train queries against dev's corpus encoding, and dev is not "
+                                "evaluated", field="beir.negatives.remine_after_epochs",
+                                hint="keep dev in beir.eval_splits, or set beir.negatives.remine_after_epochs=[]")
+            if teacher.get("lm"):
+                raise DataError("re-mined candidates have no teacher scores to distil",
+                                field="beir.negatives.remine_after_epochs",
+                                hint="use either beir.teacher.lm or beir.negatives.remine_after_epochs")
+            neg = b.negatives
+            cfg.callbacks = OmegaConf.merge(cfg.get("callbacks") or {}, {"remine_negatives": {
+                "_target_": "embedder.remine.RemineNegatives", "after_epochs": remine,
+                "queries": run["paths"]["train"], "out_dir": os.path.join(data_dir, "remine"), "eval_set": "dev",
+                "hits": int(neg.hits), "rank_range": [int(neg.rank_range[0]), int(neg.rank_range[1])],
+                "max_neg_num": int(neg.max_neg_num),
+                "relative_margin": None if neg.relative_margin is None else float(neg.relative_margin),
+                "random_fill": None if neg.get("random_fill") is None else int(neg.random_fill),
+                "seed": int(b.seed)}})
     return cfg
