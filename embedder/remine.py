@@ -9,6 +9,10 @@ Cost: the validation that just ran encoded the corpus with these very weights, a
 stores, so re-mining encodes only the training queries and searches them (no corpus pass). Under DDP every rank
 takes part in the search (each searches its own corpus shards, as in evaluation) and rank 0 writes the file.
 
+The learning-rate schedule keeps the length Lightning estimated from the first file: when the re-mined file has
+more records (queries the first mining left without negatives now have some), the extra last steps run at the
+schedule's end value (0), and with fewer the run ends before it decays to 0. `random_fill` keeps the count equal.
+
 Resume: the files mined so far are part of the callback's state, saved in every checkpoint (Lightning runs this
 callback's `on_validation_end` before its checkpoint callbacks'), so a resumed run trains on the file it trained on.
 """
