@@ -54,7 +54,7 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
     retrievers = list(neg.retrievers or [])
     if not retrievers:
         return prepared["paths"]["train"]
-    fill = None if neg.get("random_fill") is None else int(neg.random_fill)
+    fill = _random_fill(neg)
     mined, keys = [], []
     for name in retrievers:
         known = sorted(f[:-5] for f in os.listdir(os.path.join(CONFIG_DIR, "retriever")) if f.endswith(".yaml"))
@@ -126,6 +126,11 @@ def _step_done(stats_path: str, key: str, output: str | None = None) -> dict[str
     stats = read_json(stats_path)
     output = output or stats.get("output") or ""
     return stats if stats.get("key") == key and os.path.isfile(output) else None
+
+
+def _random_fill(neg: DictConfig) -> int | None:
+    """`beir.negatives.random_fill` as mining takes it: an int, or None (off)."""
+    return None if neg.get("random_fill") is None else int(neg.random_fill)
 
 
 def _mine_key(prepared: dict[str, Any], mine_cfg: dict[str, Any]) -> str:
@@ -256,6 +261,6 @@ def prepare(cfg: DictConfig) -> DictConfig:
                 "hits": int(neg.hits), "rank_range": [int(neg.rank_range[0]), int(neg.rank_range[1])],
                 "max_neg_num": int(neg.max_neg_num),
                 "relative_margin": None if neg.relative_margin is None else float(neg.relative_margin),
-                "random_fill": None if neg.get("random_fill") is None else int(neg.random_fill),
+                "random_fill": _random_fill(neg),
                 "seed": int(b.seed)}})
     return cfg
