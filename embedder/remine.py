@@ -54,12 +54,8 @@ class RemineNegatives(Callback):
         self.after_epochs = sorted({int(e) for e in after_epochs})
         if any(e < 1 for e in self.after_epochs):
             raise ValueError(f"after_epochs are 1-based epoch numbers, got {list(after_epochs)}")
-        lo, hi = (list(rank_range) + [None])[:2]
-        hi = int(hits) if hi is None else int(hi)
-        if hi > int(hits):
-            raise ValueError(f"rank_range end {hi} is beyond hits={hits}")
-        self.rule = NegativeRule(rank_range=(int(lo or 0), hi), max_neg_num=int(max_neg_num),
-                                 relative_margin=relative_margin, random_fill=random_fill)
+        self.rule = NegativeRule.for_hits(hits, rank_range, max_neg_num=int(max_neg_num),
+                                          relative_margin=relative_margin, random_fill=random_fill)
         self.queries, self.out_dir, self.eval_set = queries, out_dir, eval_set
         self.hits, self.seed = int(hits), int(seed)
         self.mined: dict[int, str] = {}  # epoch -> the file mined after it (checkpointed)

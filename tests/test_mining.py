@@ -254,6 +254,21 @@ def test_rank_range_beyond_hits_is_an_error(tmp_path):
         run_mine(mine_cfg(tmp_path, ["rank_range=[0,50]", "retriever=bm25"]))
 
 
+def test_rank_range_forms_resolve_to_one_rule_for_mining_and_remining():
+    """`mine.py` and re-mining during training build their rule with one helper: the same forms, the same check."""
+    from embedder.mining.negatives import NegativeRule
+    from embedder.remine import RemineNegatives
+
+    assert NegativeRule.for_hits(100, None).rank_range == (0, 100)
+    assert NegativeRule.for_hits(100, [10]).rank_range == (10, 100)
+    assert NegativeRule.for_hits(100, [10, None]).rank_range == (10, 100)
+    assert NegativeRule.for_hits(100, [3, 60], max_neg_num=7).max_neg_num == 7
+    cb = RemineNegatives([1], "q.json", "out", hits=50, rank_range=[5, 30], random_fill=2)
+    assert cb.rule == NegativeRule.for_hits(50, [5, 30], random_fill=2)
+    with pytest.raises(ValueError, match="beyond hits=20"):
+        RemineNegatives([1], "q.json", "out", hits=20, rank_range=[0, 50])
+
+
 @pytest.mark.slow
 def test_mine_py_defaults_use_the_bundled_sample_and_minilm(tmp_path):
     """`python mine.py` with no arguments: bundled sample data, bundled MiniLM, written under output_dir."""

@@ -23,6 +23,7 @@ import itertools
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -56,6 +57,16 @@ class NegativeRule:
     answer_match: str = "substring"
     relative_margin: float | None = None
     random_fill: int | None = None
+
+    @classmethod
+    def for_hits(cls, hits: int, rank_range: Sequence[int | None] | None, **kwargs: Any) -> NegativeRule:
+        """The rule for rankings of `hits` documents: `rank_range` as a config gives it (`[lo]`, `[lo, hi]`,
+        `hi` null = up to `hits`, or null = all), its end checked against `hits`. `mine.py` and re-mining use it."""
+        lo, hi = (list(rank_range) + [None])[:2] if rank_range is not None else (0, None)
+        hi = int(hits) if hi is None else int(hi)
+        if hi > int(hits):
+            raise ValueError(f"rank_range end {hi} is beyond hits={hits}: retrieve at least that many (hits={hi})")
+        return cls(rank_range=(int(lo or 0), hi), **kwargs)
 
     def __post_init__(self) -> None:
         lo, hi = self.rank_range

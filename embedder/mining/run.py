@@ -62,13 +62,9 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
     (eval_path,) = resolve_files(cfg.input_data, cfg.data_root, what="input_data")
     (corpus_path,) = resolve_files(cfg.corpus, cfg.data_root, what="corpus", allow_dirs=True)
     hits = int(cfg.hits)
-    lo, hi = (list(cfg.rank_range) + [None])[:2] if cfg.rank_range is not None else (0, None)
-    hi = hits if hi is None else int(hi)
-    if hi > hits:
-        raise ValueError(f"rank_range end {hi} is beyond hits={hits}: retrieve at least that many (hits={hi})")
-    rule = NegativeRule(rank_range=(int(lo or 0), hi), max_neg_num=int(cfg.max_neg_num),
-                        filter_answers=bool(cfg.filter_answers), answer_match=cfg.answer_match,
-                        relative_margin=cfg.get("relative_margin"), random_fill=cfg.get("random_fill"))
+    rule = NegativeRule.for_hits(hits, cfg.rank_range, max_neg_num=int(cfg.max_neg_num),
+                                 filter_answers=bool(cfg.filter_answers), answer_match=cfg.answer_match,
+                                 relative_margin=cfg.get("relative_margin"), random_fill=cfg.get("random_fill"))
     seed = int(cfg.get("seed") or 0)
 
     # 1. inputs, checked before any model work
@@ -81,7 +77,7 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
     q_inst, k_inst = resolve_instruction(cfg, task) if cfg.retriever.get("uses_model") else ("", "")
     log.info("mining %s: %d queries against %s (%d documents), retriever=%s, hits=%d, rank_range=[%d, %d), "
              "max_neg_num=%d", eval_path, len(queries), corpus_path, len(corpus), cfg.retriever.name, hits,
-             rule.rank_range[0], hi, rule.max_neg_num)
+             *rule.rank_range, rule.max_neg_num)
 
     # 2. retrieve (resumable)
     if not cfg.retriever.get("uses_model") and launched_rank() > 0:
@@ -114,7 +110,7 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
     }
     meta = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "input_data": eval_path,
             "corpus": corpus_path, "key_template": cfg.key_template, "task": task, "query_instruction": q_inst,
-            "key_instruction": k_inst, "hits": hits, "rank_range": [rule.rank_range[0], hi],
+            "key_instruction": k_inst, "hits": hits, "rank_range": list(rule.rank_range),
             "max_neg_num": rule.max_neg_num, "relative_margin": rule.relative_margin,
             "filter_answers": rule.filter_answers, "answer_match": rule.answer_match,
             "random_fill": rule.random_fill, "seed": seed,
