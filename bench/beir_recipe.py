@@ -76,6 +76,8 @@ VARIANTS = {  # name -> overrides of task=beir
     "mrl": ["loss.matryoshka_dims=[384,256,128,64]"],                  # Matryoshka (issue 25): use --dims 256 128 64
     "fill": ["beir.negatives.random_fill=2"],                          # queries BM25 left short get random negatives
     "remine": ["beir.negatives.remine_after_epochs=[1]"],              # ANCE: epoch 2 on the trained model's negatives
+    "remine10": ["beir.negatives.remine_after_epochs=[1]",            # remine, both minings from rank 10 (fewer
+                 "beir.negatives.rank_range=[10,100]"],                # unlabelled positives among the negatives)
 }
 PLAIN_SIDES = ("plain", "plain-inbatch")
 DEV_FRACTION, TEST_FRACTION = 0.1, 0.2
@@ -268,6 +270,15 @@ def _plain_side(name: str) -> str | None:
 
 
 def _save(results: dict, out: str, path: str) -> None:
+    """Write `results`, merged into the file as it is now: rows another process (another `--only` on the same
+    `--out`) wrote since this one started are kept."""
+    if os.path.isfile(path):
+        with open(path) as f:
+            on_disk = json.load(f)
+        for ds, by_split in on_disk.items():
+            for sp, runs in by_split.items():
+                for name, row in runs.items():
+                    results.setdefault(ds, {}).setdefault(sp, {}).setdefault(name, row)
     with tempfile.NamedTemporaryFile("w", dir=out, delete=False) as f:
         json.dump(results, f, indent=1)
     os.replace(f.name, path)
