@@ -430,3 +430,22 @@ def test_an_unwritable_token_cache_warns_once_and_encodes(encoder, tmp_path, mon
         encode_to_stores(encoder, [_job(tmp_path / "b")], _trainer(), batch_size=4, token_cache=False)
     assert caplog.text.count("could not cache token ids") == 1
     np.testing.assert_array_equal(load_encode(str(tmp_path / "a")), load_encode(str(tmp_path / "b")))
+
+
+def test_sharded_search_in_query_chunks_equals_one_search(encoder, tmp_path):
+    """Queries are searched and merged a chunk at a time (re-mining 500k training queries never holds them all at
+    once): chunks of 3 over query shards of 4 give the one-chunk ranking exactly, over a 2-shard corpus."""
+    from embedder.retrieval.dense import sharded_search
+
+    corpus = [f"passage {i} about {'alpha beta gamma delta'.split()[i % 4]} and item {i * 7}" for i in range(11)]
+    queries = [f"which item is {i * 7} about {'alpha beta gamma'.split()[i % 3]}" for i in range(10)]
+    common = dict(identity={"test": 1}, name="t", metric="cos", hits=5, rank=0, world=1, barrier=lambda: None,
+                  all_gather=lambda x: [x], shard_size=4, batch_size=4)
+    one_scores, one_ids = sharded_search(encoder, corpus, queries, str(tmp_path / "a"), **common)
+    scores, ids = sharded_search(encoder, corpus, queries, str(tmp_path / "b"), query_chunk=3, **common)
+    assert one_ids.shape == (10, 5) and (one_ids >= 0).all()
+    np.testing.assert_array_equal(ids, one_ids)
+    np.testing.assert_array_equal(scores, one_scores)
+    expected = np.argsort(-(encoder.encode_texts(queries, kind="query").numpy() @
+                            encoder.encode_texts(corpus, kind="key").numpy().T), axis=1, kind="stable")[:, :5]
+    assert (ids[:, 0] == expected[:, 0]).mean() >= 0.9  # the search ranks by the model's own similarity

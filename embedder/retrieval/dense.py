@@ -245,12 +245,13 @@ def sharded_search(encoder: Any, corpus_texts: Sequence[str], queries: Sequence[
                    key_max_length: int = 256, shard_size: int = 100_000, batch_size: int = 128,
                    batch_tokens: int | str = "auto", num_workers: int = 0, token_cache: bool = True,
                    index_factory: str = "Flat", use_gpu: bool | str = "auto", search_params: dict | None = None,
-                   train_sample: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+                   train_sample: int = 100_000, query_chunk: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
     """`(scores, ids)`, each (Q, hits), of `queries` (instruction included) over `corpus_texts` (likewise), the same
     on every rank: the per-rank shard strategy of the module docstring. Stores go under `folder` (their names
     hash the texts and `identity`, so finished shards are reused); every rank runs the same number of forward
     passes (ZeRO-3), and 1 or W ranks give the same ranking (ties broken by id). `ids` are corpus rows, -1 where
-    fewer than `hits` exist."""
+    fewer than `hits` exist. `query_chunk`: queries searched and merged across ranks at a time (bounds the memory
+    of the search and of the gather to that many queries)."""
     jobs = [EncodeJob(f"{name} corpus", corpus_texts, "", kind="key", max_length=key_max_length,
                       shard_size=shard_size, identity=identity),
             EncodeJob(f"{name} queries", queries, "", kind="query", max_length=query_max_length,
@@ -274,9 +275,8 @@ def sharded_search(encoder: Any, corpus_texts: Sequence[str], queries: Sequence[
     barrier()  # every shard is on disk
 
     corpus_store, query_store = (EmbeddingStore(j.store_path) for j in jobs)
-    q_emb = query_store.load()  # (Q, D): the queries are few
     mine = [s for s in range(corpus_store.num_shards) if s % world == rank]
-    t0, t_index, n_rows = time.monotonic(), 0.0, 0
+    t0, t_index, n_rows, index = time.monotonic(), 0.0, 0, None
     if mine:
         index = FaissIndex(index_factory, metric, use_gpu=use_gpu, search_params=search_params)
         # one shard in memory at a time besides the index: the first trains it (IVF/PQ), each is then added
@@ -286,16 +286,29 @@ def sharded_search(encoder: Any, corpus_texts: Sequence[str], queries: Sequence[
         t_index, n_rows = time.monotonic() - t0, index.ntotal
         rows = np.concatenate([np.arange(corpus_store.shard_rows(s).start, corpus_store.shard_rows(s).stop)
                                for s in mine])
-        scores, local = index.search(q_emb, hits)  # (Q, hits)
-        ids = np.where(local < 0, -1, rows[np.maximum(local, 0)])
-        del index
-    else:  # more ranks than shards
-        scores = np.full((len(q_emb), hits), np.inf if metric == "l2" else -np.inf, np.float32)
-        ids = np.full((len(q_emb), hits), -1, np.int64)
-    scores, ids = merge_topk(all_gather((scores, ids)), hits, metric)  # (Q, hits)
+    # The queries are searched and merged a chunk at a time: many queries (re-mining 500k training queries on 8
+    # ranks) never put all their embeddings, nor 8 ranks' candidates for all of them, in one rank's memory; only the
+    # merged (Q, hits) result grows with Q, as mine.py's. Every rank runs the same chunks (one all_gather each).
+    all_scores, all_ids = [], []
+    for qs in range(query_store.num_shards):
+        q_shard = query_store.read_shard(qs, mmap=True)  # (shard rows, D)
+        for a in range(0, len(q_shard), query_chunk):
+            q_emb = np.ascontiguousarray(q_shard[a:a + query_chunk])  # (chunk, D)
+            if index is not None:
+                scores, local = index.search(q_emb, hits)  # (chunk, hits)
+                ids = np.where(local < 0, -1, rows[np.maximum(local, 0)])
+            else:  # more ranks than shards
+                scores = np.full((len(q_emb), hits), np.inf if metric == "l2" else -np.inf, np.float32)
+                ids = np.full((len(q_emb), hits), -1, np.int64)
+            scores, ids = merge_topk(all_gather((scores, ids)), hits, metric)  # (chunk, hits)
+            all_scores.append(scores)
+            all_ids.append(ids)
+    del index
+    scores = np.concatenate(all_scores) if all_scores else np.zeros((0, hits), np.float32)  # (Q, hits)
+    ids = np.concatenate(all_ids) if all_ids else np.zeros((0, hits), np.int64)
     log.info("eval %s rank %d/%d: encoded %d shard(s) in %.1f s, indexed %d rows in %.1f s, searched %d queries in "
              "%.1f s, peak RSS %.0f MB", name, rank, world, len(units_per_rank[rank]), t_encode, n_rows, t_index,
-             len(q_emb), time.monotonic() - t0 - t_index, peak_rss_gib() * 1024)
+             len(ids), time.monotonic() - t0 - t_index, peak_rss_gib() * 1024)
     return scores, ids
 
 
