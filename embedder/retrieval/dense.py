@@ -4,8 +4,9 @@ encode -> index -> search path of the package, with two ways to spread it over r
 - `DenseRetriever` (mining, `embedder.evaluate`): the ranks of a Lightning predict job encode the stores, rank 0
   builds one index (saved and reused) and searches; `search_in_shards` makes the search resumable.
 - `sharded_search` (evaluation inside a training job, whose ranks already run in lockstep): each rank encodes
-  the store shards `s % W == rank`, indexes its own corpus shards and searches every query; the per-rank top-k
-  lists are all-gathered and merged, so no rank holds more than 1/W of the corpus embeddings.
+  the store shards `s % W == rank`, indexes its own corpus shards and searches every query, 16,384 queries at a
+  time; each chunk's per-rank top-k lists are all-gathered and merged, so no rank holds more than 1/W of the
+  corpus embeddings, nor more than one chunk of query embeddings and gathered candidates.
 
 Folders under `work_dir` (reused by any later run with the same model and texts):
 
