@@ -76,6 +76,8 @@ VARIANTS = {  # name -> overrides of task=beir
     "mrl": ["loss.matryoshka_dims=[384,256,128,64]"],                  # Matryoshka (issue 25): use --dims 256 128 64
     "fill": ["beir.negatives.random_fill=2"],                          # queries BM25 left short get random negatives
     "remine": ["beir.negatives.remine_after_epochs=[1]"],              # ANCE: epoch 2 on the trained model's negatives
+    "reminemerge": ["beir.negatives.remine_after_epochs=[1]",         # remine, epoch 2's negatives alternating
+                    "beir.negatives.remine_merge=true"],               # with BM25's (re-mined first)
     "remine10": ["beir.negatives.remine_after_epochs=[1]",            # remine, both minings from rank 10 (fewer
                  "beir.negatives.rank_range=[10,100]"],                # unlabelled positives among the negatives)
 }

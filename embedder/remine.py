@@ -31,7 +31,7 @@ from embedder.data.jsonl import write_jsonl_atomic
 from embedder.data.queries import load_queries
 from embedder.data.train_files import load_train_file
 from embedder.distributed import barrier, rank
-from embedder.mining.negatives import NegativeRule, negatives_for_rankings
+from embedder.mining.negatives import NegativeRule, merge_negatives, negatives_for_rankings
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +46,22 @@ class RemineNegatives(Callback):
         out_dir: where the re-mined files go.
         eval_set: the evaluation set whose corpus (and stores, and instructions) the queries are ranked against.
         hits, rank_range, max_neg_num, relative_margin, random_fill, seed: as in `mine.py` (`NegativeRule`).
+        merge_with: the file mined before training (e.g. BM25's): each query's re-mined negatives alternate with its
+            negatives there (re-mined first, de-duplicated, at most `max_neg_num`: `merge_negatives`, as
+            `beir.negatives.retrievers=[bm25,dense]` merges two miners); None = the re-mined negatives alone.
     """
 
     def __init__(self, after_epochs: Sequence[int], queries: str, out_dir: str, eval_set: str = "dev",
                  hits: int = 100, rank_range: Sequence[int | None] = (0, None), max_neg_num: int = 100,
-                 relative_margin: float | None = None, random_fill: int | None = None, seed: int = 42):
+                 relative_margin: float | None = None, random_fill: int | None = None, seed: int = 42,
+                 merge_with: str | None = None):
         self.after_epochs = sorted({int(e) for e in after_epochs})
         if any(e < 1 for e in self.after_epochs):
             raise ValueError(f"after_epochs are 1-based epoch numbers, got {list(after_epochs)}")
         self.rule = NegativeRule.for_hits(hits, rank_range, max_neg_num=int(max_neg_num),
                                           relative_margin=relative_margin, random_fill=random_fill)
         self.queries, self.out_dir, self.eval_set = queries, out_dir, eval_set
-        self.hits, self.seed = int(hits), int(seed)
+        self.hits, self.seed, self.merge_with = int(hits), int(seed), merge_with
         self.mined: dict[int, str] = {}  # epoch -> the file mined after it (checkpointed)
 
     # ------------------------------------------------------------------------------------------ Lightning hooks
@@ -101,8 +105,13 @@ class RemineNegatives(Callback):
         path = os.path.join(self.out_dir, f"train.neg.epoch{epoch}.json")
         if rank() == 0:
             dropped, counts = Counter(), Counter()
-            written = write_jsonl_atomic(path, negatives_for_rankings(queries, ids, scores, es.corpus, self.rule,
-                                                                      self.seed, dropped, counts))
+            remined = path if self.merge_with is None else os.path.splitext(path)[0] + ".remined.json"
+            written = write_jsonl_atomic(remined, negatives_for_rankings(queries, ids, scores, es.corpus, self.rule,
+                                                                         self.seed, dropped, counts))
+            if self.merge_with is not None:
+                merged = write_jsonl_atomic(path, merge_negatives(self.queries, [remined, self.merge_with],
+                                                                  self.rule.max_neg_num))
+                log.info("merged the re-mined negatives with those of %s: %d records", self.merge_with, merged)
             filled = (f", {counts['filled']} filled with {counts['random negatives']} random negatives"
                       if self.rule.random_fill else "")
             log.info("re-mined %d of %d queries into %s (%d with no negatives left%s); dropped candidates: %s",

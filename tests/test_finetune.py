@@ -13,8 +13,7 @@ import pytest
 
 from embedder.data.beir import prepare_beir, split_query_ids
 from embedder.errors import DataError
-from embedder.mining.negatives import NegativeRule, fill_with_random, random_rows, select_negatives
-from embedder.recipes.beir import merge_negatives
+from embedder.mining.negatives import NegativeRule, fill_with_random, merge_negatives, random_rows, select_negatives
 from tests.conftest import compose, quick_overrides
 from tests.test_train import _metrics_rows
 
@@ -524,6 +523,34 @@ def test_remining_with_the_model_being_trained_reuses_dev_encoding_and_resumes(t
     # loader the epoch runs on is built after)
     assert f"the next epochs train on {remined}" in caplog.text and loaders[-1] == str(remined)
     assert "re-mining negatives for" not in caplog.text  # epoch 1 was re-mined already
+
+
+def test_remining_merged_with_the_first_minings_negatives(tmp_path, tiny_bert):
+    """beir.negatives.remine_merge=true: epoch 2's file alternates each query's re-mined negatives (first) with its
+    BM25 ones, de-duplicated and capped at max_neg_num; the re-mined list alone is kept beside it."""
+    from embedder.training import run_train
+
+    folder = write_sample_beir(tmp_path / "beir", n_train=24, n_test=0, with_test=False)
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, [
+        "task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[bm25]", "trainer.max_steps=-1",
+        "trainer.max_epochs=2", "beir.negatives.remine_after_epochs=[1]", "beir.negatives.remine_merge=true",
+        "beir.negatives.max_neg_num=6", "data.group_size=3", "data.batch_size=4", "export=false", "report=false",
+        "evaluate_before=false"])))
+    out = tmp_path / "out" / "data"
+    read = lambda p: {r["query_id"]: r for r in map(json.loads, open(p))}  # noqa: E731
+    merged, remined = read(out / "remine" / "train.neg.epoch1.json"), read(out / "remine" / "train.neg.epoch1.remined.json")
+    bm25 = read(out / "mine-bm25" / "train.neg.bm25.json")
+    assert set(merged) == set(remined) | set(bm25)
+    for qid, rec in merged.items():
+        a, b = remined.get(qid, {}).get("neg_index", []), bm25.get(qid, {}).get("neg_index", [])
+        expected = []
+        for i in range(max(len(a), len(b))):
+            for row in (a[i:i + 1] + b[i:i + 1]):
+                if row not in expected and len(expected) < 6:
+                    expected.append(row)
+        assert rec["neg_index"] == expected
+        assert not set(rec["neg_index"]) & set(rec["pos_index"])
+    assert any(set(r["neg_index"]) - set(bm25.get(q, {}).get("neg_index", [])) for q, r in merged.items())
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ nothing but positives and near-positives has no negative and leaves training.
 from __future__ import annotations
 
 import itertools
+import os
 from collections import Counter
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,6 +28,8 @@ from typing import Any
 
 import numpy as np
 
+from embedder.data.jsonl import iter_jsonl
+from embedder.errors import DataError
 from embedder.retrieval.nq_answer import has_answer
 
 
@@ -266,3 +269,39 @@ def mined_record(record: dict, neg_index: list[int], neg: list[str]) -> dict:
     out["neg"] = neg
     out["neg_index"] = neg_index
     return out
+
+
+def merge_negatives(train_path: str, paths: list[str], max_neg_num: int,
+                    keep_empty: bool = False) -> Iterator[dict[str, Any]]:
+    """One record per train query with the negatives of every mined file, alternating (1st of each, 2nd of each,
+    ...) and de-duplicated by row, at most `max_neg_num`. Queries a file has no negatives for keep the other files'
+    ones; queries no file has negatives for are left out, as `mine.py` leaves them out, or with `keep_empty` kept
+    as their train record with no negatives (for `fill_records`: then there is one record per train line).
+
+    Streamed: every mined file lists its queries in `train_path`'s order (mining keeps the input order and only
+    drops queries), so one pass over all the files at once pairs them up, holding one record per file."""
+    readers = [iter_jsonl(path) for path in paths]
+    heads: list[dict[str, Any] | None] = [next(r, (0, None))[1] for r in readers]
+    for _, train_rec in iter_jsonl(train_path):
+        qid = str(train_rec["query_id"])
+        found = []
+        for i, head in enumerate(heads):
+            if head is not None and str(head["query_id"]) == qid:
+                found.append(head)
+                heads[i] = next(readers[i], (0, None))[1]
+        if not found:
+            if keep_empty:
+                yield {**train_rec, "neg": [], "neg_index": []}
+            continue
+        rows, neg_index, neg = set(), [], []
+        for rank in range(max(len(rec["neg_index"]) for rec in found)):
+            for rec in found:
+                if rank < len(rec["neg_index"]) and rec["neg_index"][rank] not in rows and len(neg) < max_neg_num:
+                    rows.add(rec["neg_index"][rank])
+                    neg_index.append(rec["neg_index"][rank])
+                    neg.append(rec["neg"][rank])
+        yield {**found[0], "neg": neg, "neg_index": neg_index}
+    left = [path for path, head in zip(paths, heads) if head is not None]
+    if left:  # a query out of order or not in the train file: the files were not mined from this train file
+        raise DataError("mined negatives out of step with the train file", path=left[0],
+                        hint=f"delete {os.path.dirname(left[0])} and run again; it is mined again from {train_path}")

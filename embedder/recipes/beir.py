@@ -27,7 +27,6 @@ import logging
 import os
 import shutil
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -37,11 +36,11 @@ from embedder.config import CONFIG_DIR, compose
 from embedder.data.beir import prepare_beir, stat_key
 from embedder.data.corpus import open_corpus
 from embedder.data.index_cache import untrained_stores_dir
-from embedder.data.jsonl import iter_jsonl, write_jsonl_atomic
+from embedder.data.jsonl import write_jsonl_atomic
 from embedder.distributed import prepare_once
 from embedder.errors import DataError
 from embedder.fingerprint import fingerprint
-from embedder.mining.negatives import fill_records
+from embedder.mining.negatives import fill_records, merge_negatives
 
 log = logging.getLogger(__name__)
 
@@ -140,42 +139,6 @@ def _mine_key(prepared: dict[str, Any], mine_cfg: dict[str, Any]) -> str:
     return fingerprint(prepared["key"], relevant)
 
 
-def merge_negatives(train_path: str, paths: list[str], max_neg_num: int,
-                    keep_empty: bool = False) -> Iterator[dict[str, Any]]:
-    """One record per train query with the negatives of every mined file, alternating (1st of each, 2nd of each,
-    ...) and de-duplicated by row, at most `max_neg_num`. Queries a file has no negatives for keep the other files'
-    ones; queries no file has negatives for are left out, as `mine.py` leaves them out, or with `keep_empty` kept
-    as their train record with no negatives (for `fill_records`: then there is one record per train line).
-
-    Streamed: every mined file lists its queries in `train_path`'s order (mining keeps the input order and only
-    drops queries), so one pass over all the files at once pairs them up, holding one record per file."""
-    readers = [iter_jsonl(path) for path in paths]
-    heads: list[dict[str, Any] | None] = [next(r, (0, None))[1] for r in readers]
-    for _, train_rec in iter_jsonl(train_path):
-        qid = str(train_rec["query_id"])
-        found = []
-        for i, head in enumerate(heads):
-            if head is not None and str(head["query_id"]) == qid:
-                found.append(head)
-                heads[i] = next(readers[i], (0, None))[1]
-        if not found:
-            if keep_empty:
-                yield {**train_rec, "neg": [], "neg_index": []}
-            continue
-        rows, neg_index, neg = set(), [], []
-        for rank in range(max(len(rec["neg_index"]) for rec in found)):
-            for rec in found:
-                if rank < len(rec["neg_index"]) and rec["neg_index"][rank] not in rows and len(neg) < max_neg_num:
-                    rows.add(rec["neg_index"][rank])
-                    neg_index.append(rec["neg_index"][rank])
-                    neg.append(rec["neg"][rank])
-        yield {**found[0], "neg": neg, "neg_index": neg_index}
-    left = [path for path, head in zip(paths, heads) if head is not None]
-    if left:  # a query out of order or not in the train file: the files were not mined from this train file
-        raise DataError("mined negatives out of step with the train file", path=left[0],
-                        hint=f"delete {os.path.dirname(left[0])} and run again; it is mined again from {train_path}")
-
-
 def score_candidates(cfg: DictConfig, train_file: str, out_dir: str) -> str:
     """Step 3: teacher scores for `train_file` with the LM `beir.teacher.lm`; returns the scored file (or
     `train_file` itself when there is no teacher). Reused when the input and the teacher settings are unchanged;
@@ -262,5 +225,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
                 "max_neg_num": int(neg.max_neg_num),
                 "relative_margin": None if neg.relative_margin is None else float(neg.relative_margin),
                 "random_fill": _random_fill(neg),
-                "seed": int(b.seed)}})
+                "seed": int(b.seed),
+                # the re-mined negatives alternate with the first mining's (none to merge without a retriever)
+                "merge_with": run["train_file"] if neg.get("remine_merge") and list(neg.retrievers) else None}})
     return cfg
