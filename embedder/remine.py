@@ -108,14 +108,14 @@ class RemineNegatives(Callback):
             remined = path if self.merge_with is None else os.path.splitext(path)[0] + ".remined.json"
             written = write_jsonl_atomic(remined, negatives_for_rankings(queries, ids, scores, es.corpus, self.rule,
                                                                          self.seed, dropped, counts))
-            if self.merge_with is not None:
-                merged = write_jsonl_atomic(path, merge_negatives(self.queries, [remined, self.merge_with],
-                                                                  self.rule.max_neg_num))
-                log.info("merged the re-mined negatives with those of %s: %d records", self.merge_with, merged)
             filled = (f", {counts['filled']} filled with {counts['random negatives']} random negatives"
                       if self.rule.random_fill else "")
             log.info("re-mined %d of %d queries into %s (%d with no negatives left%s); dropped candidates: %s",
-                     written, len(queries), path, counts["no negatives"], filled, dict(dropped) or "none")
+                     written, len(queries), remined, counts["no negatives"], filled, dict(dropped) or "none")
+            if self.merge_with is not None:
+                merged = write_jsonl_atomic(path, merge_negatives(self.queries, [remined, self.merge_with],
+                                                                  self.rule.max_neg_num))
+                log.info("merged them with the negatives of %s into %s: %d records", self.merge_with, path, merged)
         barrier()  # the file is written before any rank reads it
         return path
 
