@@ -245,6 +245,43 @@ def test_mining_without_the_margin_filter(tmp_path):
     assert kept["null"] > kept["0.05"] > 0
 
 
+def test_an_open_ended_rank_range_reaches_mining(tmp_path):
+    """beir.negatives.rank_range=[3, null] (to the last hit, as mine.py takes it) mines from rank 3 to `hits`; it
+    stopped the run with a TypeError (int(None)) before."""
+    from embedder.config import compose as compose_config
+    from embedder.recipes.beir import mine_negatives
+
+    folder = write_sample_beir(tmp_path / "beir")
+    prepared = prepare_beir(folder, str(tmp_path / "prepared"))
+    cfg = compose_config("train", ["task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[bm25]",
+                                   "beir.negatives.rank_range=[3,null]", "beir.negatives.hits=20",
+                                   f"output_dir={tmp_path}/out"])
+    mined = mine_negatives(cfg, prepared, str(tmp_path / "mine"))
+    meta = json.load(open(os.path.join(os.path.dirname(mined), "train.neg.bm25.meta.json")))
+    assert meta["rank_range"] == [3, 20] and sum(len(json.loads(line)["neg"]) for line in open(mined)) > 0
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["beir.negatives.remine_merge=true"], "nothing is re-mined"),
+    (["beir.negatives.remine_after_epochs=[1]", "beir.eval_splits=[test]"], "dev is not evaluated"),
+    (["beir.negatives.remine_after_epochs=[1]", "beir.teacher.lm=smollm2"], "no teacher scores to distil"),
+    (["beir.negatives.remine_after_epochs=[1]", "beir.negatives.remine_merge=true", "beir.negatives.retrievers=[]"],
+     "retrievers=\\[\\] mined none"),
+])
+def test_re_mining_settings_that_cannot_work_are_refused_before_mining(tmp_path, overrides, message):
+    """Each conflicting re-mining setting stops the run with a DataError naming the field, before anything is
+    prepared or mined (mining a large folder takes an hour)."""
+    from embedder.config import compose as compose_config
+    from embedder.recipes.beir import prepare
+
+    folder = write_sample_beir(tmp_path / "beir")
+    cfg = compose_config("train", ["task=beir", f"beir.folder={folder}", f"output_dir={tmp_path}/out", *overrides])
+    with pytest.raises(DataError, match=message) as info:
+        prepare(cfg)
+    assert info.value.field.startswith("beir.negatives.")
+    assert not (tmp_path / "out" / "data").exists()
+
+
 def test_a_teacher_scores_the_candidates_and_training_distils_them(tmp_path, tiny_bert, caplog, monkeypatch):
     """beir.teacher.lm: the mined candidates get the LM's query likelihoods (positives first, cut to max_candidates),
     the beir kind's distillation weight is set, a rerun reuses the scores and new teacher settings rescore. Rank 0

@@ -64,7 +64,7 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
         overrides = [f"retriever={name}", f"input_data={prepared['paths']['train']}",
                      f"corpus={prepared['paths']['corpus']}", f"output_dir={folder}", "save_to_output=true",
                      f"save_name={name}", f"hits={int(neg.hits)}",
-                     f"rank_range=[{int(neg.rank_range[0])},{int(neg.rank_range[1])}]",
+                     f"rank_range=[{_rank_range_override(neg.rank_range)}]",
                      f"max_neg_num={int(neg.max_neg_num)}",
                      f"relative_margin={'null' if neg.relative_margin is None else float(neg.relative_margin)}",
                      # several retrievers: the merged list is filled, not each one (a random passage is not
@@ -127,6 +127,11 @@ def _step_done(stats_path: str, key: str, output: str | None = None) -> dict[str
     return stats if stats.get("key") == key and os.path.isfile(output) else None
 
 
+def _rank_range_override(rank_range: Any) -> str:
+    """`beir.negatives.rank_range` as mine.py's override text: `[3, 100]`, `[3]` or `[3, null]` (to the last hit)."""
+    return ",".join("null" if v is None else str(int(v)) for v in list(rank_range))
+
+
 def _random_fill(neg: DictConfig) -> int | None:
     """`beir.negatives.random_fill` as mining takes it: an int, or None (off)."""
     return None if neg.get("random_fill") is None else int(neg.random_fill)
@@ -168,6 +173,27 @@ def score_candidates(cfg: DictConfig, train_file: str, out_dir: str) -> str:
     return result["output"]
 
 
+def _check_remining(b: DictConfig) -> None:
+    """Refuse the re-mining settings that cannot work, before anything is mined (an hour on a large folder)."""
+    neg, field = b.negatives, "beir.negatives.remine_after_epochs"
+    if not list(neg.get("remine_after_epochs") or []):
+        if neg.get("remine_merge"):
+            raise DataError("remine_merge=true merges the re-mined negatives, and nothing is re-mined",
+                            field="beir.negatives.remine_merge",
+                            hint="set beir.negatives.remine_after_epochs (e.g. [1]), or remine_merge=false")
+        return
+    if "dev" not in list(b.get("eval_splits") or []):
+        raise DataError("re-mining ranks the train queries against dev's corpus encoding, and dev is not evaluated",
+                        field=field, hint="keep dev in beir.eval_splits, or set beir.negatives.remine_after_epochs=[]")
+    if (b.get("teacher") or {}).get("lm"):
+        raise DataError("re-mined candidates have no teacher scores to distil", field=field,
+                        hint="use either beir.teacher.lm or beir.negatives.remine_after_epochs")
+    if neg.get("remine_merge") and not list(neg.retrievers or []):
+        raise DataError("remine_merge=true alternates the re-mined negatives with the first mining's, and "
+                        "retrievers=[] mined none", field="beir.negatives.remine_merge",
+                        hint="set beir.negatives.retrievers (e.g. [bm25]), or remine_merge=false")
+
+
 def prepare(cfg: DictConfig) -> DictConfig:
     """task=beir's `prepare` stage (configs/task/beir.yaml lists it): steps 1 to 3 for `cfg.beir.folder`, then
     `train_data` and the `eval` sets (dev, and test when present) filled in from the prepared files.
@@ -180,6 +206,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
         raise DataError("task=beir needs the BEIR folder", field="beir.folder",
                         hint="python train.py task=beir beir.folder=<folder with corpus.jsonl, queries.jsonl, "
                              "qrels/train.tsv> (or make finetune DATA=<folder>)")
+    _check_remining(b)
     data_dir = os.path.join(cfg.output_dir, "data")
     key = fingerprint(OmegaConf.to_container(b, resolve=True), OmegaConf.to_container(cfg.model, resolve=True),
                       cfg.query_max_length, cfg.key_max_length)
@@ -209,23 +236,20 @@ def prepare(cfg: DictConfig) -> DictConfig:
         cfg.eval = OmegaConf.merge(OmegaConf.create(eval_sets), cfg.get("eval") or {})
         remine = list(b.negatives.get("remine_after_epochs") or [])
         if remine:
-            if "dev" not in eval_sets:
-                raise DataError("re-mining ranks the train queries against dev's corpus encoding, and dev is not "
-                                "evaluated", field="beir.negatives.remine_after_epochs",
-                                hint="keep dev in beir.eval_splits, or set beir.negatives.remine_after_epochs=[]")
-            if teacher.get("lm"):
-                raise DataError("re-mined candidates have no teacher scores to distil",
-                                field="beir.negatives.remine_after_epochs",
-                                hint="use either beir.teacher.lm or beir.negatives.remine_after_epochs")
+            if "dev" not in eval_sets:  # asked for, but the folder gave no dev split (dev_fraction=0)
+                raise DataError("re-mining ranks the train queries against dev's corpus encoding, and there is no "
+                                "dev split", field="beir.negatives.remine_after_epochs",
+                                hint="set beir.dev_fraction > 0 or add qrels/dev.tsv, or set "
+                                     "beir.negatives.remine_after_epochs=[]")
             neg = b.negatives
             cfg.callbacks = OmegaConf.merge(cfg.get("callbacks") or {}, {"remine_negatives": {
                 "_target_": "embedder.remine.RemineNegatives", "after_epochs": remine,
                 "queries": run["paths"]["train"], "out_dir": os.path.join(data_dir, "remine"), "eval_set": "dev",
-                "hits": int(neg.hits), "rank_range": [int(neg.rank_range[0]), int(neg.rank_range[1])],
+                "hits": int(neg.hits), "rank_range": list(neg.rank_range),
                 "max_neg_num": int(neg.max_neg_num),
                 "relative_margin": None if neg.relative_margin is None else float(neg.relative_margin),
                 "random_fill": _random_fill(neg),
                 "seed": int(b.seed),
                 # the re-mined negatives alternate with the first mining's (none to merge without a retriever)
-                "merge_with": run["train_file"] if neg.get("remine_merge") and list(neg.retrievers) else None}})
+                "merge_with": run["train_file"] if neg.get("remine_merge") else None}})
     return cfg
