@@ -73,6 +73,9 @@ VARIANTS = {  # name -> overrides of task=beir
                   "beir.negatives.rank_range=[10,60]", "beir.negatives.max_neg_num=3",  # plainneg, and every other
                   "loss.mask_duplicate_keys=true", "model.attention_dropout=null",  # setting plain has: no repeats,
                   "weight_decay=0", "export_state=last"],              # dropout 0.1, no decay, the last state
+    "gte": ["loss.directions=[query_to_doc,query_to_query,doc_to_query,doc_to_doc]"],  # GTE's improved contrastive
+    "dense4gte": ["beir.negatives.retrievers=[dense]", "data.group_size=4",  # loss (all four directions), and
+                  "loss.directions=[query_to_doc,query_to_query,doc_to_query,doc_to_doc]"],  # the same with dense4
     "mrl": ["loss.matryoshka_dims=[384,256,128,64]"],                  # Matryoshka (issue 25): use --dims 256 128 64
     "fill": ["beir.negatives.random_fill=2"],                          # queries BM25 left short get random negatives
     "remine": ["beir.negatives.remine_after_epochs=[1]"],              # ANCE: epoch 2 on the trained model's negatives

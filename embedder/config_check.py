@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig
 
 
 def unknown_key_message(cfg: DictConfig, key: str) -> str | None:
@@ -212,6 +212,14 @@ def _optional(check):
     return lambda v: v is None or check(v)
 
 
+def _directions(v) -> bool:
+    from embedder.losses.contrastive import DIRECTIONS
+
+    names = list(v) if isinstance(v, (list, tuple, ListConfig)) else None
+    return (names is not None and "query_to_doc" in names and len(set(names)) == len(names)
+            and all(n in DIRECTIONS for n in names))
+
+
 VALUE_RULES: dict[str, tuple] = {  # key -> (check, what is allowed)
     "data.batch_size": (_int(1), "an integer >= 1 (queries per device)"),
     "data.group_size": (_int(1), "an integer >= 1 (1 positive + group_size-1 negatives per query)"),
@@ -233,6 +241,8 @@ VALUE_RULES: dict[str, tuple] = {  # key -> (check, what is allowed)
                           "null, or a number between 0 and 1 (the base model's share of the merged weights)"),
     "loss.gradcache_mini_batch": (_optional(_int(1)), "null, or an integer >= 1 (queries per forward pass)"),
     "loss.mask_duplicate_keys": (_choice(True, False), "true or false"),
+    "loss.directions": (_directions, "a list of query_to_doc, query_to_query, doc_to_query, doc_to_doc, each once, "
+                                     "query_to_doc included (e.g. [query_to_doc,doc_to_query])"),
     "export_state": (_choice("best", "last"), "best or last"),
     "export_lora": (_choice("merged", "adapter"), "merged or adapter"),
     "seed": (_int(0), "an integer >= 0"),

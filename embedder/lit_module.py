@@ -53,7 +53,8 @@ class RetrieverModule(LightningModule):
                  optimizer: Callable[..., torch.optim.Optimizer] | None = None, warmup_ratio: float = 0.1,
                  weight_decay: float = 0.01, eval_sets: list[Any] | None = None, stop_on_nonfinite_loss: bool = True,
                  matryoshka_dims: list[int] | None = None, matryoshka_weights: list[float] | None = None,
-                 gradcache_mini_batch: int | None = None, mask_duplicate_keys: bool = False):
+                 gradcache_mini_batch: int | None = None, mask_duplicate_keys: bool = False,
+                 directions: list[str] | None = None):
         super().__init__()
         if combine_rule not in ("reference", "weighted"):
             raise ValueError(f"loss.combine_rule={combine_rule!r}; valid: reference, weighted")
@@ -68,7 +69,8 @@ class RetrieverModule(LightningModule):
         self.stop_on_nonfinite_loss = bool(stop_on_nonfinite_loss)
         self._negatives_logged = False
         shared = {"temperature": self.temperature, "cross_device": self.cross_device,
-                  "in_batch_negatives": self.in_batch_negatives, "mask_duplicate_keys": bool(mask_duplicate_keys)}
+                  "in_batch_negatives": self.in_batch_negatives, "mask_duplicate_keys": bool(mask_duplicate_keys),
+                  "directions": tuple(directions or ("query_to_doc",))}
         # plain lists, not ModuleDicts: the losses hold no parameters, so checkpoints keep the encoder's keys only
         self.loss_fns = {kind: [(spec, _build_loss(spec, shared)) for spec in t.losses] for kind, t in self.tasks.items()}
         self.matryoshka_dims, self.matryoshka_weights = check_dims(matryoshka_dims, matryoshka_weights, encoder.dim)

@@ -221,6 +221,7 @@ BAD_VALUES = [  # (command, override): each must stop at start with one line nam
     ("train", "merge_base_weight=1.5"), ("train", "loss.gradcache_mini_batch=0"), ("train", "model.pooling=max"),
     ("train", "export_state=middle"), ("train", "data.batch_size=eight"), ("train", "trainer.max_steps=-7"),
     ("train", "model.bidirectional=maybe"), ("train", "export_lora=zip"), ("train", "export_lora=adapter"),
+    ("train", "loss.directions=[doc_to_query]"), ("train", "loss.directions=[query_to_doc,query_to_passage]"),
     ("mine", "hits=0"), ("mine", "max_neg_num=-1"), ("evaluate", "hits=-1"), ("evaluate", "retriever.batch_size=0"),
 ]
 

@@ -47,13 +47,17 @@ def _grads(module) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("losses", [
-    [{"_target_": "embedder.losses.InfoNCELoss", "weight": 1.0}],
-    [{"_target_": "embedder.losses.InfoNCELoss", "weight": 0.2},
-     {"_target_": "embedder.losses.StableDistillLoss", "weight": 1.0}],
-])
-def test_cached_gradients_equal_the_whole_batch(tiny_bert, losses):
-    module = _module(tiny_bert, losses)
+@pytest.mark.parametrize("losses, kw", [
+    ([{"_target_": "embedder.losses.InfoNCELoss", "weight": 1.0}], {}),
+    ([{"_target_": "embedder.losses.InfoNCELoss", "weight": 0.2},
+      {"_target_": "embedder.losses.StableDistillLoss", "weight": 1.0}], {}),
+    # GTE's loss: each query's softmax also holds the other queries, so a mini-batch's gradient depends on all
+    ([{"_target_": "embedder.losses.InfoNCELoss", "weight": 1.0}],
+     {"directions": ["query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"]}),
+], ids=["infonce", "infonce+stable", "gte"])
+def test_cached_gradients_equal_the_whole_batch(tiny_bert, losses, kw):
+    module = _module(tiny_bert, losses, **kw)
+    assert module.loss_fns["qa"][0][1].directions == tuple(kw.get("directions") or ["query_to_doc"])
     module.encoder.eval()  # no dropout: the whole batch in one pass is the reference
     batch = _batch(module, teacher=len(losses) > 1)
     q, k = module.encoder.encode(batch["query"], "query"), module.encoder.encode(batch["key"], "key")
@@ -237,6 +241,24 @@ def test_duplicate_keys_are_masked_through_the_collator_and_gradcache(tiny_bert)
     out["loss"].backward()
     got = _grads(masked)
     assert all(torch.allclose(got[n], want[n], atol=1e-5, rtol=1e-4) for n in want)
+
+
+def test_loss_directions_reach_the_loss_in_a_real_fit(tmp_path, tiny_bert, monkeypatch):
+    """`loss.directions=[...]` on the command line: every training step's InfoNCE adds those blocks."""
+    from embedder.training import run_train
+
+    seen = []
+    real = InfoNCELoss.forward
+
+    def spy(self, q, k, teacher_scores=None, key_ids=None):
+        seen.append(self.directions)
+        return real(self, q, k, teacher_scores, key_ids)
+
+    monkeypatch.setattr(InfoNCELoss, "forward", spy)
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, [
+        "task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "report=false", "export=false",
+        "loss.directions=[query_to_doc,doc_to_query]"])))
+    assert seen == [("query_to_doc", "doc_to_query")] * 2
 
 
 def test_mask_duplicate_keys_reaches_the_loss_in_a_real_fit(tmp_path, tiny_bert, monkeypatch):

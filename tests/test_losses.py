@@ -73,6 +73,68 @@ def test_infonce_matches_cross_entropy_with_group_targets():
     assert torch.allclose(InfoNCELoss(temperature=0.05)(q, k), expected)
 
 
+@pytest.mark.parametrize("directions", [
+    ("query_to_doc", "doc_to_query"),
+    ("query_to_doc", "query_to_query"),
+    ("query_to_doc", "doc_to_doc"),
+    ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc"),  # GTE's improved contrastive loss
+])
+def test_infonce_directions_equal_sentence_transformers(directions):
+    """InfoNCE with extra directions equals sentence-transformers' MNRL (`directions`, joint partition) on the same
+    embeddings, loss and gradients, with hard negatives (ST lays keys out [positives, negatives 1, ...], we by
+    group); and differs from the query_to_doc loss (the comparison has power)."""
+    try:
+        from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.losses import MultipleNegativesRankingLoss
+
+    batch, group, temperature = 5, 3, 0.05
+    q, k, _ = _random_batch(batch, group, 8, seed=3)
+    ours = InfoNCELoss(temperature=temperature, cross_device=False, directions=directions)(q, k)
+    grads = torch.autograd.grad(ours, (q, k))
+    from sentence_transformers.util import dot_score  # on unit vectors: cos_sim's values; InfoNCE's gradients
+
+    st = MultipleNegativesRankingLoss(None, scale=1 / temperature, similarity_fct=dot_score, directions=directions)
+    columns = [k.view(batch, group, -1)[:, g] for g in range(group)]  # (B, d) each: positives, then negatives
+    theirs = st.compute_loss_from_embeddings([q, *columns], None)
+    st_grads = torch.autograd.grad(theirs, (q, k))
+    assert torch.allclose(ours, theirs, atol=1e-10)
+    for a, b in zip(grads, st_grads):
+        assert torch.allclose(a, b, atol=1e-10)
+    plain = InfoNCELoss(temperature=temperature, cross_device=False)(q, k)
+    assert ours.item() > plain.item() + 1e-3  # more terms in the denominator
+
+
+def test_infonce_directions_are_checked():
+    for bad in (["doc_to_query"], ["query_to_doc", "query_to_doc"], ["query_to_doc", "doc_to_passage"]):
+        with pytest.raises(ValueError, match="directions"):
+            InfoNCELoss(directions=bad)
+    with pytest.raises(ValueError, match="needs in_batch_negatives"):
+        InfoNCELoss(directions=["query_to_doc", "doc_to_doc"], in_batch_negatives=False)
+
+
+def test_doc_to_doc_leaves_out_copies_of_the_positive_when_masking():
+    """With mask_duplicate_keys, a key whose text is the positive's (another group's copy) scores 1 against the
+    positive in doc_to_doc; it is left out there too, so the loss equals that of the batch without the copy's
+    column."""
+    q, k, _ = _random_batch(3, 2, 8, seed=5)
+    k = k.detach().clone()
+    k[3] = k[0]  # query 1's hard negative is query 0's positive
+    ids = torch.arange(6)
+    ids[3] = ids[0]
+    loss = InfoNCELoss(temperature=0.05, cross_device=False, mask_duplicate_keys=True,
+                       directions=["query_to_doc", "doc_to_doc"])(q, k, key_ids=ids)
+    scores = q @ k.T / 0.05  # (3, 6)
+    qd = scores.clone()
+    qd[0, 3] = float("-inf")  # query 0: the copy of its positive is masked in query_to_doc
+    dd = (k[[0, 2, 4]] @ k.T / 0.05)  # (3, 6) each positive against every key
+    for b in range(3):
+        dd[b, 2 * b:2 * b + 2] = float("-inf")  # its own group
+    dd[0, 3] = float("-inf")  # the copy
+    expected = F.cross_entropy(torch.cat([qd, dd], dim=1), torch.arange(3) * 2)
+    assert torch.allclose(loss, expected)
+
+
 def test_infonce_rejects_bad_layout():
     with pytest.raises(ValueError, match="multiple"):
         InfoNCELoss()(torch.randn(3, 4), torch.randn(7, 4))

@@ -28,6 +28,7 @@ LOCAL_B = 3  # local queries per rank
 G = 4  # positive + 3 hard negatives
 D_IN, D_OUT = 6, 5
 TEMPERATURE = 0.05
+GTE = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 
 
 def _data() -> dict[str, torch.Tensor]:
@@ -65,6 +66,10 @@ def _losses(cross_device: bool) -> dict[str, nn.Module]:
     return {
         "infonce": InfoNCELoss(temperature=TEMPERATURE, cross_device=cross_device),
         "infonce_masked": InfoNCELoss(temperature=TEMPERATURE, cross_device=cross_device, mask_duplicate_keys=True),
+        # GTE's loss: the gathered queries enter the denominator as well (query_to_query, doc_to_query)
+        "infonce_gte": InfoNCELoss(temperature=TEMPERATURE, cross_device=cross_device, directions=GTE),
+        "infonce_gte_masked": InfoNCELoss(temperature=TEMPERATURE, cross_device=cross_device, directions=GTE,
+                                          mask_duplicate_keys=True),
         "stable": StableDistillLoss(temperature=TEMPERATURE, teacher_temperature=0.5, cross_device=cross_device),
         "kl": KLDistillLoss(temperature=TEMPERATURE, teacher_temperature=0.5),
     }
@@ -147,7 +152,7 @@ def test_helpers_are_identity_outside_a_process_group():
     assert gather_with_grad(x) is x and torch.equal(gather_no_grad(x), x) and rank_offset(7) == 0
 
 
-@pytest.mark.parametrize("name", ["infonce", "infonce_masked", "stable", "kl"])
+@pytest.mark.parametrize("name", ["infonce", "infonce_masked", "infonce_gte", "infonce_gte_masked", "stable", "kl"])
 def test_cross_device_loss_equals_single_process(ddp_results, name):
     data = _data()
     single_loss, single_grads = _loss_and_grads(_losses(cross_device=True)[name], data["xq"], data["xk"],
@@ -158,7 +163,7 @@ def test_cross_device_loss_equals_single_process(ddp_results, name):
         assert torch.allclose(ddp_grad, single_grad, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["infonce", "stable"])
+@pytest.mark.parametrize("name", ["infonce", "infonce_gte", "stable"])
 def test_without_cross_device_the_losses_differ(ddp_results, name):
     """Sanity check that the comparison has power: local-only negatives give a different objective."""
     data = _data()

@@ -6,6 +6,8 @@ group is rows ``b*G .. b*G+G-1`` of ``k``, positive first, then its ``G-1`` hard
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -61,6 +63,12 @@ class InfoNCELoss(nn.Module):
             (given ``key_ids``): another query's positive or hard negative that is the same document would be a
             false negative. sentence-transformers' NO_DUPLICATES batch sampler avoids the same by batch
             composition; masking keeps the batches as drawn and also covers the keys of other ranks.
+        directions: the similarities in the softmax's denominator, as sentence-transformers' MNRL names them
+            (``partition_mode="joint"``): ``query_to_doc`` (always: the query against every key), and optionally
+            ``query_to_query`` (against the other queries), ``doc_to_query`` (the positive against every query) and
+            ``doc_to_doc`` (the positive against the keys of other groups). All four are GTE's "improved
+            contrastive loss" (Li et al., 2023): the positive must also stand out from the batch as seen from the
+            document side. Needs ``in_batch_negatives``.
 
     Inputs:
         +-----------------+---------------+-------------------------------------------------------------+
@@ -73,6 +81,10 @@ class InfoNCELoss(nn.Module):
         | key_ids         | (B*G,) / None | int64, equal for equal key texts (mask_duplicate_keys)      |
         | return          | ()            | mean cross-entropy over the B local queries                  |
         +-----------------+---------------+-------------------------------------------------------------+
+
+    With every direction, query b's softmax runs over ``[q_b.K^T (B'*G) | q_b.Q^T (B') | p_b.Q^T (B') |
+    p_b.K^T (B'*G)]``, where ``Q`` (B', d) and ``K`` (B'*G, d) are the (gathered) queries and keys and ``p_b`` is its
+    positive; ``q_b.q_b`` and ``p_b`` against its own group are left out.
 
     Each query sees ``1`` positive, ``G-1`` hard negatives and ``(B*world_size - 1)*G`` in-batch negatives.
 
@@ -92,10 +104,18 @@ class InfoNCELoss(nn.Module):
     uses_key_ids = True  # the module passes the batch's key_ids
 
     def __init__(self, temperature: float = 0.01, cross_device: bool = True, in_batch_negatives: bool = True,
-                 mask_duplicate_keys: bool = False):
+                 mask_duplicate_keys: bool = False, directions: Sequence[str] = ("query_to_doc",)):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
+        directions = tuple(directions or ("query_to_doc",))
+        unknown = [d for d in directions if d not in DIRECTIONS]
+        if unknown or "query_to_doc" not in directions or len(set(directions)) != len(directions):
+            raise ValueError(f"directions={list(directions)}: each of {list(DIRECTIONS)} at most once, query_to_doc "
+                             "included")
+        if len(directions) > 1 and not in_batch_negatives:
+            raise ValueError(f"directions={list(directions)} contrast against the batch: needs in_batch_negatives")
+        self.directions = directions
         self.temperature = float(temperature)
         self.cross_device = bool(cross_device)
         self.in_batch_negatives = bool(in_batch_negatives)
@@ -115,20 +135,51 @@ class InfoNCELoss(nn.Module):
         keys, offset = _keys_and_offset(k, batch, self.cross_device)  # (B'*G, d)
         scores = _fp32(q @ keys.T) / self.temperature  # (B, B'*G)
         target = (offset + torch.arange(batch, device=q.device)) * group_size  # (B,) own positive column
+        same_text = None
         if mask:
             ids = gather_no_grad(key_ids.to(q.device)) if self.cross_device else key_ids.to(q.device)  # (B'*G,)
-            scores = _mask_duplicates(scores, ids.unsqueeze(0).expand(batch, -1), target)
-        return F.cross_entropy(scores, target)
+            scores, same_text = _mask_duplicates(scores, ids.unsqueeze(0).expand(batch, -1), target, True)
+        if len(self.directions) > 1:
+            scores = torch.cat([scores, *self._other_directions(q, k, keys, offset, group_size, same_text)], dim=1)
+        return F.cross_entropy(scores, target)  # the extra blocks follow the (B, B'*G) one: target is unchanged
+
+    def _other_directions(self, q: Tensor, k: Tensor, keys: Tensor, offset: int, group_size: int,
+                          same_text: Tensor | None) -> list[Tensor]:
+        """The denominator's blocks beyond query_to_doc, each (B, B') or (B, B'*G), in DIRECTIONS' order."""
+        batch, rows = q.size(0), torch.arange(q.size(0), device=q.device)
+        queries = gather_with_grad(q) if self.cross_device else q  # (B', d)
+        positives = k.view(batch, group_size, -1)[:, 0]  # (B, d) each local query's positive
+        own = offset + rows  # (B,) each local query's row in `queries`
+        blocks = []
+        if "query_to_query" in self.directions:
+            block = _fp32(q @ queries.T) / self.temperature  # (B, B')
+            blocks.append(block.index_put((rows, own), block.new_tensor(float("-inf"))))  # not q_b . q_b
+        if "doc_to_query" in self.directions:
+            blocks.append(_fp32(positives @ queries.T) / self.temperature)  # (B, B'), own query included (as ST)
+        if "doc_to_doc" in self.directions:
+            block = _fp32(positives @ keys.T) / self.temperature  # (B, B'*G)
+            cols = torch.arange(keys.size(0), device=q.device) // group_size  # (B'*G,) the group of each key
+            drop = cols.unsqueeze(0) == own.unsqueeze(1)  # (B, B'*G) the positive's own group
+            if same_text is not None:
+                drop = drop | same_text  # the same text as the positive in another group: a copy, not a negative
+            blocks.append(block.masked_fill(drop, float("-inf")))
+        return blocks
 
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, cross_device={self.cross_device}, "
-                f"in_batch_negatives={self.in_batch_negatives}, mask_duplicate_keys={self.mask_duplicate_keys}")
+                f"in_batch_negatives={self.in_batch_negatives}, mask_duplicate_keys={self.mask_duplicate_keys}, "
+                f"directions={list(self.directions)}")
 
 
-def _mask_duplicates(scores: Tensor, ids: Tensor, target: Tensor) -> Tensor:
+DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")  # InfoNCELoss(directions=...)
+
+
+def _mask_duplicates(scores: Tensor, ids: Tensor, target: Tensor, return_mask: bool = False):
     """scores (B, C), ids (B, C) of each candidate's text, target (B,): every candidate whose text equals the
-    query's positive, other than the positive itself, gets -inf (left out of the softmax)."""
+    query's positive, other than the positive itself, gets -inf (left out of the softmax). With `return_mask`,
+    also that (B, C) mask."""
     rows = torch.arange(scores.size(0), device=scores.device)
     same = ids == ids[rows, target].unsqueeze(1)  # (B, C)
     same[rows, target] = False
-    return scores.masked_fill(same, float("-inf"))
+    masked = scores.masked_fill(same, float("-inf"))
+    return (masked, same) if return_mask else masked
