@@ -76,6 +76,10 @@ VARIANTS = {  # name -> overrides of task=beir
     "gte": ["loss.directions=[query_to_doc,query_to_query,doc_to_query,doc_to_doc]"],  # GTE's improved contrastive
     "dense4gte": ["beir.negatives.retrievers=[dense]", "data.group_size=4",  # loss (all four directions), and
                   "loss.directions=[query_to_doc,query_to_query,doc_to_query,doc_to_doc]"],  # the same with dense4
+    "dense4gtemask": ["beir.negatives.retrievers=[dense]", "data.group_size=4",  # dense4gte without the queries
+                      "loss.directions=[query_to_doc,query_to_query,doc_to_query,doc_to_doc]",  # that share a
+                      "loss.mask_duplicate_keys=true"],                # positive (and copies of it) as negatives
+    "dense4dedup": ["beir.negatives.retrievers=[dense]", "data.group_size=4", "loss.mask_duplicate_keys=true"],
     "mrl": ["loss.matryoshka_dims=[384,256,128,64]"],                  # Matryoshka (issue 25): use --dims 256 128 64
     "fill": ["beir.negatives.random_fill=2"],                          # queries BM25 left short get random negatives
     "remine": ["beir.negatives.remine_after_epochs=[1]"],              # ANCE: epoch 2 on the trained model's negatives

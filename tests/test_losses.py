@@ -105,6 +105,30 @@ def test_infonce_directions_equal_sentence_transformers(directions):
     assert ours.item() > plain.item() + 1e-3  # more terms in the denominator
 
 
+def test_masking_leaves_queries_that_share_the_positive_out_of_the_query_blocks():
+    """With mask_duplicate_keys, query_to_query and doc_to_query leave out the queries whose positive is the same
+    text (ToolLens: one tool is the positive of 301 train queries): the loss equals the hand-built softmax without
+    those columns; without masking they count as negatives."""
+    q, k, _ = _random_batch(3, 2, 8, seed=7)
+    k = k.detach().clone()
+    k[2] = k[0]  # query 1's positive is query 0's
+    ids = torch.tensor([0, 1, 0, 3, 4, 5])
+    gte = ["query_to_doc", "query_to_query", "doc_to_query"]
+    loss = InfoNCELoss(temperature=0.05, cross_device=False, mask_duplicate_keys=True, directions=gte)(q, k, key_ids=ids)
+    inf = float("-inf")
+    qd = q @ k.T / 0.05  # (3, 6): positives in columns 0, 2, 4; columns 0 and 2 are the same text
+    qd[0, 2] = qd[1, 0] = inf
+    qq = q @ q.T / 0.05  # (3, 3)
+    qq.fill_diagonal_(inf)
+    qq[0, 1] = qq[1, 0] = inf  # queries 0 and 1 share their positive
+    dq = k[[0, 2, 4]] @ q.T / 0.05  # (3, 3) positive b against every query; its own query stays
+    dq[0, 1] = dq[1, 0] = inf
+    expected = F.cross_entropy(torch.cat([qd, qq, dq], dim=1), torch.tensor([0, 2, 4]))
+    assert torch.allclose(loss, expected)
+    unmasked = InfoNCELoss(temperature=0.05, cross_device=False, directions=gte)(q, k, key_ids=ids)
+    assert unmasked.item() > loss.item() + 1e-3
+
+
 def test_infonce_directions_are_checked():
     for bad in (["doc_to_query"], ["query_to_doc", "query_to_doc"], ["query_to_doc", "doc_to_passage"]):
         with pytest.raises(ValueError, match="directions"):

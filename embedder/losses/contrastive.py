@@ -68,7 +68,8 @@ class InfoNCELoss(nn.Module):
             ``query_to_query`` (against the other queries), ``doc_to_query`` (the positive against every query) and
             ``doc_to_doc`` (the positive against the keys of other groups). All four are GTE's "improved
             contrastive loss" (Li et al., 2023): the positive must also stand out from the batch as seen from the
-            document side. Needs ``in_batch_negatives``.
+            document side. Needs ``in_batch_negatives``. With ``mask_duplicate_keys``, the queries that share
+            query b's positive are left out of its query_to_query and doc_to_query blocks (not negatives).
 
     Inputs:
         +-----------------+---------------+-------------------------------------------------------------+
@@ -135,27 +136,37 @@ class InfoNCELoss(nn.Module):
         keys, offset = _keys_and_offset(k, batch, self.cross_device)  # (B'*G, d)
         scores = _fp32(q @ keys.T) / self.temperature  # (B, B'*G)
         target = (offset + torch.arange(batch, device=q.device)) * group_size  # (B,) own positive column
-        same_text = None
+        same_text = positive_ids = None
         if mask:
             ids = gather_no_grad(key_ids.to(q.device)) if self.cross_device else key_ids.to(q.device)  # (B'*G,)
             scores, same_text = _mask_duplicates(scores, ids.unsqueeze(0).expand(batch, -1), target, True)
+            positive_ids = ids[::group_size]  # (B',) the text of every query's positive
         if len(self.directions) > 1:
-            scores = torch.cat([scores, *self._other_directions(q, k, keys, offset, group_size, same_text)], dim=1)
+            scores = torch.cat([scores, *self._other_directions(q, k, keys, offset, group_size, same_text,
+                                                                positive_ids)], dim=1)
         return F.cross_entropy(scores, target)  # the extra blocks follow the (B, B'*G) one: target is unchanged
 
     def _other_directions(self, q: Tensor, k: Tensor, keys: Tensor, offset: int, group_size: int,
-                          same_text: Tensor | None) -> list[Tensor]:
-        """The denominator's blocks beyond query_to_doc, each (B, B') or (B, B'*G), in DIRECTIONS' order."""
+                          same_text: Tensor | None, positive_ids: Tensor | None) -> list[Tensor]:
+        """The denominator's blocks beyond query_to_doc, each (B, B') or (B, B'*G), in DIRECTIONS' order. Masking
+        (`positive_ids`, (B',)) also leaves out the queries whose positive is the same text as query b's: on data
+        where many queries share a document (ToolLens: 1,400 train queries, 446 positives) they are not negatives."""
         batch, rows = q.size(0), torch.arange(q.size(0), device=q.device)
         queries = gather_with_grad(q) if self.cross_device else q  # (B', d)
         positives = k.view(batch, group_size, -1)[:, 0]  # (B, d) each local query's positive
         own = offset + rows  # (B,) each local query's row in `queries`
+        shared = None if positive_ids is None else positive_ids[own].unsqueeze(1) == positive_ids.unsqueeze(0)  # (B,B')
         blocks = []
         if "query_to_query" in self.directions:
             block = _fp32(q @ queries.T) / self.temperature  # (B, B')
-            blocks.append(block.index_put((rows, own), block.new_tensor(float("-inf"))))  # not q_b . q_b
+            block = block.index_put((rows, own), block.new_tensor(float("-inf")))  # not q_b . q_b
+            blocks.append(block if shared is None else block.masked_fill(shared, float("-inf")))
         if "doc_to_query" in self.directions:
-            blocks.append(_fp32(positives @ queries.T) / self.temperature)  # (B, B'), own query included (as ST)
+            block = _fp32(positives @ queries.T) / self.temperature  # (B, B'), own query included (as ST)
+            if shared is not None:
+                block = block.masked_fill(shared.index_put((rows, own), torch.tensor(False, device=q.device)),
+                                          float("-inf"))  # other queries of the same positive
+            blocks.append(block)
         if "doc_to_doc" in self.directions:
             block = _fp32(positives @ keys.T) / self.temperature  # (B, B'*G)
             cols = torch.arange(keys.size(0), device=q.device) // group_size  # (B'*G,) the group of each key
