@@ -212,12 +212,15 @@ def _optional(check):
     return lambda v: v is None or check(v)
 
 
-def _directions(v) -> bool:
-    from embedder.losses.contrastive import DIRECTIONS
+# InfoNCELoss's `directions` (embedder.losses.contrastive.DIRECTIONS, which this layer may not import; a test keeps
+# the two equal)
+LOSS_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 
+
+def _directions(v) -> bool:
     names = list(v) if isinstance(v, (list, tuple, ListConfig)) else None
     return (names is not None and "query_to_doc" in names and len(set(names)) == len(names)
-            and all(n in DIRECTIONS for n in names))
+            and all(n in LOSS_DIRECTIONS for n in names))
 
 
 VALUE_RULES: dict[str, tuple] = {  # key -> (check, what is allowed)

@@ -129,6 +129,13 @@ def test_masking_leaves_queries_that_share_the_positive_out_of_the_query_blocks(
     assert unmasked.item() > loss.item() + 1e-3
 
 
+def test_the_config_check_knows_the_same_directions():
+    from embedder.config_check import LOSS_DIRECTIONS
+    from embedder.losses.contrastive import DIRECTIONS
+
+    assert LOSS_DIRECTIONS == DIRECTIONS
+
+
 def test_infonce_directions_are_checked():
     for bad in (["doc_to_query"], ["query_to_doc", "query_to_doc"], ["query_to_doc", "doc_to_passage"]):
         with pytest.raises(ValueError, match="directions"):
