@@ -70,7 +70,7 @@ class RetrieverModule(LightningModule):
         self._negatives_logged = False
         shared = {"temperature": self.temperature, "cross_device": self.cross_device,
                   "in_batch_negatives": self.in_batch_negatives, "mask_duplicate_keys": bool(mask_duplicate_keys),
-                  "directions": tuple(directions or ("query_to_doc",))}
+                  "directions": directions}  # None: InfoNCELoss's default, [query_to_doc]
         # plain lists, not ModuleDicts: the losses hold no parameters, so checkpoints keep the encoder's keys only
         self.loss_fns = {kind: [(spec, _build_loss(spec, shared)) for spec in t.losses] for kind, t in self.tasks.items()}
         self.matryoshka_dims, self.matryoshka_weights = check_dims(matryoshka_dims, matryoshka_weights, encoder.dim)

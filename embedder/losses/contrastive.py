@@ -105,7 +105,7 @@ class InfoNCELoss(nn.Module):
     uses_key_ids = True  # the module passes the batch's key_ids
 
     def __init__(self, temperature: float = 0.01, cross_device: bool = True, in_batch_negatives: bool = True,
-                 mask_duplicate_keys: bool = False, directions: Sequence[str] = ("query_to_doc",)):
+                 mask_duplicate_keys: bool = False, directions: Sequence[str] | None = ("query_to_doc",)):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")

@@ -235,12 +235,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
                            {"_target_": "embedder.losses.KLDistillLoss", "weight": float(teacher.distill_weight)}]
         cfg.eval = OmegaConf.merge(OmegaConf.create(eval_sets), cfg.get("eval") or {})
         remine = list(b.negatives.get("remine_after_epochs") or [])
-        if remine:
-            if "dev" not in eval_sets:  # asked for, but the folder gave no dev split (dev_fraction=0)
-                raise DataError("re-mining ranks the train queries against dev's corpus encoding, and there is no "
-                                "dev split", field="beir.negatives.remine_after_epochs",
-                                hint="set beir.dev_fraction > 0 or add qrels/dev.tsv, or set "
-                                     "beir.negatives.remine_after_epochs=[]")
+        if remine:  # _check_remining made sure dev is evaluated (prepare_beir always writes a dev split)
             neg = b.negatives
             cfg.callbacks = OmegaConf.merge(cfg.get("callbacks") or {}, {"remine_negatives": {
                 "_target_": "embedder.remine.RemineNegatives", "after_epochs": remine,
@@ -250,6 +245,6 @@ def prepare(cfg: DictConfig) -> DictConfig:
                 "relative_margin": None if neg.relative_margin is None else float(neg.relative_margin),
                 "random_fill": _random_fill(neg),
                 "seed": int(b.seed),
-                # the re-mined negatives alternate with the first mining's (none to merge without a retriever)
+                # the re-mined negatives alternate with the first mining's (_check_remining: there is one)
                 "merge_with": run["train_file"] if neg.get("remine_merge") else None}})
     return cfg
