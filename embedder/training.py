@@ -99,14 +99,18 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
                                                  **trainer_kwargs)
 
     before: dict[str, float] = {}
-    before_path = os.path.join(cfg.output_dir, "checkpoints", "metrics_before.json")
+    # beside metrics.json, so a resumed run still reports before -> after (not in checkpoints/: a file there makes
+    # Lightning warn that the checkpoint folder "exists and is not empty" on every fresh run)
+    before_path = os.path.join(cfg.output_dir, "metrics_before.json")
+    legacy_before_path = os.path.join(cfg.output_dir, "checkpoints", "metrics_before.json")  # runs before 2026-12-03
     if eval_sets and cfg.evaluate_before and ckpt_path is None:
         before = _validate(trainer, module, datamodule)
         drop_zero3_hooks(trainer)
-        if trainer.is_global_zero:  # kept beside the checkpoints, so a resumed run still reports before -> after
+        if trainer.is_global_zero:
             write_json(before_path, before)
-    elif ckpt_path is not None and os.path.isfile(before_path):
-        before = read_json(before_path)
+    elif ckpt_path is not None:
+        found = [p for p in (before_path, legacy_before_path) if os.path.isfile(p)]
+        before = read_json(found[0]) if found else {}
     if cfg.train_data:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         drop_zero3_hooks(trainer)

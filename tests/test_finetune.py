@@ -613,3 +613,28 @@ def test_remining_on_two_ranks(tmp_path, tiny_bert):
     assert state["global_step"] > 0
     (saved,) = [v for k, v in state["callbacks"].items() if "RemineNegatives" in k]
     assert saved == {"mined": {"1": str(remined)}}
+
+
+def test_a_resumed_run_reports_the_first_runs_before(tmp_path, tiny_bert, recwarn):
+    """The `before` evaluation is stored beside metrics.json when training starts (not in checkpoints/, where a file
+    makes Lightning warn that the checkpoint folder "exists and is not empty" on every fresh run); a run resumed with
+    ckpt_path=last does not evaluate the untrained model again but reports the stored numbers as its `before`."""
+    from embedder.training import run_train
+
+    folder = write_sample_beir(tmp_path / "beir", n_train=16, n_test=6)
+    overrides = quick_overrides(tmp_path, tiny_bert, [
+        "task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[]", "data.group_size=1",
+        "trainer.max_steps=-1", "trainer.max_epochs=1", "export=false", "report=false"])
+    run_train(compose(overrides))
+    out = tmp_path / "out"
+    first = json.loads((out / "metrics.json").read_text())
+    assert json.loads((out / "metrics_before.json").read_text()) == first["before"]
+    assert "val/dev/ndcg@10" in first["before"] and "val/test/ndcg@10" in first["before"]
+    assert not (out / "checkpoints" / "metrics_before.json").exists()
+    assert not [w for w in recwarn if "exists and is not empty" in str(w.message)]
+    (out / "metrics.json").unlink()
+    stored = {**first["before"], "val/dev/ndcg@10": 0.125}  # marked: the resumed run must read it, not re-evaluate
+    (out / "metrics_before.json").write_text(json.dumps(stored))
+    run_train(compose([*overrides, "trainer.max_epochs=2", "ckpt_path=last"]))
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["before"] == stored and set(resumed["after"]) == set(first["after"])
