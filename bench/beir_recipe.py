@@ -52,41 +52,47 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The defaults before session 14 (BM25 negatives, 2 per query): the variants measured against them keep them, so a
+# rerun of a stored row trains what that row trained
+BM25 = ["beir.negatives.retrievers=[bm25]", "data.group_size=3"]
+DENSE4 = ["beir.negatives.retrievers=[dense]", "data.group_size=4"]  # the defaults since session 14
 VARIANTS = {  # name -> overrides of task=beir
     "recipe": [],                                                      # configs/task/beir.yaml as it is
-    "last": ["export_state=last"],                                     # export the last state, not the best by dev
-    "group2": ["data.group_size=2"],                                   # 1 hard negative per query instead of 2
-    "hybrid": ["beir.negatives.retrievers=[bm25,dense]"],              # BM25 and the model's own negatives, merged
-    "epochs4": ["trainer.max_epochs=4"],                               # twice the passes (best by dev exported)
-    "dropout": ["model.attention_dropout=null"],                       # the checkpoint's attention dropout (0.1)
+    "bm25": BM25,                                                      # the defaults before session 14
+    "last": [*BM25, "export_state=last"],                              # export the last state, not the best by dev
+    "group2": [*BM25, "data.group_size=2"],                            # 1 hard negative per query instead of 2
+    "hybrid": [*BM25, "beir.negatives.retrievers=[bm25,dense]"],       # BM25 and the model's own negatives, merged
+    "epochs4": [*BM25, "trainer.max_epochs=4"],                        # twice the passes (best by dev exported)
+    "dropout": [*BM25, "model.attention_dropout=null"],                # the checkpoint's attention dropout (0.1)
     "inbatch": ["beir.negatives.retrievers=[]", "data.group_size=1"],  # no mined negatives: in-batch only
-    "nomargin": ["beir.negatives.relative_margin=null"],               # no false-negative filter
-    "merge30": ["merge_base_weight=0.3"],                              # LM-Cocktail: 0.7 x trained + 0.3 x base
-    "dense": ["beir.negatives.retrievers=[dense]"],                    # the base model's own negatives, as plain mines
-    "group4": ["data.group_size=4"],                                   # 3 hard negatives per query, as plain uses
-    "dedup": ["loss.mask_duplicate_keys=true"],                        # no repeat of a positive as a negative
-    "dense4": ["beir.negatives.retrievers=[dense]", "data.group_size=4"],  # both: the plain side's negatives
-    "plainneg": ["beir.negatives.retrievers=[dense]", "data.group_size=4",  # plain's very negatives: ranks 10-12
+    "nomargin": [*BM25, "beir.negatives.relative_margin=null"],        # no false-negative filter
+    "merge30": [*BM25, "merge_base_weight=0.3"],                       # LM-Cocktail: 0.7 x trained + 0.3 x base
+    "dense": [*BM25, "beir.negatives.retrievers=[dense]"],             # the base model's own negatives, as plain mines
+    "group4": [*BM25, "data.group_size=4"],                            # 3 hard negatives per query, as plain uses
+    "dedup": [*BM25, "loss.mask_duplicate_keys=true"],                 # no repeat of a positive as a negative
+    "dense4": DENSE4,                                                  # both: the plain side's negatives
+    "plainneg": [*DENSE4,                                              # plain's very negatives: ranks 10-12
                  "beir.negatives.relative_margin=null", "beir.negatives.rank_range=[10,60]",  # of the base model's
                  "beir.negatives.max_neg_num=3"],                      # list, unfiltered, the same 3 every epoch
-    "plainlike": ["beir.negatives.retrievers=[dense]", "data.group_size=4", "beir.negatives.relative_margin=null",
+    "plainlike": [*DENSE4, "beir.negatives.relative_margin=null",
                   "beir.negatives.rank_range=[10,60]", "beir.negatives.max_neg_num=3",  # plainneg, and every other
                   "loss.mask_duplicate_keys=true", "model.attention_dropout=null",  # setting plain has: no repeats,
                   "weight_decay=0", "export_state=last"],              # dropout 0.1, no decay, the last state
-    "gte": ["loss.directions=[query_to_doc,query_to_query,doc_to_query,doc_to_doc]"],  # GTE's improved contrastive
-    "dense4gte": ["beir.negatives.retrievers=[dense]", "data.group_size=4",  # loss (all four directions), and
+    "gte": [*BM25, "loss.directions=[query_to_doc,query_to_query,doc_to_query,doc_to_doc]"],  # GTE's improved
+    "dense4gte": [*DENSE4,                                             # contrastive loss (all four directions), and
                   "loss.directions=[query_to_doc,query_to_query,doc_to_query,doc_to_doc]"],  # the same with dense4
-    "dense4gtemask": ["beir.negatives.retrievers=[dense]", "data.group_size=4",  # dense4gte without the queries
+    "dense4gtemask": [*DENSE4,                                         # dense4gte without the queries
                       "loss.directions=[query_to_doc,query_to_query,doc_to_query,doc_to_doc]",  # that share a
                       "loss.mask_duplicate_keys=true"],                # positive (and copies of it) as negatives
-    "dense4dedup": ["beir.negatives.retrievers=[dense]", "data.group_size=4", "loss.mask_duplicate_keys=true"],
+    "dense4dedup": [*DENSE4, "loss.mask_duplicate_keys=true"],         # no repeat of a positive as a negative
     "mrl": ["loss.matryoshka_dims=[384,256,128,64]"],                  # Matryoshka (issue 25): use --dims 256 128 64
-    "fill": ["beir.negatives.random_fill=2"],                          # queries BM25 left short get random negatives
-    "remine": ["beir.negatives.remine_after_epochs=[1]"],              # ANCE: epoch 2 on the trained model's negatives
-    "reminemerge": ["beir.negatives.remine_after_epochs=[1]",         # remine, epoch 2's negatives alternating
+    "fill": [*BM25, "beir.negatives.random_fill=2"],                   # queries BM25 left short get random negatives
+    "remine": [*BM25, "beir.negatives.remine_after_epochs=[1]"],       # ANCE: epoch 2 on the trained model's negatives
+    "reminemerge": [*BM25, "beir.negatives.remine_after_epochs=[1]",  # remine, epoch 2's negatives alternating
                     "beir.negatives.remine_merge=true"],               # with BM25's (re-mined first)
-    "remine10": ["beir.negatives.remine_after_epochs=[1]",            # remine, both minings from rank 10 (fewer
+    "remine10": [*BM25, "beir.negatives.remine_after_epochs=[1]",     # remine, both minings from rank 10 (fewer
                  "beir.negatives.rank_range=[10,100]"],                # unlabelled positives among the negatives)
+    "dense4remine": [*DENSE4, "beir.negatives.remine_after_epochs=[1]"],  # ANCE over the dense4 defaults
 }
 PLAIN_SIDES = ("plain", "plain-inbatch")
 DEV_FRACTION, TEST_FRACTION = 0.1, 0.2
