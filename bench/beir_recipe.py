@@ -93,6 +93,10 @@ VARIANTS = {  # name -> overrides of task=beir
     "remine10": [*BM25, "beir.negatives.remine_after_epochs=[1]",     # remine, both minings from rank 10 (fewer
                  "beir.negatives.rank_range=[10,100]"],                # unlabelled positives among the negatives)
     "dense4remine": [*DENSE4, "beir.negatives.remine_after_epochs=[1]"],  # ANCE over the dense4 defaults
+    # issue 25: the bundled SmolLM2-135M as a LoRA decoder embedder (last-token pooling), at a CPU-sized budget: one
+    # epoch of 30 batches (480 train queries), 1 hard negative per query, LoRA's usual learning rate
+    "smollm2lora": ["model=smollm2", "model.lora={r:16,alpha:32,dropout:0.05,target_modules:[q_proj,k_proj,v_proj,o_proj]}",
+                    "optimizer.lr=1e-4", "data.group_size=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=30"],
 }
 PLAIN_SIDES = ("plain", "plain-inbatch")
 DEV_FRACTION, TEST_FRACTION = 0.1, 0.2
