@@ -100,3 +100,22 @@ def test_the_bundled_smollm2_embeds_packed_like_padded():
     assert torch.allclose(packed, padded, atol=1e-4)
     sims = padded @ padded.T
     assert float(sims[~torch.eye(len(TEXTS), dtype=torch.bool)].max()) < 0.99
+
+
+@pytest.mark.parametrize("unpadded", ["false", "true"])
+def test_attention_dropout_reaches_decoder_attention(tiny_lm, unpadded):
+    """model.attention_dropout on a Llama-style decoder (task=beir sets 0 for every model): it sets the attention
+    modules' own `attention_dropout`, which the padded and the packed paths pass to attention in training. With 0.5
+    two training forwards differ (a Llama has no other dropout); with 0 they are equal; in eval mode it is off."""
+    for p in (0.5, 0.0):
+        enc = DualEncoder(tiny_lm, pooling="last_token", unpadded=unpadded, attention_dropout=p)
+        attn = [m for m in enc.query_model.modules() if type(m).__name__.endswith("Attention")]
+        assert attn and all(m.attention_dropout == p for m in attn)
+        batch = dict(enc.tokenizer(TEXTS, padding=True, return_tensors="pt"))
+        enc.train()
+        torch.manual_seed(0)
+        a = enc.encode(batch, "query").detach()
+        b = enc.encode(batch, "query").detach()
+        assert torch.allclose(a, b, atol=1e-6) == (p == 0.0), p
+        enc.eval()
+        assert torch.allclose(enc.encode(batch, "query").detach(), enc.encode(batch, "query").detach(), atol=1e-6)
