@@ -83,14 +83,18 @@ def test_bidirectional_is_refused_for_an_encoder(tiny_bert):
 @pytest.mark.slow
 def test_the_bundled_smollm2_embeds_packed_like_padded():
     """model=smollm2: the bundled SmolLM2-135M (4-bit GGUF, de-quantised on load) as a last-token decoder embedder:
-    every text ends with its EOS, the packed forward equals the padded one, and different texts embed apart."""
+    every text ends with its EOS, the packed forward equals the padded one, and different texts embed apart. Built
+    as `train.py task=beir model=smollm2` builds it (task=beir's attention_dropout=0 included: it used to stop that
+    command at start)."""
     from embedder.bundled import smollm2_path
     from tests.conftest import compose
 
-    cfg = compose(["model=smollm2"]).model
-    enc = DualEncoder(smollm2_path(), gguf_file=cfg.gguf_file, pooling=cfg.pooling, attention_dropout=None,
-                      unpadded="true").eval()
+    cfg = compose(["task=beir", "model=smollm2"]).model
+    assert cfg.attention_dropout == 0
+    enc = DualEncoder(smollm2_path(), gguf_file=cfg.gguf_file, pooling=cfg.pooling,
+                      attention_dropout=cfg.attention_dropout, unpadded="true").eval()
     assert enc.query_model.config.model_type == "llama" and enc.dim == 576
+    assert all(m.attention_dropout == 0 for m in enc.query_model.modules() if type(m).__name__ == "LlamaAttention")
     assert enc.tokenizer("a lake")["input_ids"][-1] == enc.tokenizer.eos_token_id
     batch = dict(enc.tokenizer(TEXTS, padding=True, return_tensors="pt"))
     with torch.no_grad():
