@@ -93,6 +93,9 @@ VARIANTS = {  # name -> overrides of task=beir
     "remine10": [*BM25, "beir.negatives.remine_after_epochs=[1]",     # remine, both minings from rank 10 (fewer
                  "beir.negatives.rank_range=[10,100]"],                # unlabelled positives among the negatives)
     "dense4remine": [*DENSE4, "beir.negatives.remine_after_epochs=[1]"],  # ANCE over the dense4 defaults
+    "lr5e5": [*DENSE4, "optimizer.lr=5e-5"],                           # 2.5x the learning rate: SciFact's 566
+    "lr1e4": [*DENSE4, "optimizer.lr=1e-4"],                           # train queries make 72 steps in 2 epochs
+    "tau02": [*DENSE4, "loss.temperature=0.02"],                       # bge's temperature, not MNRL's 0.05
     # issue 25: the bundled SmolLM2-135M as a LoRA decoder embedder (last-token pooling), at a CPU-sized budget: one
     # epoch of 30 batches (480 train queries), 1 hard negative per query, LoRA's usual learning rate
     "smollm2lora": ["model=smollm2", "model.lora={r:16,alpha:32,dropout:0.05,target_modules:[q_proj,k_proj,v_proj,o_proj]}",
