@@ -22,6 +22,8 @@ Sides:
   tau 0.05) with the no-duplicates sampler, lr 2e-5, warmup 10%; its job also evaluates test before and after with
   sentence-transformers' `InformationRetrievalEvaluator`, as the one-command run does.
 - `plain-inbatch`: the same without mined negatives.
+- `plain-lr5e5`: `plain` at learning rate 5e-5 (transformers' `TrainingArguments` default), beside the recipe's
+  `lr5e5` variant, so a learning-rate gain is credited to the learning rate, not to the recipe.
 - `recipe` and its variants: `python train.py task=beir beir.folder=<split folder>` with overrides, the command
   users run, with its own dev/test evaluation before and after.
 - `<side>-seed<N>` (`--only "plain-seed7:seed=7" "recipe-seed7:seed=7"`): the side again with training seed N on
@@ -101,7 +103,10 @@ VARIANTS = {  # name -> overrides of task=beir
     "smollm2lora": ["model=smollm2", "model.lora={r:16,alpha:32,dropout:0.05,target_modules:[q_proj,k_proj,v_proj,o_proj]}",
                     "optimizer.lr=1e-4", "data.group_size=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=30"],
 }
-PLAIN_SIDES = ("plain", "plain-inbatch")
+PLAIN_SIDES = ("plain", "plain-inbatch", "plain-lr5e5")
+# each plain side's learning rate: 2e-5 as sentence-transformers' training examples use; plain-lr5e5 runs
+# transformers' TrainingArguments default (5e-5), which a user who sets no learning rate gets
+PLAIN_LR = {"plain": 2e-5, "plain-inbatch": 2e-5, "plain-lr5e5": 5e-5}
 DEV_FRACTION, TEST_FRACTION = 0.1, 0.2
 
 
@@ -180,7 +185,7 @@ def _jsonl(path: str) -> list[dict]:
 
 
 def plain_finetune(paths: dict[str, str], out_dir: str, hard_negatives: bool, epochs: int, batch_size: int,
-                   seed: int) -> None:
+                   seed: int, lr: float = 2e-5) -> None:
     """The plain side's whole job (its own process): evaluate test, mine, train, evaluate test, save."""
     import torch
     from datasets import Dataset
@@ -221,7 +226,7 @@ def plain_finetune(paths: dict[str, str], out_dir: str, hard_negatives: bool, ep
     dataset = pairs.select(rows)  # one (query, positive[, negatives]) row per query and epoch, positive at random
     args = SentenceTransformerTrainingArguments(
         output_dir=out_dir + "-ckpt", num_train_epochs=1, per_device_train_batch_size=batch_size,
-        learning_rate=2e-5, warmup_ratio=0.1, seed=seed, batch_sampler=BatchSamplers.NO_DUPLICATES,
+        learning_rate=lr, warmup_ratio=0.1, seed=seed, batch_sampler=BatchSamplers.NO_DUPLICATES,
         save_strategy="no", report_to="none", logging_steps=10, use_cpu=True)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
                                          loss=losses.MultipleNegativesRankingLoss(model))
@@ -323,7 +328,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child_plain:
         spec = json.loads(args.child_plain)
-        plain_finetune(spec["paths"], spec["out"], spec["hard_negatives"], args.epochs, args.batch_size, spec["seed"])
+        plain_finetune(spec["paths"], spec["out"], spec["hard_negatives"], args.epochs, args.batch_size, spec["seed"],
+                       spec.get("lr", 2e-5))
         return
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
@@ -359,7 +365,7 @@ def main() -> None:
             sys.exit(f"unknown variant {name!r}: use one of {sorted(VARIANTS)}, base, {', '.join(PLAIN_SIDES)}, "
                      f"or name:override ...")
         if name.startswith("plain-") and not _plain_side(name):  # plainneg, plainlike: recipe variants
-            sys.exit(f"{item!r}: a plain side is named plain, plain-inbatch, or one of them with -seed<N>")
+            sys.exit(f"{item!r}: a plain side is named {', '.join(PLAIN_SIDES)}, or one of them with -seed<N>")
         if _plain_side(name) and rest and not all(o.startswith("seed=") for o in rest.split()):
             sys.exit(f"{item!r}: a plain side takes one override, seed=N (its training seed; the split stays)")
         variants[name] = rest.split() if rest else VARIANTS.get(name, [])
@@ -381,8 +387,8 @@ def main() -> None:
                     model_dir = minilm_path()
                 elif _plain_side(name):  # e.g. "plain-seed7:seed=7": plain trained with seed 7 on this split
                     train_seed = int(overrides[-1].split("=")[1]) if overrides else seed
-                    spec = {"paths": paths, "out": run, "hard_negatives": _plain_side(name) == "plain",
-                            "seed": train_seed}
+                    spec = {"paths": paths, "out": run, "hard_negatives": _plain_side(name) != "plain-inbatch",
+                            "seed": train_seed, "lr": PLAIN_LR[_plain_side(name)]}
                     cost = run_child([sys.executable, __file__, "--out", args.out, "--epochs", str(args.epochs),
                                       "--batch-size", str(args.batch_size), "--child-plain", json.dumps(spec)],
                                      run + ".log", cache=os.path.join(work, f"cache-{name}"))
