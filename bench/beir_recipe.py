@@ -185,7 +185,7 @@ def _jsonl(path: str) -> list[dict]:
 
 
 def plain_finetune(paths: dict[str, str], out_dir: str, hard_negatives: bool, epochs: int, batch_size: int,
-                   seed: int, lr: float = 2e-5) -> None:
+                   seed: int, lr: float) -> None:
     """The plain side's whole job (its own process): evaluate test, mine, train, evaluate test, save."""
     import torch
     from datasets import Dataset
@@ -329,7 +329,7 @@ def main() -> None:
     if args.child_plain:
         spec = json.loads(args.child_plain)
         plain_finetune(spec["paths"], spec["out"], spec["hard_negatives"], args.epochs, args.batch_size, spec["seed"],
-                       spec.get("lr", 2e-5))
+                       spec["lr"])
         return
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
