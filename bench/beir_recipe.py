@@ -37,7 +37,9 @@ session): copy it to `<out>/results.json` to add rows to it, and copy it back wh
 Every job is a child process, timed with `os.wait4` (wall, CPU = user + system, peak RSS), each with its own empty
 `$EMBEDDER_CACHE`, so no side reuses another's (or an earlier run's) encodings. Results go to `<out>/results.json`
 (a rerun skips what is there); `--table` prints per dataset: mean and spread (sample std over seeds) of test
-nDCG@10, the paired difference against `plain` (mean +- spread), and the CPU and wall ratios.
+nDCG@10, the paired difference against `plain` (mean +- spread), and the CPU and wall ratios; `--table --against
+dense4` pairs with the defaults instead and prints the keep rule (mean gain over the datasets > 2x its spread over
+splits) for each side.
 """
 
 from __future__ import annotations
@@ -241,19 +243,21 @@ def _side(name: str) -> str:
     return re.sub(r"-seed\d+$", "", name)
 
 
-def table(results: dict) -> str:
+def table(results: dict, against: str = "plain") -> str:
     """Per dataset and on average: test nDCG@10 (mean +- spread over every run: splits x training seeds), the paired
-    gain over plain (per split: the side's mean minus plain's; +- the spread of that over splits, or with one split
-    the standard error of the difference from the training seeds), cost ratios, peak memory."""
-    out = ["| dataset | run | splits / runs | test nDCG@10 | vs plain (paired) | CPU vs plain | wall vs plain | "
-           "peak RSS GiB |", "|---|---|---|---|---|---|---|---|"]
+    gain over `against` (plain, or the defaults to judge a recipe change; per split: the side's mean minus the
+    reference's; +- the spread of that over splits, or with one split the standard error of the difference from the
+    training seeds), cost ratios, peak memory; last, the protocol's keep rule for each side."""
+    out = [f"| dataset | run | splits / runs | test nDCG@10 | vs {against} (paired) | CPU vs {against} | "
+           f"wall vs {against} | peak RSS GiB |", "|---|---|---|---|---|---|---|---|"]
     names = {n for d in results.values() for r in d.values() for n in r}
     sides = sorted({_side(n) for n in names}, key=lambda s: (["base", "plain-inbatch", "plain"] + [s]).index(s))
     gains: dict[str, list[float]] = {}
+    spreads: dict[str, list[float]] = {}  # per dataset: the paired gain's spread over splits (two splits or more)
     for ds, by_split in sorted(results.items()):
         runs = {side: {sp: [r for n, r in by_split[sp].items() if _side(n) == side] for sp in sorted(by_split)}
                 for side in sides}
-        plain = runs.get("plain", {})
+        plain = runs.get(against, {})
         for side in sides:
             splits = [sp for sp, rs in runs[side].items() if rs]
             if not splits:
@@ -266,10 +270,11 @@ def table(results: dict) -> str:
                         if r.get(k)] for k in ("cpu_s", "wall_s")}
             rss = max((r.get("peak_rss_gib") or 0) for sp in splits for r in runs[side][sp])
             gain = ""
-            if side != "plain" and paired:
+            if side != against and paired:
                 gains.setdefault(side, []).append(statistics.mean(paired))
                 gain = f"{statistics.mean(paired):+.4f}"
                 if len(paired) > 1:
+                    spreads.setdefault(side, []).append(statistics.stdev(paired))
                     gain += f" ± {statistics.stdev(paired):.4f}"
                 elif len(vs := [r["ndcg@10"] for r in runs[side][both[0]]]) > 1 and len(
                         ps := [r["ndcg@10"] for r in plain[both[0]]]) > 1:
@@ -280,6 +285,15 @@ def table(results: dict) -> str:
                        f"{ratio['wall_s']} | {rss or ''} |")
     for side, g in gains.items():
         out.append(f"| mean of the {len(g)} datasets | {side} | | | {statistics.mean(g):+.4f} | | | |")
+    # the protocol's rule: keep a change only when its mean gain (over the datasets) is larger than twice the spread
+    # over splits (averaged over the datasets); a side without two splits on every dataset is not judged yet
+    out.append("")
+    for side, g in gains.items():
+        sp = spreads.get(side, [])
+        verdict = (f"spread {statistics.mean(sp):.4f} over splits: "
+                   f"{'keep' if statistics.mean(g) > 2 * statistics.mean(sp) else 'do not keep'}"
+                   if len(sp) == len(results) else f"not judged: two splits on {len(sp)} of {len(results)} datasets")
+        out.append(f"rule, {side} vs {against} on {len(g)} datasets: mean gain {statistics.mean(g):+.4f}, {verdict}")
     return "\n".join(out)
 
 
@@ -320,6 +334,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--table", action="store_true", help="print the table of results.json and stop")
+    parser.add_argument("--against", default="plain",
+                        help="the side the table pairs every other side with: plain (default), or e.g. dense4 (the "
+                             "defaults) to judge a recipe change by the protocol's rule")
     parser.add_argument("--dims", nargs="*", type=int, help="also score test nDCG@10 at these leading sizes (a "
                         "Matryoshka comparison: e.g. --dims 256 128 64 with --only recipe mrl)")
     parser.add_argument("--rescore", action="store_true", help="score finished runs again with test_ndcg (--data, --only: "
@@ -335,7 +352,7 @@ def main() -> None:
     results_path = os.path.join(args.out, "results.json")
     results = json.load(open(results_path)) if os.path.isfile(results_path) else {}
     if args.table:
-        print(table(results))
+        print(table(results, args.against))
         return
     if args.rescore:  # after a change to the scoring: every recorded run's export, scored again
         wanted = {os.path.basename(os.path.normpath(d)) for d in args.data or []}
