@@ -56,10 +56,14 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# The defaults before session 14 (BM25 negatives, 2 per query): the variants measured against them keep them, so a
-# rerun of a stored row trains what that row trained
-BM25 = ["beir.negatives.retrievers=[bm25]", "data.group_size=3"]
-DENSE4 = ["beir.negatives.retrievers=[dense]", "data.group_size=4"]  # the defaults since session 14
+# The defaults before session 14 (BM25 negatives, 2 per query, lr 2e-5): the variants measured against them keep
+# them, so a rerun of a stored row trains what that row trained (the stored rows of sessions 7-15 ran at lr 2e-5,
+# the default until session 16, without saying so in their overrides)
+LR2E5 = "optimizer.lr=2e-5"
+BM25 = ["beir.negatives.retrievers=[bm25]", "data.group_size=3", LR2E5]
+DENSE4_NEGATIVES = ["beir.negatives.retrievers=[dense]", "data.group_size=4"]  # the defaults' negatives since session 14
+DENSE4 = [*DENSE4_NEGATIVES, LR2E5]  # the defaults of sessions 14-15
+LR5E5 = [*DENSE4_NEGATIVES, "optimizer.lr=5e-5"]  # the defaults since session 16
 VARIANTS = {  # name -> overrides of task=beir
     "recipe": [],                                                      # configs/task/beir.yaml as it is
     "bm25": BM25,                                                      # the defaults before session 14
@@ -89,7 +93,7 @@ VARIANTS = {  # name -> overrides of task=beir
                       "loss.directions=[query_to_doc,query_to_query,doc_to_query,doc_to_doc]",  # that share a
                       "loss.mask_duplicate_keys=true"],                # positive (and copies of it) as negatives
     "dense4dedup": [*DENSE4, "loss.mask_duplicate_keys=true"],         # no repeat of a positive as a negative
-    "mrl": ["loss.matryoshka_dims=[384,256,128,64]"],                  # Matryoshka (issue 25): use --dims 256 128 64
+    "mrl": [*DENSE4, "loss.matryoshka_dims=[384,256,128,64]"],       # Matryoshka (issue 25): use --dims 256 128 64
     "fill": [*BM25, "beir.negatives.random_fill=2"],                   # queries BM25 left short get random negatives
     "remine": [*BM25, "beir.negatives.remine_after_epochs=[1]"],       # ANCE: epoch 2 on the trained model's negatives
     "reminemerge": [*BM25, "beir.negatives.remine_after_epochs=[1]",  # remine, epoch 2's negatives alternating
@@ -97,9 +101,10 @@ VARIANTS = {  # name -> overrides of task=beir
     "remine10": [*BM25, "beir.negatives.remine_after_epochs=[1]",     # remine, both minings from rank 10 (fewer
                  "beir.negatives.rank_range=[10,100]"],                # unlabelled positives among the negatives)
     "dense4remine": [*DENSE4, "beir.negatives.remine_after_epochs=[1]"],  # ANCE over the dense4 defaults
-    "lr5e5": [*DENSE4, "optimizer.lr=5e-5"],                           # 2.5x the learning rate: SciFact's 566
-    "lr1e4": [*DENSE4, "optimizer.lr=1e-4"],                           # train claims make ~70 steps in 2 epochs
-    "tau02": [*DENSE4, "loss.temperature=0.02"],                       # bge's temperature, not MNRL's 0.05
+    # the learning rate: SciFact's 566 train claims make ~70 steps in 2 epochs; lr5e5 = the defaults since session 16
+    "lr5e5": LR5E5,                                                    # 2.5x the rate of sessions 7-15
+    "lr1e4": [*DENSE4_NEGATIVES, "optimizer.lr=1e-4"],                 # 5x
+    "tau02": [*LR5E5, "loss.temperature=0.02"],                        # bge's temperature, not MNRL's 0.05
     # issue 25: the bundled SmolLM2-135M as a LoRA decoder embedder (last-token pooling), at a CPU-sized budget: one
     # epoch of 30 batches (480 train queries), 1 hard negative per query, LoRA's usual learning rate
     "smollm2lora": ["model=smollm2", "model.lora={r:16,alpha:32,dropout:0.05,target_modules:[q_proj,k_proj,v_proj,o_proj]}",
