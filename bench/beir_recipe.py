@@ -262,16 +262,16 @@ def table(results: dict, against: str = "plain") -> str:
     for ds, by_split in sorted(results.items()):
         runs = {side: {sp: [r for n, r in by_split[sp].items() if _side(n) == side] for sp in sorted(by_split)}
                 for side in sides}
-        plain = runs.get(against, {})
+        ref = runs.get(against, {})
         for side in sides:
             splits = [sp for sp, rs in runs[side].items() if rs]
             if not splits:
                 continue
             vals = [r["ndcg@10"] for sp in splits for r in runs[side][sp]]
-            both = [sp for sp in splits if plain.get(sp)]
+            both = [sp for sp in splits if ref.get(sp)]
             paired = [statistics.mean(r["ndcg@10"] for r in runs[side][sp]) -
-                      statistics.mean(r["ndcg@10"] for r in plain[sp]) for sp in both]
-            cost = {k: [r[k] / statistics.mean(p[k] for p in plain[sp]) for sp in both for r in runs[side][sp]
+                      statistics.mean(r["ndcg@10"] for r in ref[sp]) for sp in both]
+            cost = {k: [r[k] / statistics.mean(p[k] for p in ref[sp]) for sp in both for r in runs[side][sp]
                         if r.get(k)] for k in ("cpu_s", "wall_s")}
             rss = max((r.get("peak_rss_gib") or 0) for sp in splits for r in runs[side][sp])
             gain = ""
@@ -282,7 +282,7 @@ def table(results: dict, against: str = "plain") -> str:
                     spreads.setdefault(side, []).append(statistics.stdev(paired))
                     gain += f" ± {statistics.stdev(paired):.4f}"
                 elif len(vs := [r["ndcg@10"] for r in runs[side][both[0]]]) > 1 and len(
-                        ps := [r["ndcg@10"] for r in plain[both[0]]]) > 1:
+                        ps := [r["ndcg@10"] for r in ref[both[0]]]) > 1:
                     se = (statistics.variance(vs) / len(vs) + statistics.variance(ps) / len(ps)) ** 0.5
                     gain += f" ± {se:.4f} (se)"
             ratio = {k: f"{statistics.mean(v):.2f}x" if v else "" for k, v in cost.items()}
