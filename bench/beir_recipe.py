@@ -23,7 +23,9 @@ Sides:
   sentence-transformers' `InformationRetrievalEvaluator`, as the one-command run does.
 - `plain-inbatch`: the same without mined negatives.
 - `plain-lr5e5`: `plain` at learning rate 5e-5 (transformers' `TrainingArguments` default), beside the recipe's
-  `lr5e5` variant, so a learning-rate gain is credited to the learning rate, not to the recipe.
+  `lr5e5` variant (the defaults since session 16), so a learning-rate gain is credited to the learning rate.
+- `plain-lr5e5-ep4`: `plain-lr5e5` for 4 epochs, beside the recipe's `lr5e5ep4` (4 epochs, the best state by dev
+  exported): what selecting on dev is worth when both sides train longer.
 - `recipe` and its variants: `python train.py task=beir beir.folder=<split folder>` with overrides, the command
   users run, with its own dev/test evaluation before and after.
 - `<side>-seed<N>` (`--only "plain-seed7:seed=7" "recipe-seed7:seed=7"`): the side again with training seed N on
@@ -105,15 +107,17 @@ VARIANTS = {  # name -> overrides of task=beir
     "lr5e5": LR5E5,                                                    # 2.5x the rate of sessions 7-15
     "lr1e4": [*DENSE4_NEGATIVES, "optimizer.lr=1e-4"],                 # 5x
     "tau02": [*LR5E5, "loss.temperature=0.02"],                        # bge's temperature, not MNRL's 0.05
+    "lr5e5ep4": [*LR5E5, "trainer.max_epochs=4"],                      # 4 epochs, the best by dev exported (as
+                                                                       # plain-lr5e5-ep4 without the selection)
     # issue 25: the bundled SmolLM2-135M as a LoRA decoder embedder (last-token pooling), at a CPU-sized budget: one
     # epoch of 30 batches (480 train queries), 1 hard negative per query, LoRA's usual learning rate
     "smollm2lora": ["model=smollm2", "model.lora={r:16,alpha:32,dropout:0.05,target_modules:[q_proj,k_proj,v_proj,o_proj]}",
                     "optimizer.lr=1e-4", "data.group_size=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=30"],
 }
-PLAIN_SIDES = ("plain", "plain-inbatch", "plain-lr5e5")
-# each plain side's learning rate: 2e-5 as sentence-transformers' training examples use; plain-lr5e5 runs
-# transformers' TrainingArguments default (5e-5), which a user who sets no learning rate gets
-PLAIN_LR = {"plain": 2e-5, "plain-inbatch": 2e-5, "plain-lr5e5": 5e-5}
+# each plain side's settings: lr 2e-5 as sentence-transformers' training examples use, or transformers'
+# TrainingArguments default (5e-5), which a user who sets no learning rate gets; epochs: --epochs unless set here
+PLAIN_SIDES = {"plain": {"lr": 2e-5}, "plain-inbatch": {"lr": 2e-5, "hard_negatives": False},
+               "plain-lr5e5": {"lr": 5e-5}, "plain-lr5e5-ep4": {"lr": 5e-5, "epochs": 4}}
 DEV_FRACTION, TEST_FRACTION = 0.1, 0.2
 
 
@@ -350,8 +354,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.child_plain:
         spec = json.loads(args.child_plain)
-        plain_finetune(spec["paths"], spec["out"], spec["hard_negatives"], args.epochs, args.batch_size, spec["seed"],
-                       spec["lr"])
+        plain_finetune(spec["paths"], spec["out"], spec["hard_negatives"], spec["epochs"], args.batch_size,
+                       spec["seed"], spec["lr"])
         return
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
@@ -409,10 +413,10 @@ def main() -> None:
                     model_dir = minilm_path()
                 elif _plain_side(name):  # e.g. "plain-seed7:seed=7": plain trained with seed 7 on this split
                     train_seed = int(overrides[-1].split("=")[1]) if overrides else seed
-                    spec = {"paths": paths, "out": run, "hard_negatives": _plain_side(name) != "plain-inbatch",
-                            "seed": train_seed, "lr": PLAIN_LR[_plain_side(name)]}
-                    cost = run_child([sys.executable, __file__, "--out", args.out, "--epochs", str(args.epochs),
-                                      "--batch-size", str(args.batch_size), "--child-plain", json.dumps(spec)],
+                    plain = {"hard_negatives": True, "epochs": args.epochs, **PLAIN_SIDES[_plain_side(name)]}
+                    spec = {"paths": paths, "out": run, "seed": train_seed, **plain}
+                    cost = run_child([sys.executable, __file__, "--out", args.out, "--batch-size", str(args.batch_size),
+                                      "--child-plain", json.dumps(spec)],
                                      run + ".log", cache=os.path.join(work, f"cache-{name}"))
                     model_dir = run
                 else:
@@ -426,7 +430,7 @@ def main() -> None:
                     model_dir = run
                 score, by_dim = test_ndcg(model_dir, paths, run + "-test", args.dims)
                 done[name] = {"overrides": overrides, **cost, "ndcg@10": score,
-                              **({"lr": PLAIN_LR[_plain_side(name)]} if _plain_side(name) else {}),
+                              **({"lr": plain["lr"], "epochs": plain["epochs"]} if _plain_side(name) else {}),
                               **({"ndcg@10_by_dim": by_dim} if by_dim else {})}
                 print(ds, seed, name, done[name], flush=True)
                 _save(results, args.out, results_path)
