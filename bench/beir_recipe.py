@@ -28,6 +28,9 @@ Sides:
   exported): what selecting on dev is worth when both sides train longer.
 - `recipe` and its variants: `python train.py task=beir beir.folder=<split folder>` with overrides, the command
   users run, with its own dev/test evaluation before and after.
+- `lr5e5merge20`, `lr5e5merge40` (`MERGED`): the `lr5e5` run's export merged with the base model (LM-Cocktail,
+  base share 0.2 / 0.4) by embedder's own `merge_with_base` and `export_encoder`: the model that run would export
+  with `merge_base_weight=w`, with no second training (its cost is the source run's).
 - `<side>-seed<N>` (`--only "plain-seed7:seed=7" "recipe-seed7:seed=7"`): the side again with training seed N on
   the same split, a replicate: the table pools it with the side's other runs and uses the replicates' spread.
 Both plain sides and the recipe see the same (query, positive) examples per epoch: one per train query, the
@@ -114,6 +117,11 @@ VARIANTS = {  # name -> overrides of task=beir
     "smollm2lora": ["model=smollm2", "model.lora={r:16,alpha:32,dropout:0.05,target_modules:[q_proj,k_proj,v_proj,o_proj]}",
                     "optimizer.lr=1e-4", "data.group_size=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=30"],
 }
+# LM-Cocktail merges of a variant's export, made after the fact: "name": (source variant, the base model's share). The
+# merge is embedder's own `merge_with_base` (what `merge_base_weight=w` does to the state a run exports, the best by
+# dev) and the export is `export_encoder`'s, so the row is that run's model at no training cost (the source row's
+# cost is reported). Over the defaults (lr5e5, which moves further from the base than 2e-5 did)
+MERGED = {"lr5e5merge20": ("lr5e5", 0.2), "lr5e5merge40": ("lr5e5", 0.4)}
 # each plain side's settings: lr 2e-5 as sentence-transformers' training examples use, or transformers'
 # TrainingArguments default (5e-5), which a user who sets no learning rate gets; epochs: --epochs unless set here
 PLAIN_SIDES = {"plain": {"lr": 2e-5}, "plain-inbatch": {"lr": 2e-5, "hard_negatives": False},
@@ -244,6 +252,29 @@ def plain_finetune(paths: dict[str, str], out_dir: str, hard_negatives: bool, ep
     trainer.train()  # epochs: the dataset holds one draw per epoch
     print("after", evaluator(model), flush=True)
     model.save(out_dir)
+
+
+def merged_export(src: str, dst: str, base_weight: float) -> None:
+    """`src` (a recipe run's export of the bundled MiniLM) merged with the base model by `merge_with_base`, written
+    to `dst` by `export_encoder` (atomic) with `src`'s prompts and lengths."""
+    sys.path.insert(0, ROOT)
+    from types import SimpleNamespace
+
+    import hydra
+    from omegaconf import OmegaConf
+
+    from embedder.checkpoints import merge_with_base
+    from embedder.config import compose
+    from embedder.export import export_encoder
+
+    base_cfg = OmegaConf.to_container(compose("train", ["model=minilm"]).model, resolve=True)  # the base: the bundle
+    with open(os.path.join(src, "embedder_config.json")) as f:
+        meta = json.load(f)
+    encoder = hydra.utils.instantiate({**base_cfg, "model_name_or_path": src})
+    module = SimpleNamespace(encoder=encoder)
+    if not merge_with_base(module, base_cfg, base_weight):
+        sys.exit(f"{src}: no tensor was merged (not a full fine-tune of the bundled MiniLM?)")
+    export_encoder(module, dst, meta.get("prompts") or {}, int(meta.get("max_seq_length", 256)))
 
 
 # ------------------------------------------------------------------------------------------------ the table
@@ -387,14 +418,16 @@ def main() -> None:
     variants = {}
     for item in args.only or ["base", "plain", "plain-inbatch", "recipe"]:
         name, _, rest = item.partition(":")
-        if not rest and name not in VARIANTS and name not in ("base", *PLAIN_SIDES):  # plain-seed7 needs seed=7
-            sys.exit(f"unknown variant {name!r}: use one of {sorted(VARIANTS)}, base, {', '.join(PLAIN_SIDES)}, "
-                     f"or name:override ...")
+        if not rest and name not in VARIANTS and name not in ("base", *PLAIN_SIDES, *MERGED):  # plain-seed7: seed=7
+            sys.exit(f"unknown variant {name!r}: use one of {sorted(VARIANTS)}, {sorted(MERGED)}, base, "
+                     f"{', '.join(PLAIN_SIDES)}, or name:override ...")
         if name.startswith("plain-") and not _plain_side(name):  # plainneg, plainlike: recipe variants
             sys.exit(f"{item!r}: a plain side is named {', '.join(PLAIN_SIDES)}, or one of them with -seed<N>")
         if _plain_side(name) and rest and not all(o.startswith("seed=") for o in rest.split()):
             sys.exit(f"{item!r}: a plain side takes one override, seed=N (its training seed; the split stays)")
         variants[name] = rest.split() if rest else VARIANTS.get(name, [])
+        if name in MERGED:  # the overrides of the train.py run whose export this row is
+            variants[name] = [*VARIANTS[MERGED[name][0]], f"merge_base_weight={MERGED[name][1]}"]
     for seed in args.seeds:  # seed-major: every dataset gets its first seed before any gets its second
         for data in args.data:
             ds = os.path.basename(os.path.normpath(data))
@@ -411,6 +444,15 @@ def main() -> None:
 
                     cost = {"wall_s": 0, "cpu_s": 0, "peak_rss_gib": 0}
                     model_dir = minilm_path()
+                elif name in MERGED:  # the source variant's export, merged with the base model
+                    source, base_weight = MERGED[name]
+                    if source not in done:
+                        print(f"{ds} {seed} {name}: skipped, run {source} on this split first", flush=True)
+                        continue
+                    if not os.path.isfile(os.path.join(run, "model.safetensors")):
+                        merged_export(os.path.join(work, source), run, base_weight)
+                    cost = {k: done[source][k] for k in ("wall_s", "cpu_s", "peak_rss_gib")}
+                    model_dir = run
                 elif _plain_side(name):  # e.g. "plain-seed7:seed=7": plain trained with seed 7 on this split
                     train_seed = int(overrides[-1].split("=")[1]) if overrides else seed
                     plain = {"hard_negatives": True, "epochs": args.epochs, **PLAIN_SIDES[_plain_side(name)]}
