@@ -50,3 +50,35 @@ def test_keep_rule_waits_for_two_splits_on_every_dataset():
     text = bench.table(results, against="dense4")
     line = next(x for x in text.splitlines() if x.startswith("rule, steady"))
     assert line.endswith("not judged: two splits on 1 of 2 datasets")
+
+
+def test_merged_export_is_the_interpolation_with_the_base_model(tmp_path):
+    """A MERGED row's model: a fine-tuned export of the bundled MiniLM (here: its weights moved by hand), merged by
+    embedder's own merge_with_base and written by export_encoder, is (1 - w) x trained + w x base, tensor by tensor,
+    and loads as a sentence-transformers model."""
+    import torch
+    from safetensors.torch import load_file
+    from sentence_transformers import SentenceTransformer
+
+    from embedder.bundled import minilm_path
+    from embedder.export import export_encoder
+    from embedder.modeling.encoder import DualEncoder
+
+    bench = _bench()
+    encoder = DualEncoder(model_name_or_path=minilm_path(), pooling="mean", normalize=True)
+    with torch.no_grad():
+        for i, p in enumerate(encoder.parameters()):  # "training": every trainable tensor moved, differently
+            if p.requires_grad:  # (BERT's pooler head is frozen: mean pooling never uses it)
+                p.add_(0.01 * (i % 7 + 1))
+    trained, merged = str(tmp_path / "trained"), str(tmp_path / "merged")
+    export_encoder(type("Module", (), {"encoder": encoder})(), trained, {"query": "", "document": ""}, 256)
+    bench.merged_export(trained, merged, 0.25)
+    base = load_file(os.path.join(minilm_path(), "model.safetensors"))
+    t, m = load_file(os.path.join(trained, "model.safetensors")), load_file(os.path.join(merged, "model.safetensors"))
+    assert set(m) == set(t)
+    floats = [k for k in m if m[k].is_floating_point()]
+    off = [k for k in floats if not torch.allclose(m[k], 0.75 * t[k] + 0.25 * base[k], atol=1e-6)]
+    assert floats and not off, off  # a frozen tensor equals the base's, so it is its own merge
+    assert not torch.allclose(m[floats[0]], t[floats[0]])  # the merge changed the weights
+    emb = SentenceTransformer(merged, device="cpu").encode(["a claim about prions"])
+    assert emb.shape == (1, 384)
