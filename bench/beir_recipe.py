@@ -260,17 +260,17 @@ def merged_export(src: str, dst: str, base_weight: float) -> None:
     sys.path.insert(0, ROOT)
     from types import SimpleNamespace
 
-    import hydra
     from omegaconf import OmegaConf
 
     from embedder.checkpoints import merge_with_base
     from embedder.config import compose
     from embedder.export import export_encoder
+    from embedder.retrieval.encode.model import load_encoder
 
     base_cfg = OmegaConf.to_container(compose("train", ["model=minilm"]).model, resolve=True)  # the base: the bundle
     with open(os.path.join(src, "embedder_config.json")) as f:
         meta = json.load(f)
-    encoder = hydra.utils.instantiate({**base_cfg, "model_name_or_path": src})
+    encoder = load_encoder(base_cfg, src)  # the export, read as evaluation and mining read it
     module = SimpleNamespace(encoder=encoder)
     if not merge_with_base(module, base_cfg, base_weight):
         sys.exit(f"{src}: no tensor was merged (not a full fine-tune of the bundled MiniLM?)")
