@@ -181,21 +181,21 @@ def run_child(cmd: list[str], log_path: str, cache: str | None = None) -> dict[s
             "peak_rss_gib": round(usage.ru_maxrss / 1024 ** 2, 2)}  # ru_maxrss: KiB
 
 
-def test_ndcg(model_dir: str, paths: dict[str, str], out_dir: str, dims: list[int] | None = None
-              ) -> tuple[float, dict[str, float]]:
-    """nDCG@10 on test.json with embedder's evaluator (the same for every side; graded where the qrels are), at the
-    lengths every side trains with (256/256, stated explicitly); with `dims`, also at each leading size
-    (`truncate_dims`: one encoding)."""
+def test_ndcg(model_dir: str, paths: dict[str, str], out_dir: str, dims: list[int] | None = None,
+              split: str = "test") -> tuple[float, dict[str, float]]:
+    """nDCG@10 on test.json (or `split`.json) with embedder's evaluator (the same for every side; graded where the
+    qrels are), at the lengths every side trains with (256/256, stated explicitly); with `dims`, also at each
+    leading size (`truncate_dims`: one encoding)."""
     out_dir += "-256" + ("-dims" + "-".join(map(str, dims)) if dims else "")
     cmd = [sys.executable, "-m", "embedder.evaluate", "model=minilm", f"model_path={model_dir}",
-           f"eval_data={paths['test']}", f"corpus={paths['corpus']}", "eval_name=test", "metrics=[ndcg]",
+           f"eval_data={paths[split]}", f"corpus={paths['corpus']}", f"eval_name={split}", "metrics=[ndcg]",
            "cutoffs=[10]", f"output_dir={out_dir}", "trainer=cpu", "version=none", "query_max_length=256",
            "key_max_length=256", *([f"truncate_dims=[{','.join(map(str, dims))}]"] if dims else [])]
     if not os.path.isfile(os.path.join(out_dir, "metrics.json")):  # reused when a rerun finds it
         run_child(cmd, out_dir + ".log", cache=os.path.join(os.path.dirname(out_dir), "score-cache"))
     with open(os.path.join(out_dir, "metrics.json")) as f:
         metrics = json.load(f)
-    return metrics["test"]["ndcg@10"], {str(d): metrics[f"test/dim{d}"]["ndcg@10"] for d in dims or []}
+    return metrics[split]["ndcg@10"], {str(d): metrics[f"{split}/dim{d}"]["ndcg@10"] for d in dims or []}
 
 
 def _jsonl(path: str) -> list[dict]:
@@ -381,6 +381,9 @@ def main() -> None:
                         "Matryoshka comparison: e.g. --dims 256 128 64 with --only recipe mrl)")
     parser.add_argument("--rescore", action="store_true", help="score finished runs again with test_ndcg (--data, --only: "
                         "those sides)")
+    parser.add_argument("--split", default="test", choices=["test", "dev"],
+                        help="with --rescore: dev stores each run's dev nDCG@10 as dev_ndcg@10 (what a selection "
+                             "on dev would see), test rescores ndcg@10")
     parser.add_argument("--child-plain", help=argparse.SUPPRESS)  # internal: a plain side's own process
     args = parser.parse_args()
     if args.child_plain:
@@ -408,6 +411,12 @@ def main() -> None:
                     from embedder.bundled import minilm_path
 
                     model_dir = minilm_path() if name == "base" else os.path.join(work, name)
+                    if args.split == "dev":  # a selection signal beside the row (its test score stays)
+                        r["dev_ndcg@10"], _ = test_ndcg(model_dir, paths, os.path.join(work, name) + "-dev",
+                                                        split="dev")
+                        print(ds, seed, name, "dev", r["dev_ndcg@10"], flush=True)
+                        _save(results, args.out, results_path)
+                        continue
                     r["ndcg@10"], by_dim = test_ndcg(model_dir, paths, os.path.join(work, name) + "-test", args.dims)
                     if by_dim:
                         r["ndcg@10_by_dim"] = by_dim
