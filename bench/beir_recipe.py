@@ -405,13 +405,13 @@ def main() -> None:
         return
     if args.rescore:  # after a change to the scoring: every recorded run's export, scored again
         wanted = {os.path.basename(os.path.normpath(d)) for d in args.data or []}
-        for ds, by_seed in results.items():
+        for ds, by_seed in list(results.items()):  # _save merges in rows other jobs wrote meanwhile
             if wanted and ds not in wanted:  # --data: those datasets only
                 continue
-            for seed, runs in by_seed.items():
+            for seed, runs in list(by_seed.items()):
                 work = os.path.join(args.out, ds, f"seed{seed}")
                 paths = prepared_split(os.path.join(work, "folder"), os.path.join(work, "prepared"))
-                for name, r in runs.items():
+                for name, r in list(runs.items()):
                     if args.only and name not in args.only:
                         continue
                     from embedder.bundled import minilm_path
