@@ -6,6 +6,7 @@ and seeded splits: the protocol every recipe decision is judged by (issue 22).
     python bench/beir_recipe.py ... --only recipe "group2:data.group_size=2"          # more variants: name:overrides
     python bench/beir_recipe.py ... --only "plain-seed7:seed=7"                      # plain, training seed 7, same split
     python bench/beir_recipe.py ... --table                                           # the table of what has run
+    python bench/beir_recipe.py --out /tmp/beir-bench --rescore --split dev --only lr5e5merge20  # dev nDCG@10 too
 
 For each dataset and seed, the queries that have qrels (every split the folder has) are split, seeded, into train
 (70%), dev (10%) and test (20%), written as a BEIR folder (`qrels/{train,dev,test}.tsv`) beside symlinks to the
@@ -126,7 +127,7 @@ VARIANTS = {  # name -> overrides of task=beir
 # LM-Cocktail merges of a variant's export, made after the fact: "name": (source variant, the base model's share). The
 # merge is embedder's own `merge_with_base` (what `merge_base_weight=w` does to the state a run exports, the best by
 # dev) and the export is `export_encoder`'s, so the row is that run's model at no training cost (the source row's
-# cost is reported). Over the defaults (lr5e5, which moves further from the base than 2e-5 did)
+# cost is reported). Merged over the defaults (lr5e5), whose weights move further from the base than 2e-5 runs did.
 MERGED = {"lr5e5merge20": ("lr5e5", 0.2), "lr5e5merge40": ("lr5e5", 0.4)}
 # each plain side's settings: lr 2e-5 as sentence-transformers' training examples use, or transformers'
 # TrainingArguments default (5e-5), which a user who sets no learning rate gets; epochs: --epochs unless set here
@@ -187,7 +188,7 @@ def run_child(cmd: list[str], log_path: str, cache: str | None = None) -> dict[s
             "peak_rss_gib": round(usage.ru_maxrss / 1024 ** 2, 2)}  # ru_maxrss: KiB
 
 
-def test_ndcg(model_dir: str, paths: dict[str, str], out_dir: str, dims: list[int] | None = None,
+def split_ndcg(model_dir: str, paths: dict[str, str], out_dir: str, dims: list[int] | None = None,
               split: str = "test") -> tuple[float, dict[str, float]]:
     """nDCG@10 on test.json (or `split`.json) with embedder's evaluator (the same for every side; graded where the
     qrels are), at the lengths every side trains with (256/256, stated explicitly); with `dims`, also at each
@@ -385,7 +386,7 @@ def main() -> None:
                              "defaults) to judge a recipe change by the protocol's rule")
     parser.add_argument("--dims", nargs="*", type=int, help="also score test nDCG@10 at these leading sizes (a "
                         "Matryoshka comparison: e.g. --dims 256 128 64 with --only recipe mrl)")
-    parser.add_argument("--rescore", action="store_true", help="score finished runs again with test_ndcg (--data, --only: "
+    parser.add_argument("--rescore", action="store_true", help="score finished runs again with split_ndcg (--data, --only: "
                         "those sides)")
     parser.add_argument("--split", default="test", choices=["test", "dev"],
                         help="with --rescore: dev stores each run's dev nDCG@10 as dev_ndcg@10 (what a selection "
@@ -418,12 +419,12 @@ def main() -> None:
 
                     model_dir = minilm_path() if name == "base" else os.path.join(work, name)
                     if args.split == "dev":  # a selection signal beside the row (its test score stays)
-                        r["dev_ndcg@10"], _ = test_ndcg(model_dir, paths, os.path.join(work, name) + "-dev",
+                        r["dev_ndcg@10"], _ = split_ndcg(model_dir, paths, os.path.join(work, name) + "-dev",
                                                         split="dev")
                         print(ds, seed, name, "dev", r["dev_ndcg@10"], flush=True)
                         _save(results, args.out, results_path)
                         continue
-                    r["ndcg@10"], by_dim = test_ndcg(model_dir, paths, os.path.join(work, name) + "-test", args.dims)
+                    r["ndcg@10"], by_dim = split_ndcg(model_dir, paths, os.path.join(work, name) + "-test", args.dims)
                     if by_dim:
                         r["ndcg@10_by_dim"] = by_dim
                     print(ds, seed, name, r["ndcg@10"], flush=True)
@@ -485,7 +486,7 @@ def main() -> None:
                            *overrides]
                     cost = run_child(cmd, run + ".log", cache=os.path.join(work, f"cache-{name}"))
                     model_dir = run
-                score, by_dim = test_ndcg(model_dir, paths, run + "-test", args.dims)
+                score, by_dim = split_ndcg(model_dir, paths, run + "-test", args.dims)
                 done[name] = {"overrides": overrides, **cost, "ndcg@10": score,
                               **({"lr": plain["lr"], "epochs": plain["epochs"]} if _plain_side(name) else {}),
                               **({"ndcg@10_by_dim": by_dim} if by_dim else {})}
