@@ -418,6 +418,9 @@ def main() -> None:
                     from embedder.bundled import minilm_path
 
                     model_dir = minilm_path() if name == "base" else os.path.join(work, name)
+                    if not os.path.isdir(model_dir):  # an export deleted to save disk: the others still score
+                        print(f"{ds} {seed} {name}: skipped, its export {model_dir} is gone", flush=True)
+                        continue
                     if args.split == "dev":  # a selection signal beside the row (its test score stays)
                         r["dev_ndcg@10"], _ = split_ndcg(model_dir, paths, os.path.join(work, name) + "-dev",
                                                         split="dev")
