@@ -55,14 +55,17 @@ def main() -> None:
     if not records:
         sys.exit(f"{args.scored}: no records")
     encoder = load_encoder(compose("train", ["model=minilm"]).model, args.model)
-    rows = []
-    for r in records:
+    keys = [[k if isinstance(k, str) else args.key_template.format(**k)
+             for k in (r["pos"] + r["neg"])[:len(r["teacher_scores"])]] for r in records]
+    # one encode call per side (length-sorted batches over every record), not two per record
+    q_emb = encoder.encode_texts([r["query"] for r in records], kind="query")  # (N, d)
+    k_emb = encoder.encode_texts([k for ks in keys for k in ks], kind="key")  # (sum C, d)
+    rows, start = [], 0
+    for i, r in enumerate(records):
         teacher = r["teacher_scores"]
-        keys = (r["pos"] + r["neg"])[:len(teacher)]
-        keys = [k if isinstance(k, str) else args.key_template.format(**k) for k in keys]
-        q = encoder.encode_texts([r["query"]], kind="query")  # (1, d)
-        k = encoder.encode_texts(keys, kind="key")  # (C, d)
-        student = (k @ q[0]).tolist()  # (C,) cosine: the encoder normalises
+        k = k_emb[start:start + len(keys[i])]  # (C, d)
+        start += len(keys[i])
+        student = (k @ q_emb[i]).tolist()  # (C,) cosine: the encoder normalises
         n_pos = min(len(r["pos"]), len(teacher))
         rows.append((rank_of_best_positive(teacher, n_pos), rank_of_best_positive(student, n_pos),
                      spearmanr(teacher, student).statistic, len(teacher)))
