@@ -74,9 +74,8 @@ print('python', __import__('sys').version.split()[0], 'torch', torch.__version__
 'transformers', transformers.__version__, 'lightning', lightning.__version__, 'sentence-transformers', st.__version__, \
 'deepspeed', deepspeed.__version__, 'peft', peft.__version__, 'faiss', faiss.__version__, \
 'faiss GPUs', faiss.get_num_gpus() if hasattr(faiss, 'get_num_gpus') else 0)" || return 1
-  echo "CUDA 12 libraries (what faiss-gpu-cu12 links):"
-  find / -xdev \( -name 'libcublas.so.12*' -o -name 'libcudart.so.12*' \) 2>/dev/null | head -5
-  find /usr /opt /lib -xdev -name 'libcublas.so.1[0-9]*' 2>/dev/null | head -5
+  echo "cuBLAS libraries (faiss-gpu-cu12 links libcublas.so.12):"
+  find /usr/local /opt \( -name 'libcublas.so.*' -o -name 'libcudart.so.*' \) 2>/dev/null | head -8
 }
 export -f probe
 ALL=(probe gpu_tests train_bench encode_bench score_bench lora_bench profile_encode)

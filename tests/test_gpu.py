@@ -90,9 +90,10 @@ def test_lora_under_deepspeed_stage_2(tmp_path, tiny_bert):
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
-def test_decoder_varlen_kernel_matches_padded_sdpa_in_bf16(tmp_path, bidirectional):
+def test_decoder_varlen_kernel_matches_padded_sdpa_in_bf16(tmp_path, bidirectional, monkeypatch):
     """A Llama-style decoder (head dim 64, grouped-query attention) packed through the CUDA varlen kernel against
-    padded SDPA under bf16 autocast, causal and bidirectional, last-token pooling."""
+    padded SDPA under bf16 autocast, causal and bidirectional, last-token pooling. The kernel must run, not the
+    grouped fallback: fp32 weights under autocast give fp32 rotary q/k, which once missed it (3.5x slower)."""
     from transformers import LlamaConfig, LlamaModel
 
     from embedder.modeling import DualEncoder, unpadded
@@ -110,6 +111,11 @@ def test_decoder_varlen_kernel_matches_padded_sdpa_in_bf16(tmp_path, bidirection
                 for name, mode in (("padded", "false"), ("packed", "auto"))}
     texts = ["a", "dense retrieval for language models " * 6, "x y", "the quick brown fox " * 20]
     batch = {k: v.cuda() for k, v in encoders["padded"].tokenizer(texts, padding=True, return_tensors="pt").items()}
+
+    def no_fallback(*a, **kw):
+        raise AssertionError("the grouped padded fallback ran on CUDA under bf16 autocast")
+
+    monkeypatch.setattr(unpadded, "grouped_padded_attention", no_fallback)
     out = {}
     for name, enc in encoders.items():
         with torch.autocast("cuda", dtype=torch.bfloat16):

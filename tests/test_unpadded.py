@@ -220,3 +220,58 @@ def test_grouped_attention_equals_attention_per_sequence(causal, monkeypatch):
     (ref * w).sum().backward()
     for got, want in zip(leaves, ref_leaves):
         torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-4)
+
+
+def _per_sequence_attention(q, k, v, cu, causal, scale):
+    """Plain SDPA on each packed sequence alone (grouped-query heads native): the reference. (T, H, Dh)."""
+    parts = []
+    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (t[a:b].transpose(0, 1)[None] for t in (q, k, v))  # (1, h, L, Dh)
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, is_causal=causal, scale=scale,
+                                                             enable_gqa=True)
+        parts.append(o[0].transpose(0, 1))
+    return torch.cat(parts)
+
+
+# Stand-ins with the signatures `torch.nn.attention.varlen.varlen_attn` had in each PyTorch release (2.10: is_causal
+# and no scale; 2.11: scale and window_size; 2.12 on: enable_gqa too). Each checks what it was given as the real
+# kernel would (equal head counts unless enable_gqa) and computes with its own default scale, 1/sqrt(Dh).
+def _varlen_2_10(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+    assert key.shape[1] == query.shape[1], "2.10 has no grouped-query attention"
+    return _per_sequence_attention(query, key, value, cu_seq_q, is_causal, None)
+
+
+def _varlen_2_11(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=(-1, -1)):
+    assert key.shape[1] == query.shape[1], "2.11 has no grouped-query attention"
+    assert window_size in ((-1, -1), (-1, 0))
+    return _per_sequence_attention(query, key, value, cu_seq_q, window_size == (-1, 0), scale)
+
+
+def _varlen_2_12(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                 window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+    assert enable_gqa or key.shape[1] == query.shape[1]
+    return _per_sequence_attention(query, key, value, cu_seq_q, window_size == (-1, 0), scale)
+
+
+@pytest.mark.parametrize("varlen", [_varlen_2_10, _varlen_2_11, _varlen_2_12], ids=["2.10", "2.11", "2.12"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_torch_varlen_called_through_each_release_signature(varlen, causal):
+    """`call_torch_varlen` adapts to the signature the installed PyTorch has (an H200 image with torch 2.11 failed
+    on `enable_gqa`): grouped-query heads, a non-default scale and causality give the per-sequence attention,
+    values and gradients, whichever arguments the kernel takes."""
+    torch.manual_seed(0)
+    lens = [5, 17, 1, 9]
+    T, H, Hkv, Dh = sum(lens), 4, 2, 8
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    leaves = [torch.randn(T, h, Dh, requires_grad=True) for h in (H, Hkv, Hkv)]
+    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    scale = 0.3  # not 1/sqrt(8): a kernel without `scale` must be compensated
+    out = unpadded.call_torch_varlen(varlen, *leaves, cu, max(lens), scale, causal)
+    ref = _per_sequence_attention(*ref_leaves, cu, causal, scale)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    w = torch.randn_like(ref)
+    (out * w).sum().backward()
+    (ref * w).sum().backward()
+    for got, want in zip(leaves, ref_leaves):
+        torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-4)

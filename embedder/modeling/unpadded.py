@@ -18,6 +18,8 @@ function with its `AttentionInterface`, so only attention is ours (causal where 
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -112,7 +114,11 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torc
                      scale: float, dropout: float = 0.0, causal: bool = False) -> torch.Tensor:
     """Attention within each packed sequence. q: (T, H, Dh); k, v: (T, Hkv, Dh), Hkv dividing H (grouped-query);
     cu: (N+1,) int32; `causal`: each token sees only the tokens before it in its sequence. Returns (T, H, Dh)."""
-    gqa = k.shape[1] != q.shape[1]
+    if q.is_cuda and torch.is_autocast_enabled("cuda"):
+        # autocast casts SDPA's inputs to its dtype, but not a custom kernel's: rotary decoders (Llama, Qwen) hand
+        # over fp32 q/k under bf16 autocast (fp32 hidden states times fp32 cos/sin), which would miss the kernel
+        dtype = torch.get_autocast_dtype("cuda")
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
         fa = _flash_attn()
         if fa is not None:  # grouped-query attention is native there
@@ -123,9 +129,39 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torc
                 say_once("dropout", "unpadded attention: torch varlen_attn has no dropout, so attention-probability "
                          "dropout (p=%.2f) is not applied (hidden dropout is); install flash-attn to apply it",
                          dropout, level=logging.WARNING)
-            return varlen_attn(q, k, v, cu, cu, max_len, max_len, scale=scale, enable_gqa=gqa,
-                               window_size=(-1, 0) if causal else (-1, -1))
+            return call_torch_varlen(varlen_attn, q, k, v, cu, max_len, scale, causal)
     return grouped_padded_attention(q, k, v, cu, scale, dropout, causal)
+
+
+@functools.cache
+def _parameters(fn) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def call_torch_varlen(varlen_attn, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
+                      scale: float | None, causal: bool) -> torch.Tensor:
+    """`torch.nn.attention.varlen.varlen_attn` through whichever signature this PyTorch has. It changed in every
+    release since it appeared: 2.10 takes `is_causal` and no scale; 2.11 takes `scale` and `window_size`; 2.12 adds
+    `enable_gqa`. Missing arguments are emulated: key/value heads repeated for grouped-query attention (what
+    `enable_gqa` avoids), the query pre-multiplied for the scale. Shapes as in `varlen_attention`."""
+    params = _parameters(varlen_attn)
+    kwargs = {}
+    if k.shape[1] != q.shape[1]:  # grouped-query: (T, Hkv, Dh) keys for (T, H, Dh) queries
+        if "enable_gqa" in params:
+            kwargs["enable_gqa"] = True
+        else:
+            rep = q.shape[1] // k.shape[1]
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (T, H, Dh)
+    if scale is not None:
+        if "scale" in params:
+            kwargs["scale"] = scale
+        else:  # the kernel's own scale is 1/sqrt(Dh)
+            q = q * (scale * q.shape[-1] ** 0.5)
+    if "window_size" in params:
+        kwargs["window_size"] = (-1, 0) if causal else (-1, -1)
+    elif causal:
+        kwargs["is_causal"] = True
+    return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kwargs)
 
 
 # The CPU path groups sequences of similar length: a group starts at its longest sequence and takes the next
