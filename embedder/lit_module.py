@@ -199,8 +199,12 @@ class RetrieverModule(LightningModule):
         for name, p in self.named_parameters():
             if not p.requires_grad:
                 continue
-            (no_decay if p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            ndim = len(getattr(p, "ds_shape", p.shape))  # ZeRO-3 partitions leave an empty 1-D tensor: its ds_shape
+            (no_decay if ndim < 2 or "LayerNorm" in name or "layer_norm" in name else decay).append(p)
+        # no empty group: DeepSpeed deletes empty groups from the optimizer it wraps, and a scheduler built on both
+        # then fails its first step (zip of 2 learning rates with 1 group; LoRA has no trainable 1-D weight)
+        groups = [g for g in ({"params": decay, "weight_decay": self.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
         opt = self.optimizer_factory(groups) if self.optimizer_factory else torch.optim.AdamW(groups, lr=5e-6)
         from transformers import get_linear_schedule_with_warmup
 

@@ -136,9 +136,6 @@ def test_gpu_encoding_matches_cpu(tiny_bert):
 
 
 @needs_deepspeed
-@pytest.mark.xfail(strict=False, reason="open (issue 9 note): on an H200 this failed first with DeepSpeed's "
-                   "IndexError in record_parameters (stale ZeRO-3 hooks of the validate engine, now removed), then "
-                   "with a ValueError (zip) not yet diagnosed")
 def test_zero3_in_training_evaluation(tmp_path, tiny_bert):
     """In-training evaluation under ZeRO-3: the encoder's weights are partitioned, so the stores are neither keyed by
     a weight hash nor cached, and are deleted once scored; the metrics come out before and after training."""

@@ -472,6 +472,42 @@ def test_host_malloc_settings_reach_glibc():
 LORA = "model.lora={r:4,alpha:8,dropout:0.0,target_modules:[query,value]}"
 
 
+def test_optimizer_groups_are_never_empty_and_follow_zero3_shapes(tiny_bert):
+    """DeepSpeed deletes empty parameter groups from the optimizer it wraps, and a scheduler built on both groups
+    then failed its first step on an H200 (`zip() argument 2 is longer than argument 1`: LoRA trains no 1-D weight;
+    under ZeRO-3 a partitioned weight is an empty 1-D tensor). Groups are never empty, the scheduler has one
+    learning rate per group, and a partitioned 2-D weight (DeepSpeed's `ds_shape`) still decays."""
+    from unittest import mock
+
+    from embedder.lit_module import RetrieverModule
+    from embedder.modeling.encoder import DualEncoder
+    from embedder.record_kinds import build_record_kinds
+
+    tasks = build_record_kinds({"qa": {"losses": [{"_target_": "embedder.losses.InfoNCELoss", "weight": 1.0}]}}, 2)
+
+    def configure(module):
+        module._trainer = mock.Mock(estimated_stepping_batches=10)
+        conf = module.configure_optimizers()
+        opt, sched = conf["optimizer"], conf["lr_scheduler"]["scheduler"]
+        assert all(g["params"] for g in opt.param_groups) and len(sched.base_lrs) == len(opt.param_groups)
+        opt.step()
+        sched.step()  # what failed under DeepSpeed
+        return opt.param_groups
+
+    lora = RetrieverModule(DualEncoder(tiny_bert, lora={"r": 4, "alpha": 8, "target_modules": ["query", "value"]}),
+                           tasks, weight_decay=0.01)
+    (only,) = configure(lora)  # adapters are 2-D: one decayed group, no empty no-decay group
+    assert only["weight_decay"] == 0.01 and len(only["params"]) == 4 * 2  # 2 layers x (query, value) x (A, B)
+
+    full = RetrieverModule(DualEncoder(tiny_bert), tasks, weight_decay=0.01)
+    expected = [len(g["params"]) for g in configure(full)]
+    with torch.no_grad():  # as ZeRO-3 leaves them: the data an empty 1-D tensor, the shape in ds_shape
+        for p in full.parameters():
+            p.ds_shape = p.shape
+            p.data = torch.empty(0)
+    assert [len(g["params"]) for g in configure(full)] == expected
+
+
 def test_lora_trains_adapters_only_checkpoints_them_and_exports_them_merged(tmp_path, tiny_bert):
     """model.lora (peft): only the adapters train; the checkpoint holds them alone; a resumed run continues from
     them; the export is a plain model with the adapters merged, equal to the trained encoder."""
