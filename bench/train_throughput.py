@@ -163,8 +163,12 @@ def run_lightning(args: dict, unpadded: str, items: list[dict], path: str, devic
                              optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-5),
                              gradcache_mini_batch=gradcache_mini_batch)
     collate = RetrievalCollator(enc.tokenizer, args["qlen"], args["klen"])
+    from embedder.data.datamodule import resolve_num_workers
+
+    # train.py's data.num_workers, resolved as train.py resolves it (auto: 4 on a GPU machine with the CPUs, 0 on CPU)
     loader = DataLoader(items, batch_size=args["batch"], shuffle=False, collate_fn=collate,
-                        num_workers=args["num_workers"], pin_memory=device.type == "cuda")
+                        num_workers=resolve_num_workers(args["num_workers"], device.type == "cuda"),
+                        pin_memory=device.type == "cuda")
 
     class Timer(L.Callback):
         t0 = t1 = None
@@ -282,7 +286,10 @@ def main(argv=None) -> dict:
     p.add_argument("--lengths", default="msmarco", choices=["msmarco", "max"])
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for the Lightning sides")
+    p.add_argument("--num-workers", default="auto",
+                   help="DataLoader workers for the Lightning sides: auto (train.py's default data.num_workers) or a "
+                        "number; the reference-like side tokenises in its loop, as the reference (HF Trainer's "
+                        "dataloader_num_workers=0) does")
     p.add_argument("--grad-ckpt", action="store_true")
     p.add_argument("--sides", default=",".join(SIDES), help="any of reference, sdpa_padded, embedder, gradcache")
     p.add_argument("--mini-batch", type=int, default=16, help="queries per forward pass of the gradcache side")

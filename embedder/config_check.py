@@ -226,7 +226,8 @@ def _directions(v) -> bool:
 VALUE_RULES: dict[str, tuple] = {  # key -> (check, what is allowed)
     "data.batch_size": (_int(1), "an integer >= 1 (queries per device)"),
     "data.group_size": (_int(1), "an integer >= 1 (1 positive + group_size-1 negatives per query)"),
-    "data.num_workers": (_int(0), "an integer >= 0 (DataLoader workers; 0 = in the main process)"),
+    "data.num_workers": (lambda v: v == "auto" or _int(0)(v),
+                         "auto or an integer >= 0 (DataLoader workers; 0 = in the main process)"),
     "loss.temperature": (_num(0, lo_open=True), "a number > 0 (the InfoNCE temperature tau, e.g. 0.02)"),
     "loss.combine_rule": (_choice("reference", "weighted"), "reference or weighted"),
     "optimizer.lr": (_num(0, lo_open=True), "a number > 0 (e.g. 2e-5)"),
