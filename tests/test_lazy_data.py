@@ -135,13 +135,16 @@ def test_a_fit_reads_the_lazy_records_through_dataloader_workers(tmp_path, tiny_
 def test_num_workers_auto_tokenises_in_workers_on_a_gpu_only():
     """data.num_workers=auto (the default): 0 on a CPU (its cores run the model); on a GPU up to 4 per rank, within
     the CPUs the node's ranks share, one left to each rank's loop; a number is taken as it is."""
-    from embedder.data.datamodule import resolve_num_workers
+    from embedder.data.workers import ENCODE_MAX_WORKERS, resolve_num_workers
 
     assert resolve_num_workers("auto", on_gpu=False, cpus=64) == 0
     assert resolve_num_workers("auto", on_gpu=True, ranks_per_node=1, cpus=16) == 4
     assert resolve_num_workers("auto", on_gpu=True, ranks_per_node=8, cpus=32) == 3  # 4 CPUs per rank, 1 kept
     assert resolve_num_workers("auto", on_gpu=True, ranks_per_node=8, cpus=8) == 0  # 1 CPU per rank: none to spare
     assert resolve_num_workers(2, on_gpu=False) == 2 and resolve_num_workers("0", on_gpu=True) == 0
+    assert resolve_num_workers("auto", on_gpu=True, ranks_per_node=1, cap=ENCODE_MAX_WORKERS, cpus=16) == 8  # encoding
+    with pytest.raises(ValueError, match="num_workers=-1"):
+        resolve_num_workers(-1, on_gpu=False)
 
 
 def test_train_loader_resolves_auto_from_the_trainer(tmp_path, tiny_bert, monkeypatch):
@@ -151,7 +154,7 @@ def test_train_loader_resolves_auto_from_the_trainer(tmp_path, tiny_bert, monkey
 
     from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
 
-    from embedder.data import datamodule as dm
+    from embedder.data import workers
     from embedder.data.datamodule import RetrievalDataModule, load_train_files
     from embedder.modeling.encoder import DualEncoder
     from embedder.record_kinds import build_record_kinds
@@ -161,7 +164,7 @@ def test_train_loader_resolves_auto_from_the_trainer(tmp_path, tiny_bert, monkey
     files = load_train_files([str(path)], None, tasks)
     module = RetrievalDataModule(files, tasks, DualEncoder(tiny_bert).tokenizer, batch_size=4)
     assert module.num_workers == "auto"
-    monkeypatch.setattr(dm, "os", SimpleNamespace(sched_getaffinity=lambda _: range(16)))
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _: range(16))
     for accelerator, devices, expected in ((CPUAccelerator(), 1, 0), (CUDAAccelerator(), 2, 4),
                                            (CUDAAccelerator(), 8, 1)):
         module.trainer = SimpleNamespace(accelerator=accelerator, num_devices=devices, global_rank=0,

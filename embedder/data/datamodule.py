@@ -4,7 +4,6 @@ batches by dataset, tokenises with the encoder's tokenizer. Everything it needs 
 from __future__ import annotations
 
 import logging
-import os
 from collections import Counter
 from typing import Any
 
@@ -17,6 +16,7 @@ from embedder.data.collator import RetrievalCollator
 from embedder.data.dataset import MultiTaskTrainDataset
 from embedder.data.kinds import RecordKind
 from embedder.data.train_files import TrainFile, load_train_file, report
+from embedder.data.workers import resolve_num_workers
 from embedder.paths import resolve_files
 
 log = logging.getLogger(__name__)
@@ -83,24 +83,6 @@ class RetrievalDataModule(LightningDataModule):
         loop = self.trainer.fit_loop
         return {"epoch": int(loop.epoch_progress.current.completed),
                 "batches": int(loop.epoch_loop.batch_progress.current.processed)}
-
-
-GPU_MAX_WORKERS = 4  # tokenising workers per rank that `auto` gives on a GPU (see resolve_num_workers)
-
-
-def resolve_num_workers(num_workers: int | str, on_gpu: bool, ranks_per_node: int = 1,
-                        cpus: int | None = None) -> int:
-    """DataLoader workers for the training batches. `auto`: on a GPU, up to GPU_MAX_WORKERS per rank, within the
-    CPUs this process may use shared by the node's ranks (one left to each rank's own loop); on a CPU, 0 (the cores
-    run the model). On an H200 one process tokenising B=100 x G=8 texts a step held bert-base at 110 queries/s
-    (and padded SDPA at 84); 4 workers gave 395 and 184.5 (docs/benchmarks.md)."""
-    if str(num_workers).lower() != "auto":
-        return int(num_workers)
-    if not on_gpu:
-        return 0
-    if cpus is None:
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(0, min(GPU_MAX_WORKERS, cpus // max(1, ranks_per_node) - 1))
 
 
 class _ResumableDataLoader(DataLoader):

@@ -79,7 +79,8 @@ class EvalSet:
         batch_size, batch_tokens: texts per forward pass, or with `batch_tokens` as many length-sorted texts as fit
             that many padded tokens (`auto`: 32,768 on a GPU, 4,096 on a CPU; not under ZeRO-3, whose ranks must run
             equal numbers of forward passes).
-        num_workers: DataLoader workers tokenising corpus slices while the model runs (0: in the training process).
+        num_workers: DataLoader workers tokenising corpus slices while the model runs (0: in the training process;
+            `auto`: several on a GPU, 0 on a CPU, see `resolve_num_workers`).
         token_cache: keep the corpus's token ids under `$EMBEDDER_CACHE/tokens`: every evaluation after the first
             reads them instead of tokenising.
         work_dir: where the stores of trained steps go (`output_dir`); None: a folder under `$EMBEDDER_CACHE`.
@@ -93,7 +94,7 @@ class EvalSet:
                  data_root: str | None, key_template: str = "{title} {text}",
                  metrics: list[str] = ("mrr", "recall", "ndcg"), cutoffs: list[int] = (1, 5, 10, 100),
                  hits: int = 100, mode: str = "retrieval", query_max_length: int = 256, key_max_length: int = 256,
-                 batch_size: int = 128, batch_tokens: int | str = "auto", num_workers: int = 0, token_cache: bool = True,
+                 batch_size: int = 128, batch_tokens: int | str = "auto", num_workers: int | str = "auto", token_cache: bool = True,
                  index_factory: str = "Flat", search_params: Mapping[str, float] | None = None,
                  use_gpu: bool | str = "auto", train_sample: int = 100_000, shard_size: int = 100_000,
                  work_dir: str | None = None, during_fit: bool = True, keep_stores: bool = True,
@@ -102,7 +103,7 @@ class EvalSet:
             raise ValueError(f"eval.{name}.mode={mode!r}; valid: retrieval, rerank")
         self.name, self.instruction = name, instruction
         self.query_max_length, self.key_max_length, self.batch_size = query_max_length, key_max_length, batch_size
-        self.batch_tokens, self.num_workers, self.token_cache = batch_tokens, int(num_workers), bool(token_cache)
+        self.batch_tokens, self.num_workers, self.token_cache = batch_tokens, num_workers, bool(token_cache)
         self.index_factory, self.search_params, self.use_gpu = index_factory, dict(search_params or {}), use_gpu
         self.train_sample, self.shard_size, self.work_dir = int(train_sample), int(shard_size), work_dir
         self.during_fit, self.keep_stores = bool(during_fit), bool(keep_stores)

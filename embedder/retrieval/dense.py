@@ -66,7 +66,8 @@ class DenseRetriever(Retriever):
         save_index: write the built index under `work_dir/index` and reload it next time.
         dtype: encoding dtype (`auto`: bf16 on GPU, fp32 on CPU).
         search_batch: queries per faiss search call.
-        num_workers: DataLoader workers that tokenise shards while the model runs (0 = in the main process).
+        num_workers: DataLoader workers that tokenise shards while the model runs (0 = in the main process;
+            `auto`: several on a GPU, 0 on a CPU, see `resolve_num_workers`).
         batch_tokens: fill each batch up to this many padded tokens instead of `batch_size` texts (0 = off; `auto`:
             32,768 on a GPU, 4,096 on a CPU).
         token_cache: keep the texts' token ids under `$EMBEDDER_CACHE/tokens`, so encoding them again (another
@@ -83,7 +84,7 @@ class DenseRetriever(Retriever):
                  batch_size: int = 128, shard_size: int = 100_000, index_factory: str = "Flat",
                  metric: str = "auto", use_gpu: bool | str = "auto", search_params: dict | None = None,
                  train_sample: int = 100_000, save_index: bool = True, dtype: str = "auto",
-                 search_batch: int = 4096, num_workers: int = 0, batch_tokens: int | str = 0,
+                 search_batch: int = 4096, num_workers: int | str = "auto", batch_tokens: int | str = 0,
                  token_cache: bool = True, corpus_store_dir: str | None = None):
         self.encoder, self.work_dir, self.trainer = encoder, work_dir, trainer
         self.corpus_store_dir = corpus_store_dir
@@ -96,7 +97,7 @@ class DenseRetriever(Retriever):
         self.metric = metric
         self.use_gpu, self.search_params = use_gpu, dict(search_params or {})
         self.train_sample, self.save_index, self.dtype = int(train_sample), bool(save_index), dtype
-        self.search_batch, self.num_workers, self.batch_tokens = int(search_batch), int(num_workers), batch_tokens
+        self.search_batch, self.num_workers, self.batch_tokens = int(search_batch), num_workers, batch_tokens
         self.token_cache = bool(token_cache)
         self.index: FaissIndex | None = None
         self.q_emb: np.ndarray | None = None
@@ -217,7 +218,7 @@ class DenseRetriever(Retriever):
 
 def dense_retriever(work_dir: str, run_cfg: Any, encoder: Any = None, trainer: Any = None,
                     query_instruction: str = "", key_instruction: str = "", batch_size: int = 128,
-                    shard_size: int = 100_000, dtype: str = "auto", search_batch: int = 4096, num_workers: int = 0,
+                    shard_size: int = 100_000, dtype: str = "auto", search_batch: int = 4096, num_workers: int | str = "auto",
                     batch_tokens: int | str = 0, token_cache: bool = True,
                     corpus_store_dir: str | None = None) -> DenseRetriever:
     """`retriever=dense`'s factory (configs/retriever/dense.yaml): the encoder (`model`, `model_path`; loaded here
@@ -244,7 +245,7 @@ def sharded_search(encoder: Any, corpus_texts: Sequence[str], queries: Sequence[
                    identity: dict[str, Any], *, name: str, metric: str, hits: int, rank: int, world: int,
                    barrier: Callable[[], None], all_gather: Callable[[Any], list[Any]], query_max_length: int = 256,
                    key_max_length: int = 256, shard_size: int = 100_000, batch_size: int = 128,
-                   batch_tokens: int | str = "auto", num_workers: int = 0, token_cache: bool = True,
+                   batch_tokens: int | str = "auto", num_workers: int | str = "auto", token_cache: bool = True,
                    index_factory: str = "Flat", use_gpu: bool | str = "auto", search_params: dict | None = None,
                    train_sample: int = 100_000, query_chunk: int = 16_384) -> tuple[np.ndarray, np.ndarray]:
     """`(scores, ids)`, each (Q, hits), of `queries` (instruction included) over `corpus_texts` (likewise), the same

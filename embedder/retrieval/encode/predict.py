@@ -45,6 +45,7 @@ from embedder.data.encode_batches import (
     token_cache_key,
     token_lengths,
 )
+from embedder.data.workers import ENCODE_MAX_WORKERS, resolve_num_workers
 from embedder.dtypes import resolve_dtype
 from embedder.modeling.unpadded import say_once
 from embedder.progress import Progress
@@ -187,11 +188,11 @@ class _BatchStream(IterableDataset):
 class EncodeDataModule(L.LightningDataModule):
     """Deals the missing shards of all jobs to the ranks, when Lightning asks each rank for its dataloader."""
 
-    def __init__(self, jobs: list[EncodeJob], tokenizer: Any, batch_size: int = 128, num_workers: int = 0,
+    def __init__(self, jobs: list[EncodeJob], tokenizer: Any, batch_size: int = 128, num_workers: int | str = "auto",
                  batch_tokens: int | str = 0, token_cache: bool = True):
         super().__init__()
         self.jobs, self.tokenizer = jobs, tokenizer
-        self.batch_size, self.num_workers, self.batch_tokens = int(batch_size), int(num_workers), batch_tokens
+        self.batch_size, self.num_workers, self.batch_tokens = int(batch_size), num_workers, batch_tokens
         self.token_cache = bool(token_cache)
 
     def pending_units(self) -> list[tuple[int, int]]:
@@ -207,14 +208,16 @@ class EncodeDataModule(L.LightningDataModule):
             shard_rows.append([store.shard_rows(s) for s in range(store.num_shards)])
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         batch_tokens = resolve_batch_tokens(self.batch_tokens, device)
+        workers = resolve_num_workers(self.num_workers, device.type == "cuda",
+                                      self.trainer.num_devices if self.trainer is not None else 1, ENCODE_MAX_WORKERS)
         stream = _BatchStream(units, self.jobs, shard_rows, self.tokenizer, self.batch_size, batch_tokens,
-                              self.num_workers, token_keys(self.tokenizer, self.jobs, self.token_cache))
+                              workers, token_keys(self.tokenizer, self.jobs, self.token_cache))
         log.info("rank %d/%d encodes %d shard(s) in %s", rank, world, len(units),
                  f"batches of up to {batch_tokens} tokens" if batch_tokens else f"{len(stream)} batches")
         # workers tokenise the next shard while the model runs; pinned host memory lets Lightning copy each batch
         # to the GPU without blocking (it passes non_blocking=True for CUDA)
-        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
+        return DataLoader(stream, batch_size=None, num_workers=workers, pin_memory=torch.cuda.is_available(),
+                          persistent_workers=False, prefetch_factor=4 if workers else None)
 
 
 class ShardWriter:
@@ -296,7 +299,7 @@ def zero3_partitioned(encoder: torch.nn.Module) -> bool:
 
 @torch.no_grad()
 def encode_in_lockstep(encoder: torch.nn.Module, jobs: list[EncodeJob], units_per_rank: list[list[tuple[int, int]]],
-                       rank: int, batch_size: int = 128, batch_tokens: int | str = 0, num_workers: int = 0,
+                       rank: int, batch_size: int = 128, batch_tokens: int | str = 0, num_workers: int | str = "auto",
                        token_cache: bool = True) -> None:
     """Encode this rank's `(job, shard)` units in this process, with the batches of `encode_to_stores`.
 
@@ -310,6 +313,7 @@ def encode_in_lockstep(encoder: torch.nn.Module, jobs: list[EncodeJob], units_pe
     """
     device = next(encoder.parameters()).device
     batch_tokens = resolve_batch_tokens(batch_tokens, device)
+    num_workers = resolve_num_workers(num_workers, device.type == "cuda", cap=ENCODE_MAX_WORKERS)
     zero3 = zero3_partitioned(encoder)
     if zero3 and batch_tokens:
         say_once("lockstep-zero3", "ZeRO-3: in-training evaluation encodes batches of %d texts, not of %d tokens (every "
@@ -369,7 +373,7 @@ def make_predict_trainer(trainer_cfg: Any = None, **overrides: Any) -> L.Trainer
 
 
 def encode_to_stores(encoder: torch.nn.Module, jobs: list[EncodeJob], trainer: L.Trainer | None = None,
-                     batch_size: int = 128, dtype: str = "auto", num_workers: int = 0,
+                     batch_size: int = 128, dtype: str = "auto", num_workers: int | str = "auto",
                      batch_tokens: int | str = 0, token_cache: bool = True) -> list[EmbeddingStore] | None:
     """Encode every job into its store (resuming finished shards); returns the stores on global rank 0.
 
