@@ -207,7 +207,9 @@ def main() -> None:
                         "10-300 Zipf-drawn words")
     p.add_argument("--batch-tokens", type=int, default=None,
                    help="embedder's token budget per batch (default: the dense retriever config's)")
-    p.add_argument("--num-workers", type=int, default=0, help="embedder's tokenising DataLoader workers")
+    p.add_argument("--num-workers", default="auto",
+                   help="embedder's tokenising DataLoader workers: auto (the default a user gets: up to 8 on a GPU, 0 "
+                        "on a CPU) or a number")
     p.add_argument("--repeats", type=int, default=2, help="timed runs per encoder (best counts)")
     p.add_argument("--index-size", type=int, default=100_000, help="vectors in the faiss benchmark")
     p.add_argument("--dim", type=int, default=384)
