@@ -206,14 +206,13 @@ def test_grouped_attention_equals_attention_per_sequence(causal, monkeypatch):
     monkeypatch.undo()
     # (sequences, width, without a mask): 37 37 30 29 | 12 | 5 5 (equal: the fused kernel) | 1
     assert calls == [(4, 37, False), (1, 12, True), (2, 5, True), (1, 1, True)]
+    _assert_equals_per_sequence_attention(out, leaves, cu, causal, Dh ** -0.5)
+
+
+def _assert_equals_per_sequence_attention(out, leaves, cu, causal, scale):
+    """`out`, computed from the leaves (q, k, v), equals attention on each sequence alone: values and gradients."""
     ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
-    parts = []
-    for a, b in zip(cu[:-1].tolist(), cu[1:].tolist()):
-        q, k, v = (t[a:b].transpose(0, 1)[None] for t in ref_leaves)  # (1, h, L, Dh)
-        o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=Dh ** -0.5,
-                                                             enable_gqa=True)
-        parts.append(o[0].transpose(0, 1))  # (L, H, Dh)
-    ref = torch.cat(parts)
+    ref = _per_sequence_attention(*ref_leaves, cu, causal, scale)
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     w = torch.randn_like(ref)
     (out * w).sum().backward()
@@ -265,13 +264,6 @@ def test_torch_varlen_called_through_each_release_signature(varlen, causal):
     T, H, Hkv, Dh = sum(lens), 4, 2, 8
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
     leaves = [torch.randn(T, h, Dh, requires_grad=True) for h in (H, Hkv, Hkv)]
-    ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
     scale = 0.3  # not 1/sqrt(8): a kernel without `scale` must be compensated
     out = unpadded.call_torch_varlen(varlen, *leaves, cu, max(lens), scale, causal)
-    ref = _per_sequence_attention(*ref_leaves, cu, causal, scale)
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
-    w = torch.randn_like(ref)
-    (out * w).sum().backward()
-    (ref * w).sum().backward()
-    for got, want in zip(leaves, ref_leaves):
-        torch.testing.assert_close(got.grad, want.grad, atol=1e-5, rtol=1e-4)
+    _assert_equals_per_sequence_attention(out, leaves, cu, causal, scale)
