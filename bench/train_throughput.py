@@ -163,7 +163,7 @@ def run_lightning(args: dict, unpadded: str, items: list[dict], path: str, devic
                              optimizer=lambda groups: torch.optim.AdamW(groups, lr=1e-5),
                              gradcache_mini_batch=gradcache_mini_batch)
     collate = RetrievalCollator(enc.tokenizer, args["qlen"], args["klen"])
-    from embedder.data.datamodule import resolve_num_workers
+    from embedder.data.workers import resolve_num_workers
 
     # train.py's data.num_workers, resolved as train.py resolves it (auto: 4 on a GPU machine with the CPUs, 0 on CPU)
     loader = DataLoader(items, batch_size=args["batch"], shuffle=False, collate_fn=collate,
