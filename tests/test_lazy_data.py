@@ -148,11 +148,12 @@ def test_num_workers_auto_tokenises_in_workers_on_a_gpu_only():
 
 
 def test_train_loader_resolves_auto_from_the_trainer(tmp_path, tiny_bert, monkeypatch):
-    """The training loader asks the trainer where it runs: `auto` under a CPU trainer gives 0 workers, and under a
-    CUDA accelerator (stubbed: this machine has none) the count for its devices."""
+    """The training loader asks the trainer where it runs (its strategy's root device, as the encode loader does):
+    `auto` under a CPU trainer gives 0 workers, and on a CUDA device (stubbed: this machine has none) the count for
+    the node's devices. The encode loader's rule (its own cap) comes from the same call."""
     from types import SimpleNamespace
 
-    from lightning.pytorch.accelerators import CPUAccelerator, CUDAAccelerator
+    import torch
 
     from embedder.data import workers
     from embedder.data.datamodule import RetrievalDataModule, load_train_files
@@ -165,11 +166,14 @@ def test_train_loader_resolves_auto_from_the_trainer(tmp_path, tiny_bert, monkey
     module = RetrievalDataModule(files, tasks, DualEncoder(tiny_bert).tokenizer, batch_size=4)
     assert module.num_workers == "auto"
     monkeypatch.setattr(workers.os, "sched_getaffinity", lambda _: range(16))
-    for accelerator, devices, expected in ((CPUAccelerator(), 1, 0), (CUDAAccelerator(), 2, 4),
-                                           (CUDAAccelerator(), 8, 1)):
-        module.trainer = SimpleNamespace(accelerator=accelerator, num_devices=devices, global_rank=0,
-                                         world_size=1)  # the sampler's share: one rank's is enough here
-        assert module.train_dataloader().num_workers == expected
+    for device, devices, train_expected, encode_expected in (("cpu", 1, 0, 0), ("cuda", 2, 4, 7),
+                                                              ("cuda", 8, 1, 1)):
+        trainer = SimpleNamespace(strategy=SimpleNamespace(root_device=torch.device(device)), num_devices=devices,
+                                  global_rank=0, world_size=1)  # the sampler's share: one rank's is enough here
+        module.trainer = trainer
+        assert module.train_dataloader().num_workers == train_expected
+        assert workers.trainer_num_workers("auto", trainer, workers.ENCODE_MAX_WORKERS) == encode_expected
+    assert workers.trainer_num_workers("auto", None) == 0 and workers.trainer_num_workers(3, None) == 3
 
 
 # ---------------------------------------------------------------------------------------------------------------------

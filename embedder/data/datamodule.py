@@ -16,7 +16,7 @@ from embedder.data.collator import RetrievalCollator
 from embedder.data.dataset import MultiTaskTrainDataset
 from embedder.data.kinds import RecordKind
 from embedder.data.train_files import TrainFile, load_train_file, report
-from embedder.data.workers import resolve_num_workers
+from embedder.data.workers import trainer_num_workers
 from embedder.paths import resolve_files
 
 log = logging.getLogger(__name__)
@@ -61,12 +61,7 @@ class RetrievalDataModule(LightningDataModule):
         # A private generator for the workers' base seed: creating an iterator then leaves the global torch RNG
         # alone, so a resumed run's dropout stream continues exactly where the checkpoint left it.
         generator = torch.Generator().manual_seed(self.seed)
-        from lightning.pytorch.accelerators import CUDAAccelerator
-
-        trainer = self.trainer
-        workers = resolve_num_workers(self.num_workers, isinstance(getattr(trainer, "accelerator", None),
-                                                                   CUDAAccelerator),
-                                      trainer.num_devices if trainer is not None else 1)
+        workers = trainer_num_workers(self.num_workers, self.trainer)
         return _ResumableDataLoader(self.dataset, batch_sampler=sampler, collate_fn=self.collator,
                                     num_workers=workers, persistent_workers=False, generator=generator,
                                     position_fn=self._position)

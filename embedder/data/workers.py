@@ -29,3 +29,12 @@ def resolve_num_workers(num_workers: int | str | None, on_gpu: bool, ranks_per_n
     if ranks_per_node is None:
         ranks_per_node = torch.cuda.device_count() if torch.cuda.is_available() else 1
     return max(0, min(cap, cpus // max(1, ranks_per_node) - 1))
+
+
+def trainer_num_workers(num_workers: int | str | None, trainer, cap: int = TRAIN_MAX_WORKERS) -> int:
+    """`resolve_num_workers` for a loader a Lightning trainer drives: the device is the strategy's root device (what
+    the model runs on) and the node's ranks are the trainer's devices. Without a trainer: one rank on the CPU. The
+    one place training and encoding loaders ask where they run."""
+    if trainer is None:
+        return resolve_num_workers(num_workers, False, 1, cap)
+    return resolve_num_workers(num_workers, trainer.strategy.root_device.type == "cuda", trainer.num_devices, cap)

@@ -45,7 +45,7 @@ from embedder.data.encode_batches import (
     token_cache_key,
     token_lengths,
 )
-from embedder.data.workers import ENCODE_MAX_WORKERS, resolve_num_workers
+from embedder.data.workers import ENCODE_MAX_WORKERS, resolve_num_workers, trainer_num_workers
 from embedder.dtypes import resolve_dtype
 from embedder.modeling.unpadded import say_once
 from embedder.progress import Progress
@@ -208,8 +208,7 @@ class EncodeDataModule(L.LightningDataModule):
             shard_rows.append([store.shard_rows(s) for s in range(store.num_shards)])
         device = self.trainer.strategy.root_device if self.trainer is not None else torch.device("cpu")
         batch_tokens = resolve_batch_tokens(self.batch_tokens, device)
-        workers = resolve_num_workers(self.num_workers, device.type == "cuda",
-                                      self.trainer.num_devices if self.trainer is not None else 1, ENCODE_MAX_WORKERS)
+        workers = trainer_num_workers(self.num_workers, self.trainer, ENCODE_MAX_WORKERS)
         stream = _BatchStream(units, self.jobs, shard_rows, self.tokenizer, self.batch_size, batch_tokens,
                               workers, token_keys(self.tokenizer, self.jobs, self.token_cache))
         log.info("rank %d/%d encodes %d shard(s) in %s", rank, world, len(units),
