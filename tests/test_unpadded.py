@@ -209,6 +209,82 @@ def test_grouped_attention_equals_attention_per_sequence(causal, monkeypatch):
     _assert_equals_per_sequence_attention(out, leaves, cu, causal, Dh ** -0.5)
 
 
+def test_grouped_attention_with_dropout_recomputes_attention_in_backward(monkeypatch):
+    """With attention dropout on CPU, each group's attention is remade in backward instead of kept: the same
+    outputs, gradients (the same dropout mask, from the restored RNG state) and RNG stream afterwards (a resumed run
+    draws what an uninterrupted one would) as keeping it, and autograd saves far less (no (m, H, L, L)
+    probabilities)."""
+    lens = [40, 33, 38, 7, 6]
+    T, H, Dh = sum(lens), 4, 8
+    cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+    torch.manual_seed(1)
+    data = [torch.randn(T, H, Dh) for _ in range(3)]
+    w = torch.randn(T, H, Dh)
+
+    def run():
+        leaves = [t.clone().requires_grad_(True) for t in data]
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        torch.manual_seed(7)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = unpadded.grouped_padded_attention(*leaves, cu, scale=Dh ** -0.5, dropout=0.3)
+        (out * w).sum().backward()
+        return out.detach(), [t.grad for t in leaves], torch.rand(3), sum(saved)
+
+    out, grads, after, saved = run()
+    monkeypatch.setattr(unpadded, "checkpoint", lambda fn, *args, **kwargs: fn(*args))  # keep the probabilities
+    kept_out, kept_grads, kept_after, kept_saved = run()
+    assert not torch.equal(out, unpadded.grouped_padded_attention(*data, cu, scale=Dh ** -0.5))  # dropout acted
+    torch.testing.assert_close(out, kept_out, atol=0, rtol=0)
+    for got, want in zip(grads, kept_grads):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(after, kept_after, atol=0, rtol=0)
+    probabilities = 4 * H * (3 * 40 ** 2 + 2 * 7 ** 2)  # fp32 (m, H, L, L) of the two groups
+    assert saved < kept_saved - probabilities
+
+
+@pytest.mark.parametrize("mode,checkpointing", [("auto", False), ("true", False), ("auto", True)],
+                         ids=["padded", "packed", "padded+gradient-checkpointing"])
+def test_encoder_with_attention_dropout_recomputes_attention(tiny_bert, monkeypatch, mode, checkpointing):
+    """A training forward and backward of the encoder with attention dropout on CPU, padded (`auto` on a batch with
+    little padding runs padded, through transformers' SDPA) or packed, alone or inside transformers' gradient
+    checkpointing: attention is recomputed in backward, with the same embeddings and gradients as keeping it, and
+    autograd saves less (under gradient checkpointing, which keeps only layer inputs in forward, the same)."""
+    texts = [" ".join(["word"] * n) + " retrieval" for n in (60, 58, 61, 59)]  # little padding
+
+    def run():
+        torch.manual_seed(0)
+        enc = DualEncoder(tiny_bert, pooling="mean", unpadded=mode, attention_dropout=0.3,
+                          gradient_checkpointing=checkpointing)
+        enc.train()
+        batch = enc.tokenizer(texts, padding=True, return_tensors="pt")
+        saved = []
+
+        def pack(t):
+            saved.append(t.numel() * t.element_size())
+            return t
+
+        torch.manual_seed(5)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            emb = enc.encode(dict(batch), "key")  # (4, d)
+        emb.square().sum().backward()
+        return emb.detach(), {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}, sum(saved)
+
+    emb, grads, saved = run()
+    monkeypatch.setattr(unpadded, "checkpoint", lambda fn, *args, **kwargs: fn(*args))  # keep the probabilities
+    kept_emb, kept_grads, kept_saved = run()
+    torch.testing.assert_close(emb, kept_emb, atol=0, rtol=0)
+    assert grads.keys() == kept_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, kept_grads[name], atol=1e-6, rtol=1e-5, msg=name)
+    # transformers' checkpointing keeps only each layer's input in forward, with or without ours
+    assert saved == kept_saved if checkpointing else saved < kept_saved
+
+
 def _assert_equals_per_sequence_attention(out, leaves, cu, causal, scale):
     """`out`, computed from the leaves (q, k, v), equals attention on each sequence alone: values and gradients."""
     ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]

@@ -11,7 +11,8 @@ function with its `AttentionInterface`, so only attention is ours (causal where 
   CUDA, fp16/bf16), or `flash_attn_varlen_func` when flash-attn is installed (it also applies attention dropout);
   elsewhere (CPU, fp32) the linears stay packed and attention alone is padded, per group of similar-length
   sequences (`grouped_padded_attention`), which gives the same numbers, so packing is tested without a GPU;
-- a padded call (no `cu_seqlens`) is transformers' own SDPA attention, so one loaded model serves both paths.
+- a padded call (no `cu_seqlens`) is transformers' own SDPA attention, so one loaded model serves both paths;
+- with attention dropout on CPU, either path recomputes attention in backward (`recompute_attention`).
 
 `pack(inputs)` turns a padded, right-padded tokenizer batch into the packed form; `pool_packed` pools it.
 """
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -207,24 +209,38 @@ def grouped_padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     def padded(t: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (T, h, Dh) -> per group (n_g * L_g, h, Dh)
         return t.new_zeros(off, *t.shape[1:]).index_copy(0, dest, t).split(sizes)
 
+    recompute = recompute_attention(dropout, q)
     outs = []
     for (seqs, width), qg, kg, vg in zip(groups, padded(q), padded(k), padded(v)):
         m = len(seqs)
-
-        def view(t: torch.Tensor) -> torch.Tensor:  # (m * L, h, Dh) -> (m, h, L, Dh)
-            return t.view(m, width, *t.shape[1:]).transpose(1, 2)
-
         glen = lengths[seqs]  # (m,)
         mask = None
         if int(glen.min()) < width:  # some sequence is shorter than the group's width: mask its padding keys
             mask = (torch.arange(width, device=q.device)[None, :] < glen[:, None])[:, None, None, :]  # (m,1,1,L)
             if causal:
                 mask = mask & torch.ones(width, width, dtype=torch.bool, device=q.device).tril()[None, None]
-        o = F.scaled_dot_product_attention(view(qg), view(kg), view(vg), attn_mask=mask, dropout_p=dropout,
-                                           scale=scale, is_causal=causal and mask is None,
-                                           enable_gqa=gqa)  # (m, H, L, Dh)
+
+        # the group's shape is bound as arguments: a recompute in backward runs after the loop has moved on
+        def attend(qg, kg, vg, m=m, width=width, mask=mask):  # (m * L, h, Dh) x3 -> (m, H, L, Dh)
+            qg, kg, vg = (t.view(m, width, *t.shape[1:]).transpose(1, 2) for t in (qg, kg, vg))  # (m, h, L, Dh)
+            return F.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout, scale=scale,
+                                                  is_causal=causal and mask is None, enable_gqa=gqa)
+
+        if recompute:  # keep q, k, v only; the probabilities (and the same dropout mask) are remade in backward
+            o = checkpoint(attend, qg, kg, vg, use_reentrant=False, preserve_rng_state=True)
+        else:
+            o = attend(qg, kg, vg)
         outs.append(o.transpose(1, 2).reshape(m * width, *o.shape[1:2], o.shape[-1]))
     return torch.cat(outs).index_select(0, dest)  # (T, H, Dh)
+
+
+def recompute_attention(dropout: float, q: torch.Tensor) -> bool:
+    """Whether attention is remade in backward rather than kept (Megatron's selective recomputation): with attention
+    dropout on CPU, where SDPA's fused kernel has no dropout and its unfused path keeps every layer's (N, H, L, L)
+    probabilities and their dropped copy for backward (MiniLM, 16 queries + 64 keys of 256 tokens: about 4 GiB of
+    peak memory). Recomputed, a layer keeps q, k, v as the fused kernel does, for one more attention forward in
+    backward; `checkpoint` restores the RNG state first, so the dropout mask and the gradients are the same."""
+    return dropout > 0 and torch.is_grad_enabled() and q.device.type == "cpu"
 
 
 def _causal(module) -> bool:
@@ -241,8 +257,11 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
         kwargs.setdefault("is_causal", _causal(module))  # without a mask, SDPA would take the module's flag
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        attend = functools.partial(sdpa_attention_forward, module, attention_mask=attention_mask, dropout=dropout,
+                                   scaling=scaling, **kwargs)
+        if recompute_attention(dropout, query):
+            return checkpoint(attend, query, key, value, use_reentrant=False, preserve_rng_state=True)
+        return attend(query, key, value)
     # query: (1, H, T, Dh), key/value: (1, Hkv, T, Dh) -> (T, H, Dh), (T, Hkv, Dh)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
     out = varlen_attention(q, k, v, cu, int(kwargs["max_seqlen"]), scaling, dropout,
