@@ -155,7 +155,8 @@ def run_lightning(args: dict, unpadded: str, items: list[dict], path: str, devic
             } if args.get("lora") else None
     # a decoder pools its last token (the WordPiece vocabulary has no EOS to append: [SEP] ends every text)
     enc = DualEncoder(path, pooling="last_token" if decoder else "cls", gradient_checkpointing=args["grad_ckpt"],
-                      unpadded=unpadded, lora=lora, append_eos=False, tokenizer_name_or_path=tokenizer_folder(path))
+                      unpadded=unpadded, lora=lora, append_eos=False, tokenizer_name_or_path=tokenizer_folder(path),
+                      attention_dropout=args.get("attention_dropout"))
     tasks = build_record_kinds({"qa": {"losses": [  # contrastive + stable distillation, both weighted
         {"_target_": "embedder.losses.InfoNCELoss", "weight": 0.2},
         {"_target_": "embedder.losses.StableDistillLoss", "weight": 1.0}]}}, group_size=args["group"])
@@ -291,6 +292,8 @@ def main(argv=None) -> dict:
                         "number; the reference-like side tokenises in its loop, as the reference (HF Trainer's "
                         "dataloader_num_workers=0) does")
     p.add_argument("--grad-ckpt", action="store_true")
+    p.add_argument("--attention-dropout", type=float, default=None,
+                   help="our sides' attention dropout in training (model.attention_dropout); default: the checkpoint's")
     p.add_argument("--sides", default=",".join(SIDES), help="any of reference, sdpa_padded, embedder, gradcache")
     p.add_argument("--mini-batch", type=int, default=16, help="queries per forward pass of the gradcache side")
     p.add_argument("--lora", type=int, default=0, help="LoRA rank on the attention projections (0: full fine-tune)")
@@ -305,7 +308,8 @@ def main(argv=None) -> dict:
         results[side] = side_result(side, proc, q)
     shape = (f"model={args['model']} device={args['device']} precision={args['precision']} B={args['batch']} "
              f"G={args['group']} max_len={args['qlen']}/{args['klen']} lengths={args['lengths']} "
-             f"grad_ckpt={args['grad_ckpt']} warmup={args['warmup']} steps={args['steps']}")
+             f"grad_ckpt={args['grad_ckpt']} attention_dropout={args.get('attention_dropout')} "
+             f"warmup={args['warmup']} steps={args['steps']}")
     print(shape)
     for side, r in results.items():
         print(f"  {side:<12} {r['queries_per_s']:8.2f} queries/s   peak {r['peak_gib']:.2f} GiB   loss {r['loss']:.3f}")
