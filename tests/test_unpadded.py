@@ -6,6 +6,7 @@ here without a GPU; tests/test_gpu.py compares the CUDA varlen kernel against th
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -209,6 +210,19 @@ def test_grouped_attention_equals_attention_per_sequence(causal, monkeypatch):
     _assert_equals_per_sequence_attention(out, leaves, cu, causal, Dh ** -0.5)
 
 
+@contextlib.contextmanager
+def _saved_bytes():
+    """Inside the block, the tensors autograd saves for backward are counted: yields a list of their sizes (bytes)."""
+    sizes: list[int] = []
+
+    def pack(t):
+        sizes.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield sizes
+
+
 def test_grouped_attention_with_dropout_recomputes_attention_in_backward(monkeypatch):
     """With attention dropout on CPU, each group's attention is remade in backward instead of kept: the same
     outputs, gradients (the same dropout mask, from the restored RNG state) and RNG stream afterwards (a resumed run
@@ -223,14 +237,8 @@ def test_grouped_attention_with_dropout_recomputes_attention_in_backward(monkeyp
 
     def run():
         leaves = [t.clone().requires_grad_(True) for t in data]
-        saved = []
-
-        def pack(t):
-            saved.append(t.numel() * t.element_size())
-            return t
-
         torch.manual_seed(7)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _saved_bytes() as saved:
             out = unpadded.grouped_padded_attention(*leaves, cu, scale=Dh ** -0.5, dropout=0.3)
         (out * w).sum().backward()
         return out.detach(), [t.grad for t in leaves], torch.rand(3), sum(saved)
@@ -262,14 +270,8 @@ def test_encoder_with_attention_dropout_recomputes_attention(tiny_bert, monkeypa
                           gradient_checkpointing=checkpointing)
         enc.train()
         batch = enc.tokenizer(texts, padding=True, return_tensors="pt")
-        saved = []
-
-        def pack(t):
-            saved.append(t.numel() * t.element_size())
-            return t
-
         torch.manual_seed(5)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with _saved_bytes() as saved:
             emb = enc.encode(dict(batch), "key")  # (4, d)
         emb.square().sum().backward()
         return emb.detach(), {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}, sum(saved)
