@@ -117,6 +117,7 @@ VARIANTS = {  # name -> overrides of task=beir
                        "loss.mask_duplicate_keys=true", "model.attention_dropout=null", "weight_decay=0",
                        "export_state=last"],
     "lr5e5dropout": [*LR5E5, "model.attention_dropout=null"],          # the checkpoint's attention dropout (0.1)
+    "lr5e5gc": [*LR5E5, "model.gradient_checkpointing=true"],          # the defaults' computation in less memory
     "lr5e5ep4": [*LR5E5, "trainer.max_epochs=4"],                      # 4 epochs, the best by dev exported (as
                                                                        # plain-lr5e5-ep4 without the selection)
     # issue 25: the bundled SmolLM2-135M as a LoRA decoder embedder (last-token pooling), at a CPU-sized budget: one
