@@ -85,6 +85,37 @@ def test_packed_with_gradient_checkpointing_and_dropout_off(tiny_bert):
                                atol=5e-5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("lora", [None, {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["query", "value"]}],
+                         ids=["full", "lora"])
+def test_gradient_checkpointing_survives_pickling_and_trains(tiny_bert, lora):
+    """A checkpointed encoder goes to spawned ranks by pickle (ddp_spawn): it pickles, and after the round trip its
+    gradients equal an uncheckpointed copy's (full fine-tune and LoRA, where only the adapters train)."""
+    import pickle
+
+    if lora:
+        pytest.importorskip("peft")
+    torch.manual_seed(0)
+    ref = DualEncoder(tiny_bert, pooling="mean", lora=lora, attention_dropout=0.0)
+    ckpt = DualEncoder(tiny_bert, pooling="mean", lora=lora, attention_dropout=0.0, gradient_checkpointing=True)
+    ckpt.load_state_dict(ref.state_dict())
+    ckpt = pickle.loads(pickle.dumps(ckpt))
+    assert ckpt.query_model.is_gradient_checkpointing and not ref.query_model.is_gradient_checkpointing
+    for m in (ref, ckpt):  # training mode (checkpointing recomputes only in training) without dropout
+        m.train()
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.Dropout):
+                mod.p = 0.0
+    batch = ref.tokenizer(TEXTS, padding=True, return_tensors="pt")
+    a, b = ref.encode(dict(batch)), ckpt.encode(dict(batch))
+    a.square().sum().backward()
+    b.square().sum().backward()
+    got = {n: p.grad for n, p in ckpt.named_parameters() if p.requires_grad}
+    want = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert got.keys() == want.keys() and all(g is not None for g in got.values())
+    for name, grad in got.items():
+        torch.testing.assert_close(grad, want[name], atol=5e-5, rtol=1e-3, msg=name)
+
+
 def test_pack_layout():
     batch = {"input_ids": torch.tensor([[101, 7, 8, 102, 0], [101, 9, 102, 0, 0]]),
              "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])}

@@ -269,7 +269,14 @@ class DualEncoder(nn.Module):
         self.train()  # from_pretrained returns eval mode; Lightning keeps submodule modes, so dropout would stay off
         if gradient_checkpointing:
             for m in {id(self.query_model): self.query_model, id(self.key_model): self.key_model}.values():
-                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                if hasattr(m, "activation_checkpointing_enable"):  # transformers >= 5.x's name; the old one warns
+                    m.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+                else:
+                    m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+                # Non-reentrant checkpointing needs no grad on its inputs, so the embedding hook transformers adds
+                # for reentrant checkpointing (and LoRA) is not needed; it is a local function, so a model holding
+                # it cannot be pickled to spawned ranks (ddp_spawn, the CPU multi-rank trainer).
+                m.disable_input_require_grads()
 
     @property
     def dim(self) -> int:
