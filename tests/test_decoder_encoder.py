@@ -123,3 +123,18 @@ def test_attention_dropout_reaches_decoder_attention(tiny_lm, unpadded):
         assert torch.allclose(a, b, atol=1e-6) == (p == 0.0), p
         enc.eval()
         assert torch.allclose(enc.encode(batch, "query").detach(), enc.encode(batch, "query").detach(), atol=1e-6)
+
+
+def test_an_export_loads_under_a_gguf_model_config(tmp_path, tiny_lm):
+    """`model=smollm2` names a .gguf file inside the bundled folder; the export of a model trained from it is a
+    safetensors folder. Evaluating or mining with that export (`model=smollm2 model_path=<export>`) loads the export
+    (it used to look for the .gguf inside it and fail) and encodes as the trained model did."""
+    from embedder.retrieval.encode.model import load_encoder
+
+    trained = DualEncoder(tiny_lm, pooling="last_token").eval()
+    trained.save(str(tmp_path / "export"), max_seq_length=32)
+    cfg = {"_target_": "embedder.modeling.encoder.DualEncoder", "model_name_or_path": "bundled-folder",
+           "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "pooling": "last_token"}
+    loaded = load_encoder(cfg, str(tmp_path / "export")).eval()
+    assert torch.allclose(loaded.encode_texts(TEXTS, kind="key", max_length=32),
+                          trained.encode_texts(TEXTS, kind="key", max_length=32), atol=1e-5)

@@ -6,6 +6,9 @@
   untied encoders, which are read from there);
 - a sentence-transformers folder (pooling from `1_Pooling/config.json`, normalisation from `modules.json`);
 - a plain Hugging Face folder or hub name (the `model` config's pooling and normalize apply).
+
+The `model` config's `gguf_file` (model=smollm2) applies only to a folder that holds that file: the export of a model
+trained from a GGUF checkpoint is a safetensors folder.
 """
 
 from __future__ import annotations
@@ -69,6 +72,9 @@ def load_encoder(model_cfg: Any, model_path: str | None = None) -> Any:
     cfg = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
     if model_path:
         cfg.update(encoder_overrides(str(model_path)))
+        gguf = cfg.get("gguf_file")
+        if gguf and os.path.isdir(model_path) and not os.path.isfile(os.path.join(model_path, gguf)):
+            cfg["gguf_file"] = None  # model=smollm2's .gguf: an export of a model trained from it is safetensors
         log.info("encoder %s (pooling=%s, normalize=%s)", cfg["model_name_or_path"], cfg.get("pooling"),
                  cfg.get("normalize"))
     return hydra.utils.instantiate(cfg)
