@@ -16,7 +16,8 @@ but the final scoring, which is the same for every side: `python -m embedder.eva
 corpus, graded where the qrels are).
 
 Sides:
-- `base`: the untrained model.
+- `base`: the untrained model. `smollm2-base`: the bundled SmolLM2-135M untrained (last-token pooling), the base
+  row of `smollm2lora` (issue 25; `--table --against smollm2-base`).
 - `plain`: what a competent sentence-transformers user does: `mine_hard_negatives` with the base model (3 negatives
   from ranks 10-60; no margin filter: with relative_margin=0.05 the rows short of 3 negatives were dropped, and
   ToolLens trained 68 steps instead of 175), then `MultipleNegativesRankingLoss` (scale 20 =
@@ -129,6 +130,8 @@ VARIANTS = {  # name -> overrides of task=beir
 # merge is embedder's own `merge_with_base` (what `merge_base_weight=w` does to the state a run exports, the best by
 # dev) and the export is `export_encoder`'s, so the row is that run's model at no training cost (the source row's
 # cost is reported). Merged over the defaults (lr5e5), whose weights move further from the base than 2e-5 runs did.
+# untrained models, scored as they are: "name": the `model` config (the base row of the variants that train it)
+BASES = {"base": "minilm", "smollm2-base": "smollm2"}
 MERGED = {"lr5e5merge20": ("lr5e5", 0.2), "lr5e5merge40": ("lr5e5", 0.4)}
 # each plain side's settings: lr 2e-5 as sentence-transformers' training examples use, or transformers'
 # TrainingArguments default (5e-5), which a user who sets no learning rate gets; epochs: --epochs unless set here
@@ -189,13 +192,14 @@ def run_child(cmd: list[str], log_path: str, cache: str | None = None) -> dict[s
             "peak_rss_gib": round(usage.ru_maxrss / 1024 ** 2, 2)}  # ru_maxrss: KiB
 
 
-def split_ndcg(model_dir: str, paths: dict[str, str], out_dir: str, dims: list[int] | None = None,
-              split: str = "test") -> tuple[float, dict[str, float]]:
+def split_ndcg(model_dir: str | None, paths: dict[str, str], out_dir: str, dims: list[int] | None = None,
+               split: str = "test", model: str = "minilm") -> tuple[float, dict[str, float]]:
     """nDCG@10 on test.json (or `split`.json) with embedder's evaluator (the same for every side; graded where the
     qrels are), at the lengths every side trains with (256/256, stated explicitly); with `dims`, also at each
-    leading size (`truncate_dims`: one encoding)."""
+    leading size (`truncate_dims`: one encoding). `model`: the model config the run trained (its export in
+    `model_dir` read under it, as a user evaluates it); no `model_dir`: that model untrained."""
     out_dir += "-256" + ("-dims" + "-".join(map(str, dims)) if dims else "")
-    cmd = [sys.executable, "-m", "embedder.evaluate", "model=minilm", f"model_path={model_dir}",
+    cmd = [sys.executable, "-m", "embedder.evaluate", f"model={model}", *([f"model_path={model_dir}"] if model_dir else []),
            f"eval_data={paths[split]}", f"corpus={paths['corpus']}", f"eval_name={split}", "metrics=[ndcg]",
            "cutoffs=[10]", f"output_dir={out_dir}", "trainer=cpu", "version=none", "query_max_length=256",
            "key_max_length=256", *([f"truncate_dims=[{','.join(map(str, dims))}]"] if dims else [])]
@@ -353,6 +357,11 @@ def _ms(vals: list[float]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ main
+def _model(overrides: list[str]) -> str:
+    """The model config a recipe run trained: its `model=` override, else task=beir's (minilm)."""
+    return next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "minilm")
+
+
 def _plain_side(name: str) -> str | None:
     """The plain side a run is ("plain", "plain-inbatch", or a replicate of one: "plain-seed7"), else None."""
     return _side(name) if _side(name) in PLAIN_SIDES else None
@@ -416,19 +425,19 @@ def main() -> None:
                 for name, r in list(runs.items()):
                     if args.only and name not in args.only:
                         continue
-                    from embedder.bundled import minilm_path
-
-                    model_dir = minilm_path() if name == "base" else os.path.join(work, name)
-                    if not os.path.isdir(model_dir):  # an export deleted to save disk: the others still score
+                    model_dir = None if name in BASES else os.path.join(work, name)
+                    if model_dir and not os.path.isdir(model_dir):  # an export deleted to save disk: the others still score
                         print(f"{ds} {seed} {name}: skipped, its export {model_dir} is gone", flush=True)
                         continue
+                    model = BASES.get(name) or _model(r.get("overrides") or [])
                     if args.split == "dev":  # a selection signal beside the row (its test score stays)
                         r["dev_ndcg@10"], _ = split_ndcg(model_dir, paths, os.path.join(work, name) + "-dev",
-                                                        split="dev")
+                                                         split="dev", model=model)
                         print(ds, seed, name, "dev", r["dev_ndcg@10"], flush=True)
                         _save(results, args.out, results_path)
                         continue
-                    r["ndcg@10"], by_dim = split_ndcg(model_dir, paths, os.path.join(work, name) + "-test", args.dims)
+                    r["ndcg@10"], by_dim = split_ndcg(model_dir, paths, os.path.join(work, name) + "-test", args.dims,
+                                                      model=model)
                     if by_dim:
                         r["ndcg@10_by_dim"] = by_dim
                     print(ds, seed, name, r["ndcg@10"], flush=True)
@@ -438,8 +447,8 @@ def main() -> None:
     variants = {}
     for item in args.only or ["base", "plain", "plain-inbatch", "recipe"]:
         name, _, rest = item.partition(":")
-        if not rest and name not in VARIANTS and name not in ("base", *PLAIN_SIDES, *MERGED):  # plain-seed7: seed=7
-            sys.exit(f"unknown variant {name!r}: use one of {sorted(VARIANTS)}, {sorted(MERGED)}, base, "
+        if not rest and name not in VARIANTS and name not in (*BASES, *PLAIN_SIDES, *MERGED):  # plain-seed7: seed=7
+            sys.exit(f"unknown variant {name!r}: use one of {sorted(VARIANTS)}, {sorted(MERGED)}, {', '.join(BASES)}, "
                      f"{', '.join(PLAIN_SIDES)}, or name:override ...")
         if name.startswith("plain-") and not _plain_side(name):  # plainneg, plainlike: recipe variants
             sys.exit(f"{item!r}: a plain side is named {', '.join(PLAIN_SIDES)}, or one of them with -seed<N>")
@@ -459,11 +468,9 @@ def main() -> None:
                 if name in done:
                     continue
                 run = os.path.join(work, name)
-                if name == "base":
-                    from embedder.bundled import minilm_path
-
+                if name in BASES:
                     cost = {"wall_s": 0, "cpu_s": 0, "peak_rss_gib": 0}
-                    model_dir = minilm_path()
+                    model_dir = None
                 elif name in MERGED:  # the source variant's export, merged with the base model
                     source, base_weight = MERGED[name]
                     if source not in done:
@@ -490,7 +497,8 @@ def main() -> None:
                            *overrides]
                     cost = run_child(cmd, run + ".log", cache=os.path.join(work, f"cache-{name}"))
                     model_dir = run
-                score, by_dim = split_ndcg(model_dir, paths, run + "-test", args.dims)
+                score, by_dim = split_ndcg(model_dir, paths, run + "-test", args.dims,
+                                           model=BASES.get(name) or _model(overrides))
                 done[name] = {"overrides": overrides, **cost, "ndcg@10": score,
                               **({"lr": plain["lr"], "epochs": plain["epochs"]} if _plain_side(name) else {}),
                               **({"ndcg@10_by_dim": by_dim} if by_dim else {})}
