@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 from collections import Counter
 
 import pytest
@@ -245,6 +246,30 @@ def test_records_without_negatives_are_skipped_and_counted(tmp_path):
     cfg = mine_cfg(tmp_path, ["retriever=bm25", "retriever.backend=bm25s", "rank_range=[19,20]", "save_name=x"])
     out = run_mine(cfg)  # position 19 is a miss (score 0) for most queries: nothing left for them
     assert out["written"] + out["skipped_no_negatives"] == 10 and out["skipped_no_negatives"] > 0
+
+
+@needs_bm25s
+@pytest.mark.parametrize("extra, advice", [
+    (["rank_range=[19,20]"], r"widen rank_range=\[19, 20\] or hits, or set random_fill"),
+    (["relative_margin=0.99"], "relative_margin=0.99 dropped most candidates.*Set relative_margin=null"),
+    ([], None)])
+def test_many_queries_left_without_negatives_get_a_warning_that_names_the_filter(tmp_path, caplog, extra, advice):
+    """Over 10% of the queries leaving training is worth a warning that says which setting to loosen: the margin
+    filter when it dropped most candidates (a retriever whose scores barely separate documents), else the range."""
+    import logging
+
+    from embedder.mining.run import run_mine
+
+    cfg = mine_cfg(tmp_path, ["retriever=bm25", "retriever.backend=bm25s", "save_name=x", *extra])
+    with caplog.at_level(logging.WARNING, logger="embedder.mining.run"):
+        out = run_mine(cfg)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if advice is None:  # the defaults on the toy data: every query keeps negatives
+        assert out["skipped_no_negatives"] == 0 and not warnings
+        return
+    assert out["skipped_no_negatives"] > 1
+    assert len(warnings) == 1 and re.search(rf"{out['skipped_no_negatives']} of 10 queries \(\d+%\) have no negatives "
+                                            rf"left and leave training: {advice}", warnings[0]), warnings
 
 
 def test_rank_range_beyond_hits_is_an_error(tmp_path):

@@ -32,6 +32,8 @@ from embedder.data.jsonl import iter_jsonl
 from embedder.errors import DataError
 from embedder.retrieval.nq_answer import has_answer
 
+MARGIN_DROP = "within the margin of a positive (likely false negative)"  # the margin filter's count
+
 
 def normalize_text(text: str) -> str:
     """Whitespace-collapsed, case-folded text: the key for 'same text' comparisons."""
@@ -146,7 +148,7 @@ def select_negatives(ranked: Sequence[int], corpus_texts: Sequence[str], rule: N
             dropped["contains an answer"] += 1
             continue
         if ceiling is not None and float(scores[position]) > ceiling:
-            dropped["within the margin of a positive (likely false negative)"] += 1
+            dropped[MARGIN_DROP] += 1
             continue
         seen.add(norm)
         neg_index.append(doc)
