@@ -138,3 +138,40 @@ def test_an_export_loads_under_a_gguf_model_config(tmp_path, tiny_lm):
     loaded = load_encoder(cfg, str(tmp_path / "export")).eval()
     assert torch.allclose(loaded.encode_texts(TEXTS, kind="key", max_length=32),
                           trained.encode_texts(TEXTS, kind="key", max_length=32), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_a_lora_fine_tune_of_the_bundled_smollm2_exports_and_reloads(tmp_path):
+    """`train.py task=beir model=smollm2 model.lora=...` trains and then exports: the export used to fail after
+    training ("The model is quantized with gguf and is not serializable"), because the de-quantised model kept the
+    GGUF quantizer. Now the merged export is a plain model folder that sentence-transformers and
+    `embedder.evaluate model=smollm2 model_path=<export>` load, encoding as the trained model does."""
+    import json
+
+    from sentence_transformers import SentenceTransformer
+
+    from embedder.bundled import smollm2_path
+    from embedder.retrieval.encode.model import load_encoder
+    from tests.conftest import compose
+
+    cfg = compose(["task=beir", "model=smollm2"]).model
+    lora = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+    enc = DualEncoder(smollm2_path(), gguf_file=cfg.gguf_file, pooling=cfg.pooling, lora=lora)
+    trainable = [p for p in enc.parameters() if p.requires_grad]
+    assert 0 < sum(p.numel() for p in trainable) < 0.01 * sum(p.numel() for p in enc.parameters())
+    batch = dict(enc.tokenizer(TEXTS, padding=True, return_tensors="pt"))
+    emb = enc.encode(batch, "key")  # (5, 576)
+    (emb @ emb.T).logsumexp(-1).mean().backward()  # any loss: a step that moves the adapters off zero
+    torch.optim.SGD(trainable, lr=1.0).step()
+    enc.eval()
+    ours = enc.encode_texts(TEXTS, kind="key", max_length=64).numpy()
+
+    enc.save(str(tmp_path / "export"), max_seq_length=64)
+    with open(tmp_path / "export" / "config.json") as f:
+        assert "quantization_config" not in json.load(f)
+    st = SentenceTransformer(str(tmp_path / "export"), device="cpu")
+    assert np.allclose(st.encode(TEXTS), ours, atol=1e-4)
+    reloaded = load_encoder(cfg, str(tmp_path / "export")).eval()  # as embedder.evaluate model=smollm2 loads it
+    assert np.allclose(reloaded.encode_texts(TEXTS, kind="key", max_length=64).numpy(), ours, atol=1e-4)
+    untrained = DualEncoder(smollm2_path(), gguf_file=cfg.gguf_file, pooling=cfg.pooling).eval()
+    assert not np.allclose(untrained.encode_texts(TEXTS, kind="key", max_length=64).numpy(), ours, atol=1e-3)

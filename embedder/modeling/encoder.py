@@ -83,14 +83,29 @@ def _load_backbone(path: str, attn_implementation: str | None, dtype: str | None
         if unpadded_forward.supports(config) or unpadded_forward.supports_causal(config):
             model = AutoModel.from_pretrained(path, attn_implementation=unpadded_forward.register(), **kwargs)
             model.embedder_packed = True  # marks a backbone that can run `packed_hidden`
-            return model
+            return _plain_if_dequantized(model)
         msg = (f"model.unpadded={unpadded}: {path} is not a supported architecture "
                f"({', '.join(unpadded_forward.SUPPORTED_MODEL_TYPES + unpadded_forward.SUPPORTED_CAUSAL_MODEL_TYPES)}"
                f"); running padded")
         if unpadded == "true":
             raise ValueError(msg + " is not possible: set model.unpadded=auto or false")
         unpadded_forward.say_once(f"arch:{path}", msg)
-    return from_pretrained_with_attention(AutoModel, path, attn_implementation, **kwargs)
+    return _plain_if_dequantized(from_pretrained_with_attention(AutoModel, path, attn_implementation, **kwargs))
+
+
+def _plain_if_dequantized(model: Any) -> Any:
+    """A GGUF checkpoint (model.gguf_file) that transformers de-quantised on load (on a CPU, or with no GGUF kernel:
+    every layer a plain Linear) still carried the GGUF quantizer, and `save_pretrained` refuses a model that has one
+    ("quantized with gguf and is not serializable"): the export of a model fine-tuned from it failed after training.
+    The library's own `remove_quantization_config` drops the marker; weights kept in GGUF blocks stay quantized."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        return model
+    if any(type(m).__module__.startswith("transformers.integrations.gguf") for m in model.modules()):
+        return model  # weights in GGUF blocks (a GGUF kernel was found): quantized for real
+    quantizer.remove_quantization_config(model)
+    return model
 
 
 ADAPTER_STAGE = ".lora-adapter"  # where `save` keeps the adapters while sentence-transformers writes its files
@@ -435,7 +450,12 @@ class DualEncoder(nn.Module):
             self._peft.remove(wrapper)
         model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
-        modules = [models.Transformer(folder, max_seq_length=max_seq_length),
+        # plain text in, as embedder encodes it: sentence-transformers 5 otherwise renders every text through the
+        # tokenizer's chat template when it has one (SmolLM2-Instruct's: a system prompt around each text), and the
+        # export's embeddings did not match the trained model's (cosine ~0.5)
+        text_only = {"text": {"method": "forward", "method_output_name": "last_hidden_state"}}
+        modules = [models.Transformer(folder, max_seq_length=max_seq_length, modality_config=text_only,
+                                      module_output_name="token_embeddings"),
                    models.Pooling(model.config.hidden_size,
                                   pooling_mode="lasttoken" if self.pooling == "last_token" else self.pooling)]
         if self.dense is not None:
