@@ -138,7 +138,8 @@ def _warn_if_many_left_out(no_negatives: int, written: int, dropped: Counter, ru
     if in_range and max(in_range, key=in_range.get) == MARGIN_DROP:
         log.warning("%s have no negatives left and leave training: relative_margin=%s dropped most candidates, so "
                     "the retriever scores them almost like the positives (an untrained or weak model does). Set "
-                    "relative_margin=null, random_fill=<n>, or mine with bm25", share, rule.relative_margin)
+                    "relative_margin=null, random_fill=<n>, or mine with bm25 (task=beir: beir.negatives.*)", share,
+                    rule.relative_margin)
     else:
         log.warning("%s have no negatives left and leave training: widen rank_range=%s or hits, or set "
-                    "random_fill=<n>", share, list(rule.rank_range))
+                    "random_fill=<n> (task=beir: beir.negatives.*)", share, list(rule.rank_range))
