@@ -362,9 +362,10 @@ def _ms(vals: list[float]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def _model(overrides: list[str]) -> str:
-    """The model config a recipe run trained: its `model=` override, else task=beir's (minilm)."""
-    return next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "minilm")
+def _model(name: str, overrides: list[str]) -> str:
+    """The model config a run is scored under: a base row's (BASES), else the one it trained: its `model=`
+    override, else task=beir's (minilm)."""
+    return BASES.get(name) or next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "minilm")
 
 
 def _plain_side(name: str) -> str | None:
@@ -434,7 +435,7 @@ def main() -> None:
                     if model_dir and not os.path.isdir(model_dir):  # an export deleted to save disk: the others still score
                         print(f"{ds} {seed} {name}: skipped, its export {model_dir} is gone", flush=True)
                         continue
-                    model = BASES.get(name) or _model(r.get("overrides") or [])
+                    model = _model(name, r.get("overrides") or [])
                     if args.split == "dev":  # a selection signal beside the row (its test score stays)
                         r["dev_ndcg@10"], _ = split_ndcg(model_dir, paths, os.path.join(work, name) + "-dev",
                                                          split="dev", model=model)
@@ -503,7 +504,7 @@ def main() -> None:
                     cost = run_child(cmd, run + ".log", cache=os.path.join(work, f"cache-{name}"))
                     model_dir = run
                 score, by_dim = split_ndcg(model_dir, paths, run + "-test", args.dims,
-                                           model=BASES.get(name) or _model(overrides))
+                                           model=_model(name, overrides))
                 done[name] = {"overrides": overrides, **cost, "ndcg@10": score,
                               **({"lr": plain["lr"], "epochs": plain["epochs"]} if _plain_side(name) else {}),
                               **({"ndcg@10_by_dim": by_dim} if by_dim else {})}
