@@ -308,7 +308,7 @@ def table(results: dict, against: str = "plain") -> str:
     out = [f"| dataset | run | splits / runs | test nDCG@10 | vs {against} (paired) | CPU vs {against} | "
            f"wall vs {against} | peak RSS GiB |", "|---|---|---|---|---|---|---|---|"]
     names = {n for d in results.values() for r in d.values() for n in r}
-    sides = sorted({_side(n) for n in names}, key=lambda s: (["base", "plain-inbatch", "plain"] + [s]).index(s))
+    sides = sorted({_side(n) for n in names}, key=lambda s: ((["base", "plain-inbatch", "plain"] + [s]).index(s), s))
     gains: dict[str, list[float]] = {}
     spreads: dict[str, list[float]] = {}  # per dataset: the paired gain's spread over splits (two splits or more)
     for ds, by_split in sorted(results.items()):
@@ -324,7 +324,8 @@ def table(results: dict, against: str = "plain") -> str:
             paired = [statistics.mean(r["ndcg@10"] for r in runs[side][sp]) -
                       statistics.mean(r["ndcg@10"] for r in ref[sp]) for sp in both]
             cost = {k: [r[k] / statistics.mean(p[k] for p in ref[sp]) for sp in both for r in runs[side][sp]
-                        if r.get(k)] for k in ("cpu_s", "wall_s")}
+                        if r.get(k) and all(p.get(k) for p in ref[sp])]  # a base row has no cost to divide by
+                    for k in ("cpu_s", "wall_s")}
             rss = max((r.get("peak_rss_gib") or 0) for sp in splits for r in runs[side][sp])
             gain = ""
             if side != against and paired:
