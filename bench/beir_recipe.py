@@ -131,12 +131,17 @@ VARIANTS = {  # name -> overrides of task=beir
 # last state exported; the smollm2-base row is its "before", the scoring its "after")
 VARIANTS["smollm2lorabm25"] = [*VARIANTS["smollm2lora"], "beir.negatives.retrievers=[bm25]", "beir.eval_splits=[]",
                                "export_state=last"]
+# the same with mean pooling (no EOS appended): last-token pooling of this Instruct checkpoint collapsed under LoRA
+# (session 20: the loss fell to ln(keys), every document embedding alike); mean pooling separated them
+VARIANTS["smollm2loramean"] = [*VARIANTS["smollm2lora"], "model.pooling=mean"]
+VARIANTS["smollm2loramean-bm25"] = [*VARIANTS["smollm2lorabm25"], "model.pooling=mean"]
 # LM-Cocktail merges of a variant's export, made after the fact: "name": (source variant, the base model's share). The
 # merge is embedder's own `merge_with_base` (what `merge_base_weight=w` does to the state a run exports, the best by
 # dev) and the export is `export_encoder`'s, so the row is that run's model at no training cost (the source row's
 # cost is reported). Merged over the defaults (lr5e5), whose weights move further from the base than 2e-5 runs did.
-# untrained models, scored as they are: "name": the `model` config (the base row of the variants that train it)
-BASES = {"base": "minilm", "smollm2-base": "smollm2"}
+# untrained models, scored as they are: "name": the model overrides (the base row of the variants that train it)
+BASES = {"base": ["model=minilm"], "smollm2-base": ["model=smollm2"],
+         "smollm2mean-base": ["model=smollm2", "model.pooling=mean"]}
 MERGED = {"lr5e5merge20": ("lr5e5", 0.2), "lr5e5merge40": ("lr5e5", 0.4)}
 # each plain side's settings: lr 2e-5 as sentence-transformers' training examples use, or transformers'
 # TrainingArguments default (5e-5), which a user who sets no learning rate gets; epochs: --epochs unless set here
@@ -198,13 +203,14 @@ def run_child(cmd: list[str], log_path: str, cache: str | None = None) -> dict[s
 
 
 def split_ndcg(model_dir: str | None, paths: dict[str, str], out_dir: str, dims: list[int] | None = None,
-               split: str = "test", model: str = "minilm") -> tuple[float, dict[str, float]]:
+               split: str = "test", model: tuple[str, ...] | list[str] = ("model=minilm",)
+               ) -> tuple[float, dict[str, float]]:
     """nDCG@10 on test.json (or `split`.json) with embedder's evaluator (the same for every side; graded where the
     qrels are), at the lengths every side trains with (256/256, stated explicitly); with `dims`, also at each
-    leading size (`truncate_dims`: one encoding). `model`: the model config the run trained (its export in
-    `model_dir` read under it, as a user evaluates it); no `model_dir`: that model untrained."""
+    leading size (`truncate_dims`: one encoding). `model`: the model overrides the run trained with (its export in
+    `model_dir` read under them, as a user evaluates it); no `model_dir`: that model untrained."""
     out_dir += "-256" + ("-dims" + "-".join(map(str, dims)) if dims else "")
-    cmd = [sys.executable, "-m", "embedder.evaluate", f"model={model}", *([f"model_path={model_dir}"] if model_dir else []),
+    cmd = [sys.executable, "-m", "embedder.evaluate", *model, *([f"model_path={model_dir}"] if model_dir else []),
            f"eval_data={paths[split]}", f"corpus={paths['corpus']}", f"eval_name={split}", "metrics=[ndcg]",
            "cutoffs=[10]", f"output_dir={out_dir}", "trainer=cpu", "version=none", "query_max_length=256",
            "key_max_length=256", *([f"truncate_dims=[{','.join(map(str, dims))}]"] if dims else [])]
@@ -363,10 +369,10 @@ def _ms(vals: list[float]) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ main
-def _model(name: str, overrides: list[str]) -> str:
-    """The model config a run is scored under: a base row's (BASES), else the one it trained: its `model=`
-    override, else task=beir's (minilm)."""
-    return BASES.get(name) or next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), "minilm")
+def _model(name: str, overrides: list[str]) -> list[str]:
+    """The model overrides a run is scored under: a base row's (BASES), else the model config it trained: its
+    `model=` override, else task=beir's (minilm). An export's pooling is its own (embedder_config.json)."""
+    return BASES.get(name) or [next((o for o in overrides if o.startswith("model=")), "model=minilm")]
 
 
 def _plain_side(name: str) -> str | None:
