@@ -175,3 +175,33 @@ def test_a_lora_fine_tune_of_the_bundled_smollm2_exports_and_reloads(tmp_path):
     assert np.allclose(reloaded.encode_texts(TEXTS, kind="key", max_length=64).numpy(), ours, atol=1e-4)
     untrained = DualEncoder(smollm2_path(), gguf_file=cfg.gguf_file, pooling=cfg.pooling).eval()
     assert not np.allclose(untrained.encode_texts(TEXTS, kind="key", max_length=64).numpy(), ours, atol=1e-3)
+
+
+def _ends_with(tok, token_id: int) -> bool:
+    ids = tok(["the quick brown fox jumps", "a"], truncation=True, max_length=4)["input_ids"]
+    return all(row[-1] == token_id for row in ids) and len(ids[0]) == 4  # kept when truncating too
+
+
+def test_append_eos_keeps_an_embedders_own_end_token_or_appends_the_one_named(tiny_lm, tmp_path):
+    """last_token pooling appends the tokenizer's EOS unless the tokenizer already ends every text with a special
+    token of its own (Qwen3-Embedding appends `<|endoftext|>`, its pad token, not its EOS `<|im_end|>`: replacing it
+    embeds unlike the model was trained); `model.append_eos=<token>` appends that token instead (a chat model whose
+    EOS ends a turn); a token outside the vocabulary is refused by name."""
+    from tokenizers import processors
+    from transformers import AutoTokenizer
+
+    plain = DualEncoder(tiny_lm, pooling="last_token").tokenizer
+    assert _ends_with(plain, plain.eos_token_id)  # nothing appended before: its EOS is
+    own = tmp_path / "own-end"  # the tiny LM, its tokenizer ending texts with <pad> as Qwen3-Embedding's does
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    tok._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s>:0 $A:0 <pad>:0", special_tokens=[("<s>", tok.bos_token_id), ("<pad>", tok.pad_token_id)])
+    tok.save_pretrained(own)
+    kept = DualEncoder(tiny_lm, tokenizer_name_or_path=str(own), pooling="last_token").tokenizer
+    assert _ends_with(kept, kept.pad_token_id) and kept.pad_token_id != kept.eos_token_id
+    named = DualEncoder(tiny_lm, pooling="last_token", append_eos="<pad>").tokenizer
+    assert _ends_with(named, named.pad_token_id)
+    assert DualEncoder(tiny_lm, pooling="last_token", append_eos=False).tokenizer("a")["input_ids"][-1] != \
+        plain.eos_token_id
+    with pytest.raises(ValueError, match=r"model.append_eos='<\|im_end\|>' is not a token"):
+        DualEncoder(tiny_lm, pooling="last_token", append_eos="<|im_end|>")

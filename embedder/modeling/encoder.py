@@ -133,20 +133,29 @@ def _keep_adapter_only(folder: str, staged: str) -> None:
     os.rmdir(staged)
 
 
-def _append_eos(tokenizer: Any) -> None:
-    """Make `tokenizer` end every sequence with its EOS token (kept when truncating: it counts as a special token),
-    as last-token-pooled decoder embedders are trained (e5-mistral, Qwen3-Embedding). A fast tokenizer's
-    post-processor becomes `[BOS] $A EOS` (BOS where it already adds one); the exported tokenizer.json keeps it, so
-    sentence-transformers encodes the same way."""
+def _append_eos(tokenizer: Any, token: str | None = None) -> None:
+    """Make `tokenizer` end every sequence with `token` (None: its EOS token), kept when truncating (it counts as a
+    special token), as last-token-pooled decoder embedders are trained (e5-mistral, Qwen3-Embedding). A fast
+    tokenizer's post-processor becomes `[BOS] $A token` (BOS where it already adds one); the exported tokenizer.json
+    keeps it, so sentence-transformers encodes the same way.
+
+    With `token` None, a tokenizer that already ends every text with a special token is kept as it is: the
+    embedder's own choice, which need not be its EOS (Qwen3-Embedding appends `<|endoftext|>`, its pad token, while
+    its EOS is the chat's `<|im_end|>`), and an export of ours reloads with the token it was trained with."""
     from tokenizers import processors
 
-    if not getattr(tokenizer, "is_fast", False) or tokenizer.eos_token is None:
+    if not getattr(tokenizer, "is_fast", False) or (token or tokenizer.eos_token) is None:
         raise ValueError("pooling=last_token appends the EOS token, which needs a fast tokenizer with an eos_token; "
-                         "set model.append_eos=false to pool the last token as it is")
+                         "set model.append_eos=false to pool the last token as it is, or name the token to append")
+    eos = token or tokenizer.eos_token
+    eos_id = tokenizer.convert_tokens_to_ids(eos)
+    if token and (eos_id is None or tokenizer.convert_ids_to_tokens(eos_id) != eos):  # unknown: the unk id
+        raise ValueError(f"model.append_eos={token!r} is not a token of {tokenizer.name_or_path}'s vocabulary; name "
+                         f"one of its special tokens (e.g. {tokenizer.eos_token!r}), or use true / false / auto")
     ids = tokenizer("x")["input_ids"]
-    if ids and ids[-1] == tokenizer.eos_token_id:
-        return  # it appends EOS already (some embedders' tokenizers do)
-    eos, bos = tokenizer.eos_token, tokenizer.bos_token if ids and ids[0] == tokenizer.bos_token_id else None
+    if ids and (ids[-1] == eos_id or (token is None and ids[-1] in tokenizer.all_special_ids and len(ids) > 1)):
+        return  # it ends texts with that token (or, asked for none in particular, with a special token) already
+    bos = tokenizer.bos_token if ids and ids[0] == tokenizer.bos_token_id else None
     head = f"{bos}:0 " if bos else ""
     specials = sorted({(t, tokenizer.convert_tokens_to_ids(t)) for t in (bos, eos) if t})
     tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
@@ -213,6 +222,10 @@ class DualEncoder(nn.Module):
             (`unpadded.recompute_attention`). MiniLM, 16 queries (64 tokens) and 64 keys of 256 tokens on CPU:
             0.1 costs 5.5 GiB peak and 0.29 queries/s, 0 costs 4.6 GiB and 0.52 queries/s (kept, 0.1 needed
             ~8-9 GiB). The exported config keeps the checkpoint's value.
+        append_eos: end every text with a token, for `last_token` pooling (`_append_eos`): `auto` (with
+            last_token), True (the tokenizer's EOS, unless it ends texts with a special token already), False, or a
+            token's name. SmolLM2-135M-Instruct's EOS `<|im_end|>` ends a chat turn: its last-token embeddings are
+            near-identical for every text and collapsed under LoRA (`bench/decoder_learns.py`).
     """
 
     def __init__(self, model_name_or_path: str, key_model_name_or_path: str | None = None, tie_encoders: bool = True,
@@ -254,8 +267,8 @@ class DualEncoder(nn.Module):
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if append_eos == "auto":
             append_eos = pooling == "last_token"
-        if append_eos:
-            _append_eos(self.tokenizer)
+        if append_eos:  # True (the tokenizer's EOS) or a token's name
+            _append_eos(self.tokenizer, append_eos if isinstance(append_eos, str) else None)
         hidden = self.query_model.config.hidden_size
         self.dense = None
         if dense:
