@@ -135,13 +135,18 @@ VARIANTS["smollm2lorabm25"] = [*VARIANTS["smollm2lora"], "beir.negatives.retriev
 # (session 20: the loss fell to ln(keys), every document embedding alike); mean pooling separated them
 VARIANTS["smollm2loramean"] = [*VARIANTS["smollm2lora"], "model.pooling=mean"]
 VARIANTS["smollm2loramean-bm25"] = [*VARIANTS["smollm2lorabm25"], "model.pooling=mean"]
+# last-token pooling of each text's own last token, no EOS appended (bench/decoder_learns.py: it learns fastest on
+# 8 ToolLens pairs; the appended <|im_end|> collapses)
+VARIANTS["smollm2loranoeos"] = [*VARIANTS["smollm2lora"], "model.append_eos=false"]
+VARIANTS["smollm2loranoeos-bm25"] = [*VARIANTS["smollm2lorabm25"], "model.append_eos=false"]
 # LM-Cocktail merges of a variant's export, made after the fact: "name": (source variant, the base model's share). The
 # merge is embedder's own `merge_with_base` (what `merge_base_weight=w` does to the state a run exports, the best by
 # dev) and the export is `export_encoder`'s, so the row is that run's model at no training cost (the source row's
 # cost is reported). Merged over the defaults (lr5e5), whose weights move further from the base than 2e-5 runs did.
 # untrained models, scored as they are: "name": the model overrides (the base row of the variants that train it)
 BASES = {"base": ["model=minilm"], "smollm2-base": ["model=smollm2"],
-         "smollm2mean-base": ["model=smollm2", "model.pooling=mean"]}
+         "smollm2mean-base": ["model=smollm2", "model.pooling=mean"],
+         "smollm2noeos-base": ["model=smollm2", "model.append_eos=false"]}
 MERGED = {"lr5e5merge20": ("lr5e5", 0.2), "lr5e5merge40": ("lr5e5", 0.4)}
 # each plain side's settings: lr 2e-5 as sentence-transformers' training examples use, or transformers'
 # TrainingArguments default (5e-5), which a user who sets no learning rate gets; epochs: --epochs unless set here

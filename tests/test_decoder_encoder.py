@@ -140,6 +140,22 @@ def test_an_export_loads_under_a_gguf_model_config(tmp_path, tiny_lm):
                           trained.encode_texts(TEXTS, kind="key", max_length=32), atol=1e-5)
 
 
+def test_an_export_keeps_the_end_token_it_was_trained_with(tmp_path, tiny_lm):
+    """A model trained with `model.append_eos=false` (each text's own last token pooled) and exported: evaluated or
+    mined under a model config whose `append_eos` is auto (model=smollm2's), its texts get no EOS appended: the
+    export's tokenizer ends texts as in training."""
+    from embedder.retrieval.encode.model import load_encoder
+
+    trained = DualEncoder(tiny_lm, pooling="last_token", append_eos=False).eval()
+    trained.save(str(tmp_path / "export"), max_seq_length=32)
+    cfg = {"_target_": "embedder.modeling.encoder.DualEncoder", "model_name_or_path": tiny_lm,
+           "pooling": "last_token", "append_eos": "auto"}
+    loaded = load_encoder(cfg, str(tmp_path / "export")).eval()
+    assert loaded.tokenizer("a lake")["input_ids"][-1] != loaded.tokenizer.eos_token_id
+    assert torch.allclose(loaded.encode_texts(TEXTS, kind="key", max_length=32),
+                          trained.encode_texts(TEXTS, kind="key", max_length=32), atol=1e-5)
+
+
 @pytest.mark.slow
 def test_a_lora_fine_tune_of_the_bundled_smollm2_exports_and_reloads(tmp_path):
     """`train.py task=beir model=smollm2 model.lora=...` trains and then exports: the export used to fail after

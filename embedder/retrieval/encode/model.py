@@ -3,7 +3,7 @@
 `model_path` accepts:
 
 - a training output of `train.py` (it holds `embedder_config.json`: pooling, normalize, dense layer, tied or
-  untied encoders, which are read from there);
+  untied encoders, which are read from there; its tokenizer ends texts as in training: no EOS is appended again);
 - a sentence-transformers folder (pooling from `1_Pooling/config.json`, normalisation from `modules.json`);
 - a plain Hugging Face folder or hub name (the `model` config's pooling and normalize apply).
 
@@ -31,8 +31,11 @@ def encoder_overrides(model_path: str) -> dict[str, Any]:
     if os.path.isfile(ours):
         with open(ours, encoding="utf-8") as f:
             meta = json.load(f)
+        # append_eos=False: the export's tokenizer already ends texts as in training (an appended EOS is in its
+        # tokenizer.json); the model config's `auto` would append one to a model trained without it
         out.update(pooling=meta.get("pooling", "cls"), normalize=bool(meta.get("normalize", True)),
-                   dense=bool(meta.get("dense", False)), tie_encoders=bool(meta.get("tie_encoders", True)))
+                   dense=bool(meta.get("dense", False)), tie_encoders=bool(meta.get("tie_encoders", True)),
+                   append_eos=False)
         if not out["tie_encoders"]:  # the Router export's encoders (older exports: query_encoder/, key_encoder/)
             q = os.path.join(model_path, meta.get("query_encoder", "query_encoder"))
             out.update(model_name_or_path=q, key_model_name_or_path=os.path.join(model_path, meta.get(
