@@ -16,8 +16,10 @@ but the final scoring, which is the same for every side: `python -m embedder.eva
 corpus, graded where the qrels are).
 
 Sides:
-- `base`: the untrained model. `smollm2-base`: the bundled SmolLM2-135M untrained (last-token pooling), the base
-  row of `smollm2lora` (issue 25; `--table --against smollm2-base`).
+- `base`: the untrained model. `smollm2-base`: the bundled SmolLM2-135M untrained (last-token pooling, its EOS
+  appended), the base row of `smollm2lora` (issue 25; `--table --against smollm2-base`); `smollm2mean-base` (mean
+  pooling, `model=smollm2`'s default since session 21) and `smollm2noeos-base` (last token, no EOS appended) are
+  those of `smollm2loramean` and `smollm2loranoeos`.
 - `plain`: what a competent sentence-transformers user does: `mine_hard_negatives` with the base model (3 negatives
   from ranks 10-60; no margin filter: with relative_margin=0.05 the rows short of 3 negatives were dropped, and
   ToolLens trained 68 steps instead of 175), then `MultipleNegativesRankingLoss` (scale 20 =
@@ -123,9 +125,17 @@ VARIANTS = {  # name -> overrides of task=beir
                                                                        # plain-lr5e5-ep4 without the selection)
     # issue 25: the bundled SmolLM2-135M as a LoRA decoder embedder (last-token pooling), at a CPU-sized budget: one
     # epoch of 30 batches (480 train queries), 1 hard negative per query, LoRA's usual learning rate
-    "smollm2lora": ["model=smollm2", "model.lora={r:16,alpha:32,dropout:0.05,target_modules:[q_proj,k_proj,v_proj,o_proj]}",
+    "smollm2lora": ["model=smollm2", "model.pooling=last_token", "model.lora={r:16,alpha:32,dropout:0.05,target_modules:[q_proj,k_proj,v_proj,o_proj]}",
                     "optimizer.lr=1e-4", "data.group_size=2", "trainer.max_epochs=1", "+trainer.limit_train_batches=30"],
 }
+
+
+def _with(overrides: list[str], *changes: str) -> list[str]:
+    """`overrides` with each `key=value` of `changes` in place of that key's value (one value per key)."""
+    keys = {c.split("=", 1)[0] for c in changes}
+    return [*(o for o in overrides if o.split("=", 1)[0] not in keys), *changes]
+
+
 # the same at the cost the larger corpora allow on 2 CPU cores (SmolLM2 encodes 1-2 texts/s there: one encoding of
 # SciFact's 5,183 abstracts is ~45-60 min): BM25 negatives (no dense mining), no in-run evaluation (one epoch, the
 # last state exported; the smollm2-base row is its "before", the scoring its "after")
@@ -133,8 +143,8 @@ VARIANTS["smollm2lorabm25"] = [*VARIANTS["smollm2lora"], "beir.negatives.retriev
                                "export_state=last"]
 # the same with mean pooling (no EOS appended): last-token pooling of this Instruct checkpoint collapsed under LoRA
 # (session 20: the loss fell to ln(keys), every document embedding alike); mean pooling separated them
-VARIANTS["smollm2loramean"] = [*VARIANTS["smollm2lora"], "model.pooling=mean"]
-VARIANTS["smollm2loramean-bm25"] = [*VARIANTS["smollm2lorabm25"], "model.pooling=mean"]
+VARIANTS["smollm2loramean"] = _with(VARIANTS["smollm2lora"], "model.pooling=mean")
+VARIANTS["smollm2loramean-bm25"] = _with(VARIANTS["smollm2lorabm25"], "model.pooling=mean")
 # last-token pooling of each text's own last token, no EOS appended (bench/decoder_learns.py: it learns fastest on
 # 8 ToolLens pairs; the appended <|im_end|> collapses)
 VARIANTS["smollm2loranoeos"] = [*VARIANTS["smollm2lora"], "model.append_eos=false"]
@@ -144,9 +154,9 @@ VARIANTS["smollm2loranoeos-bm25"] = [*VARIANTS["smollm2lorabm25"], "model.append
 # dev) and the export is `export_encoder`'s, so the row is that run's model at no training cost (the source row's
 # cost is reported). Merged over the defaults (lr5e5), whose weights move further from the base than 2e-5 runs did.
 # untrained models, scored as they are: "name": the model overrides (the base row of the variants that train it)
-BASES = {"base": ["model=minilm"], "smollm2-base": ["model=smollm2"],
+BASES = {"base": ["model=minilm"], "smollm2-base": ["model=smollm2", "model.pooling=last_token"],
          "smollm2mean-base": ["model=smollm2", "model.pooling=mean"],
-         "smollm2noeos-base": ["model=smollm2", "model.append_eos=false"]}
+         "smollm2noeos-base": ["model=smollm2", "model.pooling=last_token", "model.append_eos=false"]}
 MERGED = {"lr5e5merge20": ("lr5e5", 0.2), "lr5e5merge40": ("lr5e5", 0.4)}
 # each plain side's settings: lr 2e-5 as sentence-transformers' training examples use, or transformers'
 # TrainingArguments default (5e-5), which a user who sets no learning rate gets; epochs: --epochs unless set here

@@ -81,21 +81,24 @@ def test_bidirectional_is_refused_for_an_encoder(tiny_bert):
 
 
 @pytest.mark.slow
-def test_the_bundled_smollm2_embeds_packed_like_padded():
-    """model=smollm2: the bundled SmolLM2-135M (4-bit GGUF, de-quantised on load) as a last-token decoder embedder:
-    every text ends with its EOS, the packed forward equals the padded one, and different texts embed apart. Built
-    as `train.py task=beir model=smollm2` builds it (task=beir's attention_dropout=0 included: it used to stop that
+@pytest.mark.parametrize("pooling", [None, "last_token"])
+def test_the_bundled_smollm2_embeds_packed_like_padded(pooling):
+    """model=smollm2: the bundled SmolLM2-135M (4-bit GGUF, de-quantised on load) as a decoder embedder, with the
+    config's pooling (mean: its appended `<|im_end|>` collapsed under LoRA) and with last-token pooling (every text
+    ends with its EOS): the packed forward equals the padded one, and different texts embed apart. Built as
+    `train.py task=beir model=smollm2` builds it (task=beir's attention_dropout=0 included: it used to stop that
     command at start)."""
     from embedder.bundled import smollm2_path
     from tests.conftest import compose
 
-    cfg = compose(["task=beir", "model=smollm2"]).model
-    assert cfg.attention_dropout == 0
-    enc = DualEncoder(smollm2_path(), gguf_file=cfg.gguf_file, pooling=cfg.pooling,
+    cfg = compose(["task=beir", "model=smollm2", *([f"model.pooling={pooling}"] if pooling else [])]).model
+    assert cfg.attention_dropout == 0 and cfg.pooling == (pooling or "mean")
+    enc = DualEncoder(smollm2_path(), gguf_file=cfg.gguf_file, pooling=cfg.pooling, append_eos=cfg.append_eos,
                       attention_dropout=cfg.attention_dropout, unpadded="true").eval()
     assert enc.query_model.config.model_type == "llama" and enc.dim == 576
     assert all(m.attention_dropout == 0 for m in enc.query_model.modules() if type(m).__name__ == "LlamaAttention")
-    assert enc.tokenizer("a lake")["input_ids"][-1] == enc.tokenizer.eos_token_id
+    ends_with_eos = enc.tokenizer("a lake")["input_ids"][-1] == enc.tokenizer.eos_token_id
+    assert ends_with_eos == (cfg.pooling == "last_token")
     batch = dict(enc.tokenizer(TEXTS, padding=True, return_tensors="pt"))
     with torch.no_grad():
         packed = enc.encode(batch, "key")
