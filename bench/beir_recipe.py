@@ -147,8 +147,8 @@ VARIANTS["smollm2loramean"] = _with(VARIANTS["smollm2lora"], "model.pooling=mean
 VARIANTS["smollm2loramean-bm25"] = _with(VARIANTS["smollm2lorabm25"], "model.pooling=mean")
 # last-token pooling of each text's own last token, no EOS appended (bench/decoder_learns.py: it learns fastest on
 # 8 ToolLens pairs; the appended <|im_end|> collapses)
-VARIANTS["smollm2loranoeos"] = [*VARIANTS["smollm2lora"], "model.append_eos=false"]
-VARIANTS["smollm2loranoeos-bm25"] = [*VARIANTS["smollm2lorabm25"], "model.append_eos=false"]
+VARIANTS["smollm2loranoeos"] = _with(VARIANTS["smollm2lora"], "model.append_eos=false")
+VARIANTS["smollm2loranoeos-bm25"] = _with(VARIANTS["smollm2lorabm25"], "model.append_eos=false")
 # LM-Cocktail merges of a variant's export, made after the fact: "name": (source variant, the base model's share). The
 # merge is embedder's own `merge_with_base` (what `merge_base_weight=w` does to the state a run exports, the best by
 # dev) and the export is `export_encoder`'s, so the row is that run's model at no training cost (the source row's

@@ -144,10 +144,10 @@ def _append_eos(tokenizer: Any, token: str | None = None) -> None:
     its EOS is the chat's `<|im_end|>`), and an export of ours reloads with the token it was trained with."""
     from tokenizers import processors
 
-    if not getattr(tokenizer, "is_fast", False) or (token or tokenizer.eos_token) is None:
+    eos = token or tokenizer.eos_token
+    if not getattr(tokenizer, "is_fast", False) or eos is None:
         raise ValueError("pooling=last_token appends the EOS token, which needs a fast tokenizer with an eos_token; "
                          "set model.append_eos=false to pool the last token as it is, or name the token to append")
-    eos = token or tokenizer.eos_token
     eos_id = tokenizer.convert_tokens_to_ids(eos)
     if token and (eos_id is None or tokenizer.convert_ids_to_tokens(eos_id) != eos):  # unknown: the unk id
         raise ValueError(f"model.append_eos={token!r} is not a token of {tokenizer.name_or_path}'s vocabulary; name "
