@@ -318,6 +318,46 @@ def test_encoder_with_attention_dropout_recomputes_attention(tiny_bert, monkeypa
     assert saved == kept_saved if checkpointing else saved < kept_saved
 
 
+@pytest.mark.parametrize("mode", ["auto", "true"], ids=["padded", "packed"])
+def test_checkpointed_layers_do_not_recompute_attention_again(tiny_bert, monkeypatch, mode):
+    """Attention dropout on CPU under gradient checkpointing (task=beir's default): a layer that checkpointing
+    replays in backward runs its attention twice per step (forward, replay), as a layer without checkpointing does
+    (forward, attention's own recompute); a checkpoint of attention inside the replayed layer would remake it a
+    third time. The same embeddings and gradients either way."""
+    texts = [" ".join(["word"] * n) + " retrieval" for n in (60, 58, 61, 59, 12)]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+
+    def run(checkpointing):
+        torch.manual_seed(0)
+        enc = DualEncoder(tiny_bert, pooling="mean", unpadded=mode, attention_dropout=0.3,
+                          gradient_checkpointing=checkpointing)
+        enc.train()
+        batch = enc.tokenizer(texts, padding=True, return_tensors="pt")
+        calls.clear()
+        torch.manual_seed(5)
+        emb = enc.encode(dict(batch), "key")  # (5, d)
+        forward_calls = len(calls)
+        emb.square().sum().backward()
+        grads = {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}
+        return emb.detach(), grads, forward_calls, len(calls), enc.query_model.config.num_hidden_layers
+
+    emb, grads, forward_calls, calls_per_step, layers = run(checkpointing=False)
+    ckpt_emb, ckpt_grads, ckpt_forward_calls, ckpt_calls_per_step, _ = run(checkpointing=True)
+    assert forward_calls == ckpt_forward_calls and forward_calls % layers == 0  # one call per layer (and group)
+    assert calls_per_step == ckpt_calls_per_step == 2 * forward_calls  # not 3x with checkpointing
+    torch.testing.assert_close(ckpt_emb, emb, atol=0, rtol=0)  # the same dropout masks
+    assert grads.keys() == ckpt_grads.keys() and len(grads) > 10
+    for name, grad in grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def _assert_equals_per_sequence_attention(out, leaves, cu, causal, scale):
     """`out`, computed from the leaves (q, k, v), equals attention on each sequence alone: values and gradients."""
     ref_leaves = [t.detach().clone().requires_grad_(True) for t in leaves]

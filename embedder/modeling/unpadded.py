@@ -12,7 +12,8 @@ function with its `AttentionInterface`, so only attention is ours (causal where 
   elsewhere (CPU, fp32) the linears stay packed and attention alone is padded, per group of similar-length
   sequences (`grouped_padded_attention`), which gives the same numbers, so packing is tested without a GPU;
 - a padded call (no `cu_seqlens`) is transformers' own SDPA attention, so one loaded model serves both paths;
-- with attention dropout on CPU, either path recomputes attention in backward (`recompute_attention`).
+- with attention dropout on CPU, either path recomputes attention in backward (`recompute_attention`), except in
+  layers that gradient checkpointing replays whole (`mark_layer_checkpointed`).
 
 `pack(inputs)` turns a padded, right-padded tokenizer batch into the packed form; `pool_packed` pools it.
 """
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
@@ -113,9 +115,11 @@ def kernel_available(device: torch.device | str) -> bool:
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, max_len: int,
-                     scale: float, dropout: float = 0.0, causal: bool = False) -> torch.Tensor:
+                     scale: float, dropout: float = 0.0, causal: bool = False,
+                     recompute: bool | None = None) -> torch.Tensor:
     """Attention within each packed sequence. q: (T, H, Dh); k, v: (T, Hkv, Dh), Hkv dividing H (grouped-query);
-    cu: (N+1,) int32; `causal`: each token sees only the tokens before it in its sequence. Returns (T, H, Dh)."""
+    cu: (N+1,) int32; `causal`: each token sees only the tokens before it in its sequence; `recompute`: see
+    `grouped_padded_attention`. Returns (T, H, Dh)."""
     if q.is_cuda and torch.is_autocast_enabled("cuda"):
         # autocast casts SDPA's inputs to its dtype, but not a custom kernel's: rotary decoders (Llama, Qwen) hand
         # over fp32 q/k under bf16 autocast (fp32 hidden states times fp32 cos/sin), which would miss the kernel
@@ -132,7 +136,7 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torc
                          "dropout (p=%.2f) is not applied (hidden dropout is); install flash-attn to apply it",
                          dropout, level=logging.WARNING)
             return call_torch_varlen(varlen_attn, q, k, v, cu, max_len, scale, causal)
-    return grouped_padded_attention(q, k, v, cu, scale, dropout, causal)
+    return grouped_padded_attention(q, k, v, cu, scale, dropout, causal, recompute)
 
 
 @functools.cache
@@ -173,10 +177,12 @@ GROUP_MIN_FILL = 0.75
 
 
 def grouped_padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, scale: float,
-                             dropout: float = 0.0, causal: bool = False) -> torch.Tensor:
+                             dropout: float = 0.0, causal: bool = False,
+                             recompute: bool | None = None) -> torch.Tensor:
     """Attention within each packed sequence without a variable-length kernel (CPU, fp32): the linears stay packed
     and attention alone is padded, per group of similar-length sequences (GROUP_MIN_FILL). q: (T, H, Dh); k, v:
-    (T, Hkv, Dh); cu: (N+1,) int32. Returns (T, H, Dh).
+    (T, Hkv, Dh); cu: (N+1,) int32; `recompute`: remake attention in backward (None: `recompute_attention`).
+    Returns (T, H, Dh).
 
     Why this shape, measured on CPU (MiniLM training step, 2 cores): a per-sequence SDPA loop was 2-3x slower than
     fully padded SDPA on long texts (slicing q, k, v per sequence makes every backward fill a full (T, H, Dh)
@@ -209,7 +215,8 @@ def grouped_padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     def padded(t: torch.Tensor) -> tuple[torch.Tensor, ...]:  # (T, h, Dh) -> per group (n_g * L_g, h, Dh)
         return t.new_zeros(off, *t.shape[1:]).index_copy(0, dest, t).split(sizes)
 
-    recompute = recompute_attention(dropout, q)
+    if recompute is None:
+        recompute = recompute_attention(dropout, q)
     outs = []
     for (seqs, width), qg, kg, vg in zip(groups, padded(q), padded(k), padded(v)):
         m = len(seqs)
@@ -234,13 +241,38 @@ def grouped_padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return torch.cat(outs).index_select(0, dest)  # (T, H, Dh)
 
 
-def recompute_attention(dropout: float, q: torch.Tensor) -> bool:
+# set on the attention modules of the layers that transformers' gradient checkpointing replays in backward
+LAYER_CHECKPOINTED = "_embedder_layer_checkpointed"
+
+
+def recompute_attention(dropout: float, q: torch.Tensor, module: nn.Module | None = None) -> bool:
     """Whether attention is remade in backward rather than kept (Megatron's selective recomputation): with attention
     dropout on CPU, where SDPA's fused kernel has no dropout and its unfused path keeps every layer's (N, H, L, L)
     probabilities and their dropped copy for backward (MiniLM, 16 queries + 64 keys of 256 tokens: about 4 GiB of
     peak memory). Recomputed, a layer keeps q, k, v as the fused kernel does, for one more attention forward in
-    backward; `checkpoint` restores the RNG state first, so the dropout mask and the gradients are the same."""
+    backward; `checkpoint` restores the RNG state first, so the dropout mask and the gradients are the same.
+    Not inside a layer that gradient checkpointing replays (`mark_layer_checkpointed`): that layer keeps nothing of
+    its forward, and its replay in backward holds one layer's probabilities at a time, so a checkpoint of attention
+    there would only compute it a third time."""
+    if getattr(module, LAYER_CHECKPOINTED, False):
+        return False
     return dropout > 0 and torch.is_grad_enabled() and q.device.type == "cpu"
+
+
+def mark_layer_checkpointed(model: nn.Module) -> int:
+    """After `gradient_checkpointing_enable`: mark the attention modules (those `_attention` receives) of every
+    layer that will be replayed in backward, so `recompute_attention` does not checkpoint attention inside it a
+    second time. Returns how many were marked."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    marked = 0
+    for layer in model.modules():
+        if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing:
+            for mod in layer.modules():
+                if type(mod).__name__.endswith("Attention"):
+                    setattr(mod, LAYER_CHECKPOINTED, True)
+                    marked += 1
+    return marked
 
 
 def _causal(module) -> bool:
@@ -259,13 +291,13 @@ def _attention(module, query, key, value, attention_mask, dropout: float = 0.0, 
         kwargs.setdefault("is_causal", _causal(module))  # without a mask, SDPA would take the module's flag
         attend = functools.partial(sdpa_attention_forward, module, attention_mask=attention_mask, dropout=dropout,
                                    scaling=scaling, **kwargs)
-        if recompute_attention(dropout, query):
+        if recompute_attention(dropout, query, module):
             return checkpoint(attend, query, key, value, use_reentrant=False, preserve_rng_state=True)
         return attend(query, key, value)
     # query: (1, H, T, Dh), key/value: (1, Hkv, T, Dh) -> (T, H, Dh), (T, Hkv, Dh)
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))
-    out = varlen_attention(q, k, v, cu, int(kwargs["max_seqlen"]), scaling, dropout,
-                           causal=_causal(module))  # (T, H, Dh)
+    out = varlen_attention(q, k, v, cu, int(kwargs["max_seqlen"]), scaling, dropout, causal=_causal(module),
+                           recompute=recompute_attention(dropout, q, module))  # (T, H, Dh)
     return out[None], None  # (1, T, H, Dh), no weights
 
 
