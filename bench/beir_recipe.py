@@ -28,6 +28,7 @@ Sides:
 - `plain-inbatch`: the same without mined negatives.
 - `plain-lr5e5`: `plain` at learning rate 5e-5 (transformers' `TrainingArguments` default), beside the recipe's
   `lr5e5` variant (the defaults since session 16), so a learning-rate gain is credited to the learning rate.
+- `plain-lr1e4`: `plain` at 1e-4, beside the recipe's `lr1e4` variant: what the same rate gives a plain script.
 - `plain-lr5e5-ep4`: `plain-lr5e5` for 4 epochs, beside the recipe's `lr5e5ep4` (4 epochs, the best state by dev
   exported): what selecting on dev is worth when both sides train longer.
 - `recipe` and its variants: `python train.py task=beir beir.folder=<split folder>` with overrides, the command
@@ -112,7 +113,7 @@ VARIANTS = {  # name -> overrides of task=beir
     "dense4remine": [*DENSE4, "beir.negatives.remine_after_epochs=[1]"],  # ANCE over the dense4 defaults
     # the learning rate: SciFact's 566 train claims make ~70 steps in 2 epochs; lr5e5 = the defaults since session 16
     "lr5e5": LR5E5,                                                    # 2.5x the rate of sessions 7-15
-    "lr1e4": [*DENSE4_NEGATIVES, "optimizer.lr=1e-4"],                 # 5x
+    "lr1e4": [*DENSE4_NEGATIVES, "optimizer.lr=1e-4"],                 # 5x (plain-lr1e4: plain at that rate)
     "tau02": [*LR5E5, "loss.temperature=0.02"],                        # bge's temperature, not MNRL's 0.05
     # plain at 5e-5 scored 0.7353 on SciFact split 1 against the defaults' 0.7025 (session 17): which setting is it?
     "lr5e5plainlike": [*LR5E5, "beir.negatives.relative_margin=null",  # every setting plain has (as plainlike),
@@ -161,7 +162,8 @@ MERGED = {"lr5e5merge20": ("lr5e5", 0.2), "lr5e5merge40": ("lr5e5", 0.4)}
 # each plain side's settings: lr 2e-5 as sentence-transformers' training examples use, or transformers'
 # TrainingArguments default (5e-5), which a user who sets no learning rate gets; epochs: --epochs unless set here
 PLAIN_SIDES = {"plain": {"lr": 2e-5}, "plain-inbatch": {"lr": 2e-5, "hard_negatives": False},
-               "plain-lr5e5": {"lr": 5e-5}, "plain-lr5e5-ep4": {"lr": 5e-5, "epochs": 4}}
+               "plain-lr5e5": {"lr": 5e-5}, "plain-lr5e5-ep4": {"lr": 5e-5, "epochs": 4},
+               "plain-lr1e4": {"lr": 1e-4}}
 DEV_FRACTION, TEST_FRACTION = 0.1, 0.2
 
 
