@@ -110,6 +110,42 @@ def test_the_bundled_smollm2_embeds_packed_like_padded(pooling):
 
 
 @pytest.mark.parametrize("unpadded", ["false", "true"])
+def test_checkpointed_decoder_layers_compute_attention_twice(tiny_lm, monkeypatch, unpadded):
+    """Attention dropout under gradient checkpointing on a Llama-style decoder, padded and packed: each layer's
+    attention runs twice per training step (forward and the layer's replay), not three times (the packed path
+    without checkpointing recomputes attention itself; `unpadded=false` loads transformers' own SDPA, which keeps
+    the probabilities instead); the same embeddings and gradients as without checkpointing."""
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(1) or sdpa(*args, **kwargs))
+
+    def run(checkpointing):
+        torch.manual_seed(0)
+        enc = DualEncoder(tiny_lm, pooling="last_token", unpadded=unpadded, attention_dropout=0.3,
+                          gradient_checkpointing=checkpointing)
+        enc.train()
+        batch = dict(enc.tokenizer(TEXTS, padding=True, return_tensors="pt"))
+        calls.clear()
+        torch.manual_seed(5)
+        emb = enc.encode(batch, "key")  # (5, d)
+        forward_calls = len(calls)
+        (emb * torch.linspace(-1, 1, emb.shape[1])).sum().backward()
+        return emb.detach(), {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}, forward_calls, \
+            len(calls)
+
+    emb, grads, forward_calls, step_calls = run(False)
+    ckpt_emb, ckpt_grads, ckpt_forward_calls, ckpt_step_calls = run(True)
+    assert forward_calls == ckpt_forward_calls > 0
+    assert ckpt_step_calls == 2 * forward_calls
+    assert step_calls == (2 * forward_calls if unpadded == "true" else forward_calls)
+    torch.testing.assert_close(ckpt_emb, emb, atol=0, rtol=0)
+    assert grads.keys() == ckpt_grads.keys() and grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(ckpt_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("unpadded", ["false", "true"])
 def test_attention_dropout_reaches_decoder_attention(tiny_lm, unpadded):
     """model.attention_dropout on a Llama-style decoder (task=beir sets 0 for every model): it sets the attention
     modules' own `attention_dropout`, which the padded and the packed paths pass to attention in training. With 0.5
