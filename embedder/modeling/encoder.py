@@ -220,8 +220,9 @@ class DualEncoder(nn.Module):
             decoders); None keeps the checkpoint's. With dropout on those probabilities, CPU SDPA cannot use its
             fused kernel in training; attention is then recomputed in backward rather than kept
             (`unpadded.recompute_attention`; once, by the layer's replay, under gradient checkpointing). MiniLM,
-            16 queries (64 tokens) and 64 keys of 256 tokens on CPU: 0.1 costs 5.5 GiB peak and 0.29 queries/s, 0 costs 4.6 GiB and 0.52 queries/s (kept, 0.1 needed
-            ~8-9 GiB). The exported config keeps the checkpoint's value.
+            16 queries (64 tokens) and 64 keys of 256 tokens on CPU: 0.1 costs 5.5 GiB peak and 0.29 queries/s,
+            0 costs 4.6 GiB and 0.52 queries/s (kept, 0.1 needed ~8-9 GiB). The exported config keeps the
+            checkpoint's value.
         append_eos: end every text with a token, for `last_token` pooling (`_append_eos`): `auto` (with
             last_token), True (the tokenizer's EOS, unless it ends texts with a special token already), False, or a
             token's name. SmolLM2-135M-Instruct's EOS `<|im_end|>` ends a chat turn: its last-token embeddings are
