@@ -54,6 +54,19 @@ def tiny_bert(tmp_path_factory) -> str:
     return build_tiny_bert(str(tmp_path_factory.mktemp("tiny-bert")))
 
 
+@pytest.fixture
+def sdpa_calls(monkeypatch) -> list[int]:
+    """Counts calls to torch's `scaled_dot_product_attention` (one entry per call) while the test runs: how many
+    attention forwards a training step computes."""
+    import torch
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    calls: list[int] = []
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda *args, **kwargs: calls.append(1) or sdpa(*args, **kwargs))
+    return calls
+
+
 def compose(overrides: list[str], config_name: str = "train"):
     """Compose the real Hydra config (with the hydra node, like `@hydra.main`)."""
     from hydra.core.global_hydra import GlobalHydra

@@ -110,15 +110,12 @@ def test_the_bundled_smollm2_embeds_packed_like_padded(pooling):
 
 
 @pytest.mark.parametrize("unpadded", ["false", "true"])
-def test_checkpointed_decoder_layers_compute_attention_twice(tiny_lm, monkeypatch, unpadded):
+def test_checkpointed_decoder_layers_compute_attention_twice(tiny_lm, sdpa_calls, unpadded):
     """Attention dropout under gradient checkpointing on a Llama-style decoder, padded and packed: each layer's
     attention runs twice per training step (forward and the layer's replay), not three times (the packed path
     without checkpointing recomputes attention itself; `unpadded=false` loads transformers' own SDPA, which keeps
     the probabilities instead); the same embeddings and gradients as without checkpointing."""
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    calls = []
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
-                        lambda *args, **kwargs: calls.append(1) or sdpa(*args, **kwargs))
+    calls = sdpa_calls
 
     def run(checkpointing):
         torch.manual_seed(0)

@@ -319,20 +319,13 @@ def test_encoder_with_attention_dropout_recomputes_attention(tiny_bert, monkeypa
 
 
 @pytest.mark.parametrize("mode", ["auto", "true"], ids=["padded", "packed"])
-def test_checkpointed_layers_do_not_recompute_attention_again(tiny_bert, monkeypatch, mode):
+def test_checkpointed_layers_do_not_recompute_attention_again(tiny_bert, sdpa_calls, mode):
     """Attention dropout on CPU under gradient checkpointing (task=beir's default): a layer that checkpointing
     replays in backward runs its attention twice per step (forward, replay), as a layer without checkpointing does
     (forward, attention's own recompute); a checkpoint of attention inside the replayed layer would remake it a
     third time. The same embeddings and gradients either way."""
     texts = [" ".join(["word"] * n) + " retrieval" for n in (60, 58, 61, 59, 12)]
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    calls = []
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return sdpa(*args, **kwargs)
-
-    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    calls = sdpa_calls
 
     def run(checkpointing):
         torch.manual_seed(0)

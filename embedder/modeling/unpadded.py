@@ -259,20 +259,17 @@ def recompute_attention(dropout: float, q: torch.Tensor, module: nn.Module | Non
     return dropout > 0 and torch.is_grad_enabled() and q.device.type == "cpu"
 
 
-def mark_layer_checkpointed(model: nn.Module) -> int:
+def mark_layer_checkpointed(model: nn.Module) -> None:
     """After `gradient_checkpointing_enable`: mark the attention modules (those `_attention` receives) of every
     layer that will be replayed in backward, so `recompute_attention` does not checkpoint attention inside it a
-    second time. Returns how many were marked."""
+    second time."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
-    marked = 0
     for layer in model.modules():
         if isinstance(layer, GradientCheckpointingLayer) and layer.gradient_checkpointing:
             for mod in layer.modules():
                 if type(mod).__name__.endswith("Attention"):
                     setattr(mod, LAYER_CHECKPOINTED, True)
-                    marked += 1
-    return marked
 
 
 def _causal(module) -> bool:
