@@ -33,7 +33,7 @@ Sides:
   exported): what selecting on dev is worth when both sides train longer.
 - `recipe` and its variants: `python train.py task=beir beir.folder=<split folder>` with overrides, the command
   users run, with its own dev/test evaluation before and after.
-- `lr5e5merge20`, `lr5e5merge40` (`MERGED`): the `lr5e5` run's export merged with the base model (LM-Cocktail,
+- `lr5e5merge20`, `lr5e5merge40`, `lr1e4merge20` (`MERGED`): the `lr5e5` (`lr1e4`) run's export merged with the base model (LM-Cocktail,
   base share 0.2 / 0.4) by embedder's own `merge_with_base` and `export_encoder`: the model that run would export
   with `merge_base_weight=w`, with no second training (its cost is the source run's).
 - `<side>-seed<N>` (`--only "plain-seed7:seed=7" "recipe-seed7:seed=7"`): the side again with training seed N on
@@ -158,7 +158,8 @@ VARIANTS["smollm2loranoeos-bm25"] = _with(VARIANTS["smollm2lorabm25"], "model.ap
 BASES = {"base": ["model=minilm"], "smollm2-base": ["model=smollm2", "model.pooling=last_token"],
          "smollm2mean-base": ["model=smollm2", "model.pooling=mean"],
          "smollm2noeos-base": ["model=smollm2", "model.pooling=last_token", "model.append_eos=false"]}
-MERGED = {"lr5e5merge20": ("lr5e5", 0.2), "lr5e5merge40": ("lr5e5", 0.4)}
+MERGED = {"lr5e5merge20": ("lr5e5", 0.2), "lr5e5merge40": ("lr5e5", 0.4),
+          "lr1e4merge20": ("lr1e4", 0.2)}  # a higher rate moves further from the base: does a merge keep its gain?
 # each plain side's settings: lr 2e-5 as sentence-transformers' training examples use, or transformers'
 # TrainingArguments default (5e-5), which a user who sets no learning rate gets; epochs: --epochs unless set here
 PLAIN_SIDES = {"plain": {"lr": 2e-5}, "plain-inbatch": {"lr": 2e-5, "hard_negatives": False},
