@@ -55,16 +55,35 @@ def tiny_bert(tmp_path_factory) -> str:
 
 
 @pytest.fixture
-def sdpa_calls(monkeypatch) -> list[int]:
-    """Counts calls to torch's `scaled_dot_product_attention` (one entry per call) while the test runs: how many
-    attention forwards a training step computes."""
+def attention_step(monkeypatch):
+    """`step(model_path, texts, pooling, unpadded, checkpointing, loss)`: one training step (forward and backward) of a
+    DualEncoder with attention dropout 0.3, counting calls to torch's `scaled_dot_product_attention`. Returns the
+    embeddings, the parameters' gradients, the calls in forward, the calls in the whole step and the layer count:
+    how many attention forwards a step computes, with and without gradient checkpointing."""
     import torch
+
+    from embedder.modeling.encoder import DualEncoder
 
     sdpa = torch.nn.functional.scaled_dot_product_attention
     calls: list[int] = []
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
                         lambda *args, **kwargs: calls.append(1) or sdpa(*args, **kwargs))
-    return calls
+
+    def step(model_path, texts, pooling, unpadded, checkpointing, loss):
+        torch.manual_seed(0)
+        enc = DualEncoder(model_path, pooling=pooling, unpadded=unpadded, attention_dropout=0.3,
+                          gradient_checkpointing=checkpointing)
+        enc.train()
+        batch = dict(enc.tokenizer(texts, padding=True, return_tensors="pt"))
+        calls.clear()
+        torch.manual_seed(5)
+        emb = enc.encode(batch, "key")  # (N, d)
+        forward_calls = len(calls)
+        loss(emb).backward()
+        grads = {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}
+        return emb.detach(), grads, forward_calls, len(calls), enc.query_model.config.num_hidden_layers
+
+    return step
 
 
 def compose(overrides: list[str], config_name: str = "train"):

@@ -110,26 +110,15 @@ def test_the_bundled_smollm2_embeds_packed_like_padded(pooling):
 
 
 @pytest.mark.parametrize("unpadded", ["false", "true"])
-def test_checkpointed_decoder_layers_compute_attention_twice(tiny_lm, sdpa_calls, unpadded):
+def test_checkpointed_decoder_layers_compute_attention_twice(tiny_lm, attention_step, unpadded):
     """Attention dropout under gradient checkpointing on a Llama-style decoder, padded and packed: each layer's
     attention runs twice per training step (forward and the layer's replay), not three times (the packed path
     without checkpointing recomputes attention itself; `unpadded=false` loads transformers' own SDPA, which keeps
     the probabilities instead); the same embeddings and gradients as without checkpointing."""
-    calls = sdpa_calls
 
     def run(checkpointing):
-        torch.manual_seed(0)
-        enc = DualEncoder(tiny_lm, pooling="last_token", unpadded=unpadded, attention_dropout=0.3,
-                          gradient_checkpointing=checkpointing)
-        enc.train()
-        batch = dict(enc.tokenizer(TEXTS, padding=True, return_tensors="pt"))
-        calls.clear()
-        torch.manual_seed(5)
-        emb = enc.encode(batch, "key")  # (5, d)
-        forward_calls = len(calls)
-        (emb * torch.linspace(-1, 1, emb.shape[1])).sum().backward()
-        return emb.detach(), {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}, forward_calls, \
-            len(calls)
+        return attention_step(tiny_lm, TEXTS, "last_token", unpadded, checkpointing,
+                              lambda emb: (emb * torch.linspace(-1, 1, emb.shape[1])).sum())[:4]
 
     emb, grads, forward_calls, step_calls = run(False)
     ckpt_emb, ckpt_grads, ckpt_forward_calls, ckpt_step_calls = run(True)

@@ -319,27 +319,15 @@ def test_encoder_with_attention_dropout_recomputes_attention(tiny_bert, monkeypa
 
 
 @pytest.mark.parametrize("mode", ["auto", "true"], ids=["padded", "packed"])
-def test_checkpointed_layers_do_not_recompute_attention_again(tiny_bert, sdpa_calls, mode):
+def test_checkpointed_layers_do_not_recompute_attention_again(tiny_bert, attention_step, mode):
     """Attention dropout on CPU under gradient checkpointing (task=beir's default): a layer that checkpointing
     replays in backward runs its attention twice per step (forward, replay), as a layer without checkpointing does
     (forward, attention's own recompute); a checkpoint of attention inside the replayed layer would remake it a
     third time. The same embeddings and gradients either way."""
     texts = [" ".join(["word"] * n) + " retrieval" for n in (60, 58, 61, 59, 12)]
-    calls = sdpa_calls
 
     def run(checkpointing):
-        torch.manual_seed(0)
-        enc = DualEncoder(tiny_bert, pooling="mean", unpadded=mode, attention_dropout=0.3,
-                          gradient_checkpointing=checkpointing)
-        enc.train()
-        batch = enc.tokenizer(texts, padding=True, return_tensors="pt")
-        calls.clear()
-        torch.manual_seed(5)
-        emb = enc.encode(dict(batch), "key")  # (5, d)
-        forward_calls = len(calls)
-        emb.square().sum().backward()
-        grads = {n: p.grad for n, p in enc.named_parameters() if p.grad is not None}
-        return emb.detach(), grads, forward_calls, len(calls), enc.query_model.config.num_hidden_layers
+        return attention_step(tiny_bert, texts, "mean", mode, checkpointing, lambda emb: emb.square().sum())
 
     emb, grads, forward_calls, calls_per_step, layers = run(checkpointing=False)
     ckpt_emb, ckpt_grads, ckpt_forward_calls, ckpt_calls_per_step, _ = run(checkpointing=True)
