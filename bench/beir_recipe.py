@@ -115,6 +115,8 @@ VARIANTS = {  # name -> overrides of task=beir
     # 16-23, lr1e4 the defaults since session 24 (the two are the same run as `recipe` then)
     "lr5e5": LR5E5,                                                    # 2.5x the rate of sessions 7-15
     "lr1e4": [*DENSE4_NEGATIVES, "optimizer.lr=1e-4"],                 # 5x (plain-lr1e4: plain at that rate)
+    "lr1e4mergedev": [*DENSE4_NEGATIVES, "optimizer.lr=1e-4",         # lr1e4, then LM-Cocktail's base share
+                      "merge_base_weight=[0,0.2]"],                    # chosen on dev: none or 0.2 (session 25)
     "tau02": [*LR5E5, "loss.temperature=0.02"],                        # bge's temperature, not MNRL's 0.05
     # plain at 5e-5 scored 0.7353 on SciFact split 1 against the defaults' 0.7025 (session 17): which setting is it?
     "lr5e5plainlike": [*LR5E5, "beir.negatives.relative_margin=null",  # every setting plain has (as plainlike),
@@ -528,6 +530,10 @@ def main() -> None:
                     cmd = [sys.executable, "train.py", "task=beir", *[o for o in common if o.split("=")[0] not in keys],
                            *overrides]
                     cost = run_child(cmd, run + ".log", cache=os.path.join(work, f"cache-{name}"))
+                    with open(os.path.join(run, "metrics.json")) as f:  # the run's own: what dev chose, if it chose
+                        choice = json.load(f).get("merge_base_weight")
+                    if choice:
+                        cost["merge_base_weight"] = choice
                     model_dir = run
                 score, by_dim = split_ndcg(model_dir, paths, run + "-test", args.dims,
                                            model=_model(name, overrides))

@@ -110,25 +110,31 @@ def gathered_parameters(trainer: Any, module: Any):
     return contextlib.nullcontext()
 
 
-def merge_with_base(module: Any, model_cfg: Any, base_weight: float) -> int:
-    """LM-Cocktail-style merge (Xiao et al., 2023): every trained parameter becomes (1 - w) x itself + w x the base
-    model's (a fresh instance of the `model` config), so the export keeps part of what the base model knew. Only
-    parameters that training changed are touched; with LoRA the backbone is the base, so scaling each adapter's B
-    by (1 - w) gives the same merge: (1 - w)(W0 + BA) + w W0 = W0 + (1 - w) BA. Returns the tensors merged."""
+def base_parameters(module: Any, model_cfg: Any) -> dict[str, Any]:
+    """The base model's parameters that `merge_with_base` blends in: a fresh instance of the `model` config, built
+    only when a backbone weight itself was trained (not under LoRA: its lora_A would be a fresh random draw, and a
+    7B backbone need not be loaded twice). Built once when several merge weights are tried."""
     import hydra
-    import torch
     from omegaconf import OmegaConf
+
+    if not any(p.requires_grad and "lora_" not in name for name, p in module.encoder.named_parameters()):
+        return {}
+    spec = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
+    return dict(hydra.utils.instantiate({**spec, "lora": None}).named_parameters())
+
+
+def merge_with_base(module: Any, model_cfg: Any, base_weight: float, base: dict[str, Any] | None = None) -> int:
+    """LM-Cocktail-style merge (Xiao et al., 2023): every trained parameter becomes (1 - w) x itself + w x the base
+    model's (`base`, else `base_parameters(module, model_cfg)`), so the export keeps part of what the base model
+    knew. Only parameters that training changed are touched; with LoRA the backbone is the base, so scaling each
+    adapter's B by (1 - w) gives the same merge: (1 - w)(W0 + BA) + w W0 = W0 + (1 - w) BA. Returns the tensors
+    merged."""
+    import torch
 
     if not 0 < base_weight < 1:
         raise ValueError(f"merge_base_weight={base_weight}: a number between 0 and 1 (the base model's share)")
     trained = [(name, p) for name, p in module.encoder.named_parameters() if p.requires_grad]
-    # the base model without adapters, built only when a backbone weight itself was trained (not under LoRA: its
-    # lora_A would be a fresh random draw, and a 7B backbone need not be loaded twice)
-    full = [(name, p) for name, p in trained if "lora_" not in name]
-    base = {}
-    if full:
-        spec = OmegaConf.to_container(model_cfg, resolve=True) if OmegaConf.is_config(model_cfg) else dict(model_cfg)
-        base = dict(hydra.utils.instantiate({**spec, "lora": None}).named_parameters())
+    base = base_parameters(module, model_cfg) if base is None else base
     merged = 0
     with torch.no_grad():
         for name, p in trained:
@@ -140,3 +146,19 @@ def merge_with_base(module: Any, model_cfg: Any, base_weight: float) -> int:
                 merged += 1
     log.info("merged the trained weights with the base model's (base weight %.2f): %d tensors", base_weight, merged)
     return merged
+
+
+def trained_state(module: Any) -> dict[str, Any]:
+    """A copy of the trained parameters (what `merge_with_base` changes), to undo a merge with `restore_trained`:
+    the adapters under LoRA, the whole encoder otherwise (one more copy on the rank's device: 0.09 GB for MiniLM,
+    0.44 GB for bert-base in fp32)."""
+    return {name: p.detach().clone() for name, p in module.encoder.named_parameters() if p.requires_grad}
+
+
+def restore_trained(module: Any, state: dict[str, Any]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for name, p in module.encoder.named_parameters():
+            if name in state:
+                p.copy_(state[name])

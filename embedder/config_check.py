@@ -217,6 +217,13 @@ def _optional(check):
 LOSS_DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
 
 
+def _merge_weights(v) -> bool:
+    """merge_base_weight: null, one base share in (0, 1), or a list of distinct shares in [0, 1) chosen among on dev."""
+    if isinstance(v, (list, tuple, ListConfig)):
+        return len(v) > 0 and len(set(v)) == len(v) and all(_num(0, 1, hi_open=True)(x) for x in v)
+    return _optional(_num(0, 1, lo_open=True, hi_open=True))(v)
+
+
 def _directions(v) -> bool:
     names = list(v) if isinstance(v, (list, tuple, ListConfig)) else None
     return (names is not None and "query_to_doc" in names and len(set(names)) == len(names)
@@ -241,8 +248,9 @@ VALUE_RULES: dict[str, tuple] = {  # key -> (check, what is allowed)
     "model.pooling": (_choice("cls", "mean", "last_token"), "cls, mean or last_token"),
     "model.truncate_dim": (_optional(_int(1)), "null, or an integer >= 1 (leading dimensions kept)"),
     "model.bidirectional": (_choice(None, True, False), "null (as the checkpoint), true or false"),
-    "merge_base_weight": (_optional(_num(0, 1, lo_open=True, hi_open=True)),
-                          "null, or a number between 0 and 1 (the base model's share of the merged weights)"),
+    "merge_base_weight": (_merge_weights,
+                          "null, a number between 0 and 1 (the base model's share of the merged weights), or a list "
+                          "of distinct shares from 0 to below 1 to choose among on dev (e.g. [0,0.2])"),
     "loss.gradcache_mini_batch": (_optional(_int(1)), "null, or an integer >= 1 (queries per forward pass)"),
     "loss.mask_duplicate_keys": (_choice(True, False), "true or false"),
     "loss.directions": (_directions, "a list of query_to_doc, query_to_query, doc_to_query, doc_to_doc, each once, "

@@ -66,6 +66,7 @@ class RetrieverModule(LightningModule):
         self.optimizer_factory = optimizer
         self.warmup_ratio, self.weight_decay = float(warmup_ratio), float(weight_decay)
         self.eval_sets = list(eval_sets or [])
+        self.selecting = False  # a validation that selects (merge_base_weight's candidates): during_fit sets only
         self.stop_on_nonfinite_loss = bool(stop_on_nonfinite_loss)
         self._negatives_logged = False
         shared = {"temperature": self.temperature, "cross_device": self.cross_device,
@@ -223,11 +224,12 @@ class RetrieverModule(LightningModule):
     def validation_step(self, batch: list[int], batch_idx: int) -> None:
         """One batch = one evaluation set index. Under DDP every rank takes part (each encodes and searches its
         share of the corpus, see EvalSet) and ends with the same metrics. During training, sets with
-        `during_fit: false` (a test split) are skipped: they are evaluated before and after, never selected on."""
+        `during_fit: false` (a test split) are skipped: they are evaluated before and after, never selected on; so
+        are they in a validation that selects after training (`selecting`: merge_base_weight's candidates)."""
         fitting = self._trainer is not None and self.trainer.state.fn == "fit"
         for i in batch:
             es = self.eval_sets[int(i)]
-            if fitting and not es.during_fit:
+            if (fitting or self.selecting) and not es.during_fit:
                 continue
             metrics = es.evaluate(self.encoder, step=self.global_step)
             for name, value in metrics.items():

@@ -18,13 +18,17 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from embedder.atomic import atomic_open, read_json, write_json
 from embedder.checkpoints import (
+    base_parameters,
     drop_zero3_hooks,
     gathered_parameters,
     load_best_state,
     merge_with_base,
     resolve_ckpt_path,
+    restore_trained,
+    trained_state,
 )
 from embedder.data.datamodule import RetrievalDataModule, load_train_files
+from embedder.errors import DataError
 from embedder.evaluation.eval_set import TRAINED_STORES, build_eval_sets
 from embedder.evaluation.metrics import before_after_table
 from embedder.export import export_trained, push_export
@@ -98,6 +102,7 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     trainer: L.Trainer = hydra.utils.instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                                  **trainer_kwargs)
 
+    _check_merge_settings(cfg, trainer)
     before: dict[str, float] = {}
     # beside metrics.json, so a resumed run still reports before -> after (not in checkpoints/: a file there makes
     # Lightning warn that the checkpoint folder "exists and is not empty" on every fresh run)
@@ -116,8 +121,9 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         drop_zero3_hooks(trainer)
         if cfg.get("export_state", "last") == "best":
             load_best_state(module, callbacks, cfg.get("optimized_metric"))
-        if cfg.get("merge_base_weight"):
-            merge_with_base(module, cfg.model, float(cfg.merge_base_weight))
+        merge_choice = _merge_with_base(trainer, module, datamodule, cfg, callbacks)
+    else:
+        merge_choice = None
     after: dict[str, float] = {}
     if eval_sets:
         after = _validate(trainer, module, datamodule)
@@ -130,7 +136,8 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
             if trainer.is_global_zero:
                 export_trained(module, cfg, tasks, run_info, before, after)
     if trainer.is_global_zero:
-        write_json(os.path.join(cfg.output_dir, "metrics.json"), {"before": before, "after": after})
+        write_json(os.path.join(cfg.output_dir, "metrics.json"),
+                   {"before": before, "after": after, **({"merge_base_weight": merge_choice} if merge_choice else {})})
         hub = cfg.get("hub") or {}
         if cfg.export and hub.get("repo_id"):
             push_export(cfg.output_dir, hub["repo_id"], private=bool(hub.get("private", True)),
@@ -161,6 +168,59 @@ class LogRunInfo(L.Callback):
 
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._log(trainer)
+
+
+def _check_merge_settings(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """Before training: a merge_base_weight that cannot be applied stops the run now, not after the fit."""
+    weights = cfg.get("merge_base_weight")
+    if weights is None:
+        return
+    if getattr(trainer.strategy, "zero_stage_3", False):
+        raise DataError("merge_base_weight is not supported under DeepSpeed ZeRO-3 (each rank holds a shard of the "
+                        "weights)", field="merge_base_weight",
+                        hint="set merge_base_weight=null, or train with ZeRO-2 (trainer.strategy=deepspeed_stage_2)")
+    if OmegaConf.is_list(weights) and not cfg.get("optimized_metric"):
+        raise DataError(f"merge_base_weight={list(weights)} is chosen on optimized_metric, and nothing computes it "
+                        "during training", field="merge_base_weight",
+                        hint="give one share (e.g. merge_base_weight=0.2), or an eval set evaluated during training "
+                             "(a dev split) with optimized_metric naming its metric")
+
+
+def _merge_with_base(trainer: L.Trainer, module: RetrieverModule, datamodule: RetrievalDataModule,
+                     cfg: DictConfig, callbacks: list[Any]) -> dict[str, Any] | None:
+    """`merge_base_weight` (LM-Cocktail) on the state to export: one share merges at it; a list of shares (0 = no
+    merge) is tried one by one on the sets evaluated during training (dev, never test), and the best by
+    `optimized_metric` is kept (ties: the smaller share). Each try costs one dev evaluation (the unmerged state's is
+    reused when it was the last one scored). Returns what was chosen, for metrics.json, or None."""
+    weights = cfg.get("merge_base_weight")
+    if weights is None:
+        return None
+    if not OmegaConf.is_list(weights):
+        merge_with_base(module, cfg.model, float(weights))
+        return {"chosen": float(weights)}
+    metric = cfg.optimized_metric
+    mode = next((getattr(c, "mode", "max") for c in callbacks if getattr(c, "monitor", None) == metric), "max")
+    candidates = sorted(float(w) for w in weights)
+    saved = trained_state(module)
+    base = base_parameters(module, cfg.model) if any(candidates) else {}
+    scores: dict[float, float] = {}
+    module.selecting = True
+    try:
+        for w in candidates:
+            if w > 0:
+                merge_with_base(module, cfg.model, w, base)
+            scores[w] = _validate(trainer, module, datamodule)[metric]
+            log.info("merge_base_weight %.2f: %s = %.4f", w, metric, scores[w])
+            restore_trained(module, saved)
+    finally:
+        module.selecting = False
+    sign = 1 if mode == "max" else -1
+    chosen = max(candidates, key=lambda w: (sign * scores[w], -w))
+    if chosen > 0:
+        merge_with_base(module, cfg.model, chosen, base)
+    log.info("merge_base_weight: %.2f chosen on %s (%s)", chosen, metric,
+             ", ".join(f"{w:.2f}: {v:.4f}" for w, v in scores.items()))
+    return {"chosen": chosen, "metric": metric, "tried": {f"{w:g}": v for w, v in scores.items()}}
 
 
 def _validate(trainer: L.Trainer, module: RetrieverModule, datamodule: RetrievalDataModule) -> dict[str, float]:

@@ -638,3 +638,68 @@ def test_a_resumed_run_reports_the_first_runs_before(tmp_path, tiny_bert, recwar
     run_train(compose([*overrides, "trainer.max_epochs=2", "ckpt_path=last"]))
     resumed = json.loads((out / "metrics.json").read_text())
     assert resumed["before"] == stored and set(resumed["after"]) == set(first["after"])
+
+
+def test_the_merge_weight_is_chosen_on_dev_and_test_is_never_evaluated_for_it(tmp_path, tiny_bert, monkeypatch):
+    """merge_base_weight=[0,0.3] (LM-Cocktail's share chosen on dev): each share is evaluated on dev only, the best
+    by dev nDCG@10 is exported and evaluated by `after`, and metrics.json says what was tried. Which share wins is
+    set by forcing dev's rankings (the tiny random model scores near 0 everywhere): the merge in one run, no merge
+    in the other."""
+    import torch
+    from safetensors.torch import load_file
+
+    import embedder.evaluation.eval_set as eval_set
+    from embedder.atomic import read_json
+    from embedder.training import run_train
+
+    evaluated, forced_dev = [], {}
+    real_retrieve = eval_set.EvalSet._retrieve
+
+    def count_retrieve(self, encoder, metric, step, ident):
+        evaluated.append(self.name)
+        preds = real_retrieve(self, encoder, metric, step, ident)
+        force = forced_dev.get(evaluated.count("dev")) if self.name == "dev" else None
+        if force:
+            labels = {q.qid: q.labels for q in self.evaluator.queries}
+            preds = {qid: ([i for i in labels[qid] if i not in rows] + rows if force == "best" else
+                           [i for i in rows if i not in labels[qid]]) for qid, rows in preds.items()}
+        return preds
+
+    monkeypatch.setenv("EMBEDDER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(eval_set.EvalSet, "_retrieve", count_retrieve)
+    folder = write_sample_beir(tmp_path / "beir")
+    base = load_file(f"{tiny_bert}/model.safetensors")
+
+    def run(name: str, forced: dict[int, str]):
+        evaluated.clear()
+        forced_dev.clear()
+        forced_dev.update(forced)
+        out = tmp_path / name
+        after = run_train(compose(quick_overrides(tmp_path, tiny_bert, [
+            "task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[]", "data.group_size=1",
+            "trainer.max_steps=-1", "trainer.max_epochs=2", "+trainer.limit_train_batches=3", "optimizer.lr=1e-3",
+            "export=true", "report=false", f"output_dir={out}", "export_state=last", "merge_base_weight=[0.3,0]"])))
+        last = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+        prefix = "encoder.query_model."
+        last = {k[len(prefix):]: v for k, v in last.items() if k.startswith(prefix)}
+        exported = load_file(str(out / "model.safetensors"))
+        common = [k for k in exported if k in last and k in base and last[k].is_floating_point()]
+        assert common and any(not torch.allclose(last[k], base[k]) for k in common)  # training moved the weights
+        return after, read_json(str(out / "metrics.json")), exported, last, common
+
+    # dev evaluations: 1 before, 2-3 epochs 1-2, share 0 reuses epoch 2's metrics (the same weights), 4 share 0.3
+    after, metrics, exported, last, common = run("merged", {3: "worst", 4: "best"})
+    assert evaluated.count("test") == 2, evaluated  # before and after: never for the choice
+    assert evaluated.count("dev") == 4, evaluated  # `after` of the chosen (last scored) weights reuses their metrics
+    choice = metrics["merge_base_weight"]
+    assert choice["chosen"] == 0.3 and choice["metric"] == "val/dev/ndcg@10"
+    assert choice["tried"]["0.3"] > 0.5 and choice["tried"]["0"] == 0.0, choice
+    assert after["val/dev/ndcg@10"] == choice["tried"]["0.3"]  # `after` evaluated the merged weights
+    assert all(torch.allclose(exported[k], 0.7 * last[k] + 0.3 * base[k], atol=1e-6) for k in common)
+
+    # 5: `after`, of the restored unmerged weights (share 0.3 was scored last, so they are evaluated again)
+    after, metrics, exported, last, common = run("unmerged", {3: "best", 4: "worst", 5: "best"})
+    assert evaluated.count("test") == 2 and evaluated.count("dev") == 5, evaluated
+    assert metrics["merge_base_weight"]["chosen"] == 0.0 and metrics["merge_base_weight"]["tried"]["0.3"] == 0.0
+    assert all(torch.equal(exported[k], last[k]) for k in common)  # no merge: the trained weights, restored
+    assert after["val/dev/ndcg@10"] > 0.5

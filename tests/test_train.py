@@ -10,6 +10,7 @@ import pytest
 import torch
 from omegaconf import open_dict
 
+from embedder.errors import DataError
 from embedder.training import run_train
 from tests.conftest import compose, quick_overrides, toy_path
 
@@ -649,3 +650,7 @@ def test_merge_with_the_base_model_before_after_and_export(tmp_path, tiny_bert):
         from embedder.checkpoints import merge_with_base
 
         merge_with_base(None, None, 1.5)
+    # a list of shares is chosen on dev: without a metric computed during training there is nothing to choose on
+    with pytest.raises(DataError, match=r"merge_base_weight=\[0, 0.2\] is chosen on optimized_metric"):
+        run_train(compose(quick_overrides(tmp_path / "nodev", tiny_bert, [
+            "task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "report=false", "merge_base_weight=[0,0.2]"])))
