@@ -397,6 +397,22 @@ def test_other_ranks_wait_for_rank_0s_prepared_run(tmp_path, monkeypatch):
         assert json.load(f) == result
 
 
+def _counting_retrieve(real_retrieve, evaluated: list, forced_dev: dict):
+    """An `EvalSet._retrieve` that appends (set name, step) to `evaluated` and, for the n-th dev evaluation listed in
+    `forced_dev` (1-based), ranks the relevant documents first ("best") or drops them ("worst"): the tiny random
+    model's dev scores are near 0 at every state, so which state wins a selection is set here."""
+    def count_retrieve(self, encoder, metric, step, ident):
+        evaluated.append((self.name, step))
+        preds = real_retrieve(self, encoder, metric, step, ident)
+        force = forced_dev.get([n for n, _ in evaluated].count("dev")) if self.name == "dev" else None
+        if force:
+            labels = {q.qid: q.labels for q in self.evaluator.queries}
+            preds = {qid: ([i for i in labels[qid] if i not in rows] + rows if force == "best" else
+                           [i for i in rows if i not in labels[qid]]) for qid, rows in preds.items()}
+        return preds
+    return count_retrieve
+
+
 def test_evaluation_costs_what_it_must_and_the_best_state_is_exported(tmp_path, tiny_bert, monkeypatch):
     """task=beir over 2 epochs: dev and test share one corpus encoding per set of weights; test is evaluated before
     and after training only; the final state's `after` re-encodes nothing (3 corpus encodings in all, not 7); with
@@ -417,16 +433,7 @@ def test_evaluation_costs_what_it_must_and_the_best_state_is_exported(tmp_path, 
         return real_encode(encoder, jobs, units_per_rank, r, **kw)
 
     forced_dev = {}  # dev evaluation number (1-based) -> "best" (relevant documents ranked first) or "worst" (none)
-
-    def count_retrieve(self, encoder, metric, step, ident):
-        evaluated.append((self.name, step))
-        preds = real_retrieve(self, encoder, metric, step, ident)
-        force = forced_dev.get([n for n, _ in evaluated].count("dev")) if self.name == "dev" else None
-        if force:  # the tiny random model's dev scores are near 0 at every state: which state is best is set here
-            labels = {q.qid: q.labels for q in self.evaluator.queries}
-            preds = {qid: ([i for i in labels[qid] if i not in rows] + rows if force == "best" else
-                           [i for i in rows if i not in labels[qid]]) for qid, rows in preds.items()}
-        return preds
+    count_retrieve = _counting_retrieve(real_retrieve, evaluated, forced_dev)
 
     monkeypatch.setenv("EMBEDDER_CACHE", str(tmp_path / "cache"))  # the untrained stores of no earlier test
     monkeypatch.setattr(dense, "encode_in_lockstep", count_encode)
@@ -652,26 +659,17 @@ def test_the_merge_weight_is_chosen_on_dev_and_test_is_never_evaluated_for_it(tm
     from embedder.atomic import read_json
     from embedder.training import run_train
 
-    evaluated, forced_dev = [], {}
-    real_retrieve = eval_set.EvalSet._retrieve
-
-    def count_retrieve(self, encoder, metric, step, ident):
-        evaluated.append(self.name)
-        preds = real_retrieve(self, encoder, metric, step, ident)
-        force = forced_dev.get(evaluated.count("dev")) if self.name == "dev" else None
-        if force:
-            labels = {q.qid: q.labels for q in self.evaluator.queries}
-            preds = {qid: ([i for i in labels[qid] if i not in rows] + rows if force == "best" else
-                           [i for i in rows if i not in labels[qid]]) for qid, rows in preds.items()}
-        return preds
-
+    calls, forced_dev = [], {}
     monkeypatch.setenv("EMBEDDER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setattr(eval_set.EvalSet, "_retrieve", count_retrieve)
+    monkeypatch.setattr(eval_set.EvalSet, "_retrieve", _counting_retrieve(eval_set.EvalSet._retrieve, calls, forced_dev))
+
+    def names() -> list[str]:
+        return [n for n, _ in calls]
     folder = write_sample_beir(tmp_path / "beir")
     base = load_file(f"{tiny_bert}/model.safetensors")
 
     def run(name: str, forced: dict[int, str]):
-        evaluated.clear()
+        calls.clear()
         forced_dev.clear()
         forced_dev.update(forced)
         out = tmp_path / name
@@ -689,8 +687,8 @@ def test_the_merge_weight_is_chosen_on_dev_and_test_is_never_evaluated_for_it(tm
 
     # dev evaluations: 1 before, 2-3 epochs 1-2, share 0 reuses epoch 2's metrics (the same weights), 4 share 0.3
     after, metrics, exported, last, common = run("merged", {3: "worst", 4: "best"})
-    assert evaluated.count("test") == 2, evaluated  # before and after: never for the choice
-    assert evaluated.count("dev") == 4, evaluated  # `after` of the chosen (last scored) weights reuses their metrics
+    assert names().count("test") == 2, names()  # before and after: never for the choice
+    assert names().count("dev") == 4, names()  # `after` of the chosen (last scored) weights reuses their metrics
     choice = metrics["merge_base_weight"]
     assert choice["chosen"] == 0.3 and choice["metric"] == "val/dev/ndcg@10"
     assert choice["tried"]["0.3"] > 0.5 and choice["tried"]["0"] == 0.0, choice
@@ -699,7 +697,7 @@ def test_the_merge_weight_is_chosen_on_dev_and_test_is_never_evaluated_for_it(tm
 
     # 5: `after`, of the restored unmerged weights (share 0.3 was scored last, so they are evaluated again)
     after, metrics, exported, last, common = run("unmerged", {3: "best", 4: "worst", 5: "best"})
-    assert evaluated.count("test") == 2 and evaluated.count("dev") == 5, evaluated
+    assert names().count("test") == 2 and names().count("dev") == 5, names()
     assert metrics["merge_base_weight"]["chosen"] == 0.0 and metrics["merge_base_weight"]["tried"]["0.3"] == 0.0
     assert all(torch.equal(exported[k], last[k]) for k in common)  # no merge: the trained weights, restored
     assert after["val/dev/ndcg@10"] > 0.5
