@@ -117,6 +117,8 @@ VARIANTS = {  # name -> overrides of task=beir
     "lr1e4": [*DENSE4_NEGATIVES, "optimizer.lr=1e-4"],                 # 5x (plain-lr1e4: plain at that rate)
     "lr1e4mergedev": [*DENSE4_NEGATIVES, "optimizer.lr=1e-4",         # lr1e4, then LM-Cocktail's base share
                       "merge_base_weight=[0,0.2]"],                    # chosen on dev: none or 0.2 (session 25)
+    "lr1e4maskpos": [*DENSE4_NEGATIVES, "optimizer.lr=1e-4",          # lr1e4, and no labelled positive of a query
+                     "loss.mask_known_positives=true"],                # among its in-batch negatives (session 26)
     "tau02": [*LR5E5, "loss.temperature=0.02"],                        # bge's temperature, not MNRL's 0.05
     # plain at 5e-5 scored 0.7353 on SciFact split 1 against the defaults' 0.7025 (session 17): which setting is it?
     "lr5e5plainlike": [*LR5E5, "beir.negatives.relative_margin=null",  # every setting plain has (as plainlike),

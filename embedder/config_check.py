@@ -253,6 +253,7 @@ VALUE_RULES: dict[str, tuple] = {  # key -> (check, what is allowed)
                           "of distinct shares from 0 to below 1 to choose among on dev (e.g. [0,0.2])"),
     "loss.gradcache_mini_batch": (_optional(_int(1)), "null, or an integer >= 1 (queries per forward pass)"),
     "loss.mask_duplicate_keys": (_choice(True, False), "true or false"),
+    "loss.mask_known_positives": (_choice(True, False), "true or false"),
     "loss.directions": (_directions, "a list of query_to_doc, query_to_query, doc_to_query, doc_to_doc, each once, "
                                      "query_to_doc included (e.g. [query_to_doc,doc_to_query])"),
     "export_state": (_choice("best", "last"), "best or last"),

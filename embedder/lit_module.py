@@ -54,7 +54,7 @@ class RetrieverModule(LightningModule):
                  weight_decay: float = 0.01, eval_sets: list[Any] | None = None, stop_on_nonfinite_loss: bool = True,
                  matryoshka_dims: list[int] | None = None, matryoshka_weights: list[float] | None = None,
                  gradcache_mini_batch: int | None = None, mask_duplicate_keys: bool = False,
-                 directions: list[str] | None = None):
+                 directions: list[str] | None = None, mask_known_positives: bool = False):
         super().__init__()
         if combine_rule not in ("reference", "weighted"):
             raise ValueError(f"loss.combine_rule={combine_rule!r}; valid: reference, weighted")
@@ -71,7 +71,8 @@ class RetrieverModule(LightningModule):
         self._negatives_logged = False
         shared = {"temperature": self.temperature, "cross_device": self.cross_device,
                   "in_batch_negatives": self.in_batch_negatives, "mask_duplicate_keys": bool(mask_duplicate_keys),
-                  "directions": directions}  # None: InfoNCELoss's default, [query_to_doc]
+                  "directions": directions,  # None: InfoNCELoss's default, [query_to_doc]
+                  "mask_known_positives": bool(mask_known_positives)}
         # plain lists, not ModuleDicts: the losses hold no parameters, so checkpoints keep the encoder's keys only
         self.loss_fns = {kind: [(spec, _build_loss(spec, shared)) for spec in t.losses] for kind, t in self.tasks.items()}
         self.matryoshka_dims, self.matryoshka_weights = check_dims(matryoshka_dims, matryoshka_weights, encoder.dim)
@@ -83,30 +84,33 @@ class RetrieverModule(LightningModule):
 
     # ------------------------------------------------------------------------------------------ training
     def compute_loss(self, q: torch.Tensor, k: torch.Tensor, teacher_scores: torch.Tensor | None, task: str,
-                     key_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                     key_ids: torch.Tensor | None = None, positive_ids: torch.Tensor | None = None
+                     ) -> dict[str, torch.Tensor]:
         """Loss of one batch from its embeddings: q (B, d), k (B*G, d), teacher_scores (B, G) or None, key_ids (B*G,)
-        or None (the collator's text ids, for losses that mask duplicate keys). Every loss the kind lists is active,
+        and positive_ids (B, P) or None (the collator's text ids of the keys and of each query's labelled positives,
+        for losses that mask duplicate keys or known positives). Every loss the kind lists is active,
         except a teacher-score loss on a batch without scores. With Matryoshka dims, the sum over the prefixes of
         w_d times that loss (logged per dimension as `loss_dim<d>`)."""
         if not self.matryoshka_dims:
-            return self._kind_loss(q, k, teacher_scores, task, key_ids)
+            return self._kind_loss(q, k, teacher_scores, task, key_ids, positive_ids)
         out: dict[str, torch.Tensor] = {}
         total = None
         for dim, weight in zip(self.matryoshka_dims, self.matryoshka_weights):
             part = self._kind_loss(truncate(q, dim, self.encoder.normalize), truncate(k, dim, self.encoder.normalize),
-                                   teacher_scores, task, key_ids)  # q (B, dim), k (B*G, dim)
+                                   teacher_scores, task, key_ids, positive_ids)  # q (B, dim), k (B*G, dim)
             total = weight * part["loss"] if total is None else total + weight * part["loss"]
             out[f"loss_dim{dim}"] = part["loss"].detach()
         out["loss"] = total
         return out
 
     def _kind_loss(self, q: torch.Tensor, k: torch.Tensor, teacher_scores: torch.Tensor | None, task: str,
-                   key_ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                   key_ids: torch.Tensor | None = None, positive_ids: torch.Tensor | None = None
+                   ) -> dict[str, torch.Tensor]:
         terms, out = [], {}
         for spec, fn in self.loss_fns[task]:
             if getattr(fn, "uses_teacher_scores", False) and teacher_scores is None:
                 continue
-            extra = {"key_ids": key_ids} if getattr(fn, "uses_key_ids", False) else {}
+            extra = {"key_ids": key_ids, "positive_ids": positive_ids} if getattr(fn, "uses_key_ids", False) else {}
             value = fn(q, k, teacher_scores, **extra)  # ()
             terms.append((spec.weight, value))
             name = "loss_distill" if getattr(fn, "uses_teacher_scores", False) else "loss_contrastive"
@@ -125,7 +129,8 @@ class RetrieverModule(LightningModule):
         else:
             q = self.encoder.encode(batch["query"], "query")  # (B, d)
             k = self.encoder.encode(batch["key"], "key")  # (B*G, d)
-            out = self.compute_loss(q, k, batch["teacher_scores"], batch["record_kind"], batch.get("key_ids"))
+            out = self.compute_loss(q, k, batch["teacher_scores"], batch["record_kind"], batch.get("key_ids"),
+                                    batch.get("positive_ids"))
         if self.stop_on_nonfinite_loss and not torch.isfinite(out["loss"]):  # one host sync per step
             raise NonFiniteLossError(
                 f"the training loss is {float(out['loss'].detach())} at step {self.global_step} (record kind {batch['record_kind']!r}, "
@@ -183,7 +188,7 @@ class RetrieverModule(LightningModule):
         device = batch["query"]["input_ids"].device
         return gradcache_loss(encode, len(starts),
                               lambda q, k: self.compute_loss(q, k, batch["teacher_scores"], batch["record_kind"],
-                                                             batch.get("key_ids")),
+                                                             batch.get("key_ids"), batch.get("positive_ids")),
                               device_type=device.type)
 
     def _log_negatives(self, B: int, G: int) -> None:

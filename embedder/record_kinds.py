@@ -8,10 +8,10 @@ InfoNCELoss, KLDistillLoss and StableDistillLoss):
         losses:
           - {_target_: embedder.losses.StableDistillLoss, weight: 1.0, teacher_temperature: 1.0}
 
-The shared settings of `loss:` (temperature, cross_device, in_batch_negatives, mask_duplicate_keys) are passed by the
-training module to every listed loss whose class takes them, unless the entry sets its own. This module sits above
-data/ and losses/: it reads each class's `uses_teacher_scores` / `sorts_negatives_by_teacher` so the data layer never
-imports a loss.
+The shared settings of `loss:` (temperature, cross_device, in_batch_negatives, mask_duplicate_keys, mask_known_positives,
+directions) are passed by the training module to every listed loss whose class takes them, unless the entry sets its
+own. This module sits above data/ and losses/: it reads each class's `uses_teacher_scores` /
+`sorts_negatives_by_teacher` so the data layer never imports a loss.
 
 The old per-kind block (`loss: {contrastive_weight, distill_weight, teacher_temperature, student_temperature,
 stable_distill}`, before 0.2) keeps working for one release, with a warning: it is folded into `losses`, so

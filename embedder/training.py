@@ -81,7 +81,8 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
         stop_on_nonfinite_loss=cfg.get("stop_on_nonfinite_loss", True),
         matryoshka_dims=cfg.loss.get("matryoshka_dims"), matryoshka_weights=cfg.loss.get("matryoshka_weights"),
         gradcache_mini_batch=cfg.loss.get("gradcache_mini_batch"),
-        mask_duplicate_keys=cfg.loss.get("mask_duplicate_keys", False), directions=cfg.loss.get("directions"))
+        mask_duplicate_keys=cfg.loss.get("mask_duplicate_keys", False), directions=cfg.loss.get("directions"),
+        mask_known_positives=cfg.loss.get("mask_known_positives", False))
     run_info = describe_run(cfg, datamodule)
     selected_on = {f"val/{es.name}/" for es in eval_sets if es.during_fit}
     monitored = cfg.get("optimized_metric")

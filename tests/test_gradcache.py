@@ -250,9 +250,9 @@ def test_loss_directions_reach_the_loss_in_a_real_fit(tmp_path, tiny_bert, monke
     seen = []
     real = InfoNCELoss.forward
 
-    def spy(self, q, k, teacher_scores=None, key_ids=None):
+    def spy(self, q, k, teacher_scores=None, key_ids=None, positive_ids=None):
         seen.append(self.directions)
-        return real(self, q, k, teacher_scores, key_ids)
+        return real(self, q, k, teacher_scores, key_ids, positive_ids)
 
     monkeypatch.setattr(InfoNCELoss, "forward", spy)
     run_train(compose(quick_overrides(tmp_path, tiny_bert, [
@@ -269,12 +269,72 @@ def test_mask_duplicate_keys_reaches_the_loss_in_a_real_fit(tmp_path, tiny_bert,
     seen = []
     real = InfoNCELoss.forward
 
-    def spy(self, q, k, teacher_scores=None, key_ids=None):
+    def spy(self, q, k, teacher_scores=None, key_ids=None, positive_ids=None):
         seen.append((self.mask_duplicate_keys, None if key_ids is None else tuple(key_ids.shape), k.shape[0]))
-        return real(self, q, k, teacher_scores, key_ids)
+        return real(self, q, k, teacher_scores, key_ids, positive_ids)
 
     monkeypatch.setattr(InfoNCELoss, "forward", spy)
     run_train(compose(quick_overrides(tmp_path, tiny_bert, [
         "task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "report=false", "export=false",
         "loss.mask_duplicate_keys=true"])))
     assert len(seen) == 2 and all(mask and ids == (n,) for mask, ids, n in seen), seen
+
+
+def test_known_positives_are_masked_through_the_collator_and_gradcache(tiny_bert):
+    """loss.mask_known_positives end to end on one process: the collator gives each query the ids of its labelled
+    positives (rows padded with its target's), the module's InfoNCE leaves another group's key that is one of them
+    out (a different loss than masking duplicates only), and GradCache gives the whole batch's masked gradients."""
+    from embedder.data.collator import RetrievalCollator
+
+    losses = [{"_target_": "embedder.losses.InfoNCELoss", "weight": 1.0}]
+    known = _module(tiny_bert, losses, mask_known_positives=True)
+    dedup = _module(tiny_bert, losses, mask_duplicate_keys=True)
+    groups = [[f"{q} tool {j}" for j in range(3)] for q in TEXTS_Q]
+    groups[2][0] = f"{groups[0][0]} today"  # query 2's positive: near query 0's (it scores high for query 0)
+    groups[5][1] = f"{groups[3][0]} now"  # query 5's hard negative: near query 3's positive
+    positives = [[g[0]] for g in groups]
+    positives[0].append(groups[2][0])  # query 2's positive is also relevant to query 0
+    positives[3] += [groups[5][1], "a tool outside this batch"]  # and query 5's hard negative to query 3
+    items = [{"query": q, "keys": g, "positives": p, "teacher_scores": None, "record_kind": "qa", "dataset": "toy"}
+             for q, g, p in zip(TEXTS_Q, groups, positives)]
+    batch = RetrievalCollator(known.encoder.tokenizer, 64, 64)(items)
+    ids, pos = batch["key_ids"], batch["positive_ids"]
+    assert pos.shape == (len(TEXTS_Q), 3)
+    assert pos[0].tolist() == [ids[0], ids[2 * 3], ids[0]] and pos[1].tolist() == [ids[3]] * 3
+    assert ids[5 * 3 + 1] in pos[3].tolist()
+    for m in (known, dedup):
+        m.encoder.eval()
+    q, k = known.encoder.encode(batch["query"], "query"), known.encoder.encode(batch["key"], "key")
+    ref = known.compute_loss(q, k, None, "qa", ids, pos)
+    only_duplicates = dedup.compute_loss(q, k, None, "qa", ids, pos)
+    assert float(ref["loss"]) < float(only_duplicates["loss"]) - 1e-3  # two fewer false negatives
+    ref["loss"].backward()
+    want = _grads(known)
+    out = known._gradcache_step(batch, 2, 3)
+    assert abs(float(out["loss"]) - float(ref["loss"])) < 1e-5
+    out["loss"].backward()
+    got = _grads(known)
+    assert all(torch.allclose(got[n], want[n], atol=1e-5, rtol=1e-4) for n in want)
+
+
+def test_mask_known_positives_reaches_the_loss_in_a_real_fit(tmp_path, tiny_bert, monkeypatch):
+    """`loss.mask_known_positives=true` on the command line: every training step's InfoNCE masks, with each query's
+    labelled positives from its record (its drawn positive among them) through the dataset and the collator."""
+    from embedder.training import run_train
+
+    seen = []
+    real = InfoNCELoss.forward
+
+    def spy(self, q, k, teacher_scores=None, key_ids=None, positive_ids=None):
+        G = k.shape[0] // q.shape[0]
+        drawn_listed = positive_ids is not None and all(
+            int(key_ids[b * G]) in positive_ids[b].tolist() for b in range(q.shape[0]))
+        rows = None if positive_ids is None else positive_ids.shape[0]
+        seen.append((self.mask_known_positives, rows == q.shape[0], drawn_listed))
+        return real(self, q, k, teacher_scores, key_ids, positive_ids)
+
+    monkeypatch.setattr(InfoNCELoss, "forward", spy)
+    run_train(compose(quick_overrides(tmp_path, tiny_bert, [
+        "task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "report=false", "export=false",
+        "loss.mask_known_positives=true"])))
+    assert seen == [(True, True, True)] * 2, seen

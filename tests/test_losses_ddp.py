@@ -29,6 +29,7 @@ G = 4  # positive + 3 hard negatives
 D_IN, D_OUT = 6, 5
 TEMPERATURE = 0.05
 GTE = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")
+EXTRA_POSITIVES = {0: (LOCAL_B + 1) * G + 2, LOCAL_B + 2: LOCAL_B * G}  # query -> the key row of a second positive
 
 
 def _data() -> dict[str, torch.Tensor]:
@@ -39,13 +40,27 @@ def _data() -> dict[str, torch.Tensor]:
     first = {}
     for row, i in enumerate(ids.tolist()):  # a repeated text is the same key: the same features
         xk[row] = xk[first.setdefault(i, row)]
+    xq = xk[::G] + 0.5 * torch.randn(n, D_IN, generator=g)  # (W*B, d_in)
+    for b, row in EXTRA_POSITIVES.items():  # a query with a second labelled positive is near it too
+        xq[b] += xk[row]
     return {
         # each query near its positive (as after some training): its positive scores high, and so does a repeat
-        "xq": xk[::G] + 0.5 * torch.randn(n, D_IN, generator=g),  # (W*B, d_in)
+        "xq": xq,
         "xk": xk,
         "teacher": torch.randn(n, G, generator=g) * 2,  # (W*B, G)
         "ids": ids,  # text ids of the keys, with duplicates
+        "positive_ids": _positive_ids(ids, n),  # (W*B, 2) each query's labelled positives
     }
+
+
+def _positive_ids(ids: torch.Tensor, n: int) -> torch.Tensor:
+    """Each query's labelled positives: its own positive twice (a padded row), except two queries with a second
+    one among the batch's keys: rank 0's query 0 has a hard negative of rank 1's query 1 (across ranks), and rank
+    1's query 2 has the positive of rank 1's query 0 (same rank)."""
+    rows = ids[::G].unsqueeze(1).repeat(1, 2)  # (n, 2)
+    for b, row in EXTRA_POSITIVES.items():
+        rows[b, 1] = ids[row]
+    return rows
 
 
 def _key_ids(n: int) -> torch.Tensor:
@@ -70,16 +85,19 @@ def _losses(cross_device: bool) -> dict[str, nn.Module]:
         "infonce_gte": InfoNCELoss(temperature=TEMPERATURE, cross_device=cross_device, directions=GTE),
         "infonce_gte_masked": InfoNCELoss(temperature=TEMPERATURE, cross_device=cross_device, directions=GTE,
                                           mask_duplicate_keys=True),
+        "infonce_known": InfoNCELoss(temperature=TEMPERATURE, cross_device=cross_device, mask_known_positives=True),
         "stable": StableDistillLoss(temperature=TEMPERATURE, teacher_temperature=0.5, cross_device=cross_device),
         "kl": KLDistillLoss(temperature=TEMPERATURE, teacher_temperature=0.5),
     }
 
 
-def _loss_and_grads(loss_fn: nn.Module, xq, xk, teacher, ids=None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _loss_and_grads(loss_fn: nn.Module, xq, xk, teacher, ids=None, positive_ids=None
+                    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     encoder = _encoder()
     q = F.normalize(encoder(xq), dim=-1)  # (B, d)
     k = F.normalize(encoder(xk), dim=-1)  # (B*G, d)
-    loss = loss_fn(q, k, teacher, **({"key_ids": ids} if getattr(loss_fn, "uses_key_ids", False) else {}))
+    extra = {"key_ids": ids, "positive_ids": positive_ids} if getattr(loss_fn, "uses_key_ids", False) else {}
+    loss = loss_fn(q, k, teacher, **extra)
     loss.backward()
     return loss.detach(), [p.grad.detach().clone() for p in encoder.parameters()]
 
@@ -93,6 +111,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
         rows = slice(rank * LOCAL_B, (rank + 1) * LOCAL_B)  # this rank's queries
         key_rows = slice(rank * LOCAL_B * G, (rank + 1) * LOCAL_B * G)  # and their key groups
         xq, xk, teacher, ids = data["xq"][rows], data["xk"][key_rows], data["teacher"][rows], data["ids"][key_rows]
+        positive_ids = data["positive_ids"][rows]
 
         results: dict[str, object] = {"offset": rank_offset(LOCAL_B), "is_distributed": is_distributed()}
         # helpers: rank order of the concatenation and gradient routing back to the owner
@@ -105,7 +124,7 @@ def _worker(rank: int, port: int, out_path: str) -> None:
 
         for cross_device in (True, False):
             for name, loss_fn in _losses(cross_device).items():
-                loss, grads = _loss_and_grads(loss_fn, xq, xk, teacher, ids)
+                loss, grads = _loss_and_grads(loss_fn, xq, xk, teacher, ids, positive_ids)
                 for t in [loss, *grads]:  # DDP averages gradients; we average the logged loss the same way
                     dist.all_reduce(t)
                     t /= WORLD
@@ -152,11 +171,12 @@ def test_helpers_are_identity_outside_a_process_group():
     assert gather_with_grad(x) is x and torch.equal(gather_no_grad(x), x) and rank_offset(7) == 0
 
 
-@pytest.mark.parametrize("name", ["infonce", "infonce_masked", "infonce_gte", "infonce_gte_masked", "stable", "kl"])
+@pytest.mark.parametrize("name", ["infonce", "infonce_masked", "infonce_gte", "infonce_gte_masked", "infonce_known",
+                                  "stable", "kl"])
 def test_cross_device_loss_equals_single_process(ddp_results, name):
     data = _data()
     single_loss, single_grads = _loss_and_grads(_losses(cross_device=True)[name], data["xq"], data["xk"],
-                                                data["teacher"], data["ids"])
+                                                data["teacher"], data["ids"], data["positive_ids"])
     ddp_loss, ddp_grads = ddp_results[0][f"{name}/True"]
     assert torch.allclose(ddp_loss, single_loss, atol=1e-5)
     for ddp_grad, single_grad in zip(ddp_grads, single_grads):
@@ -218,3 +238,41 @@ def test_masking_applies_inside_a_group_without_in_batch_negatives():
     expected = (0.0 + -math.log(math.e / (math.e + 1))) / 2  # query 0: only its positive left; query 1 as usual
     assert masked.item() == pytest.approx(expected, abs=1e-6)
 
+
+
+def test_masking_known_positives_leaves_out_every_labelled_positive(ddp_results):
+    """The loss with mask_known_positives equals cross-entropy over each query's candidates without the keys that
+    are one of its labelled positives: the repeats of its drawn positive (two) and the other positives it lists
+    (two, one on the other rank); it differs from the unmasked and the duplicate-masked loss, on 2 ranks alike."""
+    data = _data()
+    encoder = _encoder()
+    with torch.no_grad():
+        q = F.normalize(encoder(data["xq"]), dim=-1)  # (n, d)
+        k = F.normalize(encoder(data["xk"]), dim=-1)  # (n*G, d)
+    ids, positives, n = data["ids"], data["positive_ids"], q.size(0)
+    scores = q @ k.T / TEMPERATURE  # (n, n*G)
+    terms, left_out = [], 0
+    for b in range(n):
+        keep = [j for j in range(n * G) if j == b * G or int(ids[j]) not in positives[b].tolist()]
+        left_out += n * G - len(keep)
+        terms.append(-torch.log_softmax(scores[b, keep], dim=0)[keep.index(b * G)])
+    assert left_out == 4
+    known = InfoNCELoss(TEMPERATURE, cross_device=False, mask_known_positives=True)(q, k, key_ids=ids,
+                                                                                   positive_ids=positives)
+    assert torch.allclose(known, torch.stack(terms).mean(), atol=1e-6)
+    masked = InfoNCELoss(TEMPERATURE, cross_device=False, mask_duplicate_keys=True)(q, k, key_ids=ids)
+    assert abs(float(known) - float(masked)) > 1e-3
+    results = ddp_results[0]
+    for other in ("infonce", "infonce_masked"):
+        assert not torch.allclose(results["infonce_known/True"][0], results[f"{other}/True"][0], atol=1e-4)
+
+
+def test_masking_known_positives_applies_inside_a_group_without_in_batch_negatives():
+    """With in_batch_negatives=false a hard negative that is another of the query's labelled positives is left out."""
+    q, k = torch.eye(2, 4), torch.eye(4)[[0, 2, 1, 3]]
+    ids = torch.tensor([7, 8, 9, 10])
+    positives = torch.tensor([[7, 8], [9, 9]])  # query 0 lists its hard negative's text as a positive too
+    known = InfoNCELoss(1.0, in_batch_negatives=False, mask_known_positives=True)(q, k, key_ids=ids,
+                                                                                  positive_ids=positives)
+    expected = (0.0 + -math.log(math.e / (math.e + 1))) / 2  # query 0: only its positive left; query 1 as usual
+    assert known.item() == pytest.approx(expected, abs=1e-6)

@@ -15,6 +15,15 @@ def text_ids(texts: list[str]) -> torch.Tensor:
                          for t in texts], dtype=torch.int64)
 
 
+def positive_ids(items: list[dict[str, Any]]) -> torch.Tensor:
+    """(B, P) the text ids of each item's labelled positives (`positives`; its group's positive when it has none),
+    a row shorter than the longest padded with its group's positive (already the query's target): what
+    `loss.mask_known_positives` leaves out of a query's negatives."""
+    rows = [list(it.get("positives") or []) or [it["keys"][0]] for it in items]
+    width = max(len(r) for r in rows)
+    return torch.stack([text_ids(r + [it["keys"][0]] * (width - len(r))) for r, it in zip(rows, items)])
+
+
 class RetrievalCollator:
     """Pads to the longest sequence in the batch (not to max_length), so no compute goes to padding."""
 
@@ -45,6 +54,7 @@ class RetrievalCollator:
             "query": self._tok([it["query"] for it in items], self.query_max_length),
             "key": self._tok(keys, self.key_max_length),
             "key_ids": text_ids(keys),  # (B*G,) equal for equal key texts
+            "positive_ids": positive_ids(items),  # (B, P) ids of each query's labelled positives
             "teacher_scores": scores,  # (B, G) or None
             "record_kind": items[0]["record_kind"],
             "dataset": items[0]["dataset"],

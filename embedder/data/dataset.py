@@ -51,6 +51,7 @@ class MultiTaskTrainDataset(Dataset):
         return {
             "query": inst.query + group["query"],
             "keys": [inst.key + k for k in group["keys"]],
+            "positives": [inst.key + k for k in group["positives"]],  # every labelled positive, as keys are written
             "teacher_scores": group["teacher_scores"],
             "record_kind": file.task,
             "dataset": f,

@@ -66,7 +66,8 @@ def keep_record(record: dict[str, Any], cfg: SamplingConfig) -> str | None:
 def sample_group(record: dict[str, Any], cfg: SamplingConfig, rng: np.random.Generator) -> dict[str, Any]:
     """Draw one group from a record that `keep_record` accepted.
 
-    Returns {"query": str, "keys": [pos, neg_1..neg_{G-1}], "teacher_scores": [G floats] or None}.
+    Returns {"query": str, "keys": [pos, neg_1..neg_{G-1}], "teacher_scores": [G floats] or None,
+    "positives": the record's labelled positives (`loss.mask_known_positives` leaves them out of its negatives)}.
     """
     pos, neg = candidates(record)
     scores = record.get("teacher_scores")
@@ -121,7 +122,7 @@ def sample_group(record: dict[str, Any], cfg: SamplingConfig, rng: np.random.Gen
 
     if cfg.stable_distill and group_scores is not None:
         keys, group_scores = sort_negatives_by_teacher(keys, group_scores)
-    return {"query": record["query"], "keys": keys, "teacher_scores": group_scores}
+    return {"query": record["query"], "keys": keys, "teacher_scores": group_scores, "positives": pos}
 
 
 def sort_negatives_by_teacher(keys: list[str], scores: list[float]) -> tuple[list[str], list[float]]:

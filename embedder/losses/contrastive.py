@@ -63,6 +63,11 @@ class InfoNCELoss(nn.Module):
             (given ``key_ids``): another query's positive or hard negative that is the same document would be a
             false negative. sentence-transformers' NO_DUPLICATES batch sampler avoids the same by batch
             composition; masking keeps the batches as drawn and also covers the keys of other ranks.
+        mask_known_positives: leave out of a query's candidates every key whose text is one of its labelled
+            positives (given ``positive_ids``; its target excepted): with several relevant documents per query
+            (graded or multi-label qrels) another group's positive, or a copy of the query's own, is often one of
+            them (one query in 6 on NFCorpus, one in 4 on ToolLens, in batches of 16 x 4 keys). Covers what
+            ``mask_duplicate_keys`` masks in the query-to-key scores (the drawn positive is a labelled one).
         directions: the similarities in the softmax's denominator, as sentence-transformers' MNRL names them
             (``partition_mode="joint"``): ``query_to_doc`` (always: the query against every key), and optionally
             ``query_to_query`` (against the other queries), ``doc_to_query`` (the positive against every query) and
@@ -80,6 +85,8 @@ class InfoNCELoss(nn.Module):
         |                 |               | positive first                                              |
         | teacher_scores  | (B, G) / None | ignored (accepted so all losses share one signature)        |
         | key_ids         | (B*G,) / None | int64, equal for equal key texts (mask_duplicate_keys)      |
+        | positive_ids    | (B, P) / None | int64 ids of each local query's labelled positives          |
+        |                 |               | (mask_known_positives; rows padded with a repeated id)      |
         | return          | ()            | mean cross-entropy over the B local queries                  |
         +-----------------+---------------+-------------------------------------------------------------+
 
@@ -105,7 +112,8 @@ class InfoNCELoss(nn.Module):
     uses_key_ids = True  # the module passes the batch's key_ids
 
     def __init__(self, temperature: float = 0.01, cross_device: bool = True, in_batch_negatives: bool = True,
-                 mask_duplicate_keys: bool = False, directions: Sequence[str] | None = ("query_to_doc",)):
+                 mask_duplicate_keys: bool = False, directions: Sequence[str] | None = ("query_to_doc",),
+                 mask_known_positives: bool = False):
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -121,41 +129,50 @@ class InfoNCELoss(nn.Module):
         self.cross_device = bool(cross_device)
         self.in_batch_negatives = bool(in_batch_negatives)
         self.mask_duplicate_keys = bool(mask_duplicate_keys)
+        self.mask_known_positives = bool(mask_known_positives)
 
-    def forward(self, q: Tensor, k: Tensor, teacher_scores: Tensor | None = None, key_ids: Tensor | None = None
-                ) -> Tensor:
+    def forward(self, q: Tensor, k: Tensor, teacher_scores: Tensor | None = None, key_ids: Tensor | None = None,
+                positive_ids: Tensor | None = None) -> Tensor:
         group_size = _group_size(q, k)
         batch = q.size(0)
         mask = self.mask_duplicate_keys and key_ids is not None
+        known = self.mask_known_positives and key_ids is not None and positive_ids is not None
         if not self.in_batch_negatives:
             scores = _fp32(_in_group_scores(q, k, group_size)) / self.temperature  # (B, G)
             target = torch.zeros(batch, dtype=torch.long, device=q.device)  # (B,) positive is column 0
             if mask:
                 scores = _mask_duplicates(scores, key_ids.view(batch, group_size).to(q.device), target)
+            if known:
+                scores = _mask_known(scores, key_ids.view(batch, group_size).to(q.device), positive_ids, target)
             return F.cross_entropy(scores, target)
         keys, offset = _keys_and_offset(k, batch, self.cross_device)  # (B'*G, d)
         scores = _fp32(q @ keys.T) / self.temperature  # (B, B'*G)
         target = (offset + torch.arange(batch, device=q.device)) * group_size  # (B,) own positive column
-        same_text = positive_ids = None
-        if mask:
+        same_text = query_positive_ids = ids = None
+        if mask or known:
             ids = gather_no_grad(key_ids.to(q.device)) if self.cross_device else key_ids.to(q.device)  # (B'*G,)
+        if mask:
             scores, same_text = _mask_duplicates(scores, ids.unsqueeze(0).expand(batch, -1), target, True)
-            positive_ids = ids[::group_size]  # (B',) the text of every query's positive
+            query_positive_ids = ids[::group_size]  # (B',) the text of every query's positive
+        if known:
+            scores = _mask_known(scores, ids.unsqueeze(0).expand(batch, -1), positive_ids, target)
         if len(self.directions) > 1:
             scores = torch.cat([scores, *self._other_directions(q, k, keys, offset, group_size, same_text,
-                                                                positive_ids)], dim=1)
+                                                                query_positive_ids)], dim=1)
         return F.cross_entropy(scores, target)  # the extra blocks follow the (B, B'*G) one: target is unchanged
 
     def _other_directions(self, q: Tensor, k: Tensor, keys: Tensor, offset: int, group_size: int,
-                          same_text: Tensor | None, positive_ids: Tensor | None) -> list[Tensor]:
+                          same_text: Tensor | None, query_positive_ids: Tensor | None) -> list[Tensor]:
         """The denominator's blocks beyond query_to_doc, each (B, B') or (B, B'*G), in DIRECTIONS' order. Masking
-        (`positive_ids`, (B',)) also leaves out the queries whose positive is the same text as query b's: on data
-        where many queries share a document (ToolLens: 1,400 train queries, 446 positives) they are not negatives."""
+        (`query_positive_ids`, (B',): the text of every query's drawn positive) also leaves out the queries whose
+        positive is the same text as query b's: on data where many queries share a document (ToolLens: 1,400 train
+        queries, 446 positives) they are not negatives."""
         batch, rows = q.size(0), torch.arange(q.size(0), device=q.device)
         queries = gather_with_grad(q) if self.cross_device else q  # (B', d)
         positives = k.view(batch, group_size, -1)[:, 0]  # (B, d) each local query's positive
         own = offset + rows  # (B,) each local query's row in `queries`
-        shared = None if positive_ids is None else positive_ids[own].unsqueeze(1) == positive_ids.unsqueeze(0)  # (B,B')
+        shared = None if query_positive_ids is None else \
+            query_positive_ids[own].unsqueeze(1) == query_positive_ids.unsqueeze(0)  # (B, B')
         blocks = []
         if "query_to_query" in self.directions:
             block = _fp32(q @ queries.T) / self.temperature  # (B, B')
@@ -179,10 +196,21 @@ class InfoNCELoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"temperature={self.temperature}, cross_device={self.cross_device}, "
                 f"in_batch_negatives={self.in_batch_negatives}, mask_duplicate_keys={self.mask_duplicate_keys}, "
+                f"mask_known_positives={self.mask_known_positives}, "
                 f"directions={list(self.directions)}")
 
 
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")  # InfoNCELoss(directions=...)
+
+
+def _mask_known(scores: Tensor, ids: Tensor, positive_ids: Tensor, target: Tensor) -> Tensor:
+    """scores (B, C), ids (B, C) of each candidate's text, positive_ids (B, P) of each query's labelled positives,
+    target (B,): every candidate that is one of the query's positives, other than its target, gets -inf. One
+    `isin` per query: a (B, C, P) comparison would hold B x C x P booleans (128 x 8,192 x 100 under 8 ranks)."""
+    positive_ids = positive_ids.to(scores.device)
+    known = torch.stack([torch.isin(ids[b], positive_ids[b]) for b in range(scores.size(0))])  # (B, C)
+    known[torch.arange(scores.size(0), device=scores.device), target] = False
+    return scores.masked_fill(known, float("-inf"))
 
 
 def _mask_duplicates(scores: Tensor, ids: Tensor, target: Tensor, return_mask: bool = False):
