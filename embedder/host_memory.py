@@ -12,7 +12,10 @@ BEIR folder"):
   freed heap back (3.98 GiB on that packed run), but the next step faults those pages in again: +23% CPU time.
   Every 4 steps: +9% CPU, but 4.81 GiB: the heap regrows within a few steps;
 - `host_malloc.mmap_threshold`: every allocation above it gets its own mapping, returned on free. The lowest peak
-  (3.4 GiB), but every step faults its activations in afresh: +33% CPU time, so it is off by default;
+  (3.4 GiB), but every step faults its activations in afresh: +33% CPU time at 64 KB, so it is off by default in
+  train.yaml. At 8 MiB only the activations are mapped (a packed MiniLM step on NFCorpus, 16 x 4 x 256 tokens: peak
+  1.44 GiB instead of 2.9, +16-22% CPU per step; 32 MiB changes nothing, the 18 MB hidden states then stay on the
+  heap): `task=beir`'s default since session 26, for its 4 GiB target on a CPU;
 - `host_malloc.arena_max`: fewer per-thread arenas.
 Transparent huge pages for PyTorch's allocations (`THP_MEM_ALLOC_ENABLE=1`, read once before the first tensor)
 did not help that run: 5.05 GiB and +14% CPU. On other C libraries (macOS, musl) nothing is changed.
