@@ -211,6 +211,24 @@ def test_a_fit_with_gradcache_matches_one_without(tmp_path, tiny_bert, trainer):
     assert apart < 1e-2 * moved, (trainer, apart, moved)
 
 
+def _masks_and_gradcache_agrees(masking, other, batch) -> None:
+    """On the collated `batch` (3 keys per query), `masking`'s loss is lower than `other`'s (it left false negatives
+    out), and its GradCache step over mini-batches of 2 queries gives the same loss and gradients as the whole batch."""
+    for m in (masking, other):
+        m.encoder.eval()
+    q, k = masking.encoder.encode(batch["query"], "query"), masking.encoder.encode(batch["key"], "key")
+    ids, pos = batch["key_ids"], batch["positive_ids"]
+    ref = masking.compute_loss(q, k, None, "qa", ids, pos)
+    assert float(ref["loss"]) < float(other.compute_loss(q, k, None, "qa", ids, pos)["loss"]) - 1e-3
+    ref["loss"].backward()
+    want = _grads(masking)
+    out = masking._gradcache_step(batch, 2, 3)
+    assert abs(float(out["loss"]) - float(ref["loss"])) < 1e-5
+    out["loss"].backward()
+    got = _grads(masking)
+    assert all(torch.allclose(got[n], want[n], atol=1e-5, rtol=1e-4) for n in want)
+
+
 def test_duplicate_keys_are_masked_through_the_collator_and_gradcache(tiny_bert):
     """loss.mask_duplicate_keys end to end on one process: the real collator gives equal ids to equal key texts, the
     module's InfoNCE leaves the repeat of a positive out (a different loss than without), and GradCache gives the
@@ -228,19 +246,7 @@ def test_duplicate_keys_are_masked_through_the_collator_and_gradcache(tiny_bert)
     ids = batch["key_ids"]
     assert ids.shape == (18,) and ids[1 * 3 + 2] == ids[0] and ids[4 * 3 + 1] == ids[3 * 3]
     assert len(set(ids.tolist())) == 16
-    for m in (masked, plain):
-        m.encoder.eval()
-    q, k = masked.encoder.encode(batch["query"], "query"), masked.encoder.encode(batch["key"], "key")
-    ref = masked.compute_loss(q, k, None, "qa", ids)
-    unmasked = plain.compute_loss(q, k, None, "qa", ids)
-    assert float(ref["loss"]) < float(unmasked["loss"]) - 1e-3  # a repeated positive no longer counts against it
-    ref["loss"].backward()
-    want = _grads(masked)
-    out = masked._gradcache_step(batch, 2, 3)
-    assert abs(float(out["loss"]) - float(ref["loss"])) < 1e-5
-    out["loss"].backward()
-    got = _grads(masked)
-    assert all(torch.allclose(got[n], want[n], atol=1e-5, rtol=1e-4) for n in want)
+    _masks_and_gradcache_agrees(masked, plain, batch)  # a repeated positive no longer counts against it
 
 
 def test_loss_directions_reach_the_loss_in_a_real_fit(tmp_path, tiny_bert, monkeypatch):
@@ -302,19 +308,7 @@ def test_known_positives_are_masked_through_the_collator_and_gradcache(tiny_bert
     assert pos.shape == (len(TEXTS_Q), 3)
     assert pos[0].tolist() == [ids[0], ids[2 * 3], ids[0]] and pos[1].tolist() == [ids[3]] * 3
     assert ids[5 * 3 + 1] in pos[3].tolist()
-    for m in (known, dedup):
-        m.encoder.eval()
-    q, k = known.encoder.encode(batch["query"], "query"), known.encoder.encode(batch["key"], "key")
-    ref = known.compute_loss(q, k, None, "qa", ids, pos)
-    only_duplicates = dedup.compute_loss(q, k, None, "qa", ids, pos)
-    assert float(ref["loss"]) < float(only_duplicates["loss"]) - 1e-3  # two fewer false negatives
-    ref["loss"].backward()
-    want = _grads(known)
-    out = known._gradcache_step(batch, 2, 3)
-    assert abs(float(out["loss"]) - float(ref["loss"])) < 1e-5
-    out["loss"].backward()
-    got = _grads(known)
-    assert all(torch.allclose(got[n], want[n], atol=1e-5, rtol=1e-4) for n in want)
+    _masks_and_gradcache_agrees(known, dedup, batch)  # two fewer false negatives than masking duplicates only
 
 
 def test_mask_known_positives_reaches_the_loss_in_a_real_fit(tmp_path, tiny_bert, monkeypatch):
