@@ -18,7 +18,8 @@ BEIR folder"):
   heap): `task=beir`'s default since session 26, for its 4 GiB target on a CPU;
 - `host_malloc.arena_max`: fewer per-thread arenas.
 Transparent huge pages for PyTorch's allocations (`THP_MEM_ALLOC_ENABLE=1`, read once before the first tensor)
-did not help that run: 5.05 GiB and +14% CPU. On other C libraries (macOS, musl) nothing is changed.
+did not help that run: 5.05 GiB and +14% CPU; beside the 8 MiB threshold it halved that threshold's cost in a step
+probe (`bench/step_memory.py`), not yet measured on whole runs. On other C libraries (macOS, musl) nothing is changed.
 """
 
 from __future__ import annotations
