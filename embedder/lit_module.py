@@ -69,6 +69,7 @@ class RetrieverModule(LightningModule):
         self.selecting = False  # a validation that selects (merge_base_weight's candidates): during_fit sets only
         self.stop_on_nonfinite_loss = bool(stop_on_nonfinite_loss)
         self._negatives_logged = False
+        self.mask_known_positives = bool(mask_known_positives)
         shared = {"temperature": self.temperature, "cross_device": self.cross_device,
                   "in_batch_negatives": self.in_batch_negatives, "mask_duplicate_keys": bool(mask_duplicate_keys),
                   "directions": directions,  # None: InfoNCELoss's default, [query_to_doc]
@@ -121,6 +122,9 @@ class RetrieverModule(LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         B = batch["query"]["input_ids"].shape[0]
         G = batch["key"]["input_ids"].shape[0] // B
+        if self.mask_known_positives and batch.get("positive_ids") is None:
+            raise ValueError("loss.mask_known_positives=true but the batches carry no positive_ids: build the "
+                             "collator with positive_ids=True (RetrievalDataModule(..., positive_ids=True))")
         if not self._negatives_logged:
             self._log_negatives(B, G)
         m = self.gradcache_mini_batch

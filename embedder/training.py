@@ -72,7 +72,8 @@ def run_train(cfg: DictConfig) -> dict[str, float]:
     datamodule = RetrievalDataModule(
         files, tasks, encoder.tokenizer, batch_size=cfg.data.batch_size, query_max_length=cfg.query_max_length,
         key_max_length=cfg.key_max_length, inbatch_same_dataset=cfg.data.inbatch_same_dataset,
-        num_workers=cfg.data.num_workers, seed=cfg.seed, eval_sets=eval_sets)
+        num_workers=cfg.data.num_workers, seed=cfg.seed, eval_sets=eval_sets,
+        positive_ids=cfg.loss.get("mask_known_positives", False))
     module = RetrieverModule(
         encoder, tasks, temperature=cfg.loss.temperature, cross_device=cfg.loss.cross_device,
         in_batch_negatives=cfg.loss.in_batch_negatives, combine_rule=cfg.loss.combine_rule,

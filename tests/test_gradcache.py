@@ -217,7 +217,7 @@ def _masks_and_gradcache_agrees(masking, other, batch) -> None:
     for m in (masking, other):
         m.encoder.eval()
     q, k = masking.encoder.encode(batch["query"], "query"), masking.encoder.encode(batch["key"], "key")
-    ids, pos = batch["key_ids"], batch["positive_ids"]
+    ids, pos = batch["key_ids"], batch.get("positive_ids")
     ref = masking.compute_loss(q, k, None, "qa", ids, pos)
     assert float(ref["loss"]) < float(other.compute_loss(q, k, None, "qa", ids, pos)["loss"]) - 1e-3
     ref["loss"].backward()
@@ -303,12 +303,16 @@ def test_known_positives_are_masked_through_the_collator_and_gradcache(tiny_bert
     positives[3] += [groups[5][1], "a tool outside this batch"]  # and query 5's hard negative to query 3
     items = [{"query": q, "keys": g, "positives": p, "teacher_scores": None, "record_kind": "qa", "dataset": "toy"}
              for q, g, p in zip(TEXTS_Q, groups, positives)]
-    batch = RetrievalCollator(known.encoder.tokenizer, 64, 64)(items)
+    assert "positive_ids" not in RetrievalCollator(known.encoder.tokenizer, 64, 64)(items)  # hashed only when asked
+    batch = RetrievalCollator(known.encoder.tokenizer, 64, 64, positive_ids=True)(items)
     ids, pos = batch["key_ids"], batch["positive_ids"]
     assert pos.shape == (len(TEXTS_Q), 3)
     assert pos[0].tolist() == [ids[0], ids[2 * 3], ids[0]] and pos[1].tolist() == [ids[3]] * 3
     assert ids[5 * 3 + 1] in pos[3].tolist()
     _masks_and_gradcache_agrees(known, dedup, batch)  # two fewer false negatives than masking duplicates only
+    del batch["positive_ids"]  # a batch from a collator not asked for the ids: one clear error, not a silent no-op
+    with pytest.raises(ValueError, match="mask_known_positives=true but the batches carry no positive_ids"):
+        known.training_step(batch, 0)
 
 
 def test_mask_known_positives_reaches_the_loss_in_a_real_fit(tmp_path, tiny_bert, monkeypatch):

@@ -27,11 +27,13 @@ def positive_ids(items: list[dict[str, Any]]) -> torch.Tensor:
 class RetrievalCollator:
     """Pads to the longest sequence in the batch (not to max_length), so no compute goes to padding."""
 
-    def __init__(self, tokenizer, query_max_length: int = 256, key_max_length: int = 256, pad_to_multiple_of: int | None = 8):
+    def __init__(self, tokenizer, query_max_length: int = 256, key_max_length: int = 256, pad_to_multiple_of: int | None = 8,
+                 positive_ids: bool = False):
         self.tokenizer = tokenizer
         self.query_max_length = query_max_length
         self.key_max_length = key_max_length
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.positive_ids = bool(positive_ids)  # only `loss.mask_known_positives` reads them: hashed only then
 
     def _tok(self, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
         return dict(self.tokenizer(texts, padding=True, truncation=True, max_length=max_length,
@@ -50,13 +52,15 @@ class RetrievalCollator:
         if any(has) and not all(has):
             raise ValueError("some records of the batch have teacher_scores and some do not")
         scores = torch.tensor([it["teacher_scores"] for it in items], dtype=torch.float32) if all(has) else None
-        return {
+        batch = {
             "query": self._tok([it["query"] for it in items], self.query_max_length),
             "key": self._tok(keys, self.key_max_length),
             "key_ids": text_ids(keys),  # (B*G,) equal for equal key texts
-            "positive_ids": positive_ids(items),  # (B, P) ids of each query's labelled positives
             "teacher_scores": scores,  # (B, G) or None
             "record_kind": items[0]["record_kind"],
             "dataset": items[0]["dataset"],
             "path": items[0].get("path"),  # the batch's training file, named when its loss is not finite
         }
+        if self.positive_ids:
+            batch["positive_ids"] = positive_ids(items)  # (B, P) ids of each query's labelled positives
+        return batch

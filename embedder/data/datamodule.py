@@ -33,15 +33,17 @@ class RetrievalDataModule(LightningDataModule):
         inbatch_same_dataset: `epoch` (every global batch from one file), `epoch-static`, `random`,
             `epoch-random`, or `shuffle` (plain shuffling; every batch must still be one task).
         eval_sets: built evaluation sets; validation runs each one once per validation.
+        positive_ids: give every batch each query's labelled positives' text ids (`loss.mask_known_positives`).
     """
 
     def __init__(self, files: list[TrainFile], tasks: dict[str, RecordKind], tokenizer, batch_size: int = 16,
                  query_max_length: int = 256, key_max_length: int = 256, inbatch_same_dataset: str = "epoch",
-                 num_workers: int | str = "auto", seed: int = 42, eval_sets: list[Any] | None = None):
+                 num_workers: int | str = "auto", seed: int = 42, eval_sets: list[Any] | None = None,
+                 positive_ids: bool = False):
         super().__init__()
         self.files, self.tasks = list(files), tasks
         self.tokenizer, self.batch_size, self.mode = tokenizer, int(batch_size), inbatch_same_dataset
-        self.collator = RetrievalCollator(tokenizer, query_max_length, key_max_length)
+        self.collator = RetrievalCollator(tokenizer, query_max_length, key_max_length, positive_ids=positive_ids)
         self.num_workers, self.seed = num_workers, int(seed)
         self.eval_sets = list(eval_sets or [])
         self.dataset = MultiTaskTrainDataset(self.files, self.tasks, self.seed) if self.files else None
