@@ -119,6 +119,8 @@ VARIANTS = {  # name -> overrides of task=beir
                       "merge_base_weight=[0,0.2]"],                    # chosen on dev: none or 0.2 (session 25)
     "lr1e4maskpos": [*DENSE4_NEGATIVES, "optimizer.lr=1e-4",          # lr1e4, and no labelled positive of a query
                      "loss.mask_known_positives=true"],                # among its in-batch negatives (session 26)
+    "lr1e4filtered": [*DENSE4_NEGATIVES, "optimizer.lr=1e-4",         # lr1e4, rank_range [3, 100) counted among
+                      "beir.negatives.rank_range_of=filtered"],        # the hits that are not positives (as plain)
     "tau02": [*LR5E5, "loss.temperature=0.02"],                        # bge's temperature, not MNRL's 0.05
     # plain at 5e-5 scored 0.7353 on SciFact split 1 against the defaults' 0.7025 (session 17): which setting is it?
     "lr5e5plainlike": [*LR5E5, "beir.negatives.relative_margin=null",  # every setting plain has (as plainlike),

@@ -261,11 +261,13 @@ VALUE_RULES: dict[str, tuple] = {  # key -> (check, what is allowed)
     "seed": (_int(0), "an integer >= 0"),
     "hits": (_int(1), "an integer >= 1 (documents retrieved per query)"),
     "max_neg_num": (_int(0), "an integer >= 0"),
+    "rank_range_of": (_choice("ranking", "filtered"), "ranking or filtered"),
     "relative_margin": (_optional(_num(0, 1, hi_open=True)), "null, or a number from 0 to below 1"),
     "retriever.batch_size": (_int(1), "an integer >= 1 (texts per forward pass)"),
     "beir.dev_fraction": (_num(0, 1, lo_open=True, hi_open=True), "a number between 0 and 1 (exclusive)"),
     "beir.negatives.hits": (_int(1), "an integer >= 1"),
     "beir.negatives.max_neg_num": (_int(1), "an integer >= 1"),
+    "beir.negatives.rank_range_of": (_choice("ranking", "filtered"), "ranking or filtered"),
     "beir.negatives.relative_margin": (_optional(_num(0, 1, hi_open=True)), "null, or a number from 0 to below 1"),
     "beir.teacher.max_candidates": (_int(1), "an integer >= 1"),
 }

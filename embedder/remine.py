@@ -45,7 +45,8 @@ class RemineNegatives(Callback):
             training queries, not a mined file.
         out_dir: where the re-mined files go.
         eval_set: the evaluation set whose corpus (and stores, and instructions) the queries are ranked against.
-        hits, rank_range, max_neg_num, relative_margin, random_fill, seed: as in `mine.py` (`NegativeRule`).
+        hits, rank_range, rank_range_of, max_neg_num, relative_margin, random_fill, seed: as in `mine.py`
+            (`NegativeRule`).
         merge_with: the file mined before training (e.g. BM25's): each query's re-mined negatives alternate with its
             negatives there (re-mined first, de-duplicated, at most `max_neg_num`: `merge_negatives`, as
             `beir.negatives.retrievers=[bm25,dense]` merges two miners); None = the re-mined negatives alone.
@@ -54,11 +55,11 @@ class RemineNegatives(Callback):
     def __init__(self, after_epochs: Sequence[int], queries: str, out_dir: str, eval_set: str = "dev",
                  hits: int = 100, rank_range: Sequence[int | None] = (0, None), max_neg_num: int = 100,
                  relative_margin: float | None = None, random_fill: int | None = None, seed: int = 42,
-                 merge_with: str | None = None):
+                 merge_with: str | None = None, rank_range_of: str = "ranking"):
         self.after_epochs = sorted({int(e) for e in after_epochs})
         if any(e < 1 for e in self.after_epochs):
             raise ValueError(f"after_epochs are 1-based epoch numbers, got {list(after_epochs)}")
-        self.rule = NegativeRule.for_hits(hits, rank_range, max_neg_num=int(max_neg_num),
+        self.rule = NegativeRule.for_hits(hits, rank_range, rank_range_of=rank_range_of, max_neg_num=int(max_neg_num),
                                           relative_margin=relative_margin, random_fill=random_fill)
         self.queries, self.out_dir, self.eval_set = queries, out_dir, eval_set
         self.hits, self.seed, self.merge_with = int(hits), int(seed), merge_with

@@ -247,18 +247,24 @@ def test_mining_without_the_margin_filter(tmp_path):
 
 def test_an_open_ended_rank_range_reaches_mining(tmp_path):
     """beir.negatives.rank_range=[3, null] (to the last hit, as mine.py takes it) mines from rank 3 to `hits`; it
-    stopped the run with a TypeError (int(None)) before."""
+    stopped the run with a TypeError (int(None)) before. rank_range_of=filtered reaches mining too, as a setting of
+    its own (another cache entry, other negatives)."""
     from embedder.config import compose as compose_config
     from embedder.recipes.beir import mine_negatives
 
     folder = write_sample_beir(tmp_path / "beir")
     prepared = prepare_beir(folder, str(tmp_path / "prepared"))
-    cfg = compose_config("train", ["task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[bm25]",
-                                   "beir.negatives.rank_range=[3,null]", "beir.negatives.hits=20",
-                                   f"output_dir={tmp_path}/out"])
-    mined = mine_negatives(cfg, prepared, str(tmp_path / "mine"))
-    meta = json.load(open(os.path.join(os.path.dirname(mined), "train.neg.bm25.meta.json")))
-    assert meta["rank_range"] == [3, 20] and sum(len(json.loads(line)["neg"]) for line in open(mined)) > 0
+    negatives = {}
+    for of in ("ranking", "filtered"):
+        cfg = compose_config("train", ["task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[bm25]",
+                                       "beir.negatives.rank_range=[3,null]", "beir.negatives.hits=20",
+                                       f"beir.negatives.rank_range_of={of}", f"output_dir={tmp_path}/out"])
+        mined = mine_negatives(cfg, prepared, str(tmp_path / "mine"))
+        meta = json.load(open(os.path.join(os.path.dirname(mined), "train.neg.bm25.meta.json")))
+        assert meta["rank_range"] == [3, 20] and meta["rank_range_of"] == of
+        negatives[of] = [json.loads(line)["neg"] for line in open(mined)]
+        assert sum(map(len, negatives[of])) > 0
+    assert negatives["ranking"] != negatives["filtered"]
 
 
 @pytest.mark.parametrize("overrides, message", [

@@ -97,6 +97,58 @@ def test_rank_range_cap_duplicates_and_missing_results():
     assert neg_index == [1, 2] and dropped["duplicate text"] == 1
 
 
+def test_rank_range_of_filtered_counts_only_the_hits_left_after_the_filters():
+    """rank_range=(1, 3): over the ranking, positions 1-2 are a positive and row 5 (its text's first copy, row 1, is
+    above the range), so one negative is left;
+    over the filtered hits (sentence-transformers' range_min/range_max), the first passing hit is skipped and the
+    next two are kept, however many positives and repeats rank among them."""
+    ranked = [1, 0, 5, 3, 2, 4, 7]  # a, pos, a (repeat), Pos TEXT, b, c, d
+    by_ranking = NegativeRule(rank_range=(1, 3))
+    assert select_negatives(ranked, TEXTS, by_ranking, pos_index=[0], pos=["pos text"])[0] == [5]
+    filtered = NegativeRule(rank_range=(1, 3), rank_range_of="filtered")
+    neg_index, _, dropped = select_negatives(ranked, TEXTS, filtered, pos_index=[0], pos=["pos text"])
+    assert neg_index == [2, 4]  # "a" is the first passing hit (skipped), then b and c; d is beyond hi
+    assert dropped == Counter({"above rank range": 1, "positive (pos_index)": 1, "duplicate text": 1,
+                               "positive (same text as pos)": 1})
+    with pytest.raises(ValueError, match="rank_range_of"):
+        NegativeRule(rank_range_of="positions")
+
+
+def test_rank_range_of_filtered_mines_what_sentence_transformers_mines():
+    """The same queries, corpus and model (the bundled all-MiniLM-L6-v2): `rank_range_of="filtered"` with
+    rank_range [2, 5) keeps the very negatives `mine_hard_negatives(range_min=2, num_negatives=3, sampling top)`
+    keeps, for queries with one and with several positives; counting over the ranking keeps others."""
+    import numpy as np
+    from datasets import Dataset
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.util import mine_hard_negatives
+
+    from embedder.bundled import minilm_path
+
+    corpus = [t for texts in TOPICS.values() for t in texts]
+    positives = {"What is the capital of France?": [0, 1, 2], "Which fruit is yellow?": [9],
+                 "How many strings does a guitar have?": [15, 16], "Where do banana plants grow?": [10]}
+    model = SentenceTransformer(minilm_path(), device="cpu")
+    pairs = Dataset.from_dict({"anchor": [q for q, rows in positives.items() for _ in rows],
+                               "positive": [corpus[r] for rows in positives.values() for r in rows]})
+    mined = mine_hard_negatives(pairs, model, corpus=corpus, range_min=2, num_negatives=3, sampling_strategy="top",
+                                output_format="n-tuple", use_faiss=False, verbose=False)
+    theirs = {row["anchor"]: [row[f"negative_{i}"] for i in (1, 2, 3)] for row in mined}
+    q = model.encode(list(positives), normalize_embeddings=True)
+    d = model.encode(corpus, normalize_embeddings=True)
+    ours, over_ranking = {}, {}
+    for query, qv in zip(positives, q):
+        scores = d @ qv
+        ranked = np.argsort(-scores)
+        pos = [corpus[r] for r in positives[query]]
+        for out, of in ((ours, "filtered"), (over_ranking, "ranking")):
+            rule = NegativeRule(rank_range=(2, len(corpus)), rank_range_of=of, max_neg_num=3)
+            out[query] = select_negatives(ranked, corpus, rule, pos_index=positives[query], pos=pos,
+                                          scores=scores[ranked])[1]
+    assert ours == theirs
+    assert over_ranking != theirs  # France's 3 positives rank on top: counting them gives other negatives
+
+
 def test_answer_filter_substring_and_token():
     ranked = [6, 1]
     assert select_negatives(ranked, TEXTS, NegativeRule(filter_answers=True), answers=["198"])[0] == [1]
@@ -290,6 +342,8 @@ def test_rank_range_forms_resolve_to_one_rule_for_mining_and_remining():
     assert NegativeRule.for_hits(100, [3, 60], max_neg_num=7).max_neg_num == 7
     cb = RemineNegatives([1], "q.json", "out", hits=50, rank_range=[5, 30], random_fill=2)
     assert cb.rule == NegativeRule.for_hits(50, [5, 30], random_fill=2)
+    cb = RemineNegatives([1], "q.json", "out", hits=50, rank_range=[5, 30], rank_range_of="filtered")
+    assert cb.rule == NegativeRule.for_hits(50, [5, 30], rank_range_of="filtered") != NegativeRule.for_hits(50, [5, 30])
     with pytest.raises(ValueError, match="beyond hits=20"):
         RemineNegatives([1], "q.json", "out", hits=20, rank_range=[0, 50])
 

@@ -5,7 +5,10 @@ and so never removes anything; only the text comparison with `pos` caught positi
 when any of these holds, and every drop is counted by reason:
 
 - its ranking position is outside `rank_range` (`[lo, hi)`, 0-based positions in the retrieved list; `lo > 0`
-  skips the top hits, which are often unlabelled positives, i.e. false negatives);
+  skips the top hits, which are often unlabelled positives, i.e. false negatives); with `rank_range_of="filtered"`
+  the positions are counted among the hits that pass every filter below, as sentence-transformers'
+  `mine_hard_negatives` counts `range_min`/`range_max` (a query with many positives near the top then gets the
+  same depth of negatives as one with a single positive);
 - its corpus row is in `pos_index`;
 - its text equals a `pos` text (after collapsing whitespace and case);
 - its text repeats an earlier negative's (duplicated corpus passages);
@@ -46,6 +49,8 @@ class NegativeRule:
 
     Attributes:
         rank_range: `(lo, hi)`: only ranking positions `lo <= i < hi` (0-based) are candidates; `hi=None` = all.
+        rank_range_of: what `rank_range`'s positions count: `ranking` (every retrieved hit, the reference) or
+            `filtered` (the hits left after the positive, duplicate, answer and margin filters).
         max_neg_num: keep at most this many negatives (the reference default is 100).
         filter_answers: drop candidates that contain an answer.
         answer_match: `substring` (the reference) or `token` (DPR `has_answer`).
@@ -57,6 +62,7 @@ class NegativeRule:
     """
 
     rank_range: tuple[int, int | None] = (0, None)
+    rank_range_of: str = "ranking"
     max_neg_num: int = 100
     filter_answers: bool = False
     answer_match: str = "substring"
@@ -77,6 +83,8 @@ class NegativeRule:
         lo, hi = self.rank_range
         if lo < 0 or (hi is not None and hi <= lo):
             raise ValueError(f"rank_range must be [lo, hi) with 0 <= lo < hi, got {list(self.rank_range)}")
+        if self.rank_range_of not in ("ranking", "filtered"):
+            raise ValueError(f"rank_range_of must be 'ranking' or 'filtered', got {self.rank_range_of!r}")
         if self.max_neg_num < 1:
             raise ValueError(f"max_neg_num must be >= 1, got {self.max_neg_num}")
         if self.answer_match not in ("substring", "token"):
@@ -124,13 +132,15 @@ def select_negatives(ranked: Sequence[int], corpus_texts: Sequence[str], rule: N
     neg_index: list[int] = []
     neg: list[str] = []
     dropped: Counter = Counter()
+    by_ranking = rule.rank_range_of == "ranking"
+    passed = 0  # hits that passed every filter so far (the position `rank_range_of="filtered"` counts)
     for position, doc in enumerate(ranked):
-        if hi is not None and position >= hi:
+        if by_ranking and hi is not None and position >= hi:
             break
         doc = int(doc)
         if doc < 0:
             continue
-        if position < lo:
+        if by_ranking and position < lo:
             dropped["above rank range"] += 1
             continue
         if doc in pos_rows:
@@ -151,6 +161,13 @@ def select_negatives(ranked: Sequence[int], corpus_texts: Sequence[str], rule: N
             dropped[MARGIN_DROP] += 1
             continue
         seen.add(norm)
+        if not by_ranking:
+            passed += 1
+            if passed <= lo:
+                dropped["above rank range"] += 1
+                continue
+            if hi is not None and passed > hi:
+                break
         neg_index.append(doc)
         neg.append(text)
         if len(neg) == rule.max_neg_num:
@@ -224,7 +241,7 @@ def negatives_for_rankings(queries: Iterable, ids: np.ndarray, scores: np.ndarra
     Streamed: the candidate texts of a block of 1024 queries are fetched together (a parquet corpus reads each row
     group once per block), and only that block's records are in memory. Used by `mine.py` and by re-mining with
     the model being trained."""
-    lo, hi = rule.rank_range
+    hi = rule.rank_range[1] if rule.rank_range_of == "ranking" else None  # "filtered" may reach every hit
     block, records = 1024, iter(queries)
     for start in range(0, len(ids), block):
         rows, row_scores = ids[start:start + block, :hi], scores[start:start + block, :hi]

@@ -62,7 +62,8 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
     (eval_path,) = resolve_files(cfg.input_data, cfg.data_root, what="input_data")
     (corpus_path,) = resolve_files(cfg.corpus, cfg.data_root, what="corpus", allow_dirs=True)
     hits = int(cfg.hits)
-    rule = NegativeRule.for_hits(hits, cfg.rank_range, max_neg_num=int(cfg.max_neg_num),
+    rule = NegativeRule.for_hits(hits, cfg.rank_range, rank_range_of=cfg.get("rank_range_of") or "ranking",
+                                 max_neg_num=int(cfg.max_neg_num),
                                  filter_answers=bool(cfg.filter_answers), answer_match=cfg.answer_match,
                                  relative_margin=cfg.get("relative_margin"), random_fill=cfg.get("random_fill"))
     seed = int(cfg.get("seed") or 0)
@@ -75,9 +76,9 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
         raise ValueError(f"the output {out_path} would overwrite the input; set save_name")
     task = cfg.get("instruction_kind") or queries[0].record.get("task")
     q_inst, k_inst = resolve_instruction(cfg, task) if cfg.retriever.get("uses_model") else ("", "")
-    log.info("mining %s: %d queries against %s (%d documents), retriever=%s, hits=%d, rank_range=[%d, %d), "
-             "max_neg_num=%d", eval_path, len(queries), corpus_path, len(corpus), cfg.retriever.name, hits,
-             *rule.rank_range, rule.max_neg_num)
+    log.info("mining %s: %d queries against %s (%d documents), retriever=%s, hits=%d, rank_range=[%d, %d) "
+             "of the %s hits, max_neg_num=%d", eval_path, len(queries), corpus_path, len(corpus), cfg.retriever.name,
+             hits, *rule.rank_range, rule.rank_range_of, rule.max_neg_num)
 
     # 2. retrieve (resumable)
     if not cfg.retriever.get("uses_model") and launched_rank() > 0:
@@ -111,7 +112,7 @@ def run_mine(cfg: DictConfig) -> dict[str, Any]:
     meta = {"created": datetime.datetime.now().isoformat(timespec="seconds"), "input_data": eval_path,
             "corpus": corpus_path, "key_template": cfg.key_template, "task": task, "query_instruction": q_inst,
             "key_instruction": k_inst, "hits": hits, "rank_range": list(rule.rank_range),
-            "max_neg_num": rule.max_neg_num, "relative_margin": rule.relative_margin,
+            "rank_range_of": rule.rank_range_of, "max_neg_num": rule.max_neg_num, "relative_margin": rule.relative_margin,
             "filter_answers": rule.filter_answers, "answer_match": rule.answer_match,
             "random_fill": rule.random_fill, "seed": seed,
             **retriever.describe(), **stats}

@@ -65,6 +65,7 @@ def mine_negatives(cfg: DictConfig, prepared: dict[str, Any], out_dir: str) -> s
                      f"corpus={prepared['paths']['corpus']}", f"output_dir={folder}", "save_to_output=true",
                      f"save_name={name}", f"hits={int(neg.hits)}",
                      f"rank_range=[{_rank_range_override(neg.rank_range)}]",
+                     f"rank_range_of={neg.get('rank_range_of') or 'ranking'}",
                      f"max_neg_num={int(neg.max_neg_num)}",
                      f"relative_margin={'null' if neg.relative_margin is None else float(neg.relative_margin)}",
                      # several retrievers: the merged list is filled, not each one (a random passage is not
@@ -138,7 +139,7 @@ def _random_fill(neg: DictConfig) -> int | None:
 
 
 def _mine_key(prepared: dict[str, Any], mine_cfg: dict[str, Any]) -> str:
-    relevant = {k: mine_cfg.get(k) for k in ("retriever", "model", "hits", "rank_range", "max_neg_num",
+    relevant = {k: mine_cfg.get(k) for k in ("retriever", "model", "hits", "rank_range", "rank_range_of", "max_neg_num",
                                             "relative_margin", "random_fill", "seed", "key_template", "query_max_length",
                                             "key_max_length")}
     return fingerprint(prepared["key"], relevant)
@@ -241,6 +242,7 @@ def prepare(cfg: DictConfig) -> DictConfig:
                 "_target_": "embedder.remine.RemineNegatives", "after_epochs": remine,
                 "queries": run["paths"]["train"], "out_dir": os.path.join(data_dir, "remine"), "eval_set": "dev",
                 "hits": int(neg.hits), "rank_range": list(neg.rank_range),
+                "rank_range_of": neg.get("rank_range_of") or "ranking",
                 "max_neg_num": int(neg.max_neg_num),
                 "relative_margin": None if neg.relative_margin is None else float(neg.relative_margin),
                 "random_fill": _random_fill(neg),
