@@ -140,10 +140,11 @@ class InfoNCELoss(nn.Module):
         if not self.in_batch_negatives:
             scores = _fp32(_in_group_scores(q, k, group_size)) / self.temperature  # (B, G)
             target = torch.zeros(batch, dtype=torch.long, device=q.device)  # (B,) positive is column 0
+            ids = key_ids.view(batch, group_size).to(q.device) if mask or known else None  # (B, G)
             if mask:
-                scores = _mask_duplicates(scores, key_ids.view(batch, group_size).to(q.device), target)
+                scores = _mask_listed(scores, ids, ids[:, :1], target)  # column 0: each query's positive
             if known:
-                scores = _mask_known(scores, key_ids.view(batch, group_size).to(q.device), positive_ids, target)
+                scores = _mask_listed(scores, ids, positive_ids, target)
             return F.cross_entropy(scores, target)
         keys, offset = _keys_and_offset(k, batch, self.cross_device)  # (B'*G, d)
         scores = _fp32(q @ keys.T) / self.temperature  # (B, B'*G)
@@ -152,10 +153,11 @@ class InfoNCELoss(nn.Module):
         if mask or known:
             ids = gather_no_grad(key_ids.to(q.device)) if self.cross_device else key_ids.to(q.device)  # (B'*G,)
         if mask:
-            scores, same_text = _mask_duplicates(scores, ids.unsqueeze(0).expand(batch, -1), target, True)
+            scores, same_text = _mask_listed(scores, ids.unsqueeze(0).expand(batch, -1),
+                                             ids[target].unsqueeze(1), target, True)  # (B, B'*G), (B, B'*G)
             query_positive_ids = ids[::group_size]  # (B',) the text of every query's positive
         if known:
-            scores = _mask_known(scores, ids.unsqueeze(0).expand(batch, -1), positive_ids, target)
+            scores = _mask_listed(scores, ids.unsqueeze(0).expand(batch, -1), positive_ids, target)
         if len(self.directions) > 1:
             scores = torch.cat([scores, *self._other_directions(q, k, keys, offset, group_size, same_text,
                                                                 query_positive_ids)], dim=1)
@@ -203,22 +205,17 @@ class InfoNCELoss(nn.Module):
 DIRECTIONS = ("query_to_doc", "query_to_query", "doc_to_query", "doc_to_doc")  # InfoNCELoss(directions=...)
 
 
-def _mask_known(scores: Tensor, ids: Tensor, positive_ids: Tensor, target: Tensor) -> Tensor:
-    """scores (B, C), ids (B, C) of each candidate's text, positive_ids (B, P) of each query's labelled positives,
-    target (B,): every candidate that is one of the query's positives, other than its target, gets -inf. One
-    `isin` per query: a (B, C, P) comparison would hold B x C x P booleans (128 x 8,192 x 100 under 8 ranks)."""
-    positive_ids = positive_ids.to(scores.device)
-    known = torch.stack([torch.isin(ids[b], positive_ids[b]) for b in range(scores.size(0))])  # (B, C)
-    known[torch.arange(scores.size(0), device=scores.device), target] = False
-    return scores.masked_fill(known, float("-inf"))
-
-
-def _mask_duplicates(scores: Tensor, ids: Tensor, target: Tensor, return_mask: bool = False):
-    """scores (B, C), ids (B, C) of each candidate's text, target (B,): every candidate whose text equals the
-    query's positive, other than the positive itself, gets -inf (left out of the softmax). With `return_mask`,
-    also that (B, C) mask."""
+def _mask_listed(scores: Tensor, ids: Tensor, listed: Tensor, target: Tensor, return_mask: bool = False):
+    """scores (B, C), ids (B, C) of each candidate's text, listed (B, P) text ids per query, target (B,): every
+    candidate whose text is one of its query's listed ones, other than the target itself, gets -inf (left out of the
+    softmax). With `return_mask`, also that (B, C) mask. `mask_duplicate_keys` lists each query's positive (P = 1),
+    `mask_known_positives` its labelled positives. A batched binary search over each row's sorted list: memory
+    B x (C + P), where a (B, C, P) comparison would hold 128 x 8,192 x 100 booleans under 8 ranks."""
     rows = torch.arange(scores.size(0), device=scores.device)
-    same = ids == ids[rows, target].unsqueeze(1)  # (B, C)
-    same[rows, target] = False
-    masked = scores.masked_fill(same, float("-inf"))
-    return (masked, same) if return_mask else masked
+    listed = listed.to(scores.device).sort(dim=1).values  # (B, P)
+    ids = ids.contiguous()  # searchsorted wants contiguous values: `ids` may be an expanded (1, C) row
+    at = torch.searchsorted(listed, ids).clamp_(max=listed.size(1) - 1)  # (B, C) where each id would sit
+    hit = listed.gather(1, at) == ids  # (B, C) the id is in its row's list
+    hit[rows, target] = False
+    masked = scores.masked_fill(hit, float("-inf"))
+    return (masked, hit) if return_mask else masked
