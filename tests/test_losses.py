@@ -453,3 +453,23 @@ def test_a_matryoshka_fit_exports_dims_that_sentence_transformers_truncates(tmp_
     small = run_evaluate(compose([*common, "model.truncate_dim=8", f"output_dir={tmp_path}/e8"], "eval"))
     whole = run_evaluate(compose([*common, f"output_dir={tmp_path}/e32"], "eval"))
     assert set(small) == set(whole) and small != whole  # the 8-d vectors rank differently
+
+
+def test_the_listed_text_mask_equals_a_per_query_membership_test():
+    """`_mask_listed` (a batched binary search over each query's sorted list) masks exactly the candidates a plain
+    per-query `isin` finds, target excepted: ids drawn from a small pool so that lists repeat ids, rows share ids,
+    and the candidates hit and miss; lists of 1 (mask_duplicate_keys) and of 37 (labelled positives, padded)."""
+    from embedder.losses.contrastive import _mask_listed
+
+    gen = torch.Generator().manual_seed(0)
+    for width in (1, 37):
+        ids = torch.randint(-50, 50, (6, 40), generator=gen) * 7919  # (B, C) signed, as blake2b ids are
+        listed = torch.randint(-50, 50, (6, width), generator=gen) * 7919  # (B, P)
+        target = torch.randint(0, 40, (6,), generator=gen)
+        scores = torch.randn(6, 40, generator=gen)
+        masked, hit = _mask_listed(scores, ids, listed, target, return_mask=True)
+        want = torch.stack([torch.isin(ids[b], listed[b]) for b in range(6)])
+        want[torch.arange(6), target] = False
+        assert want.any() and not want.all()  # the draw exercises both outcomes
+        assert torch.equal(hit, want)
+        assert torch.equal(torch.isinf(masked), want) and torch.equal(masked[~want], scores[~want])
