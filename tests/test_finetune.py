@@ -146,12 +146,20 @@ def test_a_short_negative_list_is_filled_with_random_passages_that_are_not_posit
         NegativeRule(max_neg_num=3, random_fill=4)
 
 
+def _mine_bm25(folder, prepared, out: str, *overrides: str, retrievers: str = "[bm25]") -> str:
+    """`task=beir`'s mining step on `folder`'s prepared split with `beir.negatives.*` overrides: the mined file."""
+    from embedder.config import compose as compose_config
+    from embedder.recipes.beir import mine_negatives
+
+    cfg = compose_config("train", ["task=beir", f"beir.folder={folder}", f"beir.negatives.retrievers={retrievers}",
+                                   *(f"beir.negatives.{o}" for o in overrides), f"output_dir={out}-out"])
+    return mine_negatives(cfg, prepared, out)
+
+
 def test_random_fill_keeps_queries_that_mining_left_without_negatives(tmp_path, caplog):
     """BM25 mining from the top hit only: where that hit is the positive the query has no negative and leaves the
     training file; beir.negatives.random_fill=2 keeps every query, each with 2 negatives that are not positives,
     counts the filled queries, and changes the cache key (so switching it re-mines)."""
-    from embedder.config import compose as compose_config
-    from embedder.recipes.beir import mine_negatives
 
     folder = write_sample_beir(tmp_path / "beir")
     prepared = prepare_beir(folder, str(tmp_path / "prepared"))
@@ -159,10 +167,7 @@ def test_random_fill_keeps_queries_that_mining_left_without_negatives(tmp_path, 
     caplog.set_level(logging.INFO)
     mined = {}
     for fill in ("null", "2"):
-        cfg = compose_config("train", ["task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[bm25]",
-                                       "beir.negatives.hits=1", "beir.negatives.rank_range=[0,1]",
-                                       f"beir.negatives.random_fill={fill}", f"output_dir={tmp_path}/out"])
-        path = mine_negatives(cfg, prepared, str(tmp_path / "mine"))
+        path = _mine_bm25(folder, prepared, str(tmp_path / "mine"), "hits=1", "rank_range=[0,1]", f"random_fill={fill}")
         mined[fill] = [json.loads(line) for line in open(path)]
         stats = json.loads(open(path[:-len(".json")] + ".stats.json").read())
         if fill == "null":
@@ -184,10 +189,8 @@ def test_random_fill_keeps_queries_that_mining_left_without_negatives(tmp_path, 
 
     # several retrievers: each list is mined unfilled and the merged list is filled, with the same per-query draw
     # (the same retriever twice merges to its own list, so the result equals the single retriever's)
-    cfg = compose_config("train", ["task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[bm25,bm25]",
-                                   "beir.negatives.hits=1", "beir.negatives.rank_range=[0,1]",
-                                   "beir.negatives.random_fill=2", f"output_dir={tmp_path}/out"])
-    path = mine_negatives(cfg, prepared, str(tmp_path / "mine"))
+    path = _mine_bm25(folder, prepared, str(tmp_path / "mine"), "hits=1", "rank_range=[0,1]", "random_fill=2",
+                      retrievers="[bm25,bm25]")
     assert path.endswith("train.neg.bm25+bm25.json")
     assert [json.loads(line) for line in open(path)] == mined["2"]
     stats = json.loads(open(path[:-len(".json")] + ".stats.json").read())
@@ -230,17 +233,13 @@ def test_one_command_from_a_beir_folder_to_an_evaluated_model(tmp_path, tiny_ber
 def test_mining_without_the_margin_filter(tmp_path):
     """beir.negatives.relative_margin=null (no false-negative filter) reaches mining as null, not as the string
     "None" (which stopped the run with a TypeError), and keeps more candidates than the default 0.05."""
-    from embedder.config import compose as compose_config
-    from embedder.recipes.beir import mine_negatives
 
     folder = write_sample_beir(tmp_path / "beir")
     prepared = prepare_beir(folder, str(tmp_path / "prepared"))
     kept = {}
     for margin in ("null", "0.05"):
-        cfg = compose_config("train", ["task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[bm25]",
-                                       f"beir.negatives.relative_margin={margin}", "beir.negatives.max_neg_num=100",
-                                       f"output_dir={tmp_path}/out-{margin}"])
-        mined = mine_negatives(cfg, prepared, str(tmp_path / f"mine-{margin}"))
+        mined = _mine_bm25(folder, prepared, str(tmp_path / f"mine-{margin}"), f"relative_margin={margin}",
+                           "max_neg_num=100")
         kept[margin] = sum(len(json.loads(line)["neg"]) for line in open(mined))
     assert kept["null"] > kept["0.05"] > 0
 
@@ -249,17 +248,13 @@ def test_an_open_ended_rank_range_reaches_mining(tmp_path):
     """beir.negatives.rank_range=[3, null] (to the last hit, as mine.py takes it) mines from rank 3 to `hits`; it
     stopped the run with a TypeError (int(None)) before. rank_range_of=filtered reaches mining too, as a setting of
     its own (another cache entry, other negatives)."""
-    from embedder.config import compose as compose_config
-    from embedder.recipes.beir import mine_negatives
 
     folder = write_sample_beir(tmp_path / "beir")
     prepared = prepare_beir(folder, str(tmp_path / "prepared"))
     negatives = {}
     for of in ("ranking", "filtered"):
-        cfg = compose_config("train", ["task=beir", f"beir.folder={folder}", "beir.negatives.retrievers=[bm25]",
-                                       "beir.negatives.rank_range=[3,null]", "beir.negatives.hits=20",
-                                       f"beir.negatives.rank_range_of={of}", f"output_dir={tmp_path}/out"])
-        mined = mine_negatives(cfg, prepared, str(tmp_path / "mine"))
+        mined = _mine_bm25(folder, prepared, str(tmp_path / "mine"), "rank_range=[3,null]", "hits=20",
+                           f"rank_range_of={of}")
         meta = json.load(open(os.path.join(os.path.dirname(mined), "train.neg.bm25.meta.json")))
         assert meta["rank_range"] == [3, 20] and meta["rank_range_of"] == of
         negatives[of] = [json.loads(line)["neg"] for line in open(mined)]
