@@ -29,6 +29,8 @@ Sides:
 - `plain-lr5e5`: `plain` at learning rate 5e-5 (transformers' `TrainingArguments` default), beside the recipe's
   `lr5e5` variant (the defaults of sessions 16-23), so a learning-rate gain is credited to the learning rate.
 - `plain-lr1e4`: `plain` at 1e-4, beside the recipe's `lr1e4` variant: what the same rate gives a plain script.
+- `plain-lr1e4-shuffled`: `plain-lr1e4` with sentence-transformers' shuffled batch sampler instead of no-duplicates
+  (a text may repeat within a batch, as in the recipe's batches): what the sampler is worth to plain.
 - `plain-lr5e5-ep4`: `plain-lr5e5` for 4 epochs, beside the recipe's `lr5e5ep4` (4 epochs, the best state by dev
   exported): what selecting on dev is worth when both sides train longer.
 - `recipe` and its variants: `python train.py task=beir beir.folder=<split folder>` with overrides, the command
@@ -174,7 +176,9 @@ MERGED = {"lr5e5merge20": ("lr5e5", 0.2), "lr5e5merge40": ("lr5e5", 0.4),
 # TrainingArguments default (5e-5), which a user who sets no learning rate gets; epochs: --epochs unless set here
 PLAIN_SIDES = {"plain": {"lr": 2e-5}, "plain-inbatch": {"lr": 2e-5, "hard_negatives": False},
                "plain-lr5e5": {"lr": 5e-5}, "plain-lr5e5-ep4": {"lr": 5e-5, "epochs": 4},
-               "plain-lr1e4": {"lr": 1e-4}}
+               "plain-lr1e4": {"lr": 1e-4},
+               # plain at 1e-4 with a shuffled batch sampler: is the no-duplicates sampler plain's lead (session 28)?
+               "plain-lr1e4-shuffled": {"lr": 1e-4, "no_duplicates": False}}
 DEV_FRACTION, TEST_FRACTION = 0.1, 0.2
 
 
@@ -255,8 +259,10 @@ def _jsonl(path: str) -> list[dict]:
 
 
 def plain_finetune(paths: dict[str, str], out_dir: str, hard_negatives: bool, epochs: int, batch_size: int,
-                   seed: int, lr: float) -> None:
-    """The plain side's whole job (its own process): evaluate test, mine, train, evaluate test, save."""
+                   seed: int, lr: float, no_duplicates: bool = True) -> None:
+    """The plain side's whole job (its own process): evaluate test, mine, train, evaluate test, save.
+    `no_duplicates`: sentence-transformers' NO_DUPLICATES batch sampler (what its MNRL docs recommend), else its
+    plain shuffled one (a text may then repeat within a batch)."""
     import torch
     from datasets import Dataset
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, losses
@@ -296,7 +302,8 @@ def plain_finetune(paths: dict[str, str], out_dir: str, hard_negatives: bool, ep
     dataset = pairs.select(rows)  # one (query, positive[, negatives]) row per query and epoch, positive at random
     args = SentenceTransformerTrainingArguments(
         output_dir=out_dir + "-ckpt", num_train_epochs=1, per_device_train_batch_size=batch_size,
-        learning_rate=lr, warmup_ratio=0.1, seed=seed, batch_sampler=BatchSamplers.NO_DUPLICATES,
+        learning_rate=lr, warmup_ratio=0.1, seed=seed,
+        batch_sampler=BatchSamplers.NO_DUPLICATES if no_duplicates else BatchSamplers.BATCH_SAMPLER,
         save_strategy="no", report_to="none", logging_steps=10, use_cpu=True)
     trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=dataset,
                                          loss=losses.MultipleNegativesRankingLoss(model))
@@ -447,7 +454,7 @@ def main() -> None:
     if args.child_plain:
         spec = json.loads(args.child_plain)
         plain_finetune(spec["paths"], spec["out"], spec["hard_negatives"], spec["epochs"], args.batch_size,
-                       spec["seed"], spec["lr"])
+                       spec["seed"], spec["lr"], spec.get("no_duplicates", True))
         return
     os.makedirs(args.out, exist_ok=True)
     results_path = os.path.join(args.out, "results.json")
