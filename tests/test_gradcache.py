@@ -328,11 +328,16 @@ def test_mask_known_positives_reaches_the_loss_in_a_real_fit(tmp_path, tiny_bert
         drawn_listed = positive_ids is not None and all(
             int(key_ids[b * G]) in positive_ids[b].tolist() for b in range(q.shape[0]))
         rows = None if positive_ids is None else positive_ids.shape[0]
+        widths.append(0 if positive_ids is None else positive_ids.shape[1])
         seen.append((self.mask_known_positives, rows == q.shape[0], drawn_listed))
         return real(self, q, k, teacher_scores, key_ids, positive_ids)
 
+    widths = []
     monkeypatch.setattr(InfoNCELoss, "forward", spy)
     run_train(compose(quick_overrides(tmp_path, tiny_bert, [
         "task=tool", f"train_data=[{toy_path('tool')}]", "eval=null", "report=false", "export=false",
         "loss.mask_known_positives=true"])))
     assert seen == [(True, True, True)] * 2, seen
+    # the records' own lists, not only the drawn positive: 4 of the 8 toy tool records list 2 positives, and the
+    # epoch's 2 batches hold all 8
+    assert max(widths) == 2, widths

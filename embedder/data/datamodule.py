@@ -44,15 +44,19 @@ class RetrievalDataModule(LightningDataModule):
         self.files, self.tasks = list(files), tasks
         self.tokenizer, self.batch_size, self.mode = tokenizer, int(batch_size), inbatch_same_dataset
         self.collator = RetrievalCollator(tokenizer, query_max_length, key_max_length, positive_ids=positive_ids)
-        self.num_workers, self.seed = num_workers, int(seed)
+        self.num_workers, self.seed, self.positive_ids = num_workers, int(seed), bool(positive_ids)
         self.eval_sets = list(eval_sets or [])
-        self.dataset = MultiTaskTrainDataset(self.files, self.tasks, self.seed) if self.files else None
+        self.dataset = self._dataset()
 
     def replace_train_files(self, files: list[TrainFile]) -> None:
         """Train on other files from the next epoch on (re-mined negatives: `embedder.remine`); the trainer must
         rebuild the train loader then (`reload_dataloaders_every_n_epochs`)."""
         self.files = list(files)
-        self.dataset = MultiTaskTrainDataset(self.files, self.tasks, self.seed) if self.files else None
+        self.dataset = self._dataset()
+
+    def _dataset(self) -> MultiTaskTrainDataset | None:
+        return MultiTaskTrainDataset(self.files, self.tasks, self.seed, positives=self.positive_ids) if self.files \
+            else None
 
     def train_dataloader(self) -> DataLoader:
         if self.dataset is None:

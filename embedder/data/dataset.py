@@ -17,13 +17,16 @@ class MultiTaskTrainDataset(Dataset):
 
     The group for item i in epoch e is drawn with `np.random.default_rng([seed, e, i])`: every epoch gets new
     negatives (and a new positive for `select_positive=random`), and two runs with the same seed see the same
-    groups, whatever the number of dataloader workers or devices.
+    groups, whatever the number of dataloader workers or devices. `positives`: also give each item its record's
+    labelled positives (only `loss.mask_known_positives` reads them; NFCorpus queries have ~40).
     """
 
-    def __init__(self, files: list[TrainFile], tasks: dict[str, RecordKind], seed: int = 42):
+    def __init__(self, files: list[TrainFile], tasks: dict[str, RecordKind], seed: int = 42,
+                 positives: bool = False):
         self.files = files
         self.tasks = tasks
         self.seed = int(seed)
+        self.positives = bool(positives)
         self.epoch = 0
         self.offsets = np.cumsum([0] + [len(f.records) for f in files])  # (F+1,)
 
@@ -48,12 +51,14 @@ class MultiTaskTrainDataset(Dataset):
         rng = np.random.default_rng([self.seed, self.epoch, int(index)])
         group = sample_group(record, settings.sampling, rng)
         inst = settings.instruction
-        return {
+        item = {
             "query": inst.query + group["query"],
             "keys": [inst.key + k for k in group["keys"]],
-            "positives": [inst.key + k for k in group["positives"]],  # every labelled positive, as keys are written
             "teacher_scores": group["teacher_scores"],
             "record_kind": file.task,
             "dataset": f,
             "path": file.path,
         }
+        if self.positives:
+            item["positives"] = [inst.key + k for k in group["positives"]]  # every labelled one, as keys are written
+        return item
