@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import hydra
@@ -100,13 +101,15 @@ def test_loggers_instantiate(logger, tmp_path):
     cfg = compose([f"logger={logger}", f"output_dir={tmp_path}"])
     for c in cfg.logger.values():
         lg = hydra.utils.instantiate(c)
-        assert lg is not None
+        assert isinstance(lg, hydra.utils.get_class(c._target_)), c._target_  # the class the key names
+        assert os.path.realpath(lg.save_dir) == os.path.realpath(tmp_path)  # next to the run's checkpoints
 
 
 def test_callbacks_instantiate(tmp_path):
     cfg = compose([f"output_dir={tmp_path}"])
     for c in cfg.callbacks.values():
-        assert hydra.utils.instantiate(c) is not None
+        cb = hydra.utils.instantiate(c)
+        assert isinstance(cb, hydra.utils.get_class(c._target_)), c._target_  # the class the key names
     assert cfg.callbacks.model_checkpoint.dirpath == f"{tmp_path}/checkpoints"
 
 
