@@ -44,7 +44,7 @@ class RetrievalDataModule(LightningDataModule):
         self.files, self.tasks = list(files), tasks
         self.tokenizer, self.batch_size, self.mode = tokenizer, int(batch_size), inbatch_same_dataset
         self.collator = RetrievalCollator(tokenizer, query_max_length, key_max_length, positive_ids=positive_ids)
-        self.num_workers, self.seed, self.positive_ids = num_workers, int(seed), bool(positive_ids)
+        self.num_workers, self.seed = num_workers, int(seed)
         self.eval_sets = list(eval_sets or [])
         self.dataset = self._dataset()
 
@@ -55,7 +55,7 @@ class RetrievalDataModule(LightningDataModule):
         self.dataset = self._dataset()
 
     def _dataset(self) -> MultiTaskTrainDataset | None:
-        return MultiTaskTrainDataset(self.files, self.tasks, self.seed, positives=self.positive_ids) if self.files \
+        return MultiTaskTrainDataset(self.files, self.tasks, self.seed, positives=self.collator.positive_ids) if self.files \
             else None
 
     def train_dataloader(self) -> DataLoader:
