@@ -68,6 +68,14 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _with(overrides: list[str], *changes: str) -> list[str]:
+    """`overrides` with each `key=value` of `changes` in place of that key's value (one value per key)."""
+    keys = {c.split("=", 1)[0] for c in changes}
+    return [*(o for o in overrides if o.split("=", 1)[0] not in keys), *changes]
+
+
 # The defaults before session 14 (BM25 negatives, 2 per query, lr 2e-5): the variants measured against them keep
 # them, so a rerun of a stored row trains what that row trained (the stored rows of sessions 7-15 ran at lr 2e-5,
 # the default until session 16, without saying so in their overrides)
@@ -79,11 +87,6 @@ DENSE4_NEGATIVES = ["beir.negatives.retrievers=[dense]", "data.group_size=4"]  #
 DENSE4 = [*DENSE4_NEGATIVES, LR2E5, MASK_OFF]  # the defaults of sessions 14-15
 LR5E5 = [*DENSE4_NEGATIVES, "optimizer.lr=5e-5", MASK_OFF]  # the defaults of sessions 16-23 (lr1e4 in 24-28)
 LR1E4 = [*DENSE4_NEGATIVES, "optimizer.lr=1e-4", MASK_OFF]  # the defaults of sessions 24-28
-def _with(overrides: list[str], *changes: str) -> list[str]:
-    """`overrides` with each `key=value` of `changes` in place of that key's value (one value per key)."""
-    keys = {c.split("=", 1)[0] for c in changes}
-    return [*(o for o in overrides if o.split("=", 1)[0] not in keys), *changes]
-
 
 VARIANTS = {  # name -> overrides of task=beir
     "recipe": [],                                                      # configs/task/beir.yaml as it is
