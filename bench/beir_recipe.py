@@ -268,11 +268,6 @@ def split_ndcg(model_dir: str | None, paths: dict[str, str], out_dir: str, dims:
     return metrics[split]["ndcg@10"], {str(d): metrics[f"{split}/dim{d}"]["ndcg@10"] for d in dims or []}
 
 
-def _jsonl(path: str) -> list[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def plain_finetune(paths: dict[str, str], out_dir: str, hard_negatives: bool, epochs: int, batch_size: int,
                    seed: int, lr: float, no_duplicates: bool = True) -> None:
     """The plain side's whole job (its own process): evaluate test, mine, train, evaluate test, save.
@@ -286,10 +281,11 @@ def plain_finetune(paths: dict[str, str], out_dir: str, hard_negatives: bool, ep
     from sentence_transformers.util import mine_hard_negatives
 
     from embedder.bundled import minilm_path
+    from embedder.data.jsonl import iter_jsonl
 
     torch.manual_seed(seed)
-    corpus = [f"{d['title']} {d['text']}".strip() for d in _jsonl(paths["corpus"])]
-    test = _jsonl(paths["test"])
+    corpus = [f"{d['title']} {d['text']}".strip() for _, d in iter_jsonl(paths["corpus"])]
+    test = [r for _, r in iter_jsonl(paths["test"])]
     evaluator = InformationRetrievalEvaluator(
         {r["query_id"]: r["query"] for r in test}, {str(i): t for i, t in enumerate(corpus)},
         {r["query_id"]: {str(i) for i in r["pos_index"]} for r in test}, ndcg_at_k=[10], name="test",
@@ -297,7 +293,7 @@ def plain_finetune(paths: dict[str, str], out_dir: str, hard_negatives: bool, ep
     model = SentenceTransformer(minilm_path(), device="cpu")
     model.max_seq_length = 256
     print("before", evaluator(model), flush=True)
-    train = _jsonl(paths["train"])
+    train = [r for _, r in iter_jsonl(paths["train"])]
     # every (query, positive) pair once: mine_hard_negatives de-duplicates queries (a query's other positives are
     # never its negatives) and collapses repeated pairs, so the epochs are drawn after mining, not before
     pairs = Dataset.from_dict({"anchor": [r["query"] for r in train for _ in r["pos"]],

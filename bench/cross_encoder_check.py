@@ -28,11 +28,6 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _jsonl(path: str) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("run", help="a finished task=beir run folder (data/, data/mine-dense/, metrics.json)")
@@ -52,8 +47,10 @@ def main() -> None:
 
     from embedder.bundled import minilm_path
     from embedder.config import compose
+    from embedder.data.jsonl import iter_jsonl
     from embedder.evaluation.metrics import graded_ndcg
     from embedder.retrieval.encode.model import load_encoder
+    from embedder.retrieval.faiss_index import FaissIndex
 
     data = os.path.join(args.run, "data")
     mined = os.path.join(data, "mine-dense", "train.neg.dense.json")
@@ -65,7 +62,7 @@ def main() -> None:
 
     # train pairs: every labelled positive (1) and the first N mined negatives (0) of each train query
     anchors, docs, labels = [], [], []
-    for r in _jsonl(mined):
+    for _, r in iter_jsonl(mined):
         for p in r["pos"]:
             anchors.append(r["query"]), docs.append(p), labels.append(1.0)
         for n in r["neg"][:args.negatives]:
@@ -81,15 +78,15 @@ def main() -> None:
     train_s = time.time() - t0
 
     # dev: the base bi-encoder's ranking of the whole corpus, and the cross-encoder's reranking of its top `depth`
-    corpus = _jsonl(os.path.join(data, "corpus.json"))
+    corpus = [d for _, d in iter_jsonl(os.path.join(data, "corpus.json"))]
     texts = [f"{d.get('title', '')} {d['text']}".strip() for d in corpus]
-    dev = _jsonl(os.path.join(data, "dev.json"))
+    dev = [r for _, r in iter_jsonl(os.path.join(data, "dev.json"))]
     qrels = {r["query_id"]: dict(zip(r["pos_index"], r.get("pos_relevance") or [1] * len(r["pos_index"])))
              for r in dev}
     encoder = load_encoder(compose("train", ["model=minilm"]).model)
     d_emb = encoder.encode_texts(texts, kind="key")  # (D, d), normalised
     q_emb = encoder.encode_texts([r["query"] for r in dev], kind="query")  # (Q, d)
-    top = np.argsort(-(np.asarray(q_emb) @ np.asarray(d_emb).T), axis=1)[:, :100]  # (Q, 100)
+    _, top = FaissIndex("Flat", "cos", use_gpu=False).build(d_emb).search(q_emb, 100)  # (Q, 100): the one search path
     base = {r["query_id"]: top[i].tolist() for i, r in enumerate(dev)}
     reranked = {}
     for i, r in enumerate(dev):
