@@ -81,12 +81,13 @@ def main() -> None:
     # dev: the base bi-encoder's ranking of the whole corpus, and the cross-encoder's reranking of its top `depth`
     cfg = compose("train", ["task=beir", "model=minilm"])
     # the corpus texts exactly as the run's in-training evaluation formats them (task=beir's eval_set.key_template)
-    texts = open_corpus(os.path.join(data, "corpus.json"), str(cfg.beir.eval_set.key_template))
+    # read once into memory: the encode below and the reranking's candidate lookups both use it
+    texts = list(open_corpus(os.path.join(data, "corpus.json"), str(cfg.beir.eval_set.key_template)))
     dev = [r for _, r in iter_jsonl(os.path.join(data, "dev.json"))]
     qrels = {r["query_id"]: dict(zip(r["pos_index"], r.get("pos_relevance") or [1] * len(r["pos_index"])))
              for r in dev}
     encoder = load_encoder(cfg.model)
-    d_emb = encoder.encode_texts(list(texts), kind="key")  # (D, d), normalised
+    d_emb = encoder.encode_texts(texts, kind="key")  # (D, d), normalised
     q_emb = encoder.encode_texts([r["query"] for r in dev], kind="query")  # (Q, d)
     _, top = FaissIndex("Flat", "cos", use_gpu=False).build(d_emb).search(q_emb, 100)  # (Q, 100): the one search path
     base = {r["query_id"]: top[i].tolist() for i, r in enumerate(dev)}
